@@ -1,0 +1,42 @@
+# Every target shares one environment: the first `make <target>` on a fresh clone creates .venv
+# and installs torch (pinned, CPU wheel) first, then the project with its TensorRT-RTX extra.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL ?= tiny-sd3
+SPARSITY ?= 2:4
+EXTRAS ?= rtx
+PYTEST_ARGS ?=
+
+.PHONY: setup test engine bench sheet train-tiny quality clean-artifacts
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+engine: setup
+	$(PY) -m pipeline engine --model "$(MODEL)" --sparsity "$(SPARSITY)"
+
+bench: setup
+	$(PY) -m pipeline engine --model "$(MODEL)" --sparsity "$(SPARSITY)" --only-bench
+
+sheet: setup
+	$(PY) -m pipeline sheet --model "$(MODEL)" --out artifacts/$(MODEL)/digits_sheet.png
+
+quality: setup
+	$(PY) -m benchmarks.quality --model "$(MODEL)" --json artifacts/$(MODEL)/quality.json
+
+# Re-trains the embedded default model from scratch (not part of `make test`; ~40 min on 2 cores).
+train-tiny: setup
+	$(PY) scripts/train_tiny_sd3.py --out models/tiny-sd3
+
+clean-artifacts:
+	rm -rf artifacts

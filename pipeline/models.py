@@ -1,0 +1,195 @@
+"""One table of model families, and the one way to load them.
+
+Each :class:`ModelSpec` says where the weights are (Hugging Face repo or a directory in this repo), which
+diffusers pipeline class runs them, where the transformer blocks live, the head size, the sampling defaults
+and the shapes stage 2 exports with. Adding a family touches this table only (plus one adapter file if the
+architecture is new). A local directory in diffusers format is accepted wherever an id is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from common.errors import UserError
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class ExportShapes:
+    """Transformer shapes for ONNX export and TensorRT profiles (batch counts CFG's doubled batch)."""
+
+    latent_height: int
+    latent_width: int
+    text_seq_len: int  # CLIP tokens + T5 tokens
+    batch_min: int = 1
+    batch_opt: int = 2
+    batch_max: int = 4
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model family.
+
+    source: Hugging Face repo id, or a path (relative to the repo root) of a diffusers-format directory.
+    blocks_attr: attribute of the transformer holding the ``JointTransformerBlock`` list.
+    steps / guidance / height / width: sampling defaults (pixels).
+    max_sequence_length: T5 tokens the pipeline encodes.
+    few_step: distilled few-step model (guidance is ignored).
+    """
+
+    id: str
+    source: str
+    local: bool
+    pipeline_class: str = "StableDiffusion3Pipeline"
+    blocks_attr: str = "transformer_blocks"
+    head_dim: int = 64
+    steps: int = 28
+    guidance: float = 7.0
+    height: int = 1024
+    width: int = 1024
+    max_sequence_length: int = 256
+    few_step: bool = False
+    shapes: ExportShapes = ExportShapes(128, 128, 333)
+    description: str = ""
+
+    @property
+    def path(self) -> Path | None:
+        return (REPO_ROOT / self.source) if self.local else None
+
+
+_SD3_SHAPES = ExportShapes(latent_height=128, latent_width=128, text_seq_len=77 + 256)
+
+MODELS: dict[str, ModelSpec] = {
+    s.id: s
+    for s in [
+        ModelSpec(
+            id="tiny-sd3",
+            source="models/tiny-sd3",
+            local=True,
+            steps=20,
+            guidance=4.0,
+            height=32,
+            width=32,
+            max_sequence_length=10,
+            shapes=ExportShapes(latent_height=8, latent_width=8, text_seq_len=10 + 10),
+            description="embedded default: a tiny SD3 pipeline trained on scikit-learn's handwritten digits",
+        ),
+        ModelSpec(
+            id="sd3-medium",
+            source="stabilityai/stable-diffusion-3-medium-diffusers",
+            local=False,
+            steps=28,
+            guidance=7.0,
+            shapes=_SD3_SHAPES,
+            description="Stable Diffusion 3 Medium (2B, 24 blocks, 24 heads)",
+        ),
+        ModelSpec(
+            id="sd3.5-medium",
+            source="stabilityai/stable-diffusion-3.5-medium",
+            local=False,
+            steps=40,
+            guidance=4.5,
+            shapes=_SD3_SHAPES,
+            description="Stable Diffusion 3.5 Medium (2.5B, MMDiT-X with dual attention)",
+        ),
+        ModelSpec(
+            id="sd3.5-large",
+            source="stabilityai/stable-diffusion-3.5-large",
+            local=False,
+            steps=28,
+            guidance=3.5,
+            shapes=_SD3_SHAPES,
+            description="Stable Diffusion 3.5 Large (8B, 38 blocks, 38 heads)",
+        ),
+        ModelSpec(
+            id="sd3.5-large-turbo",
+            source="stabilityai/stable-diffusion-3.5-large-turbo",
+            local=False,
+            steps=4,
+            guidance=0.0,
+            few_step=True,
+            shapes=replace(_SD3_SHAPES, batch_opt=1),
+            description="Stable Diffusion 3.5 Large Turbo (few-step, no CFG)",
+        ),
+    ]
+}
+
+
+def resolve_model(model: str) -> ModelSpec:
+    """Return the spec for a registry id or a local diffusers directory; one-line error otherwise."""
+    if model in MODELS:
+        return MODELS[model]
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+        return _spec_from_directory(path)
+    raise UserError(f"unknown model {model!r}; known ids: {', '.join(MODELS)} (or a local diffusers directory)")
+
+
+def _spec_from_directory(path: Path) -> ModelSpec:
+    """Derive a spec for a local directory from its configs, with SD3 defaults for sampling."""
+    index = json.loads((path / "model_index.json").read_text())
+    cls = index.get("_class_name", "StableDiffusion3Pipeline")
+    tcfg_file = path / "transformer" / "config.json"
+    tcfg = json.loads(tcfg_file.read_text()) if tcfg_file.is_file() else {}
+    # A directory that is a copy of a registry family inherits its sampling defaults.
+    base = next((s for s in MODELS.values() if s.local and s.path and s.path.resolve() == path.resolve()), None)
+    if base is not None:
+        return base
+    sample = int(tcfg.get("sample_size", 128))
+    vae_cfg_file = path / "vae" / "config.json"
+    vae_scale = 2 ** (len(json.loads(vae_cfg_file.read_text()).get("block_out_channels", [0] * 4)) - 1) if vae_cfg_file.is_file() else 8
+    return ModelSpec(
+        id=path.name,
+        source=str(path.resolve()),
+        local=True,
+        pipeline_class=cls,
+        head_dim=int(tcfg.get("attention_head_dim", 64)),
+        height=sample * vae_scale,
+        width=sample * vae_scale,
+        shapes=ExportShapes(latent_height=sample, latent_width=sample, text_seq_len=77 + 256),
+        description=f"local diffusers directory {path}",
+    )
+
+
+def load_pipeline(spec: ModelSpec, *, drop_t5: bool = False, dtype=None, transformer=None):
+    """Load the diffusers pipeline of ``spec`` (offline for local models, HF cache for hub models).
+
+    drop_t5: load without the T5 encoder (``text_encoder_3=None``), as many deployments do.
+    transformer: an already-built ``SD3Transformer2DModel`` to use instead of the stored one.
+    """
+    import diffusers
+    import torch
+
+    dtype = dtype or torch.float32
+    cls = getattr(diffusers, spec.pipeline_class)
+    kwargs = {"torch_dtype": dtype}
+    if drop_t5:
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
+    if transformer is not None:
+        kwargs["transformer"] = transformer
+    where = str(spec.path) if spec.local else spec.source
+    try:
+        pipe = cls.from_pretrained(where, local_files_only=spec.local, **kwargs)
+    except (OSError, ValueError) as e:
+        if spec.local:
+            raise UserError(f"cannot load model {spec.id!r} from {where}: {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"model {spec.id!r} ({spec.source}) is not in the Hugging Face cache and cannot be downloaded "
+            f"(offline or gated): run `huggingface-cli download {spec.source}` on a connected machine after "
+            f"accepting its licence, or pass a local diffusers directory as --model PATH"
+        ) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def transformer_blocks(spec: ModelSpec, transformer) -> list:
+    """The ordered list of ``JointTransformerBlock`` modules of ``transformer``."""
+    return list(getattr(transformer, spec.blocks_attr))
