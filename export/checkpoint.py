@@ -1,0 +1,157 @@
+"""Compact checkpoint: ``model.safetensors`` + ``compact.json``, and a loader that rebuilds the module.
+
+``compact.json`` holds the diffusers transformer config (the dense architecture), every block's kept sizes
+(heads, attn2 heads, FFN widths), the plan that produced them (or ``null`` for a dense model), and the
+SHA-256 of the weights file. The loader builds ``SD3Transformer2DModel`` from the config, cuts the recorded
+shapes with :func:`export.surgery.cut_to_shapes`, and loads the weights with ``strict=True``. No pickled
+module is ever read; any mismatch ends with one :class:`UserError` line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.errors import UserError
+from common.io import atomic_path, read_json, sha256_file
+from export.surgery import BlockShape, block_shapes, cut_to_shapes
+from obsdiff.plan import PrunePlan
+
+log = logging.getLogger(__name__)
+
+COMPACT_FORMAT = "sd3-compact"
+COMPACT_VERSION = 1
+WEIGHTS = "model.safetensors"
+DESCRIPTION = "compact.json"
+
+
+def _plain_config(model: nn.Module) -> dict[str, Any]:
+    cfg = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    return json.loads(json.dumps(cfg, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def describe(model: nn.Module, plan: PrunePlan | None) -> dict[str, Any]:
+    """The ``compact.json`` content for ``model`` (without the weights hash)."""
+    return {
+        "format": COMPACT_FORMAT,
+        "version": COMPACT_VERSION,
+        "class": type(model).__name__,
+        "config": _plain_config(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "blocks": [s.to_dict() for s in block_shapes(model)],
+        "num_parameters": int(sum(p.numel() for p in model.parameters())),
+        "plan": plan.to_dict() if plan is not None else None,
+    }
+
+
+def save_compact(model: nn.Module, out_dir: str | os.PathLike, plan: PrunePlan | None = None) -> Path:
+    """Write ``out_dir/model.safetensors`` and ``out_dir/compact.json`` atomically (the directory appears whole).
+
+    plan: the plan the model was cut with (``None`` for a dense model); its kept sizes must match the model.
+    """
+    from safetensors.torch import save_file
+
+    if plan is not None:
+        _check_plan_vs_shapes(plan, block_shapes(model), "model")
+    out_dir = Path(out_dir)
+    desc = describe(model, plan)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": COMPACT_FORMAT})
+        desc["weights_sha256"] = sha256_file(tmp / WEIGHTS)
+        (tmp / DESCRIPTION).write_text(json.dumps(desc, indent=2) + "\n")
+    log.info("compact checkpoint: %s (%d parameters)", out_dir, desc["num_parameters"])
+    return out_dir
+
+
+def expected_shapes(plan: PrunePlan, dense_shapes: list[BlockShape]) -> list[BlockShape]:
+    """Block sizes after cutting a dense model of ``dense_shapes`` with ``plan``."""
+    out = []
+    for bp, d in zip(plan.blocks, dense_shapes):
+        out.append(
+            BlockShape(
+                index=d.index,
+                heads=len(bp.keep_heads) if bp.keep_heads is not None else d.heads,
+                heads_attn2=len(bp.keep_heads_attn2) if bp.keep_heads_attn2 is not None else d.heads_attn2,
+                ff_dim=len(bp.keep_ff) if bp.keep_ff is not None else d.ff_dim,
+                ff_context_dim=len(bp.keep_ff_context) if bp.keep_ff_context is not None else d.ff_context_dim,
+            )
+        )
+    return out
+
+
+def _check_plan_vs_shapes(plan: PrunePlan, shapes: list[BlockShape], what: str) -> None:
+    if len(plan.blocks) != len(shapes):
+        raise UserError(f"plan has {len(plan.blocks)} blocks, the {what} has {len(shapes)}; they belong to different models")
+    for bp, s in zip(plan.blocks, shapes):
+        for keep, size, name in (
+            (bp.keep_heads, s.heads, "heads"),
+            (bp.keep_heads_attn2, s.heads_attn2, "attn2 heads"),
+            (bp.keep_ff, s.ff_dim, "FFN neurons"),
+            (bp.keep_ff_context, s.ff_context_dim, "ff_context neurons"),
+        ):
+            if keep is not None and len(keep) != size:
+                raise UserError(f"plan keeps {len(keep)} {name} in block {bp.index} but the {what} has {size}; plan and {what} do not match")
+
+
+def load_compact(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> tuple[nn.Module, PrunePlan | None]:
+    """Rebuild the compact transformer saved by :func:`save_compact`; return ``(model, plan)`` (eval mode).
+
+    dtype: cast after loading (default: the stored dtype).
+    Raises :class:`UserError` with one line on a missing/corrupt file or any shape/key mismatch.
+    """
+    from diffusers import SD3Transformer2DModel
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    desc = read_json(path / DESCRIPTION)
+    if not isinstance(desc, dict) or desc.get("format") != COMPACT_FORMAT or desc.get("version") != COMPACT_VERSION:
+        raise UserError(f"{path / DESCRIPTION} is not a {COMPACT_FORMAT} v{COMPACT_VERSION} description; re-run `python -m pipeline export`")
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"missing file {weights}; re-run `python -m pipeline export`")
+    if desc.get("weights_sha256") and sha256_file(weights) != desc["weights_sha256"]:
+        raise UserError(f"{weights} does not match the hash in {DESCRIPTION} (corrupt or replaced); re-run `python -m pipeline export`")
+    try:
+        shapes = [BlockShape(**b) for b in desc["blocks"]]
+        plan = PrunePlan.from_dict(desc["plan"], source=str(path / DESCRIPTION)) if desc.get("plan") is not None else None
+        config = desc["config"]
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path / DESCRIPTION} is malformed ({e}); re-run `python -m pipeline export`") from None
+    if plan is not None:
+        _check_plan_vs_shapes(plan, shapes, "checkpoint description")
+
+    try:
+        model = SD3Transformer2DModel.from_config(config)
+    except Exception as e:  # diffusers raises several types for a bad config
+        raise UserError(f"{path / DESCRIPTION}: cannot build the transformer from its config ({str(e).splitlines()[0]})") from None
+    cut_to_shapes(model, shapes)
+
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{weights} is not a readable safetensors file ({str(e).splitlines()[0]}); re-run `python -m pipeline export`") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise UserError(
+            f"{weights} does not match {DESCRIPTION}: {len(missing)} missing and {len(unexpected)} unexpected tensors "
+            f"(e.g. {first}); re-run `python -m pipeline export`"
+        )
+    wrong = [k for k in expected if expected[k] != got[k]]
+    if wrong:
+        k = wrong[0]
+        raise UserError(f"{weights} does not match {DESCRIPTION}: {k} has shape {list(got[k])}, expected {list(expected[k])}; re-run `python -m pipeline export`")
+    model.load_state_dict(state, strict=True)
+    model = model.to(dtype=dtype or getattr(torch, desc.get("dtype", "float32"))).eval()
+    return model, plan

@@ -1,0 +1,31 @@
+"""Shared helpers for the stage-2 (export) tests: masked models, plans, relative errors."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from export.surgery import apply_plan, mask_like_plan, structured_plan
+from tests.factories import tiny_sd3_transformer
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b| (error relative to the reference's scale; works for torch or numpy)."""
+    a = torch.as_tensor(a, dtype=torch.float64)
+    b = torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def masked_and_compact(ratio: float = 0.3, seed: int = 0, **factory_kwargs):
+    """(plan, masked model, compact model) for a tiny transformer with a random structured plan."""
+    dense = tiny_sd3_transformer(seed=seed, **factory_kwargs)
+    plan = structured_plan(dense, ratio, generator=torch.Generator().manual_seed(seed + 100))
+    masked = mask_like_plan(dense, plan)
+    compact = apply_plan(copy.deepcopy(masked), plan, require_masked=True)
+    return plan, masked, compact
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model(*inputs, return_dict=False)[0]
