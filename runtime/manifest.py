@@ -1,0 +1,173 @@
+"""Engine manifests: what an engine was built from and for, checked before anything is deserialised.
+
+An engine ``engine_<backend><version>.plan`` has a manifest ``engine_<backend><version>.json`` next to it
+recording the backend and its version, the GPU (name and compute capability) or, for TensorRT-RTX builds,
+the target compute capabilities, the optimisation profile, the sparsity pattern, the sha256 of the source
+ONNX (with its external data) and of the plan, the builder options and the builder's sparsity log lines.
+
+:func:`check_engine` compares a manifest with the running backend and GPU and with the files on disk; any
+mismatch raises :class:`~common.errors.UserError` with one line that says to rebuild. It never touches the
+plan beyond hashing it, so it runs (and is tested) on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import UserError
+from common.io import read_json, sha256_file
+
+MANIFEST_VERSION = 1
+
+BACKEND_TITLES = {"trt": "TensorRT", "trtrtx": "TensorRT-RTX"}
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """A CUDA device: marketing name and compute capability as ``"major.minor"`` (e.g. ``"8.9"``)."""
+
+    name: str
+    compute_capability: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "compute_capability": self.compute_capability}
+
+
+def current_gpu() -> GpuInfo | None:
+    """The CUDA device this process would run on (device 0 or the current one), or ``None`` without CUDA."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return None
+    if not torch.cuda.is_available():
+        return None
+    idx = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(idx)
+    return GpuInfo(torch.cuda.get_device_name(idx), f"{major}.{minor}")
+
+
+def engine_stem(backend: str, version: str) -> str:
+    """``engine_<backend><version>`` (``engine_trtrtx1.7.1.116``, ``engine_trt10.13.3.9``)."""
+    return f"engine_{backend}{version}"
+
+
+def manifest_path_for(plan: str | os.PathLike) -> Path:
+    """The manifest next to a plan file (same stem, ``.json``)."""
+    return Path(plan).with_suffix(".json")
+
+
+def onnx_files(onnx_path: str | os.PathLike) -> list[Path]:
+    """The ONNX file and the external-data files it references (sorted, existing ones only)."""
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    files = [onnx_path]
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError/ValidationError subclasses we cannot name portably
+        raise UserError(f"cannot read ONNX {onnx_path} ({type(e).__name__}); re-run the export stage") from None
+    locations = set()
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in init.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    for loc in sorted(locations):
+        p = onnx_path.parent / loc
+        if p.is_file():
+            files.append(p)
+    return files
+
+
+def sha256_onnx(onnx_path: str | os.PathLike) -> str:
+    """sha256 over the ONNX file and its external data (names and contents)."""
+    import hashlib
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise UserError(f"missing ONNX file {onnx_path}; run the export stage first")
+    files = onnx_files(onnx_path)
+    if len(files) == 1:
+        return sha256_file(onnx_path)
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def _cc_matches(cc: str, targets: list[str]) -> bool:
+    """Whether ``cc`` ("8.6") is among RTX targets given as ``SM86``/``8.6``."""
+    norm = {re.sub(r"^SM(\d+)(\d)$", r"\1.\2", t.upper()) for t in targets}
+    return cc in norm
+
+
+def check_engine(
+    plan: str | os.PathLike,
+    *,
+    backend: str,
+    backend_version: str,
+    gpu: GpuInfo | None,
+    onnx_path: str | os.PathLike | None = None,
+    rebuild_hint: str = "rebuild it with `python -m pipeline build`",
+) -> dict[str, Any]:
+    """Check an engine and its manifest against the running backend, GPU and source ONNX.
+
+    plan: the ``.plan`` file. backend / backend_version: the runtime that would deserialise it
+    (``"trt"`` or ``"trtrtx"`` and its ``__version__``). gpu: the device it would run on (``None``: no GPU,
+    checked after everything else so mismatches show on any machine). onnx_path: the ONNX the engine must
+    have been built from (default: the path recorded in the manifest, when it still exists).
+
+    Returns the manifest. Raises :class:`UserError` (one line, saying to rebuild) on a missing manifest, a
+    plan whose sha256 differs from the manifest, another backend or version, another GPU, or a changed ONNX.
+    """
+    plan = Path(plan)
+    mpath = manifest_path_for(plan)
+    where = f"engine {plan}"
+    if not plan.is_file():
+        raise UserError(f"{where} does not exist; {rebuild_hint}")
+    if not mpath.is_file():
+        raise UserError(f"{where} has no manifest ({mpath.name}); it cannot be checked, {rebuild_hint}")
+    m = read_json(mpath)
+    if m.get("format") != MANIFEST_VERSION or "plan_sha256" not in m:
+        raise UserError(f"{where}: manifest {mpath.name} is not a version-{MANIFEST_VERSION} engine manifest; {rebuild_hint}")
+    if sha256_file(plan) != m["plan_sha256"]:
+        raise UserError(f"{where}: plan file does not match the sha256 in its manifest (modified or truncated); {rebuild_hint}")
+    built_b, built_v = m.get("backend"), m.get("backend_version")
+    if built_b != backend or built_v != backend_version:
+        raise UserError(
+            f"{where} was built with {BACKEND_TITLES.get(built_b, built_b)} {built_v} but this is "
+            f"{BACKEND_TITLES.get(backend, backend)} {backend_version}; {rebuild_hint}"
+        )
+    src = Path(onnx_path) if onnx_path is not None else (Path(m["onnx"]) if m.get("onnx") else None)
+    if src is not None and not src.is_absolute() and m.get("onnx") and onnx_path is None:
+        src = plan.parent / src
+    if src is not None:
+        if not src.is_file():
+            if onnx_path is not None:
+                raise UserError(f"{where}: source ONNX {src} is missing; re-export it, then {rebuild_hint}")
+        elif sha256_onnx(src) != m.get("onnx_sha256"):
+            raise UserError(f"{where}: source ONNX {src} changed since the engine was built; {rebuild_hint}")
+    built_gpu = m.get("gpu")
+    targets = m.get("target_compute_capabilities") or []
+    if gpu is None:
+        raise UserError(f"{where} needs an NVIDIA GPU to run and none is visible (CUDA unavailable); run it on a GPU host")
+    if targets:  # TensorRT-RTX: portable across the listed compute capabilities
+        if not _cc_matches(gpu.compute_capability, targets):
+            raise UserError(
+                f"{where} targets compute capabilities {', '.join(targets)} but this GPU ({gpu.name}) is "
+                f"{gpu.compute_capability}; {rebuild_hint} (--target-cc {gpu.compute_capability})"
+            )
+    elif built_gpu:
+        if built_gpu.get("compute_capability") != gpu.compute_capability or built_gpu.get("name") != gpu.name:
+            raise UserError(
+                f"{where} was built for {built_gpu.get('name')} (compute {built_gpu.get('compute_capability')}) "
+                f"but this GPU is {gpu.name} (compute {gpu.compute_capability}); {rebuild_hint}"
+            )
+    else:
+        raise UserError(f"{where}: manifest records neither a GPU nor target compute capabilities; {rebuild_hint}")
+    return m

@@ -1,0 +1,362 @@
+"""Run diffusers' ``StableDiffusion3Pipeline`` with exported components on ONNX Runtime or TensorRT.
+
+The pipeline object is diffusers' own: tokenizers, scheduler, latents (from the seed), classifier-free
+guidance and image post-processing are unchanged, so images are comparable with the PyTorch pipeline
+for the same prompt and seed. Only the networks are swapped, for small ``torch.nn.Module`` adapters that
+expose what the pipeline reads (``config``, ``dtype``, ``device``, the call signature and output layout)
+and call an :class:`runtime.ort.OrtModel` or :class:`runtime.tensorrt.TrtEngine`:
+
+- ``transformer``: ``(hidden_states, timestep, encoder_hidden_states, pooled_projections) -> (sample,)``
+- ``text_encoder`` / ``text_encoder_2``: ``input_ids -> out`` with ``out[0]`` the pooled text embeddings
+  and ``out.hidden_states[-2]`` the penultimate hidden states (what the pipeline reads)
+- ``text_encoder_3``: ``input_ids -> (last_hidden_state,)``
+- ``vae``: ``decode(latent) -> (sample,)`` (the pipeline has already unscaled the latents)
+
+Components without an ONNX/engine stay PyTorch. :class:`StageTimer` + :func:`instrument` time the three
+stages (text encoders, transformer x steps, VAE decode) with CUDA events on a GPU and wall-clock on a CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from common.errors import UserError
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[dict[str, Any]], dict[str, Any]]
+
+# Exported component name -> pipeline attribute.
+PIPE_ATTR = {
+    "transformer": "transformer",
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder_2",
+    "text_encoder_3": "text_encoder_3",
+    "vae_decoder": "vae",
+}
+STAGES = ("text_encoders", "transformer", "vae_decode")
+
+
+# --------------------------------------------------------------------------------------------- adapters
+
+
+class _Adapter(torch.nn.Module):
+    """Base: holds the runner, the original component's config, and the dtype/device the pipeline sees."""
+
+    def __init__(self, runner: Runner, config: Any, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.runner = runner
+        self.config = config
+        self._dtype = dtype
+        self._device = torch.device(device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _out(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self._device, self._dtype)
+
+
+class TransformerAdapter(_Adapter):
+    """``SD3Transformer2DModel`` call signature over an exported transformer."""
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, joint_attention_kwargs=None, return_dict=False, skip_layers=None, **_):
+        if skip_layers:
+            raise UserError("skip-layer guidance needs the PyTorch transformer; it is not available with exported engines")
+        out = self.runner(
+            {
+                "hidden_states": hidden_states,  # (B, C, h, w)
+                "encoder_hidden_states": encoder_hidden_states,  # (B, S, D)
+                "pooled_projections": pooled_projections,  # (B, P)
+                "timestep": timestep,  # (B,) scheduler timestep, 0..1000
+            }
+        )["sample"]
+        sample = self._out(out)  # (B, C, h, w)
+        if return_dict:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=sample)
+        return (sample,)
+
+
+class _ClipOutput(tuple):
+    """``(text_embeds,)`` with ``.hidden_states`` whose ``[-2]`` is the penultimate layer, as the pipeline reads."""
+
+
+class ClipAdapter(_Adapter):
+    """``CLIPTextModelWithProjection`` as the SD3 pipeline calls it."""
+
+    def forward(self, input_ids, output_hidden_states=True, **_):
+        o = self.runner({"input_ids": input_ids})
+        out = _ClipOutput((self._out(o["text_embeds"]),))  # (B, P_i)
+        out.hidden_states = (self._out(o["penultimate_hidden_states"]), None)  # [-2]: (B, L, H_i)
+        return out
+
+
+class T5Adapter(_Adapter):
+    """``T5EncoderModel``: ``input_ids -> (last_hidden_state,)``."""
+
+    def forward(self, input_ids, **_):
+        return (self._out(self.runner({"input_ids": input_ids})["last_hidden_state"]),)  # (B, L, D)
+
+
+class VaeDecoderAdapter(_Adapter):
+    """``AutoencoderKL.decode`` over an exported decoder (input already ``latents / scaling + shift``)."""
+
+    def forward(self, z):
+        return self._out(self.runner({"latent": z})["sample"])  # (B, 3, H, W) in [-1, 1]
+
+    def decode(self, z, return_dict=False, **_):
+        sample = self(z)
+        if return_dict:
+            from diffusers.models.autoencoders.vae import DecoderOutput
+
+            return DecoderOutput(sample=sample)
+        return (sample,)
+
+
+_ADAPTERS = {
+    "transformer": TransformerAdapter,
+    "text_encoder": ClipAdapter,
+    "text_encoder_2": ClipAdapter,
+    "text_encoder_3": T5Adapter,
+    "vae_decoder": VaeDecoderAdapter,
+}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_runners(
+    *,
+    backend: str = "ort",
+    onnx_dir: str | os.PathLike | None = None,
+    engine_dir: str | os.PathLike | None = None,
+    provider: str = "cpu",
+    components: list[str] | None = None,
+) -> dict[str, Runner]:
+    """Runners for the exported components.
+
+    backend ``"ort"``: an :class:`~runtime.ort.OrtModel` per ``onnx_dir/<component>.onnx`` (``provider``
+    cpu/cuda/auto). backend ``"trt"``: a :class:`~runtime.tensorrt.TrtEngine` per ``engine_dir/<component>/``
+    plan of the installed TensorRT(-RTX), checked against ``onnx_dir/<component>.onnx`` when given.
+    components: default every component found; a named missing one is an error.
+    """
+    names = list(components) if components is not None else list(PIPE_ATTR)
+    unknown = [c for c in names if c not in PIPE_ATTR]
+    if unknown:
+        raise UserError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(PIPE_ATTR)}")
+    runners: dict[str, Runner] = {}
+    if backend == "ort":
+        if onnx_dir is None:
+            raise UserError("the ONNX Runtime backend needs an ONNX directory (stage 2's onnx/)")
+        from runtime.ort import OrtModel
+
+        for c in names:
+            path = Path(onnx_dir) / f"{c}.onnx"
+            if path.is_file():
+                runners[c] = OrtModel(path, provider=provider)
+            elif components is not None:
+                raise UserError(f"missing {path}; run `python -m pipeline export` first")
+    elif backend == "trt":
+        if engine_dir is None:
+            raise UserError("the TensorRT backend needs an engine directory (from `python -m pipeline build`)")
+        from runtime.tensorrt import TrtEngine, find_plan
+
+        for c in names:
+            cdir = Path(engine_dir) / c
+            if not cdir.is_dir():
+                if components is not None:
+                    raise UserError(f"no engine for {c} in {engine_dir}; run `python -m pipeline build` first")
+                continue
+            src = Path(onnx_dir) / f"{c}.onnx" if onnx_dir is not None else None
+            runners[c] = TrtEngine(find_plan(cdir), onnx_path=src if src is not None and src.is_file() else None)
+    else:
+        raise UserError(f"unknown runtime backend {backend!r}; use ort or trt")
+    if "transformer" not in runners and components is None:
+        raise UserError(f"no transformer found for backend {backend} in {onnx_dir if backend == 'ort' else engine_dir}")
+    return runners
+
+
+def with_runners(pipe, runners: dict[str, Runner], *, device: torch.device | str | None = None):
+    """A new pipeline of ``pipe``'s class sharing its tokenizers, scheduler config and untouched modules,
+    with each component in ``runners`` replaced by its adapter. ``pipe`` itself is not modified."""
+    import copy
+
+    device = torch.device(device) if device is not None else pipe.device
+    comps = dict(pipe.components)
+    for name, runner in runners.items():
+        attr = PIPE_ATTR[name]
+        orig = comps.get(attr)
+        if orig is None:
+            raise UserError(f"the pipeline has no {attr} to replace with the exported {name}")
+        dtype = getattr(orig, "dtype", torch.float32)
+        comps[attr] = _ADAPTERS[name](runner, orig.config, dtype, device)
+    comps["scheduler"] = copy.deepcopy(pipe.scheduler)  # schedulers keep per-call state
+    new = type(pipe)(**comps)
+    new.set_progress_bar_config(disable=True)
+    return new
+
+
+def runner_pipeline(
+    spec,
+    *,
+    backend: str = "ort",
+    onnx_dir: str | os.PathLike | None = None,
+    engine_dir: str | os.PathLike | None = None,
+    provider: str = "cpu",
+    components: list[str] | None = None,
+    base_pipe=None,
+    device: str | None = None,
+):
+    """Load ``spec``'s PyTorch pipeline (or reuse ``base_pipe``) and swap in ORT sessions / TRT engines.
+
+    device: where latents and remaining PyTorch modules live (default ``cuda`` for ``trt``, else ``cpu``).
+    Returns the new pipeline; ``pipe.runners`` holds the runners (for sizes and providers).
+    """
+    from pipeline.models import load_pipeline
+
+    device = device or ("cuda" if backend == "trt" else "cpu")
+    base = base_pipe if base_pipe is not None else load_pipeline(spec)
+    if base.device != torch.device(device):
+        base = base.to(device)
+    runners = load_runners(backend=backend, onnx_dir=onnx_dir, engine_dir=engine_dir, provider=provider, components=components)
+    pipe = with_runners(base, runners, device=device)
+    pipe.runners = runners
+    return pipe
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+class StageTimer:
+    """Accumulates time per stage name. CUDA events on a GPU (resolved in :meth:`collect`), else perf_counter.
+
+    Use ``timer.start(name)`` / ``timer.stop(name)`` (or ``with timer.stage(name)``); nested calls of the same
+    stage count once (the outermost). ``collect()`` returns ``{stage: ms}`` and ``{stage: calls}`` and resets.
+    """
+
+    def __init__(self, cuda: bool = False):
+        self.cuda = cuda
+        self._open: dict[str, list] = defaultdict(list)
+        self._pending: list[tuple[str, Any, Any]] = []
+        self._ms: dict[str, float] = defaultdict(float)
+        self._calls: dict[str, int] = defaultdict(int)
+
+    def _mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def start(self, name: str) -> None:
+        self._open[name].append(self._mark())
+
+    def stop(self, name: str) -> None:
+        begin = self._open[name].pop()
+        if self._open[name]:
+            return  # nested: the outer call counts
+        end = self._mark()
+        self._calls[name] += 1
+        if self.cuda:
+            self._pending.append((name, begin, end))
+        else:
+            self._ms[name] += (end - begin) * 1e3
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop(name)
+
+    def collect(self) -> tuple[dict[str, float], dict[str, int]]:
+        if self._pending:
+            torch.cuda.synchronize()
+            for name, a, b in self._pending:
+                self._ms[name] += a.elapsed_time(b)
+        ms, calls = dict(self._ms), dict(self._calls)
+        self._pending, self._ms, self._calls = [], defaultdict(float), defaultdict(int)
+        return ms, calls
+
+
+@contextlib.contextmanager
+def instrument(pipe, timer: StageTimer) -> Iterator[None]:
+    """Time ``pipe``'s text encoders, transformer and VAE decode into ``timer`` while the block runs.
+
+    Works for PyTorch modules and adapters alike (forward hooks; ``vae.decode`` wrapped on the instance).
+    Hooks are removed on exit, so modules shared between pipelines are left untouched.
+    """
+    handles, restore = [], []
+
+    def hook(module, stage):
+        handles.append(module.register_forward_pre_hook(lambda *_: timer.start(stage)))
+        handles.append(module.register_forward_hook(lambda *_: timer.stop(stage)))
+
+    for attr in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        m = getattr(pipe, attr, None)
+        if isinstance(m, torch.nn.Module):
+            hook(m, "text_encoders")
+    hook(pipe.transformer, "transformer")
+    vae = pipe.vae
+    original = vae.decode
+    had_attr = "decode" in vae.__dict__
+
+    def timed_decode(*a, **k):
+        with timer.stage("vae_decode"):
+            return original(*a, **k)
+
+    vae.decode = timed_decode
+    restore.append(lambda: (vae.__dict__.__setitem__("decode", original) if had_attr else vae.__dict__.pop("decode", None)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for r in restore:
+            r()
+
+
+def generate(pipe, spec, prompts: str | list[str], *, seed: int = 0, steps: int | None = None, guidance: float | None = None, timer: StageTimer | None = None, output_type: str = "pil", **kwargs):
+    """Run ``pipe`` like :func:`pipeline.models`' defaults for ``spec`` (steps, guidance, size, T5 length).
+
+    The latents come from a CPU ``torch.Generator`` seeded with ``seed``, so every backend and device starts
+    from the same noise. With ``timer``, per-stage times are added to it (plus ``total``).
+    Returns the pipeline output's images.
+    """
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    call = dict(
+        prompt=prompts,
+        num_inference_steps=steps or spec.steps,
+        guidance_scale=spec.guidance if guidance is None else guidance,
+        height=spec.height,
+        width=spec.width,
+        max_sequence_length=spec.max_sequence_length,
+        generator=gen,
+        output_type=output_type,
+    )
+    call.update(kwargs)
+    if timer is None:
+        with torch.inference_mode():
+            return pipe(**call).images
+    with instrument(pipe, timer), torch.inference_mode():
+        timer.start("total")
+        try:
+            return pipe(**call).images
+        finally:
+            timer.stop("total")

@@ -1,0 +1,639 @@
+"""Build, check, load and run TensorRT / TensorRT-RTX engines from the stage-2 ONNX.
+
+One code path serves both libraries (:class:`Backend`): ``tensorrt`` (TensorRT 10/11, GPU hosts; the engine
+is tuned for the GPU it is built on) and ``tensorrt_rtx`` (TensorRT-RTX, builds ahead of time on a machine
+without a GPU for a list of target compute capabilities and compiles kernels just in time on the GPU that
+runs it). Networks are strongly typed: the precision is the ONNX's (export with ``--precision fp16`` for
+GPUs). N:M plans are built with ``BuilderFlag.SPARSE_WEIGHTS`` so sparse tensor-core kernels can be picked.
+
+Build: :func:`build_engine` (one ONNX) and :func:`build_engines` (every component of an export directory)
+write ``engine_<backend><version>.plan`` plus a manifest (see :mod:`runtime.manifest`). Load:
+:class:`TrtEngine` checks the manifest against the running library and GPU, verifies the plan's sha256 on
+the very bytes it then deserialises, and runs on CUDA torch tensors.
+
+What each library supports (from NVIDIA's docs): TensorRT-RTX has no INT8 calibrator and its timing cache
+calls are no-ops (kernels are chosen at run time; its runtime cache plays that role), and without target
+compute capabilities it builds for the ones it supports by default; it prints no sparse-tactic lines when it
+builds without a GPU (checked with 1.7.1: the plan is byte-identical with and without ``SPARSE_WEIGHTS``;
+sparse kernels are a run-time JIT decision). The manifest then records an empty builder log and, separately,
+which ONNX weights satisfy the N:M pattern (:func:`onnx_nm_weights`), i.e. the layers TensorRT could run sparse.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterable
+
+from common.errors import UserError
+from common.io import atomic_path, read_json, sha256_file, write_json
+from runtime.manifest import (
+    MANIFEST_VERSION,
+    GpuInfo,
+    check_engine,
+    current_gpu,
+    engine_stem,
+    manifest_path_for,
+    sha256_onnx,
+)
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder")
+
+# TensorRT-RTX's default portable targets (docs: "8.0, 8.6, 8.9, 12.0, and later"; Turing needs SM75 explicitly).
+RTX_DEFAULT_TARGETS = ("SM80", "SM86", "SM89", "SM120")
+
+
+# --------------------------------------------------------------------------------------------- backends
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A TensorRT flavour: ``name`` is ``"trt"`` (module ``tensorrt``) or ``"trtrtx"`` (``tensorrt_rtx``)."""
+
+    name: str
+    module: ModuleType
+    version: str
+
+    @property
+    def is_rtx(self) -> bool:
+        return self.name == "trtrtx"
+
+    @property
+    def stem(self) -> str:
+        return engine_stem(self.name, self.version)
+
+
+_MODULES = {"trt": "tensorrt", "trtrtx": "tensorrt_rtx"}
+
+
+def get_backend(prefer: str = "auto") -> Backend:
+    """Pick the TensorRT library: ``"trt"``, ``"trtrtx"`` or ``"auto"``.
+
+    auto: ``tensorrt`` when a CUDA GPU is visible and it is installed, otherwise ``tensorrt_rtx`` (builds
+    without a GPU), otherwise ``tensorrt``. Raises :class:`UserError` when the requested one is missing.
+    """
+    if prefer not in ("auto", *_MODULES):
+        raise UserError(f"unknown TensorRT backend {prefer!r}; use auto, trt or trtrtx")
+    order = [prefer] if prefer != "auto" else (["trt", "trtrtx"] if current_gpu() is not None else ["trtrtx", "trt"])
+    for name in order:
+        try:
+            mod = importlib.import_module(_MODULES[name])
+        except ImportError:
+            continue
+        return Backend(name, mod, str(mod.__version__))
+    want = " or ".join(_MODULES[n] for n in order)
+    raise UserError(
+        f"{want} is not installed; `pip install tensorrt-rtx` (builds without a GPU) or install TensorRT from "
+        f"NVIDIA's index on a GPU host (`pip install tensorrt --extra-index-url https://pypi.nvidia.com`)"
+    )
+
+
+def backend_for_manifest(manifest: dict[str, Any]) -> Backend:
+    return get_backend(manifest["backend"])
+
+
+def capturing_logger(backend: Backend):
+    """An ``ILogger`` of ``backend``'s library that keeps every line (``.lines``: (severity, message)).
+
+    Warnings and errors are forwarded to :mod:`logging`; the full log goes to the engine manifest's
+    sparsity extraction (:func:`parse_sparsity_log`).
+    """
+    trt = backend.module
+
+    class _CapturingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.lines: list[tuple[str, str]] = []
+
+        def log(self, severity, msg):  # called from TensorRT's threads: keep it cheap
+            self.lines.append((getattr(severity, "name", str(severity)), msg))
+            if severity <= trt.ILogger.Severity.ERROR:
+                log.error("%s: %s", backend.name, msg)
+            elif severity == trt.ILogger.Severity.WARNING:
+                log.warning("%s: %s", backend.name, msg)
+
+        def text(self) -> list[str]:
+            return [m for _, m in self.lines]
+
+    return _CapturingLogger()
+
+
+# ---------------------------------------------------------------------------------- sparsity log lines
+
+_SPARSE_HEAD = re.compile(
+    r"(Layers eligible for sparse math|picked sparse implementation|layer\(s\) eligible to use sparse tactics|"
+    r"layer\(s\) using sparse tactics|\(Sparsity\))",
+    re.IGNORECASE,
+)
+
+
+def parse_sparsity_log(lines: Iterable[str]) -> dict[str, Any]:
+    """Extract TensorRT's sparsity report from builder log lines.
+
+    TensorRT 8-10 logs ``(Sparsity) Layers eligible for sparse math: a, b`` and
+    ``(Sparsity) TRT inference plan picked sparse implementation for layers: b``; TensorRT-RTX logs
+    ``N layer(s) eligible to use sparse tactics:`` / ``N layer(s) using sparse tactics:`` followed by names.
+    Returns ``{"lines": [...], "eligible": [names], "sparse": [names]}`` (names in log order, deduplicated).
+    """
+    lines = [ln.rstrip() for text in lines for ln in str(text).splitlines()]
+    out: dict[str, Any] = {"lines": [], "eligible": [], "sparse": []}
+    i = 0
+    while i < len(lines):
+        ln = lines[i]
+        if not _SPARSE_HEAD.search(ln):
+            i += 1
+            continue
+        out["lines"].append(ln)
+        low = ln.lower()
+        key = "eligible" if "eligible" in low else ("sparse" if ("picked sparse" in low or "using sparse" in low) else None)
+        names: list[str] = []
+        if ":" in ln:
+            tail = ln.split(":", 1)[1] if "(Sparsity)" not in ln else ln.rsplit(":", 1)[1]
+            names += [n.strip() for n in tail.split(",") if n.strip()]
+        # RTX style lists one name per following (indented) line.
+        j = i + 1
+        while j < len(lines) and lines[j][:1] in (" ", "\t", "-") and lines[j].strip():
+            out["lines"].append(lines[j])
+            names.append(lines[j].strip().lstrip("-").strip())
+            j += 1
+        if key:
+            for n in names:
+                if n not in out[key]:
+                    out[key].append(n)
+        i = j
+    return out
+
+
+def onnx_nm_weights(onnx_path: str | os.PathLike, n: int = 2, m: int = 4) -> dict[str, Any]:
+    """Which constant MatMul/Gemm/Conv weights of an ONNX satisfy N:M along the reduction (K) dimension.
+
+    This is TensorRT's eligibility condition for sparse kernels. Returns
+    ``{"pattern": "n:m", "eligible": [weight names], "checked": int, "not_eligible": [names]}``.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=True)
+    inits = {t.name: t for t in model.graph.initializer}
+    eligible, not_eligible = [], []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if node.op_type == "MatMul":
+            if w.ndim != 2:
+                continue
+            wk = w.T  # (N, K): MatMul B is (K, N)
+        elif node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            wk = w if trans_b else w.T  # (N, K)
+        else:
+            wk = np.moveaxis(w, 1, -1).reshape(w.shape[0], -1)  # (C_out, kh*kw*C_in): channels innermost
+        if wk.shape[1] % m:
+            not_eligible.append(node.input[1])
+            continue
+        groups = (wk.reshape(wk.shape[0], -1, m) != 0).sum(-1)  # (N, K/m) non-zeros per group
+        (eligible if bool((groups <= n).all()) else not_eligible).append(node.input[1])
+    return {"pattern": f"{n}:{m}", "eligible": eligible, "not_eligible": not_eligible, "checked": len(eligible) + len(not_eligible)}
+
+
+# ------------------------------------------------------------------------------------------ build
+
+
+@dataclass
+class BuildOptions:
+    """Builder settings.
+
+    batch: (min, opt, max) batch of the optimisation profile (the ONNX's ``batch`` dim); every other dim
+        must be static in the ONNX or given in ``dims`` as name -> (min, opt, max).
+    sparsity: the pattern string recorded in the manifest (``"2:4"``); ``sparse_weights`` defaults to True
+        for N:M patterns. opt_level: builder optimisation level 0-5 (TensorRT default 3).
+    timing_cache: file read before and written after each build (TensorRT; a no-op in TensorRT-RTX).
+    target_cc: TensorRT-RTX target compute capabilities (``("8.6", "8.9")`` or ``("SM86",)``); default:
+        the current GPU if any, else :data:`RTX_DEFAULT_TARGETS`. workspace_mib: workspace pool limit.
+    """
+
+    batch: tuple[int, int, int] = (1, 2, 4)
+    dims: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    sparsity: str = "dense"
+    sparse_weights: bool | None = None
+    opt_level: int = 3
+    timing_cache: str | None = None
+    target_cc: tuple[str, ...] | None = None
+    workspace_mib: int | None = None
+
+    @property
+    def use_sparse_weights(self) -> bool:
+        if self.sparse_weights is not None:
+            return self.sparse_weights
+        return bool(re.fullmatch(r"\d+:\d+", self.sparsity.strip()))
+
+
+def _sm_name(cc: str) -> str:
+    cc = cc.strip().upper()
+    if cc.startswith("SM"):
+        return cc
+    major, _, minor = cc.partition(".")
+    return f"SM{int(major)}{int(minor or 0)}"
+
+
+def profile_shapes(onnx_path: str | os.PathLike, batch: tuple[int, int, int], dims: dict[str, tuple[int, int, int]] | None = None) -> dict[str, list[list[int]]]:
+    """Optimisation profile from the ONNX inputs: ``{input: [min_shape, opt_shape, max_shape]}``.
+
+    The dimension named ``batch`` takes ``batch``; other named dims take ``dims[name]``; static dims stay.
+    """
+    import onnx
+
+    lo, mid, hi = batch
+    if not (1 <= lo <= mid <= hi):
+        raise UserError(f"batch range {batch} must satisfy 1 <= min <= opt <= max")
+    dims = dict(dims or {})
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    init_names = {t.name for t in model.graph.initializer}
+    prof: dict[str, list[list[int]]] = {}
+    for inp in model.graph.input:
+        if inp.name in init_names:
+            continue
+        shapes: list[list[int]] = [[], [], []]
+        for k, d in enumerate(inp.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                rng = (d.dim_value,) * 3
+            elif d.dim_param == "batch" or (k == 0 and d.dim_param and d.dim_param not in dims):
+                rng = (lo, mid, hi)
+            elif d.dim_param in dims:
+                rng = tuple(dims[d.dim_param])
+            else:
+                raise UserError(f"{onnx_path}: input {inp.name} dim {k} ({d.dim_param or '?'}) is dynamic; give its range in BuildOptions.dims")
+            for s, v in zip(shapes, rng):
+                s.append(int(v))
+        prof[inp.name] = shapes
+    return prof
+
+
+def _io_signature(onnx_path: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    init_names = {t.name for t in model.graph.initializer}
+
+    def sig(v):
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1) for d in t.shape.dim]
+        return {"name": v.name, "dtype": onnx.TensorProto.DataType.Name(t.elem_type).lower(), "shape": dims}
+
+    return {
+        "inputs": [sig(v) for v in model.graph.input if v.name not in init_names],
+        "outputs": [sig(v) for v in model.graph.output],
+    }
+
+
+def build_engine(
+    onnx_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    options: BuildOptions | None = None,
+    *,
+    backend: Backend | str = "auto",
+    component: str | None = None,
+) -> Path:
+    """Build an engine from ``onnx_path`` into ``out_dir/engine_<backend><version>.plan`` (+ manifest).
+
+    Returns the plan path. The plan and manifest are written atomically (manifest last). Raises
+    :class:`UserError` when the ONNX cannot be parsed or the build fails (the builder's errors in one line).
+    """
+    options = options or BuildOptions()
+    be = backend if isinstance(backend, Backend) else get_backend(backend)
+    trt = be.module
+    onnx_path = Path(onnx_path)
+    out_dir = Path(out_dir)
+    if not onnx_path.is_file():
+        raise UserError(f"missing ONNX {onnx_path}; run `python -m pipeline export` first")
+    if options.opt_level is not None and not 0 <= options.opt_level <= 5:
+        raise UserError(f"builder optimisation level {options.opt_level} is outside 0-5")
+    t0 = time.perf_counter()
+    onnx_sha = sha256_onnx(onnx_path)
+    lg = capturing_logger(be)
+    builder = trt.Builder(lg)
+    flags = 0
+    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    if strongly_typed:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, lg)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = "; ".join(str(parser.get_error(i)).splitlines()[0] for i in range(parser.num_errors))
+        raise UserError(f"{be.name} cannot parse {onnx_path}: {errs or 'unknown error'}; check the export (opset 18) or the TensorRT version")
+
+    config = builder.create_builder_config()
+    if options.opt_level is not None:
+        config.builder_optimization_level = int(options.opt_level)
+    sparse = options.use_sparse_weights
+    if sparse:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    if options.workspace_mib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_mib) << 20)
+
+    gpu = current_gpu()
+    targets: list[str] = []
+    if be.is_rtx:
+        if options.target_cc:
+            targets = [_sm_name(c) for c in options.target_cc]
+        elif gpu is not None:
+            targets = [_sm_name(gpu.compute_capability)]
+        else:
+            targets = [t for t in RTX_DEFAULT_TARGETS if hasattr(trt.ComputeCapability, t)]
+        bad = [t for t in targets if not hasattr(trt.ComputeCapability, t)]
+        if bad:
+            known = [n for n in dir(trt.ComputeCapability) if n.startswith("SM")]
+            raise UserError(f"TensorRT-RTX {be.version} cannot target {', '.join(bad)}; supported: {', '.join(known)}")
+        config.num_compute_capabilities = len(targets)
+        for i, t in enumerate(targets):
+            config.set_compute_capability(getattr(trt.ComputeCapability, t), i)
+    elif gpu is None:
+        raise UserError("TensorRT (not -RTX) builds engines only on a GPU host; use --backend trtrtx to build without a GPU")
+
+    # Timing cache: reused between builds (TensorRT only; TensorRT-RTX picks kernels at run time).
+    cache_note = None
+    if options.timing_cache and not be.is_rtx:
+        cache_file = Path(options.timing_cache)
+        blob = cache_file.read_bytes() if cache_file.is_file() else b""
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        cache_note = {"path": str(cache_file), "reused": bool(blob)}
+    elif options.timing_cache:
+        cache_note = {"path": None, "reused": False, "note": "timing cache is a no-op in TensorRT-RTX"}
+
+    prof_shapes = profile_shapes(onnx_path, options.batch, options.dims)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        inp = network.get_input(i)
+        if inp.name not in prof_shapes:
+            raise UserError(f"{onnx_path}: network input {inp.name} is not an ONNX graph input")
+        mn, op, mx = prof_shapes[inp.name]
+        profile.set_shape(inp.name, mn, op, mx)
+    config.add_optimization_profile(profile)
+
+    log.info("building %s engine for %s (%s, sparse_weights=%s, opt level %s)", be.name, onnx_path.name, options.sparsity, sparse, options.opt_level)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        errs = [m for s, m in lg.lines if s in ("ERROR", "INTERNAL_ERROR")]
+        raise UserError(f"{be.name} failed to build {onnx_path.name}: {(errs[-1] if errs else 'see the log above').splitlines()[0]}")
+    data = memoryview(serialized)
+    build_s = time.perf_counter() - t0
+
+    if options.timing_cache and not be.is_rtx:
+        with atomic_path(options.timing_cache) as tmp:
+            tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = out_dir / f"{be.stem}.plan"
+    with atomic_path(plan) as tmp:
+        tmp.write_bytes(data)
+    nm = re.fullmatch(r"\s*(\d+):(\d+)\s*", options.sparsity)
+    manifest = {
+        "format": MANIFEST_VERSION,
+        "component": component or onnx_path.stem,
+        "backend": be.name,
+        "backend_version": be.version,
+        "plan": plan.name,
+        "plan_sha256": sha256_file(plan),
+        "plan_bytes": plan.stat().st_size,
+        "onnx": str(onnx_path.resolve()),
+        "onnx_sha256": onnx_sha,
+        "gpu": gpu.to_dict() if (gpu is not None and not be.is_rtx) else None,
+        "build_gpu": gpu.to_dict() if gpu is not None else None,
+        "target_compute_capabilities": targets,
+        "io": _io_signature(onnx_path),
+        "profiles": [prof_shapes],
+        "sparsity": options.sparsity,
+        "builder": {
+            "strongly_typed": strongly_typed,
+            "sparse_weights": sparse,
+            "opt_level": options.opt_level,
+            "workspace_mib": options.workspace_mib,
+            "timing_cache": cache_note,
+            "batch": list(options.batch),
+        },
+        "sparsity_log": parse_sparsity_log(lg.text()),
+        "onnx_nm_weights": onnx_nm_weights(onnx_path, int(nm.group(1)), int(nm.group(2))) if nm else None,
+        "build_seconds": round(build_s, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if be.is_rtx and gpu is None:
+        manifest["notes"] = (
+            "built ahead of time without a GPU: TensorRT-RTX compiles kernels (sparse ones included) just in time "
+            "on the target GPU, so the builder log has no sparse-tactic lines"
+        )
+    write_json(manifest_path_for(plan), manifest)
+    log.info("wrote %s (%.1f MiB, %.1f s)", plan, plan.stat().st_size / 2**20, build_s)
+    return plan
+
+
+def engine_is_current(plan: str | os.PathLike, onnx_path: str | os.PathLike, options: BuildOptions, backend: Backend) -> bool:
+    """Whether ``plan`` exists with a manifest matching this ONNX (hash), backend version and options."""
+    plan = Path(plan)
+    mpath = manifest_path_for(plan)
+    if not (plan.is_file() and mpath.is_file()):
+        return False
+    try:
+        m = read_json(mpath)
+    except UserError:
+        return False
+    b = m.get("builder", {})
+    want_targets = [_sm_name(c) for c in options.target_cc] if options.target_cc else None
+    return (
+        m.get("backend") == backend.name
+        and m.get("backend_version") == backend.version
+        and m.get("onnx_sha256") == sha256_onnx(onnx_path)
+        and m.get("plan_sha256") == sha256_file(plan)
+        and m.get("sparsity") == options.sparsity
+        and b.get("sparse_weights") == options.use_sparse_weights
+        and b.get("opt_level") == options.opt_level
+        and b.get("batch") == list(options.batch)
+        and (want_targets is None or m.get("target_compute_capabilities") == want_targets)
+    )
+
+
+def build_engines(
+    onnx_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    options: BuildOptions | None = None,
+    *,
+    backend: Backend | str = "auto",
+    components: Iterable[str] | None = None,
+    force: bool = False,
+) -> dict[str, Path]:
+    """Build one engine per component ONNX found in ``onnx_dir`` into ``out_dir/<component>/``.
+
+    components: names from :data:`COMPONENTS` (default: every one whose ``<name>.onnx`` exists; a named
+    one that is missing is an error). An engine whose manifest matches the ONNX and options is reused
+    unless ``force``. Returns ``{component: plan path}``.
+    """
+    from tqdm import tqdm
+
+    options = options or BuildOptions()
+    be = backend if isinstance(backend, Backend) else get_backend(backend)
+    onnx_dir = Path(onnx_dir)
+    names = list(components) if components is not None else [c for c in COMPONENTS if (onnx_dir / f"{c}.onnx").is_file()]
+    unknown = [c for c in names if c not in COMPONENTS]
+    if unknown:
+        raise UserError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
+    missing = [c for c in names if not (onnx_dir / f"{c}.onnx").is_file()]
+    if missing or not names:
+        raise UserError(f"no ONNX for {', '.join(missing) or 'any component'} in {onnx_dir}; run `python -m pipeline export` first")
+    plans: dict[str, Path] = {}
+    for comp in tqdm(names, desc=f"{be.name} engines", unit="engine"):
+        src = onnx_dir / f"{comp}.onnx"
+        plan = Path(out_dir) / comp / f"{be.stem}.plan"
+        opts = options if comp == "transformer" else _dense_options(options)
+        if not force and engine_is_current(plan, src, opts, be):
+            log.info("reusing %s (ONNX and options unchanged)", plan)
+        else:
+            plan = build_engine(src, plan.parent, opts, backend=be, component=comp)
+        plans[comp] = plan
+    return plans
+
+
+def _dense_options(options: BuildOptions) -> BuildOptions:
+    """Options for components the pruning stage does not touch (text encoders, VAE): no sparse weights."""
+    from dataclasses import replace
+
+    return replace(options, sparsity="dense", sparse_weights=False)
+
+
+# -------------------------------------------------------------------------------------------- run
+
+_TORCH_DTYPES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "INT8": "int8",
+    "UINT8": "uint8",
+    "BOOL": "bool",
+}
+
+
+class TrtEngine:
+    """A checked, deserialised engine that runs on CUDA torch tensors.
+
+    ``TrtEngine(plan, onnx_path=None)`` runs :func:`runtime.manifest.check_engine` (backend and version,
+    GPU, plan sha256, source ONNX) first; it then hashes the bytes it read and deserialises them only if
+    they still match. Call with ``{input name: tensor}``; returns ``{output name: tensor}`` on the GPU.
+    """
+
+    def __init__(self, plan: str | os.PathLike, *, onnx_path: str | os.PathLike | None = None, gpu: GpuInfo | None = None):
+        import hashlib
+
+        import torch
+
+        plan = Path(plan)
+        manifest_file = manifest_path_for(plan)
+        if not (plan.is_file() and manifest_file.is_file()):
+            check_engine(plan, backend="", backend_version="", gpu=None)  # raises the missing-file line
+        built_with = read_json(manifest_file).get("backend")
+        try:  # the library the engine was built with; if absent, whatever is installed (the check then says rebuild)
+            be = get_backend(built_with if built_with in _MODULES else "auto")
+        except UserError:
+            be = get_backend("auto")
+        gpu = gpu or current_gpu()
+        self.manifest = check_engine(plan, backend=be.name, backend_version=be.version, gpu=gpu, onnx_path=onnx_path)
+        data = plan.read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.manifest["plan_sha256"]:
+            raise UserError(f"engine {plan} changed while loading (sha256 mismatch); rebuild it with `python -m pipeline build`")
+        trt = be.module
+        self.backend = be
+        self._logger = capturing_logger(be)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(data)
+        if self.engine is None:
+            raise UserError(f"{be.name} could not deserialise {plan}; rebuild it with `python -m pipeline build`")
+        self.context = self.engine.create_execution_context()
+        self.inputs, self.outputs = [], []
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            (self.inputs if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else self.outputs).append(name)
+        self.dtypes = {n: getattr(torch, _TORCH_DTYPES[self.engine.get_tensor_dtype(n).name]) for n in self.inputs + self.outputs}
+        self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def __call__(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        missing = [n for n in self.inputs if n not in feeds]
+        if missing:
+            raise UserError(f"engine inputs missing: {', '.join(missing)}")
+        keep = []  # keep converted inputs alive until the enqueue has completed
+        for name in self.inputs:
+            t = torch.as_tensor(feeds[name]).to(self.device, self.dtypes[name]).contiguous()
+            keep.append(t)
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+        outs = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            buf = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+            self.context.set_tensor_address(name, buf.data_ptr())
+            outs[name] = buf
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"{self.backend.name} enqueue failed: {self._logger.text()[-1:]}")
+        return outs
+
+    @property
+    def size_bytes(self) -> int:
+        return int(self.manifest.get("plan_bytes", 0))
+
+
+def find_plan(component_dir: str | os.PathLike, backend: Backend | None = None) -> Path:
+    """The plan of ``component_dir`` for ``backend`` (default: the running one), or a one-line error."""
+    component_dir = Path(component_dir)
+    be = backend or get_backend("auto")
+    plan = component_dir / f"{be.stem}.plan"
+    if plan.is_file():
+        return plan
+    others = sorted(p.name for p in component_dir.glob("engine_*.plan"))
+    hint = f" (found {', '.join(others)}, built with another version)" if others else ""
+    raise UserError(f"no {be.name} {be.version} engine in {component_dir}{hint}; rebuild it with `python -m pipeline build`")
+
+
+def manifest_summary(plan: str | os.PathLike) -> dict[str, Any]:
+    """A short view of a plan's manifest for reports: backend, size, sparsity, sparse-layer counts."""
+    m = read_json(manifest_path_for(plan))
+    nm = m.get("onnx_nm_weights") or {}
+    return {
+        "backend": f"{m['backend']} {m['backend_version']}",
+        "plan_mib": round(m["plan_bytes"] / 2**20, 2),
+        "sparsity": m.get("sparsity"),
+        "sparse_weights": m.get("builder", {}).get("sparse_weights"),
+        "log_eligible": len(m.get("sparsity_log", {}).get("eligible", [])),
+        "log_sparse": len(m.get("sparsity_log", {}).get("sparse", [])),
+        "onnx_nm_eligible": len(nm.get("eligible", [])),
+        "targets": m.get("target_compute_capabilities"),
+        "build_seconds": m.get("build_seconds"),
+    }
+
+
+__all__ = [
+    "COMPONENTS",
+    "Backend",
+    "BuildOptions",
+    "TrtEngine",
+    "build_engine",
+    "build_engines",
+    "engine_is_current",
+    "find_plan",
+    "get_backend",
+    "manifest_summary",
+    "onnx_nm_weights",
+    "parse_sparsity_log",
+    "profile_shapes",
+]
