@@ -1,0 +1,554 @@
+"""Group-wise sequential pruning ("module packages") over the real diffusers pipeline.
+
+The prunable ``nn.Linear`` layers of the transformer blocks, in block order, form parallel units:
+
+==============  ==============================================================================
+unit kind       layers (names inside the block)
+==============  ==============================================================================
+``attn_in``     ``attn.to_q/to_k/to_v`` + ``attn.add_q_proj/add_k_proj/add_v_proj``
+``attn_out``    ``attn.to_out.0`` + ``attn.to_add_out`` (absent in the last, ``context_pre_only`` block)
+``attn2_in``    ``attn2.to_q/to_k/to_v`` (SD3.5 dual-attention blocks only)
+``attn2_out``   ``attn2.to_out.0``
+``ff_in``       ``ff.net.0.proj`` + ``ff_context.net.0.proj``
+``ff_out``      ``ff.net.2`` + ``ff_context.net.2``
+==============  ==============================================================================
+
+Only these layers are pruned: not the AdaLN modulations (``norm1.linear``...), the embedders or
+``proj_out``. Structured pruning acts on the output units only (heads on ``*_out``, FFN neurons on
+``ff_out``); cutting the matching rows of the input layers is stage 2's job and changes nothing numerically.
+
+The ordered units are split into ``groups`` contiguous packages. For each package: hook its layers,
+run the full denoising loop over the calibration prompts (classifier-free guidance on, so the batch holds
+both branches) accumulating timestep-weighted Hessians, solve every layer of the package, write the pruned
+weights back, checkpoint, and go on: later packages calibrate on the already pruned earlier ones.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from common.errors import UserError
+from common.io import atomic_path
+from obsdiff import baselines, solvers
+from obsdiff.distributed import DistContext
+from obsdiff.hessian import HessianCollector
+from obsdiff.patterns import Sparsity
+from obsdiff.plan import BlockPlan, PrunePlan
+from obsdiff.timesteps import timestep_weights
+
+log = logging.getLogger(__name__)
+
+METHODS = ("obs-diff", "wanda", "magnitude")
+SCOPE_NOTE = (
+    "only the nn.Linear layers inside the transformer blocks are pruned (attention q/k/v and context "
+    "q/k/v, attention outputs, FFN in/out); AdaLN modulations (norm*.linear), embedders, context embedder "
+    "and proj_out stay dense"
+)
+PARTIAL_DIR = ".partial"
+
+
+# --------------------------------------------------------------------------------------------------
+# Units and packages
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Unit:
+    """Parallel layers of one block that see the same kind of input (see the module table)."""
+
+    block: int
+    kind: str
+    layers: tuple[str, ...]
+
+
+_UNIT_LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("attn_in", ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+    ("attn_out", ("attn.to_out.0", "attn.to_add_out")),
+    ("attn2_in", ("attn2.to_q", "attn2.to_k", "attn2.to_v")),
+    ("attn2_out", ("attn2.to_out.0",)),
+    ("ff_in", ("ff.net.0.proj", "ff_context.net.0.proj")),
+    ("ff_out", ("ff.net.2", "ff_context.net.2")),
+]
+# Layers that receive the very same input tensor share one Hessian accumulator.
+_SHARED_INPUTS = [("attn.to_q", "attn.to_k", "attn.to_v"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), ("attn2.to_q", "attn2.to_k", "attn2.to_v")]
+_STRUCTURED_KINDS = ("attn_out", "attn2_out", "ff_out")
+
+
+def _get(module: nn.Module, dotted: str) -> nn.Module | None:
+    for part in dotted.split("."):
+        if module is None:
+            return None
+        module = module[int(part)] if part.isdigit() and isinstance(module, (nn.ModuleList, nn.Sequential)) else getattr(module, part, None)
+    return module
+
+
+def build_units(
+    transformer: nn.Module,
+    blocks_attr: str = "transformer_blocks",
+    *,
+    first_block: int = 0,
+    last_block: int | None = None,
+    skip: Sequence[str] = (),
+    structured: bool = False,
+) -> list[Unit]:
+    """Ordered units of blocks ``first_block..last_block`` (inclusive; default all).
+
+    skip: glob patterns on qualified layer names (``transformer_blocks.3.*``, ``*.attn.add_q_proj``);
+        matching layers stay dense. For structured pruning a head unit is skipped whole if any of its
+        layers matches (the image and text branches must lose the same heads).
+    structured: keep only the output units (``attn_out``, ``attn2_out``, ``ff_out``).
+    """
+    blocks = getattr(transformer, blocks_attr)
+    last = len(blocks) - 1 if last_block is None else last_block
+    if not (0 <= first_block <= last < len(blocks)):
+        raise UserError(f"block range {first_block}..{last_block} is outside 0..{len(blocks) - 1}; fix --first-block/--last-block")
+    units = []
+    for i in range(first_block, last + 1):
+        block = blocks[i]
+        for kind, names in _UNIT_LAYERS:
+            if structured and kind not in _STRUCTURED_KINDS:
+                continue
+            present = [n for n in names if isinstance(_get(block, n), nn.Linear)]
+            qualified = [f"{blocks_attr}.{i}.{n}" for n in present]
+            kept = [q for q in qualified if not any(fnmatch.fnmatchcase(q, p) for p in skip)]
+            if structured and kind != "ff_out" and len(kept) != len(qualified):
+                kept = []
+            if kept:
+                units.append(Unit(i, kind, tuple(kept)))
+    return units
+
+
+def split_packages(units: Sequence[Unit], groups: int) -> list[list[Unit]]:
+    """Split ordered ``units`` into ``groups`` contiguous packages (sizes differ by at most one; fewer
+    packages when there are fewer units)."""
+    if groups < 1:
+        raise UserError(f"--groups must be at least 1, got {groups}")
+    n = len(units)
+    groups = min(groups, n)
+    out, start = [], 0
+    for g in range(groups):
+        size = n // groups + (1 if g < n % groups else 0)
+        out.append(list(units[start : start + size]))
+        start += size
+    return out
+
+
+def _share_groups(layer_names: Sequence[str]) -> list[list[str]]:
+    """Groups of ``layer_names`` fed the same input tensor (q/k/v of one attention, per branch)."""
+    names = set(layer_names)
+    groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for name in layer_names:
+        for share in _SHARED_INPUTS:
+            for member in share:
+                if name.endswith("." + member):
+                    prefix = name[: -len(member) - 1]
+                    groups.setdefault((prefix, share), [f"{prefix}.{s}" for s in share if f"{prefix}.{s}" in names])
+    return [g for g in groups.values() if len(g) > 1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How the calibration trajectories are sampled (paper defaults: 25 steps, guidance 7.0).
+
+    samples: calibration prompts (cycled from the prompt list when it is shorter).
+    steps: sampling steps T per trajectory. guidance: classifier-free guidance scale (> 1 keeps both
+    branches in the batch). height/width: image size in pixels. batch_size: prompts per pipeline call.
+    seed: base seed; prompt ``i`` starts from noise seeded with ``seed + i`` (so any split of the prompts
+    over processes or batches sees the same trajectories). weighting/w_max/w_min: see
+    :func:`obsdiff.timesteps.timestep_weights`. max_sequence_length: T5 tokens.
+    """
+
+    samples: int = 64
+    steps: int = 25
+    guidance: float = 7.0
+    height: int = 1024
+    width: int = 1024
+    batch_size: int = 1
+    seed: int = 0
+    weighting: str = "log"
+    w_max: float = 1.2
+    w_min: float = 0.8
+    max_sequence_length: int = 256
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything that decides the pruning result (the plan's ``calibration`` records all of it).
+
+    groups: module packages (default 4). blocksize/percdamp/compensate: OBS solver options.
+    first_block/last_block: inclusive block range to prune (default all). skip: glob patterns of layers
+    left dense. max_group_iters: greedy iterations cap for structured neuron removal.
+    """
+
+    sparsity: Sparsity
+    method: str = "obs-diff"
+    groups: int = 4
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    blocksize: int = solvers.DEFAULT_BLOCKSIZE
+    percdamp: float = solvers.DEFAULT_PERCDAMP
+    compensate: bool = True
+    first_block: int = 0
+    last_block: int | None = None
+    skip: tuple[str, ...] = ()
+    max_group_iters: int = 512
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown pruning method {self.method!r}; accepted: {', '.join(METHODS)}")
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.method != "magnitude"
+
+    def settings(self, prompts: Sequence[str]) -> dict[str, Any]:
+        """The plan's ``calibration`` dict: every setting that changes the result, and the prompts' hash."""
+        d = asdict(self.calibration)
+        d.update(
+            groups=self.groups,
+            blocksize=self.blocksize,
+            percdamp=self.percdamp,
+            compensate=self.compensate,
+            first_block=self.first_block,
+            last_block=self.last_block,
+            skip=list(self.skip),
+            max_group_iters=self.max_group_iters,
+            prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+            notes=SCOPE_NOTE,
+        )
+        return d
+
+
+def calibration_prompts(prompts: Sequence[str], samples: int) -> list[str]:
+    """The first ``samples`` prompts, cycling through ``prompts`` when it is shorter."""
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise UserError("the calibration prompt list is empty; pass --prompts FILE with one prompt per line")
+    if samples < 1:
+        raise UserError(f"--samples must be at least 1, got {samples}")
+    return [prompts[i % len(prompts)] for i in range(samples)]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per non-empty line of ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompt file {path} not found; pass --prompts FILE with one prompt per line")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_existing(out_dir: str | Path, model: str, config: PruneConfig, prompts: Sequence[str]) -> PrunePlan | None:
+    """The plan already in ``out_dir``, if any, after checking it was made with the same settings.
+
+    Raises :class:`UserError` when ``out_dir`` holds a plan for other settings.
+    """
+    path = Path(out_dir) / "plan.json"
+    if not path.exists():
+        return None
+    plan = PrunePlan.load(path)
+    mine = {"model": model, "sparsity": str(config.sparsity), "method": config.method, "calibration": config.settings(prompts)}
+    theirs = {"model": plan.model, "sparsity": plan.sparsity, "method": plan.method, "calibration": plan.calibration}
+    if mine != theirs:
+        diff = sorted(k for k in mine if mine[k] != theirs[k])
+        if "calibration" in diff:
+            ck = sorted(k for k in set(mine["calibration"]) | set(theirs["calibration"]) if mine["calibration"].get(k) != theirs["calibration"].get(k))
+            diff = [d for d in diff if d != "calibration"] + [f"calibration.{k}" for k in ck]
+        raise UserError(f"{out_dir} holds a prune plan made with other settings ({', '.join(diff)}); use another --out or delete {out_dir}")
+    return plan
+
+
+def is_complete(out_dir: str | Path, plan: PrunePlan | None) -> bool:
+    return plan is not None and plan.complete and (Path(out_dir) / "transformer" / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights (offload-aware)
+# --------------------------------------------------------------------------------------------------
+def weight_tensor(layer: nn.Linear) -> torch.Tensor:
+    """The tensor that really holds ``layer.weight``: the parameter, or, under accelerate's sequential CPU
+    offload (parameters on the meta device), the CPU copy in the offload hook's weights map."""
+    w = layer.weight
+    if w.device.type != "meta":
+        return w.data
+    hook = getattr(layer, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):
+        wm = getattr(h, "weights_map", None)
+        if wm is not None and "weight" in wm:
+            return wm["weight"]
+    raise RuntimeError("layer weight is on the meta device and no offload weights map holds it")
+
+
+def _solve_device(H: torch.Tensor | None, W: torch.Tensor) -> torch.device:
+    if H is not None:
+        return H.device
+    return torch.device("cuda") if torch.cuda.is_available() else W.device
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------------
+def run_calibration(
+    pipe,
+    collector: HessianCollector,
+    prompts: Sequence[tuple[int, str]],
+    calib: CalibrationConfig,
+    progress=None,
+) -> None:
+    """Run the pipeline's full denoising loop over ``(global_index, prompt)`` pairs with ``collector``'s
+    hooks active, setting the collector's step weight from the step callback."""
+    weights = timestep_weights(calib.steps, calib.weighting, calib.w_max, calib.w_min).tolist()
+    transformer = pipe.transformer
+    channels = transformer.config.in_channels
+    scale = pipe.vae_scale_factor
+    h, w = calib.height // scale, calib.width // scale
+    dtype = transformer.dtype
+
+    def on_step_end(_pipe, i: int, _t, _kwargs):
+        collector.weight = weights[min(i + 1, len(weights) - 1)]
+        if progress is not None:
+            progress.update(1)
+        return {}
+
+    with collector:
+        for start in range(0, len(prompts), calib.batch_size):
+            batch = prompts[start : start + calib.batch_size]
+            noise = torch.cat([torch.randn(1, channels, h, w, generator=torch.Generator("cpu").manual_seed(calib.seed + idx)) for idx, _ in batch])
+            collector.weight = weights[0]
+            pipe(
+                prompt=[p for _, p in batch],
+                num_inference_steps=calib.steps,
+                guidance_scale=calib.guidance,
+                height=calib.height,
+                width=calib.width,
+                latents=noise.to(dtype),
+                output_type="latent",
+                max_sequence_length=calib.max_sequence_length,
+                callback_on_step_end=on_step_end,
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Solving
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class _Job:
+    kind: str  # "weight" | "heads" | "neurons"
+    layers: list[str]
+    block: int
+    field: str | None = None  # BlockPlan field for structured jobs
+
+
+def _jobs(package: Sequence[Unit], sparsity: Sparsity) -> list[_Job]:
+    jobs = []
+    for unit in package:
+        if sparsity.kind != "structured":
+            jobs += [_Job("weight", [name], unit.block) for name in unit.layers]
+        elif unit.kind == "attn_out":
+            jobs.append(_Job("heads", list(unit.layers), unit.block, "keep_heads"))
+        elif unit.kind == "attn2_out":
+            jobs.append(_Job("heads", list(unit.layers), unit.block, "keep_heads_attn2"))
+        elif unit.kind == "ff_out":
+            for name in unit.layers:
+                jobs.append(_Job("neurons", [name], unit.block, "keep_ff_context" if ".ff_context." in name else "keep_ff"))
+    return jobs
+
+
+_WEIGHT_SOLVERS: dict[str, Callable] = {"obs-diff": solvers.obs_prune, "wanda": baselines.wanda_prune, "magnitude": baselines.magnitude_prune}
+_GROUP_SOLVERS: dict[str, Callable] = {"obs-diff": solvers.obs_prune_groups, "wanda": baselines.wanda_prune_groups, "magnitude": baselines.magnitude_prune_groups}
+
+
+def _solve(
+    job: _Job, modules: dict[str, nn.Linear], collector: HessianCollector | None, config: PruneConfig, head_dim: int, factors: dict[str, torch.Tensor]
+) -> tuple[list[torch.Tensor], list[int] | None]:
+    Ws = [weight_tensor(modules[n]) for n in job.layers]
+    Hs = [collector.hessian(n) if collector is not None else None for n in job.layers]
+    dev = _solve_device(Hs[0], Ws[0])
+    Ws = [W.to(dev) for W in Ws]
+    if job.kind == "weight":
+        kwargs: dict[str, Any] = {}
+        if config.method == "obs-diff":
+            key = collector.key_of[job.layers[0]]
+            if key not in factors:  # q/k/v share their input, hence H and its factor
+                factors[key] = solvers.inverse_cholesky_upper(Hs[0], config.percdamp)[0]
+            kwargs["hinv_upper"] = factors[key]
+        W_new, _ = _WEIGHT_SOLVERS[config.method](
+            Ws[0], Hs[0], config.sparsity, blocksize=config.blocksize, percdamp=config.percdamp, compensate=config.compensate, **kwargs
+        )
+        return [W_new], None
+    group_size = head_dim if job.kind == "heads" else 1
+    groups = Ws[0].shape[1] // group_size
+    n_remove = min(groups - 1, int(round(config.sparsity.ratio * groups)))
+    if n_remove == 0:
+        return Ws, None
+    fn = _GROUP_SOLVERS[config.method]
+    kwargs = {"percdamp": config.percdamp, "compensate": config.compensate, "max_iters": config.max_group_iters} if config.method == "obs-diff" else {}
+    return fn(Ws, Hs, group_size, n_remove, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------
+def _skeleton(model_id: str, transformer: nn.Module, blocks_attr: str, config: PruneConfig, prompts: Sequence[str], packages: list[list[Unit]]) -> PrunePlan:
+    blocks = list(getattr(transformer, blocks_attr))
+    return PrunePlan(
+        model=model_id,
+        sparsity=str(config.sparsity),
+        method=config.method,
+        head_dim=int(transformer.config.attention_head_dim),
+        num_layers=len(blocks),
+        blocks=[BlockPlan(index=i, num_heads=int(b.attn.heads), ff_dim=int(b.ff.net[2].in_features)) for i, b in enumerate(blocks)],
+        calibration=config.settings(prompts),
+        packages=[[name for unit in pkg for name in unit.layers] for pkg in packages],
+    )
+
+
+def _partial_file(out_dir: Path, k: int) -> Path:
+    return out_dir / PARTIAL_DIR / f"package_{k:03d}.safetensors"
+
+
+def _save_package(out_dir: Path, k: int, modules: dict[str, nn.Linear], names: Sequence[str]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"{n}.weight": weight_tensor(modules[n]).detach().to("cpu").contiguous() for n in names}
+    with atomic_path(_partial_file(out_dir, k)) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def _restore_packages(out_dir: Path, plan: PrunePlan, modules: dict[str, nn.Linear]) -> None:
+    from safetensors.torch import load_file
+
+    for k in range(plan.done_packages):
+        path = _partial_file(out_dir, k)
+        if not path.is_file():
+            raise UserError(f"{out_dir}/plan.json says {plan.done_packages} packages are done but {path} is missing; delete {out_dir} and rerun")
+        state = load_file(str(path))
+        for n in plan.packages[k]:
+            w = weight_tensor(modules[n])
+            w.copy_(state[f"{n}.weight"].to(w.device, w.dtype))
+    log.info("resumed after %d of %d packages", plan.done_packages, len(plan.packages))
+
+
+def _remove_offload_hooks(pipe) -> None:
+    if any(hasattr(m, "_hf_hook") for m in pipe.transformer.modules()) and hasattr(pipe, "remove_all_hooks"):
+        pipe.remove_all_hooks()
+
+
+def prune(
+    pipe,
+    model_id: str,
+    prompts: Sequence[str],
+    config: PruneConfig,
+    out_dir: str | Path,
+    *,
+    blocks_attr: str = "transformer_blocks",
+    ctx: DistContext | None = None,
+    progress: bool = True,
+    on_package_done: Callable[[int], None] | None = None,
+) -> PrunePlan:
+    """Prune ``pipe.transformer`` in place, package by package; write ``out_dir/plan.json`` and
+    ``out_dir/transformer/``; resume from ``out_dir``'s partial state when present.
+
+    pipe: a loaded ``StableDiffusion3Pipeline`` (on its device, or with CPU offload enabled).
+    prompts: the calibration prompts (already cut to ``samples``, see :func:`calibration_prompts`).
+    ctx: scale-out context (prompts split by rank, Hessians all-reduced); default single process.
+    on_package_done: called with the package index after each package is checkpointed (tests use it).
+    Returns the final plan. A complete ``out_dir`` with the same settings is returned untouched.
+    """
+    from tqdm.auto import tqdm
+
+    ctx = ctx or DistContext()
+    out_dir = Path(out_dir)
+    transformer = pipe.transformer
+    existing = check_existing(out_dir, model_id, config, prompts)
+    if is_complete(out_dir, existing):
+        log.info("%s is complete with the same settings; nothing to do", out_dir)
+        return existing
+
+    structured = config.sparsity.kind == "structured"
+    units = [] if config.sparsity.kind == "dense" else build_units(
+        transformer, blocks_attr, first_block=config.first_block, last_block=config.last_block, skip=config.skip, structured=structured
+    )
+    packages = split_packages(units, config.groups) if units else []
+    plan = _skeleton(model_id, transformer, blocks_attr, config, prompts, packages)
+    modules = {name: m for name, m in transformer.named_modules() if isinstance(m, nn.Linear)}
+    if existing is not None:
+        if existing.packages != plan.packages:
+            raise UserError(f"{out_dir}/plan.json lists other layers than this model has; use another --out or delete {out_dir}")
+        plan = existing
+        _restore_packages(out_dir, plan, modules)
+
+    head_dim = plan.head_dim
+    show = progress and ctx.is_main
+    pkg_bar = tqdm(total=len(packages), initial=plan.done_packages, desc="packages", unit="pkg", disable=not show)
+    for k in range(plan.done_packages, len(packages)):
+        package = packages[k]
+        names = plan.packages[k]
+        collector = None
+        if config.needs_hessian:
+            collector = HessianCollector({n: modules[n] for n in names}, share=_share_groups(names))
+            shard = ctx.shard(list(enumerate(prompts)))
+            shard = [pair for _, pair in shard]
+            calib = config.calibration
+            steps_bar = tqdm(total=math.ceil(len(shard) / calib.batch_size) * calib.steps, desc=f"calibrate {k + 1}/{len(packages)}", unit="step", leave=False, disable=not show)
+            with torch.no_grad():
+                run_calibration(pipe, collector, shard, calib, steps_bar)
+            steps_bar.close()
+            collector.ensure_all(ctx.device if ctx.active else _first_device(collector, modules, names))
+            ctx.all_reduce_sum(collector.tensors())
+        jobs = _jobs(package, config.sparsity)
+        factors: dict[str, torch.Tensor] = {}
+        for j, job in enumerate(jobs):
+            owner = j % ctx.world
+            keep = None
+            if ctx.rank == owner:
+                with torch.no_grad():
+                    new_ws, keep = _solve(job, modules, collector, config, head_dim, factors)
+                for n, W_new in zip(job.layers, new_ws):
+                    w = weight_tensor(modules[n])
+                    w.copy_(W_new.to(w.device, w.dtype))
+            for n in job.layers:
+                ctx.broadcast_(weight_tensor(modules[n]), src=owner)
+            keep = ctx.broadcast_object(keep, src=owner)
+            if job.field is not None:
+                setattr(plan.blocks[job.block], job.field, keep)
+        del collector, factors  # only the current package's Hessians are ever held
+        for n in names:
+            w = weight_tensor(modules[n])
+            plan.layers[n] = {"density": float((w != 0).sum()) / w.numel(), "shape": list(w.shape)}
+        plan.done_packages = k + 1
+        if ctx.is_main:
+            _save_package(out_dir, k, modules, names)
+            plan.save(out_dir / "plan.json")
+        ctx.barrier()
+        pkg_bar.update(1)
+        if on_package_done is not None:
+            on_package_done(k)
+    pkg_bar.close()
+
+    if ctx.is_main:
+        if existing is None and not packages:
+            plan.save(out_dir / "plan.json")
+        _remove_offload_hooks(pipe)
+        with atomic_path(out_dir / "transformer") as tmp:
+            transformer.save_pretrained(str(tmp))
+        plan.save(out_dir / "plan.json")
+        shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
+    ctx.barrier()
+    return plan
+
+
+def _first_device(collector: HessianCollector, modules: dict[str, nn.Linear], names: Sequence[str]) -> torch.device:
+    for t in collector.sums.values():
+        return t.device
+    w = modules[names[0]].weight
+    return w.device if w.device.type != "meta" else torch.device("cuda" if torch.cuda.is_available() else "cpu")

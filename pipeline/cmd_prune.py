@@ -1,0 +1,151 @@
+"""``python -m pipeline prune``: OBS-Diff one-shot pruning (stage 1).
+
+Writes ``OUT/plan.json`` (:class:`obsdiff.plan.PrunePlan`) and ``OUT/transformer/`` (diffusers format, same
+shapes as dense, pruned weights zeroed). Interrupted runs resume from the last finished module package.
+Scale out with ``torchrun --nproc-per-node N -m pipeline prune ...`` (prompts split by rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from common.errors import UserError
+from pipeline.models import REPO_ROOT, ModelSpec, load_pipeline, resolve_model
+
+log = logging.getLogger(__name__)
+
+DIGIT_PROMPTS = REPO_ROOT / "prompts" / "digits.txt"
+CALIBRATION_PROMPTS = REPO_ROOT / "prompts" / "calibration.txt"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("prune", help="OBS-Diff one-shot pruning of the transformer", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny-sd3", help="registry id or local diffusers directory (default tiny-sd3)")
+    p.add_argument("--sparsity", default="2:4", help="2:4, 4:8, unstructured:<ratio>, structured:<ratio> or dense (default 2:4)")
+    p.add_argument("--out", default=None, help="output directory (default artifacts/<model>/prune-<sparsity>-<method>)")
+    p.add_argument("--method", default="obs-diff", choices=["obs-diff", "wanda", "magnitude"], help="pruning rule (default obs-diff)")
+    p.add_argument("--groups", type=int, default=4, help="module packages pruned one after another (default 4)")
+    c = p.add_argument_group("calibration")
+    c.add_argument("--prompts", default=None, help="prompt file, one per line (default prompts/digits.txt for tiny-sd3, prompts/calibration.txt otherwise)")
+    c.add_argument("--samples", type=int, default=64, help="calibration prompts (default 64)")
+    c.add_argument("--steps", type=int, default=25, help="sampling steps per trajectory (default 25, as in the paper)")
+    c.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (default 7.0, as in the paper)")
+    c.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    c.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    c.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (default 1)")
+    c.add_argument("--seed", type=int, default=0, help="base noise seed; prompt i uses seed+i (default 0)")
+    c.add_argument("--weighting", default="log", choices=["log", "linear", "uniform"], help="timestep weights (default log-decrease)")
+    c.add_argument("--w-max", type=float, default=1.2, help="weight of the first step (default 1.2)")
+    c.add_argument("--w-min", type=float, default=0.8, help="weight of the last step (default 0.8)")
+    s = p.add_argument_group("solver")
+    s.add_argument("--blocksize", type=int, default=128, help="OBS lazy-update block (default 128)")
+    s.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, share of the mean diagonal (default 0.01)")
+    s.add_argument("--no-compensate", action="store_true", help="mask only, no OBS weight update")
+    s.add_argument("--first-block", type=int, default=0, help="first transformer block to prune (default 0)")
+    s.add_argument("--last-block", type=int, default=None, help="last transformer block to prune, inclusive (default: the last)")
+    s.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave layers matching this glob dense (repeatable), e.g. '*.attn.add_q_proj'")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    r.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="pipeline dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    r.add_argument("--offload", default="none", choices=["none", "model", "sequential"], help="diffusers CPU offload for big models on one GPU (CUDA only)")
+    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def default_prompts_file(spec: ModelSpec) -> Path:
+    return DIGIT_PROMPTS if spec.id == "tiny-sd3" else CALIBRATION_PROMPTS
+
+
+def build_config(args: argparse.Namespace, spec: ModelSpec):
+    """``(PruneConfig, prompts)`` from parsed CLI arguments (validates everything before any loading)."""
+    from obsdiff.packages import CalibrationConfig, PruneConfig, calibration_prompts, read_prompts
+    from obsdiff.patterns import parse_sparsity
+    from obsdiff.timesteps import timestep_weights
+
+    sparsity = parse_sparsity(args.sparsity)
+    for name in ("groups", "samples", "steps", "batch_size", "blocksize"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 < args.percdamp < 10:
+        raise UserError(f"--percdamp must be in (0, 10), got {args.percdamp}")
+    timestep_weights(args.steps, args.weighting, args.w_max, args.w_min)  # validates
+    height = args.height or spec.height
+    width = args.width or spec.width
+    calib = CalibrationConfig(
+        samples=args.samples,
+        steps=args.steps,
+        guidance=args.guidance,
+        height=height,
+        width=width,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        weighting=args.weighting,
+        w_max=args.w_max,
+        w_min=args.w_min,
+        max_sequence_length=spec.max_sequence_length,
+    )
+    config = PruneConfig(
+        sparsity=sparsity,
+        method=args.method,
+        groups=args.groups,
+        calibration=calib,
+        blocksize=args.blocksize,
+        percdamp=args.percdamp,
+        compensate=not args.no_compensate,
+        first_block=args.first_block,
+        last_block=args.last_block,
+        skip=tuple(args.skip),
+    )
+    prompts = calibration_prompts(read_prompts(args.prompts or default_prompts_file(spec)), args.samples)
+    return config, prompts
+
+
+def _device_and_dtype(args: argparse.Namespace):
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda given but CUDA is not available; use --device cpu")
+    if args.offload != "none" and device.type != "cuda":
+        raise UserError(f"--offload {args.offload} needs a CUDA GPU (it moves weights between CPU and GPU); use --offload none on CPU")
+    name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    return device, getattr(torch, name)
+
+
+def run(args: argparse.Namespace) -> int:
+    from obsdiff.distributed import init_from_env, shutdown
+    from obsdiff.packages import check_existing, is_complete, prune
+
+    spec = resolve_model(args.model)
+    config, prompts = build_config(args, spec)
+    out = Path(args.out) if args.out else REPO_ROOT / "artifacts" / spec.id / f"prune-{config.sparsity.id}-{config.method}"
+    device, dtype = _device_and_dtype(args)
+    existing = check_existing(out, spec.id, config, prompts)
+    if is_complete(out, existing):
+        log.info("%s already holds this pruning (%s, %s); nothing to do", out, config.sparsity, config.method)
+        return 0
+
+    ctx = init_from_env(device)
+    try:
+        pipe = load_pipeline(spec, dtype=dtype)
+        if args.offload == "model":
+            pipe.enable_model_cpu_offload(device=ctx.device)
+        elif args.offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=ctx.device)
+        else:
+            pipe.to(ctx.device)
+        t0 = time.perf_counter()
+        plan = prune(pipe, spec.id, prompts, config, out, blocks_attr=spec.blocks_attr, ctx=ctx, progress=not args.no_progress)
+        if ctx.is_main:
+            dens = [v["density"] for v in plan.layers.values()]
+            mean = sum(dens) / len(dens) if dens else 1.0
+            log.info("pruned %d layers (%s, %s), mean density %.3f, in %.1f s -> %s", len(dens), plan.sparsity, plan.method, mean, time.perf_counter() - t0, out)
+    finally:
+        shutdown(ctx)
+    return 0
