@@ -3,8 +3,12 @@
 For every hooked layer, each forward call adds ``w_t * X^T X`` (``X``: the layer input flattened to
 ``(tokens, in_features)``, float32) to a running sum and ``w_t * tokens`` to a weighted count, where
 ``w_t`` is the weight of the current sampling step (set by the driver from the pipeline's step callback).
-``H = sum / count``. Layers fed the very same input tensor (``to_q``/``to_k``/``to_v`` of one attention)
-share one accumulator; the sharing is checked on every call.
+``H = sum / count``. Products ``X^T X`` are float32; the running sums are float64, so the result does not
+depend (to float32 precision) on the order the samples arrive in: a split of the prompts over ranks
+all-reduces to the single-process Hessian. ``hessian()`` returns float32.
+
+Layers fed the very same input tensor (``to_q``/``to_k``/``to_v`` of one attention) share one accumulator;
+the sharing is checked on every call.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ class HessianCollector:
     modules: qualified name -> ``nn.Linear``.
     share: lists of names whose layers always receive the same input tensor; each list gets one
         accumulator (the first name's), and the collector raises if a member ever sees another input.
-    device: where sums live (default: the device of each layer's input). Sums are float32.
+    device: where sums live (default: the device of each layer's input). Sums are float64.
     Use as a context manager (hooks are removed on exit); set :attr:`weight` before each step.
     """
 
@@ -77,9 +81,9 @@ class HessianCollector:
         x2 = x2.float()
         if key not in self.sums:
             n = x2.shape[1]
-            self.sums[key] = torch.zeros(n, n, dtype=torch.float32, device=x2.device)
+            self.sums[key] = torch.zeros(n, n, dtype=torch.float64, device=x2.device)
             self.counts[key] = torch.zeros((), dtype=torch.float64, device=x2.device)
-        self.sums[key].addmm_(x2.T, x2, alpha=float(self.weight))  # (in, in)
+        self.sums[key].add_(x2.T @ x2, alpha=float(self.weight))  # (in, in), float32 product, float64 sum
         self.counts[key] += float(self.weight) * x2.shape[0]
 
     # -- results -----------------------------------------------------------------------------------
@@ -92,7 +96,7 @@ class HessianCollector:
         key = self.key_of[name]
         if key not in self.sums:
             raise RuntimeError(f"layer {name} saw no input during calibration")
-        return self.sums[key] / self.counts[key].clamp_min(1e-12).to(torch.float32)
+        return (self.sums[key] / self.counts[key].clamp_min(1e-12)).to(torch.float32)
 
     def pop(self, name: str) -> None:
         """Free the accumulator of ``name`` once every layer sharing it has been solved."""
@@ -106,7 +110,7 @@ class HessianCollector:
         for key in self.keys():
             if key not in self.sums:
                 n = self.modules[key].in_features
-                self.sums[key] = torch.zeros(n, n, dtype=torch.float32, device=device)
+                self.sums[key] = torch.zeros(n, n, dtype=torch.float64, device=device)
                 self.counts[key] = torch.zeros((), dtype=torch.float64, device=device)
 
     def tensors(self) -> list[torch.Tensor]:

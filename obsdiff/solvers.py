@@ -36,20 +36,20 @@ DEFAULT_PERCDAMP = 0.01
 _MAX_DAMP_RETRIES = 8
 
 
-def damped_inverse(H: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Cholesky-invert ``H + damp * I`` with ``damp = percdamp * mean(diag(H))``.
+def damped_inverse(H: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP, *, damp: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Cholesky-invert ``H + damp * I`` with ``damp = percdamp * mean(diag(H))`` (or the ``damp`` given).
 
     When the factorisation fails (a singular or badly conditioned ``H``), the damping is multiplied by 10
-    and the factorisation retried, up to 8 times.
-    Returns ``(L, Hinv, damp)``: the lower Cholesky factor of the damped ``H``, its inverse (float32), and
-    the damping used. Dead inputs (``H_ii == 0``) get ``H_ii = 1`` first, as in SparseGPT.
+    and the factorisation retried, up to 8 times (a zero damping starts the retries at 1e-6 of the mean
+    diagonal). Returns ``(L, Hinv, damp)``: the lower Cholesky factor of the damped ``H``, its inverse
+    (float32), and the damping used. Dead inputs (``H_ii == 0``) get ``H_ii = 1`` first, as in SparseGPT.
     """
     H = H.detach().to(torch.float32).clone()  # (cols, cols)
     diag = torch.diagonal(H)
     diag[diag == 0] = 1.0
-    mean_diag = float(diag.mean())
-    damp = percdamp * mean_diag if mean_diag > 0 else 1.0
-    damp = max(damp, 1e-8)
+    mean_diag = float(diag.mean()) if float(diag.mean()) > 0 else 1.0
+    if damp is None:
+        damp = percdamp * mean_diag
     for _ in range(_MAX_DAMP_RETRIES):
         Hd = H.clone()
         torch.diagonal(Hd).add_(damp)
@@ -58,19 +58,20 @@ def damped_inverse(H: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP) -> tuple
             Hinv = torch.cholesky_inverse(L)
             if torch.isfinite(Hinv).all():
                 return L, Hinv, damp
-        damp *= 10.0
+        damp = damp * 10.0 if damp > 0 else 1e-6 * mean_diag
     raise ValueError(f"Hessian is not positive definite even with damping {damp:g}: the calibration inputs are degenerate")
 
 
 def inverse_cholesky_upper(H: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` (``U^T U = H^-1``), with the retry policy of
-    :func:`damped_inverse`. Returns ``(U, damp)``."""
+    :func:`damped_inverse` (also retried when ``H^-1`` itself does not factorise). Returns ``(U, damp)``."""
     damp = None
-    for attempt in range(_MAX_DAMP_RETRIES):
-        _, Hinv, damp = damped_inverse(H, percdamp * (10.0**attempt))
+    for _ in range(_MAX_DAMP_RETRIES):
+        _, Hinv, damp = damped_inverse(H, percdamp, damp=damp)
         U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
         if int(info) == 0 and torch.isfinite(U).all():
             return U, damp
+        damp = damp * 10.0 if damp > 0 else 1e-6
     raise ValueError(f"inverse Hessian is not positive definite even with damping {damp:g}")
 
 
