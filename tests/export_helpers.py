@@ -29,3 +29,20 @@ def masked_and_compact(ratio: float = 0.3, seed: int = 0, **factory_kwargs):
 def run(model, inputs):
     with torch.no_grad():
         return model(*inputs, return_dict=False)[0]
+
+
+def make_nm_sparse(model, n: int = 2, m: int = 4, prefix: str = "transformer_blocks."):
+    """Magnitude N:M masking along K (``nn.Linear`` input dim) of every linear under ``prefix`` (in place).
+
+    Returns the pruned layer names. A stand-in for stage 1's OBS output: the export side only sees zeros.
+    """
+    names = []
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.startswith(prefix):
+                w = mod.weight  # (out, K)
+                groups = w.reshape(w.shape[0], -1, m)  # (out, K/m, m)
+                drop = groups.abs().argsort(dim=-1)[..., : m - n]  # smallest m-n per group
+                groups.scatter_(-1, drop, 0.0)
+                names.append(name)
+    return names

@@ -1,0 +1,479 @@
+"""ONNX export of the SD3 transformer, the text encoders and the VAE decoder, and ONNX Runtime parity.
+
+Every component goes through the same path (:func:`export_module`):
+
+1. ``torch.onnx.export(dynamo=True)`` at opset 18 with a **batch-2** example (``torch.export`` specialises a
+   dimension whose example size is 1) and a dynamic ``batch`` dimension on every input and output;
+2. weight initializers of ``MatMul``/``Gemm`` nodes are renamed after the torch parameter they come from
+   (``transformer_blocks.0.attn.to_q.weight``), using the exporter's ``name_scopes`` node metadata;
+3. clean-up with onnx-graphsurgeon: constant folding (which also folds a ``Transpose`` of a weight into a
+   transposed initializer), dead-node removal, topological sort;
+4. IR version capped at :data:`MAX_IR_VERSION` (what onnxruntime >= 1.20 and TensorRT 10 read);
+5. saved atomically, with external data (``<name>.onnx.data``) when the model is over 2 GB.
+
+``precision="fp16"`` converts the module to half before export, so the ONNX carries float16 weights and
+activations (TensorRT 10/11 strongly-typed networks run what the ONNX says). What must stay float32 stays:
+the transformer's ``timestep`` input (float16 cannot represent scheduler timesteps such as 987.65; diffusers
+computes the sinusoidal embedding in float32 anyway), RMS norms (diffusers upcasts them itself), and, as a
+post-processing step, every ``LayerNormalization`` is computed in float32 between two ``Cast`` nodes (the
+variance of a 1536-wide fp16 row overflows easily; NVIDIA's TensorRT docs recommend fp32 layer norms).
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+MAX_IR_VERSION = 10
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # bytes of initializers; protobuf's hard limit is 2 GiB
+PRECISIONS = ("fp32", "fp16")
+COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder")
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "fp16": torch.float16}[precision]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Wrappers: the ONNX I/O contract of each component (names and meaning are shared with stage 3)
+# --------------------------------------------------------------------------------------------------------
+
+
+class TransformerForOnnx(nn.Module):
+    """``(hidden_states [B,C,h,w], encoder_hidden_states [B,S,D], pooled_projections [B,P], timestep [B] fp32) -> sample``."""
+
+    input_names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+    output_names = ("sample",)
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.model = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return self.model(hidden_states, encoder_hidden_states, pooled_projections, timestep, return_dict=False)[0]
+
+
+class ClipForOnnx(nn.Module):
+    """``input_ids [B,L] int64 -> (text_embeds [B,P], penultimate_hidden_states [B,L,H])`` (SD3 uses ``hidden_states[-2]``)."""
+
+    input_names = ("input_ids",)
+    output_names = ("text_embeds", "penultimate_hidden_states")
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.model = encoder
+
+    def forward(self, input_ids):
+        out = self.model(input_ids, output_hidden_states=True)
+        return out.text_embeds, out.hidden_states[-2]
+
+
+class T5ForOnnx(nn.Module):
+    """``input_ids [B,L] int64 -> last_hidden_state [B,L,D]``."""
+
+    input_names = ("input_ids",)
+    output_names = ("last_hidden_state",)
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.model = encoder
+
+    def forward(self, input_ids):
+        return self.model(input_ids)[0]
+
+
+class VaeDecoderForOnnx(nn.Module):
+    """``latent [B,C,h,w] (already latents / scaling_factor + shift_factor) -> sample [B,3,H,W]`` (nominally [-1, 1], not clamped)."""
+
+    input_names = ("latent",)
+    output_names = ("sample",)
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Example inputs
+# --------------------------------------------------------------------------------------------------------
+
+
+def transformer_inputs(
+    model: nn.Module, batch: int, latent_hw: tuple[int, int], text_seq_len: int, *, dtype=torch.float32, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Random inputs at the export shapes; ``timestep`` is always float32 in [0, 1000)."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    h, w = latent_hw
+    return {
+        "hidden_states": torch.randn(batch, cfg.in_channels, h, w, generator=g).to(dtype),  # (B, C, h, w)
+        "encoder_hidden_states": torch.randn(batch, text_seq_len, cfg.joint_attention_dim, generator=g).to(dtype),  # (B, S, D)
+        "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=g).to(dtype),  # (B, P)
+        "timestep": torch.rand(batch, generator=g) * 1000,  # (B,) float32
+    }
+
+
+def token_inputs(vocab_size: int, batch: int, seq_len: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, vocab_size, (batch, seq_len), generator=g, dtype=torch.long)}  # (B, L)
+
+
+def latent_inputs(channels: int, batch: int, latent_hw: tuple[int, int], *, dtype=torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"latent": torch.randn(batch, channels, *latent_hw, generator=g).to(dtype)}  # (B, C, h, w)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Export and post-processing
+# --------------------------------------------------------------------------------------------------------
+
+
+def export_module(
+    wrapper: nn.Module,
+    example: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    opset: int = OPSET,
+    fp32_layernorm: bool = False,
+    max_batch: int = 64,
+) -> Path:
+    """Export ``wrapper`` (one of the ``*ForOnnx`` classes) to ``path`` with a dynamic ``batch`` dimension.
+
+    example: inputs by name, batch 2 (a batch-1 example would be specialised by ``torch.export``).
+    fp32_layernorm: run every float16 ``LayerNormalization`` in float32 (fp16 exports for TensorRT).
+    max_batch: upper bound of the symbolic batch dimension (a guard for ``torch.export``, not a profile).
+    """
+    import onnx
+
+    if opset < 18:
+        raise ValueError("opset must be >= 18 (dynamo exporter)")
+    names = list(wrapper.input_names)
+    assert list(example) == names, (list(example), names)
+    batch = next(iter(example.values())).shape[0]
+    if batch < 2:
+        raise ValueError("export with a batch >= 2 example: torch.export specialises a size-1 batch")
+    path = Path(path)
+    dim = torch.export.Dim("batch", min=1, max=max_batch)
+    dynamic_shapes = {n: {0: dim} for n in names}
+    wrapper = wrapper.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            tuple(example.values()),
+            dynamo=True,
+            opset_version=opset,
+            input_names=names,
+            output_names=list(wrapper.output_names),
+            dynamic_shapes=dynamic_shapes,
+            optimize=True,
+            verbose=False,
+        )
+    with tempfile.TemporaryDirectory(prefix="onnx-export-", dir=path.parent if path.parent.exists() else None) as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        program.save(str(raw), external_data=True)
+        del program
+        model = onnx.load(str(raw), load_external_data=True)
+    name_weights_after_torch(model)
+    model = cleanup(model)
+    if fp32_layernorm:
+        model = layernorm_to_fp32(model)
+        model = cleanup(model)
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    save_onnx(model, path)
+    log.info("exported %s in %.1f s (%s)", path.name, time.perf_counter() - t0, _human(onnx_size(path)))
+    return path
+
+
+def name_weights_after_torch(model) -> dict[str, str]:
+    """Rename each constant MatMul/Gemm weight after the torch module it came from (in place).
+
+    The dynamo exporter folds ``W.T`` of ``nn.Linear`` into anonymous initializers (``val_94``); its node
+    metadata ``pkg.torch.onnx.name_scopes`` still names the module (``model.transformer_blocks.0.attn.to_q``).
+    The new name is ``<module>.weight`` without the wrapper's first scope. Returns ``{new: old}``.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    taken = set(inits) | {v for n in model.graph.node for v in n.output}
+    renamed: dict[str, str] = {}
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            uses[i] = uses.get(i, 0) + 1
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        old = node.input[1]
+        if uses.get(old, 0) != 1:
+            continue  # shared constant: leave it
+        module = _module_scope(node)
+        if module is None:
+            continue
+        new = f"{module}.weight"
+        if new == old:
+            continue
+        if new in taken:
+            continue  # the original parameter is still used elsewhere; keep the anonymous name
+        inits[old].name = new
+        node.input[1] = new
+        taken.add(new)
+        renamed[new] = old
+    return renamed
+
+
+def _module_scope(node) -> str | None:
+    meta = {p.key: p.value for p in node.metadata_props}
+    scopes = meta.get("pkg.torch.onnx.name_scopes")
+    if not scopes:
+        return None
+    try:
+        parts = ast.literal_eval(scopes)
+    except (ValueError, SyntaxError):
+        return None
+    # ['', 'model', 'model.transformer_blocks.0', ..., 'model.transformer_blocks.0.attn.to_q', 'linear_7']
+    modules = [p for p in parts[:-1] if p]
+    if not modules:
+        return None
+    name = modules[-1]
+    first = modules[0]
+    return name[len(first) + 1 :] if name.startswith(first + ".") else name
+
+
+def cleanup(model):
+    """Constant folding, dead-node removal and topological sort with onnx-graphsurgeon (returns a new model)."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    graph.fold_constants(fold_shapes=True, partitioning=None, error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = model.ir_version
+    out.producer_name, out.producer_version = model.producer_name, model.producer_version
+    # graphsurgeon keeps opset imports; restore model-level metadata it drops
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    return out
+
+
+def layernorm_to_fp32(model):
+    """Compute every float16 ``LayerNormalization`` in float32: Cast(x)->LN(fp32 scale/bias)->Cast back."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    n = 0
+    fp32_constants: dict[int, Any] = {}  # one float32 copy per shared scale/bias constant
+    for node in list(graph.nodes):
+        if node.op == "LayerNormalization" and node.inputs[0].dtype == np.float16:
+            x, y = node.inputs[0], node.outputs[0]
+            x32 = gs.Variable(f"{node.name}_in_fp32", dtype=np.float32)
+            y32 = gs.Variable(f"{node.name}_out_fp32", dtype=np.float32)
+            graph.nodes.append(gs.Node("Cast", f"{node.name}_cast_in", attrs={"to": int(1)}, inputs=[x], outputs=[x32]))
+            new_inputs = [x32]
+            for p in node.inputs[1:]:
+                if isinstance(p, gs.Constant):
+                    if id(p) not in fp32_constants:
+                        fp32_constants[id(p)] = gs.Constant(f"{p.name}_fp32", p.values.astype(np.float32))
+                    new_inputs.append(fp32_constants[id(p)])
+                else:
+                    p32 = gs.Variable(f"{p.name}_fp32_{node.name}", dtype=np.float32)
+                    graph.nodes.append(gs.Node("Cast", f"{node.name}_cast_{p.name}", attrs={"to": int(1)}, inputs=[p], outputs=[p32]))
+                    new_inputs.append(p32)
+            node.inputs = new_inputs
+            node.outputs = [y32]
+            graph.nodes.append(gs.Node("Cast", f"{node.name}_cast_out", attrs={"to": int(10)}, inputs=[y32], outputs=[y]))
+            n += 1
+    graph.cleanup().toposort()
+    log.debug("layernorm_to_fp32: %d LayerNormalization nodes now run in float32", n)
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = model.ir_version
+    return out
+
+
+def initializer_bytes(model) -> int:
+    from onnx.external_data_helper import uses_external_data
+
+    total = 0
+    for t in model.graph.initializer:
+        if uses_external_data(t):
+            total += int(np.prod(t.dims)) * np.dtype(_np_dtype(t.data_type)).itemsize
+        else:
+            total += len(t.raw_data) if t.raw_data else int(np.prod(t.dims)) * 4
+    return total
+
+
+def _np_dtype(elem_type: int):
+    import onnx
+
+    return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+
+
+def save_onnx(model, path: str | os.PathLike) -> Path:
+    """Check and save ``model`` atomically; weights go to ``<name>.data`` beside it when over 2 GB.
+
+    ``path`` and its data file are written in a temporary directory and renamed into place, data first.
+    """
+    import onnx
+
+    path = Path(path)
+    external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = path.name + ".data"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
+        tmp_path = Path(tmp) / path.name
+        if external:
+            onnx.save_model(model, str(tmp_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(model, str(tmp_path))
+        onnx.checker.check_model(str(tmp_path))
+        if external:
+            os.replace(Path(tmp) / data_name, path.parent / data_name)
+        elif (path.parent / data_name).exists():
+            (path.parent / data_name).unlink()
+        os.replace(tmp_path, path)
+    return path
+
+
+def onnx_size(path: str | os.PathLike) -> int:
+    """Bytes of the ONNX file plus its external data file, if any."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checks on the exported graph
+# --------------------------------------------------------------------------------------------------------
+
+
+def linear_weight_layout(model) -> dict[str, dict[str, Any]]:
+    """For every MatMul/Gemm whose weight (input B) is a constant initializer: ``{init name: {node, op, k_axis, shape}}``.
+
+    MatMul ``Y = X @ W`` with ``W`` ``[K, N]`` -> K is axis 0; Gemm with ``transB=1`` -> ``W`` is ``[N, K]``, axis 1.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    out: dict[str, dict[str, Any]] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        t = inits[node.input[1]]
+        if len(t.dims) != 2:
+            continue
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0) if node.op_type == "Gemm" else 0
+        out[t.name] = {"node": node.name, "op": node.op_type, "k_axis": 1 if trans_b else 0, "shape": list(t.dims)}
+    return out
+
+
+def missing_linear_weights(model, torch_module: nn.Module, prefix: str = "transformer_blocks.") -> list[str]:
+    """Names of ``nn.Linear`` layers under ``prefix`` with no MatMul/Gemm constant weight of that name in ``model``.
+
+    Empty means every such linear became a GEMM with a constant initializer (sparse tactics are eligible).
+    """
+    have = set(linear_weight_layout(model))
+    want = [f"{n}.weight" for n, m in torch_module.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix)]
+    return [w for w in want if w not in have]
+
+
+# --------------------------------------------------------------------------------------------------------
+# ONNX Runtime parity
+# --------------------------------------------------------------------------------------------------------
+
+
+def ort_session(path: str | os.PathLike, *, threads: int | None = None):
+    """A CPU ``InferenceSession`` that does not spin idle threads (the machine is shared)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def rel_error(a: np.ndarray, ref: np.ndarray) -> float:
+    """max |a - ref| / max |ref| (error relative to the output's scale, float64)."""
+    a = np.asarray(a, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    scale = max(float(np.abs(ref).max()), 1e-30)
+    return float(np.abs(a - ref).max() / scale)
+
+
+@dataclass
+class Parity:
+    """Result of comparing an ONNX model with its torch reference on random inputs."""
+
+    batch_errors: dict[int, dict[str, float]] = field(default_factory=dict)  # batch -> output -> rel. error
+    tolerance: float = 1e-4
+    reference: str = "torch fp32"
+
+    @property
+    def max_error(self) -> float:
+        return max((e for d in self.batch_errors.values() for e in d.values()), default=0.0)
+
+    @property
+    def ok(self) -> bool:
+        return all(np.isfinite(e) and e <= self.tolerance for d in self.batch_errors.values() for e in d.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "tolerance": self.tolerance,
+            "max_rel_error": self.max_error,
+            "ok": self.ok,
+            "per_batch": {str(b): d for b, d in self.batch_errors.items()},
+        }
+
+
+def check_parity(
+    path: str | os.PathLike,
+    reference: Callable[[dict[str, torch.Tensor]], Sequence[torch.Tensor]],
+    make_inputs: Callable[[int], dict[str, torch.Tensor]],
+    output_names: Sequence[str],
+    *,
+    batches: Sequence[int] = (1, 3),
+    tolerance: float = 1e-4,
+    reference_name: str = "torch fp32",
+    session=None,
+) -> Parity:
+    """Run ``path`` in ONNX Runtime (CPU) and ``reference`` on the same inputs at each batch size.
+
+    make_inputs(batch) gives the ONNX inputs (numpy-convertible tensors, in the ONNX dtypes);
+    reference(inputs) returns the outputs in ``output_names`` order. Error: :func:`rel_error`.
+    """
+    sess = session or ort_session(path)
+    result = Parity(tolerance=tolerance, reference=reference_name)
+    for b in batches:
+        inputs = make_inputs(b)
+        feeds = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
+        got = sess.run(list(output_names), feeds)
+        with torch.no_grad():
+            ref = reference(inputs)
+        result.batch_errors[b] = {name: rel_error(g, r.detach().float().cpu().numpy()) for name, g, r in zip(output_names, got, ref)}
+        for name, g in zip(output_names, got):
+            assert g.shape[0] == b, f"{name}: ONNX returned batch {g.shape[0]} for input batch {b}"
+    return result

@@ -1,0 +1,280 @@
+"""After export: is N:M sparsity still visible to TensorRT, and how many GEMM FLOPs can use it?
+
+TensorRT's sparse tactics apply to a GEMM (``MatMul``/``Gemm``, or a convolution) whose weight is a build-time
+constant with at most N non-zeros in every group of M consecutive weights along the reduction (K)
+dimension. The K axis follows from the node: ``MatMul`` ``Y = X @ W`` with ``W`` ``[K, N]`` -> axis 0;
+``Gemm`` with ``transB=1`` (``W`` ``[N, K]``) -> axis 1, ``transB=0`` -> axis 0.
+
+:func:`check_onnx_sparsity` checks every constant GEMM weight exactly, maps initializer names back to torch
+layer names (the exporter names them ``transformer_blocks.0.attn.to_q.weight``), and weighs each GEMM by
+its FLOPs per denoising step at the export shapes (ONNX shape inference with the batch fixed).
+:func:`polygraphy_sparsity` runs ``polygraphy inspect sparsity`` (2:4 only) for an independent cross-check.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NMResult:
+    """N:M check of one weight along its K axis."""
+
+    ok: bool
+    groups: int  # groups of M along K, over all output columns
+    bad_groups: int  # groups with more than N non-zeros
+    density: float  # share of non-zero weights
+    reason: str = ""
+
+
+def check_nm(weight: np.ndarray, k_axis: int, n: int = 2, m: int = 4) -> NMResult:
+    """Exact N:M check: every group of ``m`` consecutive entries along ``k_axis`` has at most ``n`` non-zeros.
+
+    weight: 2-D array (any float dtype); a K not divisible by ``m`` fails (TensorRT would not use sparse tactics).
+    """
+    w = np.moveaxis(np.asarray(weight), k_axis, -1)  # (N_out, K)
+    nnz = np.count_nonzero(w)
+    density = float(nnz / w.size) if w.size else 0.0
+    k = w.shape[-1]
+    if k % m:
+        return NMResult(False, 0, 0, density, f"K={k} is not a multiple of {m}")
+    groups = (w.reshape(-1, k // m, m) != 0).sum(axis=-1)  # (N_out, K/m) non-zeros per group
+    bad = int((groups > n).sum())
+    return NMResult(bad == 0, int(groups.size), bad, density, "" if bad == 0 else f"{bad} of {groups.size} groups exceed {n}:{m}")
+
+
+@dataclass
+class GemmInfo:
+    """One MatMul/Gemm node: its FLOPs per call and, if its weight is a constant, the N:M verdict."""
+
+    node: str
+    op: str
+    flops: int  # 2 * M * K * N at the shapes given (multiply-adds x 2)
+    weight: str | None = None  # initializer name (torch parameter name where the exporter allowed it)
+    layer: str | None = None  # torch module name, e.g. transformer_blocks.0.attn.to_q
+    k_axis: int | None = None
+    shape: list[int] | None = None
+    nm: NMResult | None = None
+
+
+@dataclass
+class SparsityReport:
+    """What :func:`check_onnx_sparsity` found."""
+
+    pattern: str  # "2:4" / "4:8"
+    gemms: list[GemmInfo] = field(default_factory=list)
+    expected_layers: list[str] = field(default_factory=list)  # layers that must be N:M (the plan's pruned layers)
+    missing_layers: list[str] = field(default_factory=list)  # expected but not a constant GEMM weight in the ONNX
+    failed_layers: list[str] = field(default_factory=list)  # expected but not N:M
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def total_flops(self) -> int:
+        return sum(g.flops for g in self.gemms)
+
+    @property
+    def eligible_flops(self) -> int:
+        return sum(g.flops for g in self.gemms if g.nm is not None and g.nm.ok)
+
+    @property
+    def eligible_share(self) -> float:
+        return self.eligible_flops / self.total_flops if self.total_flops else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing_layers and not self.failed_layers
+
+    def summary(self) -> dict[str, Any]:
+        sparse = [g for g in self.gemms if g.nm is not None and g.nm.ok]
+        return {
+            "pattern": self.pattern,
+            "ok": self.ok,
+            "input_shapes": self.input_shapes,
+            "gemm_nodes": len(self.gemms),
+            "constant_weight_gemms": sum(g.weight is not None for g in self.gemms),
+            "sparse_gemms": len(sparse),
+            "gemm_flops": self.total_flops,
+            "sparse_eligible_flops": self.eligible_flops,
+            "sparse_eligible_share": self.eligible_share,
+            "expected_layers": len(self.expected_layers),
+            "missing_layers": self.missing_layers,
+            "failed_layers": {name: self._reason(name) for name in self.failed_layers},
+            "sparse_layers": sorted(g.layer or g.weight for g in sparse),
+        }
+
+    def _reason(self, layer: str) -> str:
+        g = next((g for g in self.gemms if g.layer == layer), None)
+        return g.nm.reason if g is not None and g.nm is not None else ""
+
+
+def _dims(value_info) -> list[int | str]:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in value_info.type.tensor_type.shape.dim]
+
+
+def infer_shapes(model, input_shapes: dict[str, Iterable[int]]) -> dict[str, list]:
+    """Shapes of every tensor of ``model`` when its inputs have ``input_shapes`` (ONNX shape inference).
+
+    The model is not modified; initializer data is not needed (load it with ``load_external_data=False``).
+    """
+    import onnx
+    from onnx import shape_inference
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    # big weights only need their type and dims: turn them into graph inputs (small shape constants stay)
+    big = [t for t in m.graph.initializer if int(np.prod(t.dims)) > 4096 or t.data_location == onnx.TensorProto.EXTERNAL]
+    for t in big:
+        m.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    keep = [t for t in m.graph.initializer if not (int(np.prod(t.dims)) > 4096 or t.data_location == onnx.TensorProto.EXTERNAL)]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    for inp in m.graph.input:
+        if inp.name in input_shapes:
+            shape = list(input_shapes[inp.name])
+            dims = inp.type.tensor_type.shape.dim
+            if len(dims) != len(shape):
+                raise ValueError(f"input {inp.name} has rank {len(dims)}, got shape {shape}")
+            for d, v in zip(dims, shape):
+                d.Clear()
+                d.dim_value = int(v)
+    del m.graph.value_info[:]
+    for out in m.graph.output:
+        for d in out.type.tensor_type.shape.dim:
+            d.Clear()
+    inferred = shape_inference.infer_shapes(m, data_prop=True)
+    shapes = {v.name: _dims(v) for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    for t in model.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes
+
+
+def gemm_table(model, input_shapes: dict[str, Iterable[int]]) -> list[GemmInfo]:
+    """Every MatMul/Gemm node with its FLOPs at ``input_shapes`` and its constant weight (if any).
+
+    FLOPs = 2 x (output elements) x K. A node whose shape cannot be inferred raises ``ValueError``.
+    """
+    shapes = infer_shapes(model, input_shapes)
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        a, b, y = shapes.get(node.input[0]), shapes.get(node.input[1]), shapes.get(node.output[0])
+        if not a or not y or any(not isinstance(d, int) or d <= 0 for d in [*a, *y]):
+            raise ValueError(f"cannot infer the shapes of {node.op_type} {node.name} (A={a}, Y={y})")
+        trans_a = next((x.i for x in node.attribute if x.name == "transA"), 0) if node.op_type == "Gemm" else 0
+        k = a[0] if trans_a else a[-1]
+        flops = 2 * int(np.prod(y)) * int(k)
+        info = GemmInfo(node=node.name, op=node.op_type, flops=flops)
+        if node.input[1] in inits and b is not None and len(b) == 2:
+            trans_b = next((x.i for x in node.attribute if x.name == "transB"), 0) if node.op_type == "Gemm" else 0
+            info.weight = node.input[1]
+            info.k_axis = 1 if trans_b else 0
+            info.shape = list(b)
+            info.layer = layer_name(node.input[1])
+        out.append(info)
+    return out
+
+
+_ANON = re.compile(r"^(val|_val|onnx::|const)")
+
+
+def layer_name(initializer: str) -> str | None:
+    """Torch module name of an exported weight (``transformer_blocks.0.attn.to_q.weight`` -> ``...to_q``), else None."""
+    if _ANON.match(initializer) or not initializer.endswith(".weight"):
+        return None
+    name = initializer[: -len(".weight")]
+    return name[len("model.") :] if name.startswith("model.") else name
+
+
+def check_onnx_sparsity(
+    path_or_model,
+    pattern: tuple[int, int] = (2, 4),
+    *,
+    input_shapes: dict[str, Iterable[int]],
+    expected_layers: Iterable[str] = (),
+) -> SparsityReport:
+    """Check every constant GEMM weight of an ONNX model for the N:M ``pattern`` along its K axis.
+
+    input_shapes: concrete input shapes for FLOP counting (e.g. the export shapes at the per-step batch).
+    expected_layers: torch module names that must be N:M (the plan's pruned layers, ``.weight`` optional);
+        each one missing from the ONNX or failing the check is listed in the report (``report.ok`` False).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    if isinstance(path_or_model, (str, os.PathLike)):
+        model = onnx.load(str(path_or_model), load_external_data=True)
+    else:
+        model = path_or_model
+    n, m = pattern
+    inits = {t.name: t for t in model.graph.initializer}
+    report = SparsityReport(pattern=f"{n}:{m}", input_shapes={k: list(v) for k, v in input_shapes.items()})
+    report.gemms = gemm_table(model, input_shapes)
+    for g in report.gemms:
+        if g.weight is not None:
+            g.nm = check_nm(numpy_helper.to_array(inits[g.weight]), g.k_axis, n, m)
+    expected = [e[: -len(".weight")] if e.endswith(".weight") else e for e in expected_layers]
+    report.expected_layers = expected
+    by_layer = {g.layer: g for g in report.gemms if g.layer is not None}
+    report.missing_layers = [e for e in expected if e not in by_layer]
+    report.failed_layers = [e for e in expected if e in by_layer and not by_layer[e].nm.ok]
+    log.info(
+        "sparsity %s: %d/%d constant GEMM weights are %s; %.1f%% of GEMM FLOPs sparse-eligible; %d expected layers missing, %d failing",
+        report.pattern,
+        sum(g.nm is not None and g.nm.ok for g in report.gemms),
+        sum(g.nm is not None for g in report.gemms),
+        report.pattern,
+        100 * report.eligible_share,
+        len(report.missing_layers),
+        len(report.failed_layers),
+    )
+    return report
+
+
+def polygraphy_sparsity(path: str | os.PathLike, timeout_s: float = 600) -> dict[str, bool]:
+    """Run ``polygraphy inspect sparsity`` on ``path``; return ``{tensor name: is 2:4}`` as it reports.
+
+    Polygraphy checks 2:4 only (the pattern TensorRT's sparse tactics use), along the K axis it derives
+    from each MatMul/Gemm/Conv. Its check is a Python loop: minutes for multi-GB models.
+    """
+    exe = Path(sys.executable).with_name("polygraphy")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "polygraphy"]
+    env = dict(os.environ, POLYGRAPHY_USE_TENSORRT_RTX=os.environ.get("POLYGRAPHY_USE_TENSORRT_RTX", "1"))
+    proc = subprocess.run([*cmd, "inspect", "sparsity", str(path)], capture_output=True, text=True, timeout=timeout_s, env=env)
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"polygraphy inspect sparsity failed ({proc.returncode}): {text.strip().splitlines()[-1:]}")
+    result: dict[str, bool] = {}
+    for line in text.splitlines():
+        if mt := re.search(r"Found (non-sparse|sparse) tensor: (\S+)", line):
+            result[mt.group(2)] = mt.group(1) == "sparse"
+    return result
+
+
+def cross_check_polygraphy(report: SparsityReport, polygraphy: dict[str, bool]) -> list[str]:
+    """Constant GEMM weights on which our 2:4 verdict and polygraphy's disagree (empty = agreement).
+
+    Only weights polygraphy examined (K divisible by 4) are compared.
+    """
+    if report.pattern != "2:4":
+        raise ValueError("polygraphy checks 2:4 only")
+    return [g.weight for g in report.gemms if g.weight in polygraphy and g.nm is not None and g.nm.ok != polygraphy[g.weight]]
+
+
+def report_to_json(report: SparsityReport, per_layer: bool = False) -> dict[str, Any]:
+    out = report.summary()
+    if per_layer:
+        out["gemms"] = [{**asdict(g), "nm": asdict(g.nm) if g.nm else None} for g in report.gemms]
+    return out
