@@ -1,0 +1,235 @@
+"""The group-wise OBS-Diff driver on the real tiny-sd3 diffusers pipeline: plans, exact patterns,
+structured bookkeeping, resume after interruption, CLI errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from common.errors import UserError
+from obsdiff.hessian import HessianCollector
+from obsdiff.packages import PARTIAL_DIR, build_units, prune, split_packages
+from obsdiff.plan import PrunePlan
+from tests.factories import tiny_sd3_transformer, tiny_transformer_inputs
+from tests.prune_helpers import digit_prompts, load_tiny_pipeline, require_tiny_sd3, single_thread, small_config
+
+
+# -- units, packages, hooks (factory models, no pipeline) -------------------------------------------
+def test_units_follow_the_block_layout():
+    model = tiny_sd3_transformer(num_layers=3, dual_attention_layers=(0,))
+    units = build_units(model)
+    kinds = [(u.block, u.kind) for u in units]
+    assert kinds[:6] == [(0, k) for k in ("attn_in", "attn_out", "attn2_in", "attn2_out", "ff_in", "ff_out")]
+    assert (1, "attn2_in") not in kinds
+    by = {(u.block, u.kind): u.layers for u in units}
+    assert by[(0, "attn_in")] == tuple(f"transformer_blocks.0.attn.{n}" for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"))
+    # the last block is context_pre_only: no to_add_out, no ff_context
+    assert by[(2, "attn_out")] == ("transformer_blocks.2.attn.to_out.0",)
+    assert by[(2, "ff_out")] == ("transformer_blocks.2.ff.net.2",)
+    pruned = {n for u in units for n in u.layers}
+    assert not any("norm" in n or "proj_out" in n or "embed" in n for n in pruned)
+
+    structured = build_units(model, structured=True)
+    assert {u.kind for u in structured} == {"attn_out", "attn2_out", "ff_out"}
+    ranged = build_units(model, first_block=1, last_block=1, skip=["*.attn.add_*"])
+    assert {u.block for u in ranged} == {1}
+    assert not any(".attn.add_" in n for u in ranged for n in u.layers)
+    # a structured head unit loses both branches or neither
+    assert not [u for u in build_units(model, structured=True, skip=["*.to_add_out"]) if u.kind == "attn_out" and u.block < 2]
+    with pytest.raises(UserError):
+        build_units(model, first_block=2, last_block=5)
+
+
+def test_packages_are_contiguous_and_balanced():
+    units = build_units(tiny_sd3_transformer(num_layers=3))
+    packages = split_packages(units, 4)
+    assert [u for p in packages for u in p] == units
+    sizes = [len(p) for p in packages]
+    assert max(sizes) - min(sizes) <= 1 and len(packages) == 4
+    assert len(split_packages(units[:2], 4)) == 2
+    with pytest.raises(UserError):
+        split_packages(units, 0)
+
+
+def test_collector_accumulates_weighted_hessians_and_checks_sharing():
+    torch.manual_seed(0)
+    q, k, other = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 4)
+    x1, x2 = torch.randn(2, 5, 8), torch.randn(3, 8)
+    with HessianCollector({"q": q, "k": k}, share=[["q", "k"]]) as col:
+        col.weight = 1.2
+        q(x1), k(x1)
+        col.weight = 0.8
+        q(x2), k(x2)
+    a, b = x1.reshape(-1, 8), x2
+    expected = (1.2 * a.T @ a + 0.8 * b.T @ b) / (1.2 * 10 + 0.8 * 3)
+    assert torch.allclose(col.hessian("q"), expected, rtol=1e-5, atol=1e-7)
+    assert torch.equal(col.hessian("k"), col.hessian("q"))
+    assert len(col.tensors()) == 2  # one shared accumulator (sum, count)
+    with HessianCollector({"q": q, "other": other}, share=[["q", "other"]]):
+        q(x1)
+        with pytest.raises(RuntimeError, match="does not share"):
+            other(x2)
+    q(x1)  # hooks are gone after the context
+
+
+# -- the real pipeline --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    require_tiny_sd3()
+    with single_thread():
+        pipe = load_tiny_pipeline()
+    dense = copy.deepcopy(pipe.transformer.state_dict())
+    return pipe, dense
+
+
+def _run(tiny, config, out, prompts=None, **kw) -> PrunePlan:
+    pipe, dense = tiny
+    pipe.transformer.load_state_dict(dense)
+    with single_thread():
+        return prune(pipe, "tiny-sd3", prompts or digit_prompts(config.calibration.samples), config, out, progress=False, **kw)
+
+
+def _load(out):
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel.from_pretrained(str(out / "transformer")).eval()
+
+
+@pytest.fixture(scope="module")
+def reference_24(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref24")
+    plan = _run(tiny, small_config("2:4"), out)
+    return out, plan
+
+
+def test_nm_end_to_end_writes_an_exact_plan(tiny, reference_24):
+    out, plan = reference_24
+    _, dense = tiny
+    assert PrunePlan.load(out / "plan.json").to_dict() == plan.to_dict()
+    assert plan.complete and plan.done_packages == 3 and not (out / PARTIAL_DIR).exists()
+    assert all(b.keep_heads is None and b.keep_ff is None for b in plan.blocks)
+    model = _load(out)
+    state = model.state_dict()
+    pruned = {n for p in plan.packages for n in p}
+    assert len(pruned) == 4 * 6 + 3 * (3 * 2 + 1)  # q/k/v x2 per block; out, ff in, ff out x2 (x1 in the last block)
+    for name in pruned:
+        w = state[f"{name}.weight"]
+        groups = (w != 0).reshape(w.shape[0], -1, 4).sum(dim=2)
+        assert bool((groups == 2).all()), f"{name} is not exactly 2:4"
+        assert plan.layers[name]["density"] == 0.5
+        assert not torch.equal(w, dense[f"{name}.weight"])
+    for key, value in state.items():
+        if key.rsplit(".", 1)[0] not in pruned or key.endswith(".bias"):
+            assert torch.equal(value, dense[key]), f"{key} must stay dense and unchanged"
+    assert plan.calibration["steps"] == 3 and plan.calibration["weighting"] == "log" and "proj_out" in plan.calibration["notes"]
+
+
+def test_structured_zeroes_exactly_the_removed_heads_and_neurons(tiny, tmp_path):
+    _, dense = tiny
+    plan = _run(tiny, small_config("structured:0.3", groups=2), tmp_path)
+    model = _load(tmp_path)
+    hd = plan.head_dim
+    for b, block in zip(plan.blocks, model.transformer_blocks):
+        assert len(b.keep_heads) == 4 - 1  # round(0.3 * 4) = 1 head
+        assert len(b.keep_ff) == 1024 - 307
+        removed_heads = sorted(set(range(4)) - set(b.keep_heads))
+        outs = [block.attn.to_out[0]] + ([block.attn.to_add_out] if block.attn.to_add_out is not None else [])
+        for layer in outs:
+            cols = layer.weight.reshape(layer.weight.shape[0], 4, hd)
+            assert bool((cols[:, removed_heads] == 0).all()) and bool((cols[:, b.keep_heads] != 0).any(dim=(0, 2)).all())
+        ffs = [(block.ff, b.keep_ff)] + ([(block.ff_context, b.keep_ff_context)] if block.ff_context is not None else [(None, b.keep_ff_context)])
+        for ff, keep in ffs:
+            if ff is None:
+                assert keep is None  # last block has no context FFN
+                continue
+            zero_cols = (ff.net[2].weight == 0).all(dim=0).nonzero().flatten().tolist()
+            assert zero_cols == sorted(set(range(1024)) - set(keep))
+    # only the output projections changed
+    changed = {k.rsplit(".", 1)[0] for k, v in model.state_dict().items() if not torch.equal(v, dense[k])}
+    assert changed <= {n for p in plan.packages for n in p}
+    assert all(n.endswith(("to_out.0", "to_add_out", "net.2")) for n in changed)
+
+    # Cutting the matching rows of q/k/v and of the FFN input changes nothing: what stage 2 relies on.
+    cut = copy.deepcopy(model)
+    with torch.no_grad():
+        for b, block in zip(plan.blocks, cut.transformer_blocks):
+            rows = torch.ones(4 * hd, dtype=torch.bool)
+            for h in set(range(4)) - set(b.keep_heads):
+                rows[h * hd : (h + 1) * hd] = False
+            for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+                lin = getattr(block.attn, name)
+                lin.weight[~rows] = 0
+                lin.bias[~rows] = 0
+            for ff, keep in ((block.ff, b.keep_ff), (block.ff_context, b.keep_ff_context)):
+                if ff is not None:
+                    drop = torch.ones(1024, dtype=torch.bool)
+                    drop[keep] = False
+                    ff.net[0].proj.weight[drop] = 0
+                    ff.net[0].proj.bias[drop] = 0
+    inputs = tiny_transformer_inputs(model, batch=2, text_len=20)
+    with torch.no_grad():
+        ref = model(*inputs[:3], timestep=inputs[3]).sample
+        got = cut(*inputs[:3], timestep=inputs[3]).sample
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tiny, reference_24, tmp_path):
+    ref_out, ref_plan = reference_24
+    config = small_config("2:4")
+    pipe, _ = tiny
+
+    def stop_after_first(k):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny, config, tmp_path, on_package_done=stop_after_first)
+    assert PrunePlan.load(tmp_path / "plan.json").done_packages == 1
+    assert (tmp_path / PARTIAL_DIR).is_dir() and not (tmp_path / "transformer").exists()
+
+    calls = {"n": 0}
+
+    def die_mid_calibration(*_):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    handle = pipe.transformer.register_forward_pre_hook(die_mid_calibration)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run(tiny, config, tmp_path)
+    finally:
+        handle.remove()
+    assert PrunePlan.load(tmp_path / "plan.json").done_packages == 1
+
+    plan = _run(tiny, config, tmp_path)
+    assert plan.to_dict() == ref_plan.to_dict()
+    got, ref = _load(tmp_path).state_dict(), _load(ref_out).state_dict()
+    for key in ref:
+        assert torch.equal(got[key], ref[key]), key
+    assert not (tmp_path / PARTIAL_DIR).exists()
+
+    # complete with the same settings: nothing to do, nothing rewritten
+    weights = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    _run(tiny, config, tmp_path)
+    assert weights.stat().st_mtime_ns == stamp
+    # other settings in the same directory: a one-line user error
+    with pytest.raises(UserError, match="other settings") as err:
+        _run(tiny, small_config("4:8"), tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_rejects_bad_input_in_one_line(capsys, tmp_path):
+    from pipeline.__main__ import main
+
+    assert main(["prune", "--sparsity", "3:5", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "2:4, 4:8" in err and "\n" not in err
+    if not torch.cuda.is_available():
+        assert main(["prune", "--offload", "model", "--device", "cpu", "--out", str(tmp_path / "y")]) == 2
+        assert "CUDA" in capsys.readouterr().err
+    assert main(["prune", "--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "z")]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
