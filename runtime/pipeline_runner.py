@@ -147,11 +147,12 @@ def load_runners(
     engine_dir: str | os.PathLike | None = None,
     provider: str = "cpu",
     components: list[str] | None = None,
+    threads: int = 0,
 ) -> dict[str, Runner]:
     """Runners for the exported components.
 
     backend ``"ort"``: an :class:`~runtime.ort.OrtModel` per ``onnx_dir/<component>.onnx`` (``provider``
-    cpu/cuda/auto). backend ``"trt"``: a :class:`~runtime.tensorrt.TrtEngine` per ``engine_dir/<component>/``
+    cpu/cuda/auto, ``threads`` intra-op threads, 0 = one per core). backend ``"trt"``: a :class:`~runtime.tensorrt.TrtEngine` per ``engine_dir/<component>/``
     plan of the installed TensorRT(-RTX), checked against ``onnx_dir/<component>.onnx`` when given.
     components: default every component found; a named missing one is an error.
     """
@@ -168,7 +169,7 @@ def load_runners(
         for c in names:
             path = Path(onnx_dir) / f"{c}.onnx"
             if path.is_file():
-                runners[c] = OrtModel(path, provider=provider)
+                runners[c] = OrtModel(path, provider=provider, intra_op_threads=threads)
             elif components is not None:
                 raise UserError(f"missing {path}; run `python -m pipeline export` first")
     elif backend == "trt":
@@ -221,6 +222,7 @@ def runner_pipeline(
     components: list[str] | None = None,
     base_pipe=None,
     device: str | None = None,
+    threads: int = 0,
 ):
     """Load ``spec``'s PyTorch pipeline (or reuse ``base_pipe``) and swap in ORT sessions / TRT engines.
 
@@ -233,7 +235,7 @@ def runner_pipeline(
     base = base_pipe if base_pipe is not None else load_pipeline(spec)
     if base.device != torch.device(device):
         base = base.to(device)
-    runners = load_runners(backend=backend, onnx_dir=onnx_dir, engine_dir=engine_dir, provider=provider, components=components)
+    runners = load_runners(backend=backend, onnx_dir=onnx_dir, engine_dir=engine_dir, provider=provider, components=components, threads=threads)
     pipe = with_runners(base, runners, device=device)
     pipe.runners = runners
     return pipe

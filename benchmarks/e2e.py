@@ -1,0 +1,376 @@
+"""End-to-end benchmark: dense vs pruned pipeline (ONNX Runtime on CPU, TensorRT engines on GPU), with
+PyTorch eager as a third column, all in one process with the variants interleaved.
+
+For each of ``warmup + runs`` iterations every variant generates the same prompt with the same seed (the
+order rotates each iteration, so no variant always runs first after the others). Per variant it records the
+end-to-end time and the stages (text encoders, transformer x steps, VAE decode), with CUDA events on a GPU and
+wall-clock on a CPU, then reports median and p90 over the timed runs, images/s, peak memory (process RSS on
+CPU, sampled every 5 ms while the variant runs; CUDA device memory in use on GPU), model/engine size and
+quality (:func:`benchmarks.quality.evaluate`). It writes ``bench.json``, ``bench.md``, ``bench.png`` and
+``grid.png`` (dense / pruned / eager images for the same prompts and seeds).
+
+Usage::
+
+    python -m benchmarks.e2e --model tiny-sd3 --sparsity 2:4 --dense DENSE_EXPORT --pruned PRUNED_EXPORT --out DIR
+
+A semi-structured (2:4, 4:8) transformer has the dense one's shapes: on a CPU, ONNX Runtime multiplies the
+zeros like any other number, so no speedup is expected; sparse tensor cores (Ampere and later, through
+TensorRT's SPARSE_WEIGHTS) are what turns 2:4 into time. Structured plans remove heads and neurons and are
+faster everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.errors import UserError
+from common.io import write_json
+
+log = logging.getLogger(__name__)
+
+STAGES = ("text_encoders", "transformer", "vae_decode")
+
+
+@dataclass
+class Variant:
+    """A pipeline to time: ``name`` (dense/pruned/eager), the pipeline, and what to report about it."""
+
+    name: str
+    pipe: Any
+    backend: str
+    transformer_bytes: int
+    total_bytes: int
+    records: list[dict[str, float]] = field(default_factory=list)
+    peak_mib: float = 0.0
+
+
+class MemorySampler:
+    """Peak memory while a block runs: process RSS (CPU) or device memory in use (CUDA), in MiB."""
+
+    def __init__(self, cuda: bool, interval_s: float = 0.005):
+        self.cuda, self.interval = cuda, interval_s
+        self.peak = 0.0
+        self._stop = threading.Event()
+
+    def _now(self) -> float:
+        if self.cuda:
+            free, total = torch.cuda.mem_get_info()
+            return (total - free) / 2**20
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except OSError:  # not Linux: peak RSS so far
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._now())
+
+    def __enter__(self):
+        self.peak = self._now()
+        self._stop.clear()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._now())
+
+
+def _onnx_dir(export_dir: str | os.PathLike) -> Path:
+    d = Path(export_dir)
+    if (d / "onnx").is_dir():
+        d = d / "onnx"
+    if not (d / "transformer.onnx").is_file():
+        raise UserError(f"no transformer.onnx under {export_dir}; run `python -m pipeline export` first")
+    return d
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "mean": float(a.mean()), "min": float(a.min()), "n": int(a.size)}
+
+
+def _torch_bytes(module) -> int:
+    return int(sum(p.numel() * p.element_size() for p in module.parameters())) if module is not None else 0
+
+
+def _runner_variant(name: str, spec, base_pipe, *, backend: str, onnx_dir: Path, engine_dir: Path | None, provider: str, threads: int) -> Variant:
+    from runtime.pipeline_runner import runner_pipeline
+
+    pipe = runner_pipeline(spec, backend=backend, onnx_dir=onnx_dir, engine_dir=engine_dir, provider=provider, base_pipe=base_pipe, threads=threads)
+    sizes = {c: int(getattr(r, "size_bytes", 0)) for c, r in pipe.runners.items()}
+    # Components left in PyTorch count at their parameter size.
+    for attr in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+        comp = "vae_decoder" if attr == "vae" else attr
+        if comp not in sizes:
+            sizes[comp] = _torch_bytes(getattr(base_pipe, attr, None))
+    tr = pipe.runners["transformer"]
+    if backend == "ort":
+        import onnxruntime as ort
+
+        label = f"onnxruntime {ort.__version__} {tr.providers[0]}"
+    else:
+        label = f"{tr.backend.name} {tr.backend.version}"
+    return Variant(name, pipe, label, sizes["transformer"], sum(sizes.values()))
+
+
+def _device_info(cuda: bool) -> dict[str, Any]:
+    import diffusers
+    import onnxruntime as ort
+
+    info: dict[str, Any] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "onnxruntime": ort.__version__,
+    }
+    for mod in ("tensorrt", "tensorrt_rtx"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    if cuda:
+        info["gpu"] = torch.cuda.get_device_name()
+        info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        info["summary"] = f"{info['gpu']} (compute {info['compute_capability']})"
+    else:
+        info["summary"] = f"CPU {info['cpu']}, {info['cpu_count']} cores, torch {torch.get_num_threads()} threads"
+    return info
+
+
+def sparsity_note(sparsity, backend: str, cuda: bool) -> str:
+    """What speedup to expect from this pattern on this backend (reported with the numbers)."""
+    if sparsity is None:
+        return ""
+    if sparsity.kind == "nm":
+        if backend == "ort" or not cuda:
+            return (f"{sparsity} keeps the dense shapes; ONNX Runtime on a CPU multiplies the zeros like any other weight, "
+                    f"so no speedup is expected here: {sparsity} needs sparse tensor cores (NVIDIA Ampere or later, "
+                    f"TensorRT with SPARSE_WEIGHTS, fp16/int8)")
+        return f"{sparsity} runs on sparse tensor cores where TensorRT picked sparse kernels (see the engine manifest)"
+    if sparsity.kind == "unstructured":
+        return f"{sparsity} zeros are scattered: neither ONNX Runtime nor TensorRT skips them, so no speedup is expected"
+    if sparsity.kind == "structured":
+        return f"{sparsity} removes attention heads and FFN neurons: smaller matrices, a speedup on every backend"
+    return ""
+
+
+def run_e2e(
+    spec,
+    dense_export_dir: str | os.PathLike,
+    pruned_export_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    runs: int = 10,
+    warmup: int = 2,
+    backend: str = "ort",
+    provider: str = "cpu",
+    engines: dict[str, str | os.PathLike] | None = None,
+    sparsity=None,
+    eager: bool = True,
+    quality: bool = True,
+    quality_seeds: tuple[int, ...] = (0, 1, 2),
+    prompt: str | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    grid_prompts: list[str] | None = None,
+    base_pipe=None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Benchmark dense vs pruned (and PyTorch eager) end to end; write the JSON, Markdown, plot and grid.
+
+    spec: a :class:`pipeline.models.ModelSpec`. dense_export_dir / pruned_export_dir: stage 2 outputs (or
+    their ``onnx/``). backend: ``"ort"`` (sessions on ``provider``) or ``"trt"`` (engines from
+    ``engines={"dense": dir, "pruned": dir}``, each with ``<component>/engine_*.plan``; default
+    ``<export dir>/engines``). sparsity: the pruned plan's :class:`obsdiff.patterns.Sparsity` (or string),
+    for the note. runs / warmup: timed and untimed iterations (>= 1 timed). prompt / seed / steps: the timed
+    generation (default: the spec's first evaluation prompt, seed 0, the spec's steps). quality: run
+    ``benchmarks.quality.evaluate`` on each variant with ``quality_seeds``. threads: CPU threads for both
+    PyTorch and ONNX Runtime (default: PyTorch's current count, given to ONNX Runtime too, so every variant
+    has the same cores; on an oversubscribed machine PyTorch's OpenMP with 2+ threads can be 10-30x slower
+    than with 1, measured on the shared 2-core development box).
+
+    Returns the dict written to ``out_dir/bench.json``: ``dense``/``pruned``/``eager`` entries with
+    ``latency_ms`` {median, p90, mean, min, n}, ``stages_ms``, ``transformer_step_ms``, ``images_per_s``,
+    ``peak_memory_mib``, ``size_mib``, ``backend``, ``quality``; and ``speedup`` (dense / pruned median).
+    """
+    from tqdm import tqdm
+
+    from benchmarks.report import image_grid, write_reports
+    from obsdiff.patterns import Sparsity, parse_sparsity
+    from pipeline.models import load_pipeline
+    from runtime.pipeline_runner import StageTimer, generate
+
+    if runs < 1 or warmup < 0:
+        raise UserError(f"runs must be >= 1 and warmup >= 0 (got runs={runs}, warmup={warmup})")
+    if isinstance(sparsity, str):
+        sparsity = parse_sparsity(sparsity)
+    assert sparsity is None or isinstance(sparsity, Sparsity)
+    cuda = backend == "trt" or provider == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise UserError(f"backend {backend}/{provider} needs a CUDA GPU and none is visible; use --backend ort --provider cpu")
+    device = "cuda" if cuda else "cpu"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps = steps or spec.steps
+    prompt = prompt or _default_prompts(spec)[0]
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    threads = torch.get_num_threads()
+
+    base = base_pipe if base_pipe is not None else load_pipeline(spec)
+    base = base.to(device)
+    dense_onnx, pruned_onnx = _onnx_dir(dense_export_dir), _onnx_dir(pruned_export_dir)
+    eng = {k: Path(v) for k, v in (engines or {}).items()}
+    if backend == "trt":
+        eng.setdefault("dense", dense_onnx.parent / "engines")
+        eng.setdefault("pruned", pruned_onnx.parent / "engines")
+    variants = [
+        _runner_variant("dense", spec, base, backend=backend, onnx_dir=dense_onnx, engine_dir=eng.get("dense"), provider=provider, threads=threads),
+        _runner_variant("pruned", spec, base, backend=backend, onnx_dir=pruned_onnx, engine_dir=eng.get("pruned"), provider=provider, threads=threads),
+    ]
+    if eager:
+        size = sum(_torch_bytes(getattr(base, a, None)) for a in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"))
+        variants.append(Variant("eager", base, f"pytorch {torch.__version__} eager ({device})", _torch_bytes(base.transformer), size + _torch_bytes(base.transformer)))
+
+    timer = StageTimer(cuda=cuda)
+    for it in tqdm(range(warmup + runs), desc="e2e (interleaved)", unit="round"):
+        k = it % len(variants)
+        for v in variants[k:] + variants[:k]:  # rotate the order every round
+            with MemorySampler(cuda) as mem:
+                generate(v.pipe, spec, prompt, seed=seed, steps=steps, timer=timer, output_type="np")
+            ms, calls = timer.collect()
+            if it >= warmup:
+                v.records.append(ms)
+                v.peak_mib = max(v.peak_mib, mem.peak)
+            if calls.get("transformer") not in (None, steps):
+                log.debug("%s: %s transformer calls for %s steps", v.name, calls.get("transformer"), steps)
+
+    result: dict[str, Any] = {
+        "model": spec.id,
+        "sparsity": str(sparsity) if sparsity is not None else None,
+        "backend": backend,
+        "provider": provider if backend == "ort" else None,
+        "settings": {"runs": runs, "warmup": warmup, "steps": steps, "guidance": spec.guidance, "height": spec.height, "width": spec.width,
+                     "prompt": prompt, "seed": seed, "interleaved": True, "threads": threads, "timer": "cuda events" if cuda else "perf_counter"},
+        "device": _device_info(cuda),
+    }
+    for v in variants:
+        total = [r.get("total", 0.0) for r in v.records]
+        stages = {s: _stats([r.get(s, 0.0) for r in v.records]) for s in STAGES}
+        med = _stats(total)
+        result[v.name] = {
+            "backend": v.backend,
+            "latency_ms": med,
+            "stages_ms": stages,
+            "transformer_step_ms": stages["transformer"]["median"] / steps,
+            "images_per_s": 1000.0 / med["median"] if med["median"] > 0 else None,
+            "peak_memory_mib": round(v.peak_mib, 1),
+            "memory_kind": "cuda device memory in use (all variants loaded)" if cuda else "process RSS (all variants loaded)",
+            "size_mib": {"transformer": round(v.transformer_bytes / 2**20, 3), "total": round(v.total_bytes / 2**20, 3)},
+            "quality": None,
+        }
+    d, p = result["dense"], result["pruned"]
+    result["speedup"] = d["latency_ms"]["median"] / p["latency_ms"]["median"]
+    result["speedup_transformer"] = d["stages_ms"]["transformer"]["median"] / max(p["stages_ms"]["transformer"]["median"], 1e-9)
+    dense_t = [r["total"] for r in variants[0].records]
+    pruned_t = [r["total"] for r in variants[1].records]
+    result["speedup_paired"] = float(np.median(np.asarray(dense_t) / np.asarray(pruned_t)))
+    if eager:
+        result["speedup_vs_eager"] = result["eager"]["latency_ms"]["median"] / p["latency_ms"]["median"]
+    result["note"] = sparsity_note(sparsity, backend, cuda)
+
+    if quality:
+        try:
+            from benchmarks.quality import evaluate
+        except ImportError as e:
+            log.warning("quality evaluator unavailable (%s); bench.json has quality: null", e)
+        else:
+            for v in tqdm(variants, desc="quality", unit="variant"):
+                result[v.name]["quality"] = evaluate(v.pipe, spec, seeds=tuple(quality_seeds), steps=steps)
+
+    grid_prompts = grid_prompts or _default_prompts(spec)[:8]
+    rows = {v.name: [img for pr in grid_prompts for img in generate(v.pipe, spec, pr, seed=seed, steps=steps)] for v in variants}
+    image_grid(rows, out_dir / "grid.png", col_labels=[_short(pr) for pr in grid_prompts])
+    result["images"] = {"grid": "grid.png", "grid_prompts": grid_prompts, "grid_seed": seed}
+    write_json(out_dir / "bench.json", result)
+    write_reports(result, out_dir)
+    log.info("speedup dense/pruned %.3fx (transformer %.3fx) -> %s", result["speedup"], result["speedup_transformer"], out_dir / "bench.json")
+    return result
+
+
+def _short(prompt: str) -> str:
+    return prompt.split()[-1] if len(prompt) > 16 else prompt
+
+
+def _default_prompts(spec) -> list[str]:
+    from pipeline.models import REPO_ROOT
+
+    if spec.id == "tiny-sd3":
+        from benchmarks.digits import prompt_for
+
+        return [prompt_for(d) for d in range(10)]
+    f = REPO_ROOT / "prompts" / "eval.txt"
+    if f.is_file():
+        return [p for p in f.read_text().splitlines() if p.strip()]
+    return ["a photo of an astronaut riding a horse on the moon", "a red bicycle leaning on a brick wall", "a bowl of ramen, studio lighting", "a lighthouse at dusk, oil painting"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from obsdiff.patterns import parse_sparsity
+    from pipeline.models import resolve_model
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny-sd3")
+    p.add_argument("--sparsity", default=None, help="the pruned plan's pattern (for the note)")
+    p.add_argument("--dense", required=True, help="dense export dir (stage 2 output or its onnx/)")
+    p.add_argument("--pruned", required=True, help="pruned export dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--backend", default="ort", choices=["ort", "trt"])
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--dense-engines", default=None)
+    p.add_argument("--pruned-engines", default=None)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime (default: PyTorch's)")
+    p.add_argument("--no-eager", action="store_true")
+    p.add_argument("--no-quality", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    engines = {k: v for k, v in (("dense", args.dense_engines), ("pruned", args.pruned_engines)) if v}
+    try:
+        res = run_e2e(resolve_model(args.model), args.dense, args.pruned, args.out, runs=args.runs, warmup=args.warmup, backend=args.backend,
+                      provider=args.provider, engines=engines or None, sparsity=parse_sparsity(args.sparsity) if args.sparsity else None,
+                      eager=not args.no_eager, quality=not args.no_quality, steps=args.steps, threads=args.threads)
+    except UserError as e:
+        import sys
+
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"speedup {res['speedup']:.3f}x -> {Path(args.out) / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

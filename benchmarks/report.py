@@ -1,0 +1,171 @@
+"""Turn a benchmark JSON into a Markdown table, a PNG plot and a PNG image grid (matplotlib Agg, Pillow).
+
+Input is the dict :func:`benchmarks.e2e.run_e2e` writes to ``bench.json``: variant entries (``dense``,
+``pruned``, optionally ``eager``) each with ``latency_ms`` {median, p90}, ``stages_ms`` {stage: {median,
+p90}}, ``images_per_s``, ``peak_memory_mib``, ``size_mib`` and ``quality``; plus ``speedup``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+VARIANTS = ("dense", "pruned", "eager")
+STAGE_LABELS = {"text_encoders": "text encoders", "transformer": "transformer (all steps)", "vae_decode": "VAE decode"}
+
+
+def _fmt(v: Any, nd: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def variants_of(bench: dict[str, Any]) -> list[str]:
+    return [v for v in VARIANTS if isinstance(bench.get(v), dict)]
+
+
+def markdown_table(bench: dict[str, Any]) -> str:
+    """One row per variant: backend, end-to-end median/p90, stage medians, images/s, memory, size, quality."""
+    qkeys: list[str] = []
+    for v in variants_of(bench):
+        for k, val in (bench[v].get("quality") or {}).items():
+            if isinstance(val, (int, float)) and not isinstance(val, bool) and k in ("prompt_accuracy", "frechet_distance", "clip_score") and k not in qkeys:
+                qkeys.append(k)
+    head = ["variant", "backend", "e2e median ms", "e2e p90 ms", "text enc ms", "transformer ms", "per step ms", "VAE ms", "images/s", "peak mem MiB", "transformer MiB", *qkeys]
+    rows = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for v in variants_of(bench):
+        e = bench[v]
+        st = e.get("stages_ms", {})
+        q = e.get("quality") or {}
+        row = [
+            v,
+            e.get("backend", "-"),
+            _fmt(e["latency_ms"]["median"]),
+            _fmt(e["latency_ms"]["p90"]),
+            _fmt(st.get("text_encoders", {}).get("median")),
+            _fmt(st.get("transformer", {}).get("median")),
+            _fmt(e.get("transformer_step_ms"), 2),
+            _fmt(st.get("vae_decode", {}).get("median")),
+            _fmt(e.get("images_per_s"), 2),
+            _fmt(e.get("peak_memory_mib"), 0),
+            _fmt((e.get("size_mib") or {}).get("transformer"), 2),
+            *[_fmt(q.get(k), 3) for k in qkeys],
+        ]
+        rows.append("| " + " | ".join(row) + " |")
+    lines = rows
+    s = bench.get("speedup")
+    if s is not None:
+        lines.append("")
+        lines.append(
+            f"Speedup dense/pruned: **{s:.3f}x** end to end, {_fmt(bench.get('speedup_transformer'), 3)}x on the transformer stage "
+            f"(paired per-iteration median {_fmt(bench.get('speedup_paired'), 3)}x)."
+        )
+    if bench.get("note"):
+        lines.append("")
+        lines.append(f"Note: {bench['note']}")
+    st = bench.get("settings", {})
+    if st:
+        lines.append("")
+        lines.append(
+            f"{bench.get('model')} {bench.get('sparsity')}, {st.get('steps')} steps, {st.get('runs')} timed runs after {st.get('warmup')} warm-up, "
+            f"variants interleaved; {bench.get('device', {}).get('summary', '')}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(bench: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Stacked bars of stage medians per variant, with the end-to-end p90 as a marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.io import atomic_path
+
+    names = variants_of(bench)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    bottom = [0.0] * len(names)
+    for stage, label in STAGE_LABELS.items():
+        vals = [bench[v].get("stages_ms", {}).get(stage, {}).get("median", 0.0) or 0.0 for v in names]
+        ax.bar(names, vals, bottom=bottom, label=label)
+        bottom = [b + x for b, x in zip(bottom, vals)]
+    p90 = [bench[v]["latency_ms"]["p90"] for v in names]
+    med = [bench[v]["latency_ms"]["median"] for v in names]
+    ax.scatter(names, p90, marker="_", s=400, color="black", label="end-to-end p90", zorder=3)
+    ax.scatter(names, med, marker="o", s=18, color="black", label="end-to-end median", zorder=3)
+    ax.set_ylabel("ms per image")
+    title = f"{bench.get('model', '')} {bench.get('sparsity', '')}: speedup {bench.get('speedup', float('nan')):.2f}x"
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def image_grid(rows: dict[str, Sequence[Any]], path: str | os.PathLike, *, col_labels: Sequence[str] | None = None, cell: int = 96) -> Path:
+    """Save a grid: one labelled row per variant (``{label: [PIL images or HxWx3 arrays in [0,1]]}``).
+
+    Every row must have the same number of images (same prompts and seeds); cells are resized to ``cell``
+    pixels with nearest-neighbour so small images stay legible.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from common.io import atomic_path
+
+    labels = list(rows)
+    n = {len(v) for v in rows.values()}
+    if len(n) != 1:
+        raise ValueError(f"every row needs the same number of images, got {n}")
+    ncol = n.pop()
+    label_w, head_h = 70, 14 if col_labels else 0
+    grid = Image.new("RGB", (label_w + ncol * cell, head_h + len(labels) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, text in enumerate(col_labels or []):
+        draw.text((label_w + c * cell + 2, 1), str(text)[:16], fill="black")
+    for r, lab in enumerate(labels):
+        draw.text((2, head_h + r * cell + cell // 2 - 5), lab, fill="black")
+        for c, img in enumerate(rows[lab]):
+            if not isinstance(img, Image.Image):
+                arr = np.asarray(img)
+                img = Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype("uint8") if arr.dtype != np.uint8 else arr)
+            grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + c * cell, head_h + r * cell))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return path
+
+
+def write_reports(bench: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``bench.md`` and ``bench.png`` next to ``bench.json``; returns their paths."""
+    from common.io import atomic_path
+
+    out_dir = Path(out_dir)
+    md = out_dir / "bench.md"
+    with atomic_path(md) as tmp:
+        tmp.write_text(markdown_table(bench))
+    return {"markdown": md, "plot": plot(bench, out_dir / "bench.png")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from common.io import read_json
+
+    p = argparse.ArgumentParser(description="bench.json -> bench.md + bench.png")
+    p.add_argument("bench_json")
+    args = p.parse_args(argv)
+    bench = read_json(args.bench_json)
+    out = write_reports(bench, Path(args.bench_json).parent)
+    print(out["markdown"].read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
