@@ -165,6 +165,8 @@ def export_module(
 
     if opset < 18:
         raise ValueError("opset must be >= 18 (dynamo exporter)")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):  # per-pass INFO chatter
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger(noisy).level))
     names = list(wrapper.input_names)
     assert list(example) == names, (list(example), names)
     batch = next(iter(example.values())).shape[0]
@@ -477,3 +479,130 @@ def check_parity(
         for name, g in zip(output_names, got):
             assert g.shape[0] == b, f"{name}: ONNX returned batch {g.shape[0]} for input batch {b}"
     return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-component export + parity (what `python -m pipeline export` calls)
+# --------------------------------------------------------------------------------------------------------
+
+FP32_TOLERANCE = 1e-4
+# float16 ONNX vs the float32 torch model, relative to the output's scale: fp16's unit roundoff is
+# 2^-11 ~ 4.9e-4 per rounding of weights and activations; it compounds over blocks. 1e-2 is ~20 roundoffs,
+# i.e. loose enough for a 24-block SD3 (tiny-sd3 measures ~5e-4) yet tight enough to catch a real error
+# (a wrong cast, an overflow to inf, or a dropped layer-norm each give errors >= 5e-2).
+FP16_TOLERANCE = 1e-2
+
+
+def parity_tolerance(precision: str) -> float:
+    return FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
+
+
+def _io_spec(path: str | os.PathLike) -> tuple[dict, dict]:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+
+    def spec(vs):
+        out = {}
+        for v in vs:
+            tt = v.type.tensor_type
+            out[v.name] = {
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
+                "shape": [d.dim_param or d.dim_value for d in tt.shape.dim],
+            }
+        return out
+
+    return spec(m.graph.input), spec(m.graph.output)
+
+
+def export_and_check(
+    name: str,
+    wrapper: nn.Module,
+    make_inputs: Callable[[int, torch.dtype], dict[str, torch.Tensor]],
+    path: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    parity_batches: Sequence[int] = (1, 3),
+    keep_fp32: bool = False,
+) -> dict[str, Any]:
+    """Export one component (``wrapper`` holds the float32 module) and check ORT parity against it.
+
+    make_inputs(batch, dtype): inputs by ONNX input name; float tensors in ``dtype`` except the transformer's
+        ``timestep`` (always float32).
+    precision: ``fp32`` | ``fp16``; keep_fp32 exports this component in float32 even for ``fp16``.
+    parity_batches: batch sizes to compare at (empty: no parity check); tolerance :func:`parity_tolerance`.
+    Returns a JSON-ready summary: file, bytes, dtype, I/O, export seconds, parity.
+    """
+    import copy
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}")
+    eff = "fp32" if keep_fp32 else precision
+    dtype = torch_dtype(eff)
+    exported = wrapper if eff == "fp32" else copy.deepcopy(wrapper).to(dtype)
+    t0 = time.perf_counter()
+    export_module(exported, make_inputs(2, dtype), path, fp32_layernorm=(eff == "fp16"))
+    seconds = time.perf_counter() - t0
+    del exported
+    summary: dict[str, Any] = {"file": Path(path).name, "bytes": onnx_size(path), "precision": eff, "export_s": round(seconds, 1)}
+    summary["inputs"], summary["outputs"] = _io_spec(path)
+    if parity_batches:
+
+        def reference(inputs):
+            fp32 = {k: (v.float() if v.is_floating_point() else v) for k, v in inputs.items()}
+            out = wrapper(*fp32.values())
+            return out if isinstance(out, (tuple, list)) else [out]
+
+        parity = check_parity(
+            path,
+            reference,
+            lambda b: make_inputs(b, dtype),
+            list(wrapper.output_names),
+            batches=parity_batches,
+            tolerance=parity_tolerance(eff),
+            reference_name="torch fp32",
+        )
+        summary["parity"] = parity.to_dict()
+        log.info("%s: ORT vs torch max rel. error %.2e (tolerance %.0e, batches %s)", name, parity.max_error, parity.tolerance, list(parity_batches))
+    return summary
+
+
+def export_transformer(
+    model: nn.Module, path, *, latent_hw: tuple[int, int], text_seq_len: int, precision: str = "fp32", parity_batches=(1, 3)
+) -> dict[str, Any]:
+    """Export an ``SD3Transformer2DModel`` (float32, dense or compact) to ``path``; see :func:`export_and_check`."""
+    wrapper = TransformerForOnnx(model.float().eval())
+
+    def make(batch, dtype):
+        return transformer_inputs(model, batch, latent_hw, text_seq_len, dtype=dtype, seed=batch)
+
+    return export_and_check("transformer", wrapper, make, path, precision=precision, parity_batches=parity_batches)
+
+
+def export_clip(
+    encoder: nn.Module, path, *, seq_len: int, precision: str = "fp32", parity_batches=(1, 3), name: str = "text_encoder"
+) -> dict[str, Any]:
+    """Export a ``CLIPTextModelWithProjection`` (text_encoder / text_encoder_2)."""
+    vocab = int(encoder.config.vocab_size)
+    return export_and_check(
+        name, ClipForOnnx(encoder.float().eval()), lambda b, dt: token_inputs(vocab, b, seq_len, seed=b), path,
+        precision=precision, parity_batches=parity_batches,
+    )
+
+
+def export_t5(encoder: nn.Module, path, *, seq_len: int, precision: str = "fp32", parity_batches=(1, 3), keep_fp32: bool = True) -> dict[str, Any]:
+    """Export a ``T5EncoderModel`` (text_encoder_3). Kept float32 by default: T5 activations overflow float16."""
+    vocab = int(encoder.config.vocab_size)
+    return export_and_check(
+        "text_encoder_3", T5ForOnnx(encoder.float().eval()), lambda b, dt: token_inputs(vocab, b, seq_len, seed=b), path,
+        precision=precision, parity_batches=parity_batches, keep_fp32=keep_fp32,
+    )
+
+
+def export_vae_decoder(vae: nn.Module, path, *, latent_hw: tuple[int, int], precision: str = "fp32", parity_batches=(1, 3)) -> dict[str, Any]:
+    """Export ``AutoencoderKL.decode`` (input already unscaled: ``latents / scaling_factor + shift_factor``)."""
+    channels = int(vae.config.latent_channels)
+    return export_and_check(
+        "vae_decoder", VaeDecoderForOnnx(vae.float().eval()), lambda b, dt: latent_inputs(channels, b, latent_hw, dtype=dt, seed=b), path,
+        precision=precision, parity_batches=parity_batches,
+    )

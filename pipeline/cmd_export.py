@@ -1,0 +1,335 @@
+"""``python -m pipeline export``: stage 2, from a pruned transformer to a compact checkpoint and ONNX.
+
+Writes, under ``--out``:
+
+- ``compact/`` (``model.safetensors`` + ``compact.json``): the transformer with pruned heads/neurons removed;
+- ``onnx/<component>.onnx`` for transformer, text_encoder, text_encoder_2, text_encoder_3, vae_decoder;
+- ``export_report.json``: parameters, GEMM FLOPs per denoising step, file sizes, parity errors, the
+  sparse-eligible share of GEMM FLOPs, precision and shapes, and the fingerprint of the inputs.
+
+The report is written last and marks the output complete. A rerun whose inputs (hash of ``plan.json`` and
+the transformer weights, model, precision, components, shapes, library versions, this stage's code) are
+unchanged reuses the existing output. ``compact/`` and ``onnx/`` are each replaced atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import logging
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from common.errors import UserError
+from common.io import atomic_path, read_json, sha256_file, sha256_tree, write_json
+
+log = logging.getLogger("pipeline.export")
+
+REPORT = "export_report.json"
+REPORT_VERSION = 1
+SURGERY_TOLERANCE = 1e-5
+_VERSIONED = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxscript", "onnx-graphsurgeon")
+
+
+def add_parser(subparsers) -> None:
+    from export.onnx_export import COMPONENTS, PRECISIONS
+
+    p = subparsers.add_parser(
+        "export",
+        help="cut pruned heads/neurons, save the compact checkpoint, export ONNX",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("--model", default="tiny-sd3", help="registry id or local diffusers directory (default tiny-sd3)")
+    p.add_argument("--pruned", type=Path, default=None, help="stage-1 directory (plan.json + transformer/); omitted: export the dense model")
+    p.add_argument("--out", type=Path, required=True, help="output directory (may be the stage-1 directory)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 for CPU runtimes, fp16 for TensorRT (default fp32)")
+    p.add_argument("--components", default=",".join(COMPONENTS), help=f"comma-separated subset of {','.join(COMPONENTS)} (default all)")
+    p.add_argument("--parity-batches", default="1,3", help="batch sizes for the ORT-vs-torch checks (default 1,3; '' skips them)")
+    p.add_argument("--polygraphy", choices=("auto", "on", "off"), default="auto", help="cross-check 2:4 with polygraphy (auto: models < 256 MB)")
+    p.add_argument("--force", action="store_true", help="re-export even if the existing output is up to date")
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------------------------------------
+
+
+def _parse_components(text: str) -> list[str]:
+    from export.onnx_export import COMPONENTS
+
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in names if c not in COMPONENTS]
+    if bad or not names:
+        raise UserError(f"unknown component(s) {bad or text!r}; choose from {','.join(COMPONENTS)}")
+    return [c for c in COMPONENTS if c in names]
+
+
+def _parse_batches(text: str) -> list[int]:
+    try:
+        out = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--parity-batches must be comma-separated integers, got {text!r}") from None
+    if any(b < 1 for b in out):
+        raise UserError(f"--parity-batches must be positive, got {text!r}")
+    return out
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in _VERSIONED:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def _code_hash() -> str:
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted([*(root / "export").glob("*.py"), Path(__file__).resolve()]):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _model_fingerprint(spec) -> str:
+    if spec.local and spec.path is not None and spec.path.is_dir():
+        return "sha256:" + sha256_tree(spec.path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return "snapshot:" + Path(snapshot_download(spec.source, local_files_only=True)).name
+    except Exception:  # not cached: loading will fail with a clear message later
+        return "source:" + spec.source
+
+
+def fingerprint(spec, pruned: Path | None, precision: str, components: list[str]) -> dict[str, Any]:
+    """Everything the output depends on; equal fingerprints mean the existing output can be reused."""
+    out: dict[str, Any] = {
+        "report_version": REPORT_VERSION,
+        "model": spec.id,
+        "precision": precision,
+        "components": components,
+        "shapes": dict(spec.shapes.__dict__),
+        "versions": _versions(),
+        "code": _code_hash(),
+    }
+    needs_model = pruned is None or any(c != "transformer" for c in components)
+    out["model_weights"] = _model_fingerprint(spec) if needs_model else None
+    if pruned is not None:
+        out["plan_sha256"] = sha256_file(pruned / "plan.json")
+        out["transformer_sha256"] = sha256_tree(pruned / "transformer")
+    return out
+
+
+def _complete(out: Path, report: dict[str, Any]) -> bool:
+    files = [out / "compact" / "model.safetensors", out / "compact" / "compact.json"]
+    files += [out / "onnx" / c["file"] for c in report.get("components", {}).values()]
+    return all(f.is_file() for f in files)
+
+
+def _load_pruned(pruned: Path):
+    from diffusers import SD3Transformer2DModel
+
+    from obsdiff.plan import PrunePlan
+
+    if not pruned.is_dir():
+        raise UserError(f"--pruned {pruned} is not a directory; pass the output directory of `python -m pipeline prune`")
+    plan = PrunePlan.load(pruned / "plan.json")
+    if not plan.complete:
+        raise UserError(f"{pruned / 'plan.json'} is partial ({plan.done_packages}/{len(plan.packages)} packages); finish `python -m pipeline prune` first")
+    if not (pruned / "transformer" / "config.json").is_file():
+        raise UserError(f"missing {pruned / 'transformer'} (diffusers SD3Transformer2DModel); re-run `python -m pipeline prune`")
+    try:
+        transformer = SD3Transformer2DModel.from_pretrained(str(pruned / "transformer"), torch_dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot load {pruned / 'transformer'}: {str(e).splitlines()[0]}; re-run `python -m pipeline prune`") from None
+    return plan, transformer.eval()
+
+
+def _surgery_error(masked, compact, spec, batch: int = 1) -> float:
+    from export.onnx_export import rel_error, transformer_inputs
+
+    inputs = transformer_inputs(masked, batch, (spec.shapes.latent_height, spec.shapes.latent_width), spec.shapes.text_seq_len, seed=7)
+    with torch.no_grad():
+        ref = masked(*inputs.values(), return_dict=False)[0]
+        out = compact(*inputs.values(), return_dict=False)[0]
+    return rel_error(out.numpy(), ref.numpy())
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.models import load_pipeline, resolve_model
+
+    t_start = time.perf_counter()
+    spec = resolve_model(args.model)
+    components = _parse_components(args.components)
+    batches = _parse_batches(args.parity_batches)
+    out: Path = args.out
+    pruned: Path | None = args.pruned
+    if pruned is not None and not (pruned / "plan.json").is_file():
+        raise UserError(f"missing {pruned / 'plan.json'}; pass the output directory of `python -m pipeline prune` as --pruned")
+
+    inputs = fingerprint(spec, pruned, args.precision, components)
+    report_path = out / REPORT
+    if report_path.is_file() and not args.force:
+        try:
+            old = read_json(report_path)
+        except UserError:
+            old = {}
+        if old.get("inputs") == inputs and _complete(out, old):
+            log.info("reusing the existing export in %s: its inputs (plan, weights, precision, versions) are unchanged", out)
+            return 0
+        log.info("existing export in %s is stale or incomplete: re-exporting", out)
+    out.mkdir(parents=True, exist_ok=True)
+    report_path.unlink(missing_ok=True)  # nothing looks complete until the new report is written
+
+    # ---- load -------------------------------------------------------------------------------------------
+    plan = None
+    if pruned is not None:
+        plan, transformer = _load_pruned(pruned)
+    pipe = None
+    if pruned is None or any(c != "transformer" for c in components):
+        pipe = load_pipeline(spec, drop_t5="text_encoder_3" not in components, transformer=transformer if pruned is not None else None)
+        if pruned is None:
+            transformer = pipe.transformer.float().eval()
+    if "text_encoder_3" in components and (pipe is None or pipe.text_encoder_3 is None):
+        raise UserError(f"model {spec.id!r} has no text_encoder_3 (T5); drop it from --components")
+
+    report = _export(spec, plan, transformer, pipe, components, batches, args, out)
+    report["inputs"] = inputs
+    report["pruned_dir"] = str(pruned) if pruned is not None else None
+    report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    write_json(report_path, report)
+    log.info("export complete: %s (%.1f s)", report_path, report["elapsed_s"])
+    return 0
+
+
+def _export(spec, plan, transformer, pipe, components, batches, args, out: Path) -> dict[str, Any]:
+    from export.checkpoint import load_compact, save_compact
+    from export.onnx_export import export_clip, export_t5, export_transformer, export_vae_decoder
+    from export.report import count_parameters, transformer_flops
+    from export.surgery import apply_plan
+
+    shapes = spec.shapes
+    latent_hw = (shapes.latent_height, shapes.latent_width)
+    step_batch = shapes.batch_opt  # transformer batch per denoising step (2 with classifier-free guidance)
+    report: dict[str, Any] = {
+        "model": spec.id,
+        "precision": args.precision,
+        "shapes": {**shapes.__dict__, "per_step_batch": step_batch},
+        "sparsity": plan.sparsity if plan is not None else "dense",
+    }
+
+    # ---- surgery + compact checkpoint --------------------------------------------------------------------
+    dense_params = count_parameters(transformer)
+    is_cut = plan is not None and any(b.is_cut for b in plan.blocks)
+    if is_cut:
+        compact = apply_plan(copy.deepcopy(transformer), plan, require_masked=True)
+        surgery = {"tolerance": SURGERY_TOLERANCE}
+        if batches:
+            err = _surgery_error(transformer, compact, spec)
+            surgery["max_rel_error"] = err
+            if not err <= SURGERY_TOLERANCE:
+                raise RuntimeError(f"compact transformer differs from the masked one: rel. error {err:.2e} > {SURGERY_TOLERANCE:.0e}")
+            log.info("surgery: compact vs masked transformer rel. error %.2e (tolerance %.0e)", err, SURGERY_TOLERANCE)
+        report["surgery"] = surgery
+    else:
+        if plan is not None:
+            apply_plan(transformer, plan)  # validates the plan against the model; cuts nothing
+        compact = transformer
+    save_compact(compact, out / "compact", plan)
+    reloaded, _ = load_compact(out / "compact")
+    sd_a, sd_b = compact.state_dict(), reloaded.state_dict()
+    if any(not torch.equal(sd_a[k], sd_b[k]) for k in sd_a):
+        raise RuntimeError("compact checkpoint round trip changed the weights")
+    del reloaded
+    compact_params = count_parameters(compact)
+    dense_flops = transformer_flops(transformer, step_batch, latent_hw, shapes.text_seq_len)
+    compact_flops = transformer_flops(compact, step_batch, latent_hw, shapes.text_seq_len) if is_cut else dense_flops
+    report["transformer"] = {
+        "params_dense": dense_params,
+        "params_compact": compact_params,
+        "gemm_flops_per_step_dense": dense_flops["gemm"],
+        "gemm_flops_per_step": compact_flops["gemm"],
+        "flop_ratio": compact_flops["gemm"] / dense_flops["gemm"],
+        "compact_bytes": (out / "compact" / "model.safetensors").stat().st_size,
+    }
+
+    # ---- ONNX ---------------------------------------------------------------------------------------------
+    results: dict[str, Any] = {}
+    with atomic_path(out / "onnx") as onnx_dir:
+        onnx_dir.mkdir()
+        for name in tqdm(components, desc="export ONNX", unit="component", disable=None):
+            path = onnx_dir / f"{name}.onnx"
+            if name == "transformer":
+                res = export_transformer(compact, path, latent_hw=latent_hw, text_seq_len=shapes.text_seq_len, precision=args.precision, parity_batches=batches)
+            elif name in ("text_encoder", "text_encoder_2"):
+                enc, tok = getattr(pipe, name), getattr(pipe, "tokenizer" if name == "text_encoder" else "tokenizer_2")
+                res = export_clip(enc, path, seq_len=int(tok.model_max_length), precision=args.precision, parity_batches=batches, name=name)
+            elif name == "text_encoder_3":
+                res = export_t5(pipe.text_encoder_3, path, seq_len=int(spec.max_sequence_length), precision=args.precision, parity_batches=batches)
+            else:
+                res = export_vae_decoder(pipe.vae, path, latent_hw=latent_hw, precision=args.precision, parity_batches=batches)
+            if "parity" in res and not res["parity"]["ok"]:
+                raise RuntimeError(f"{name}: ONNX Runtime output differs from torch: {res['parity']}")
+            results[name] = res
+
+            if name == "transformer":
+                report["transformer"].update(_transformer_onnx_checks(path, compact, plan, shapes, step_batch, args.polygraphy, res))
+        report["components"] = results
+    return report
+
+
+def _transformer_onnx_checks(path: Path, compact, plan, shapes, step_batch: int, polygraphy: str, res: dict) -> dict[str, Any]:
+    """GEMM-weight constness, N:M pattern and FLOP share of the exported transformer."""
+    import onnx
+
+    from export.onnx_export import missing_linear_weights
+    from export.report import transformer_flops
+    from export.sparsity_check import check_onnx_sparsity, cross_check_polygraphy, polygraphy_sparsity, report_to_json
+    from obsdiff.patterns import parse_sparsity
+
+    model = onnx.load(str(path), load_external_data=True)
+    missing = missing_linear_weights(model, compact)
+    if missing:
+        raise RuntimeError(f"{len(missing)} transformer-block linears are not MatMul/Gemm with a constant weight (e.g. {missing[0]})")
+    pattern = parse_sparsity(plan.sparsity) if plan is not None else None
+    nm = (pattern.n, pattern.m) if pattern is not None and pattern.is_semi_structured else (2, 4)
+    expected = sorted(plan.layers) if pattern is not None and pattern.is_semi_structured else []
+    in_shapes = {
+        "hidden_states": [step_batch, compact.config.in_channels, shapes.latent_height, shapes.latent_width],
+        "encoder_hidden_states": [step_batch, shapes.text_seq_len, compact.config.joint_attention_dim],
+        "pooled_projections": [step_batch, compact.config.pooled_projection_dim],
+        "timestep": [step_batch],
+    }
+    sp = check_onnx_sparsity(model, nm, input_shapes=in_shapes, expected_layers=expected)
+    if not sp.ok:
+        first = (sp.missing_layers or sp.failed_layers)[0]
+        raise UserError(
+            f"the pruned transformer is not {sp.pattern} along K in {len(sp.failed_layers)} layer(s) and {len(sp.missing_layers)} "
+            f"layer(s) are missing from the ONNX (e.g. {first}); re-run `python -m pipeline prune` so plan.json and transformer/ agree"
+        )
+    out: dict[str, Any] = {"sparsity_check": report_to_json(sp), "gemm_flops_per_step_onnx": sp.total_flops}
+    torch_gemm = transformer_flops(compact, step_batch, (shapes.latent_height, shapes.latent_width), shapes.text_seq_len)["gemm"]
+    if torch_gemm != sp.total_flops:
+        log.warning("GEMM FLOPs differ between torch (%d) and the ONNX graph (%d)", torch_gemm, sp.total_flops)
+    run_pg = polygraphy == "on" or (polygraphy == "auto" and res["bytes"] < 256 * 1024**2)
+    if run_pg and sp.pattern == "2:4" and expected:
+        try:
+            pg = polygraphy_sparsity(path)
+            disagree = cross_check_polygraphy(sp, pg)
+            out["polygraphy"] = {"tensors_checked": len(pg), "sparse": sum(pg.values()), "disagreements": disagree}
+            if disagree:
+                raise RuntimeError(f"polygraphy and the 2:4 checker disagree on {disagree[:3]}")
+        except (OSError, RuntimeError) as e:
+            if polygraphy == "on" or "disagree" in str(e):
+                raise
+            log.warning("polygraphy cross-check skipped: %s", e)
+    return out
