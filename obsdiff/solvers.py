@@ -228,8 +228,8 @@ def obs_prune_groups(
                 Hss = Hinv[cols_s][:, cols_s]  # (k*gs, k*gs)
                 Hss = 0.5 * (Hss + Hss.T)
                 A = torch.linalg.solve(Hss, Hinv[cols_s, :])  # (k*gs, cols) = Hss^-1 Hinv[S, :]
-                Wf[b] -= Wf[b][:, cols_s] @ A
-                Hinvs[b] = Hinv - Hinv[:, cols_s] @ A
+                Wf[b].addmm_(Wf[b][:, cols_s], A, alpha=-1.0)  # W -= W[:, S] A
+                Hinv.addmm_(Hinv[:, cols_s], A, alpha=-1.0)  # Hinv -= Hinv[:, S] A (downdate)
             Wf[b][:, cols_s] = 0.0
         removed[chosen] = True
         done += k

@@ -129,7 +129,7 @@ def test_nm_end_to_end_writes_an_exact_plan(tiny, reference_24):
 
 def test_structured_zeroes_exactly_the_removed_heads_and_neurons(tiny, tmp_path):
     _, dense = tiny
-    plan = _run(tiny, small_config("structured:0.3", groups=2), tmp_path)
+    plan = _run(tiny, small_config("structured:0.3", groups=2, max_group_iters=64), tmp_path)
     model = _load(tmp_path)
     hd = plan.head_dim
     for b, block in zip(plan.blocks, model.transformer_blocks):
