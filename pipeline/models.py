@@ -169,8 +169,9 @@ def load_pipeline(spec: ModelSpec, *, drop_t5: bool = False, dtype=None, transfo
     import torch
 
     dtype = dtype or torch.float32
+    quiet_libraries()
     cls = getattr(diffusers, spec.pipeline_class)
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {"dtype": dtype}
     if drop_t5:
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
     if transformer is not None:
@@ -188,6 +189,18 @@ def load_pipeline(spec: ModelSpec, *, drop_t5: bool = False, dtype=None, transfo
         ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers/transformers progress bars and info chatter (our own logging reports progress)."""
+    import diffusers
+    import transformers
+
+    if log.getEffectiveLevel() > logging.DEBUG:
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def transformer_blocks(spec: ModelSpec, transformer) -> list:

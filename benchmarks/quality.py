@@ -1,0 +1,174 @@
+"""Quality of a pipeline, offline.
+
+For ``tiny-sd3``: every digit x several seeds is generated with the registry's steps and guidance, and the
+committed digit classifier (trained on a split the generator never saw) reads them:
+
+- ``prompt_accuracy``: share of images classified as the prompted digit;
+- ``frechet_distance``: Fréchet distance between the classifier's 64-d features of the generated images and
+  of the real held-out digits (an FID on a digits feature space: 0 is identical statistics);
+- ``n_images``, per-digit accuracy, and the classifier's own accuracy on the real held-out digits.
+
+For hub models the same command computes a CLIP score if CLIP weights are in the local Hugging Face cache,
+and says so when they are not.
+
+    python -m benchmarks.quality --model tiny-sd3 [--transformer DIR] [--no-t5] --json FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.classifier import load_classifier
+from benchmarks.digits import load_split, prompt_for, to_pixels
+from common.errors import UserError
+from common.io import write_json
+from pipeline.models import ModelSpec, load_pipeline, resolve_model
+from pipeline.sampling import sample
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEEDS = tuple(range(8))
+CLIP_SCORE_MODEL = "openai/clip-vit-large-patch14"
+EVAL_PROMPTS = Path(__file__).resolve().parents[1] / "prompts" / "eval.txt"
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets a (N, D) and b (M, D)."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise, as pytorch-fid does
+        eps = 1e-6 * np.eye(a.shape[1])
+        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+
+
+def images_to_classifier_input(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) in [0, 1] -> (N, 1, 32, 32) grayscale in [0, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).mean(1, keepdim=True)
+    if x.shape[-1] != 32:
+        x = torch.nn.functional.interpolate(x, size=(32, 32), mode="area")
+    return x
+
+
+def digit_metrics(images: np.ndarray, digits: np.ndarray, classifier=None) -> dict:
+    """Classifier-based metrics of generated digit images against the real held-out digits."""
+    classifier = classifier or load_classifier()
+    real8, real_labels = load_split("heldout")
+    with torch.no_grad():
+        x = images_to_classifier_input(images)
+        logits = classifier(x)
+        feats = classifier.features(x).numpy()
+        real = to_pixels(real8)
+        real_feats = classifier.features(real).numpy()
+        real_acc = (classifier(real).argmax(1) == real_labels).float().mean().item()
+    pred = logits.argmax(1).numpy()
+    correct = pred == digits
+    per_digit = {str(d): float(correct[digits == d].mean()) for d in range(10) if (digits == d).any()}
+    return {
+        "prompt_accuracy": float(correct.mean()),
+        "frechet_distance": frechet_distance(feats, real_feats),
+        "n_images": int(len(images)),
+        "per_digit_accuracy": per_digit,
+        "classifier_heldout_accuracy": real_acc,
+        "n_real_reference": int(len(real_labels)),
+    }
+
+
+def evaluate(pipe, spec: ModelSpec, seeds=DEFAULT_SEEDS, *, steps: int | None = None, guidance: float | None = None) -> dict:
+    """Generate the fixed evaluation set with ``pipe`` and score it (digits for tiny-sd3, CLIP otherwise)."""
+    t0 = time.perf_counter()
+    if spec.id == "tiny-sd3":
+        digits = np.array([d for s in seeds for d in range(10)])
+        seed_list = [s for s in seeds for _ in range(10)]
+        images = sample(pipe, spec, [prompt_for(int(d)) for d in digits], seed_list, steps=steps, guidance=guidance)
+        result = digit_metrics(images, digits)
+    else:
+        prompts = [p for p in EVAL_PROMPTS.read_text().splitlines() if p.strip()]
+        seed_list = [s for s in seeds for _ in prompts]
+        all_prompts = [p for _ in seeds for p in prompts]
+        images = sample(pipe, spec, all_prompts, seed_list, steps=steps, guidance=guidance, batch_size=4)
+        result = {"n_images": int(len(images)), **clip_score(images, all_prompts)}
+    result.update(
+        model=spec.id,
+        seeds=list(seeds),
+        steps=steps or spec.steps,
+        guidance=spec.guidance if guidance is None else guidance,
+        eval_seconds=round(time.perf_counter() - t0, 2),
+    )
+    return result
+
+
+def clip_score(images: np.ndarray, prompts: list[str]) -> dict:
+    """CLIP score (100 x cosine, clipped at 0) with locally cached CLIP weights, or a clear reason why not."""
+    try:
+        from transformers import CLIPModel, CLIPProcessor
+
+        model = CLIPModel.from_pretrained(CLIP_SCORE_MODEL, local_files_only=True).eval()
+        proc = CLIPProcessor.from_pretrained(CLIP_SCORE_MODEL, local_files_only=True)
+    except OSError:
+        msg = f"CLIP score unavailable: {CLIP_SCORE_MODEL} is not in the local Hugging Face cache"
+        log.warning(msg)
+        return {"clip_score": None, "clip_score_note": msg}
+    scores = []
+    with torch.no_grad():
+        for img, prompt in zip(images, prompts):
+            inputs = proc(text=[prompt], images=[(img * 255).astype(np.uint8)], return_tensors="pt", padding=True)
+            out = model(**inputs)
+            cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).item()
+            scores.append(max(100 * cos, 0.0))
+    return {"clip_score": float(np.mean(scores)), "clip_model": CLIP_SCORE_MODEL}
+
+
+def load_transformer(directory: str | Path):
+    """A transformer saved by a later stage: stage 1's diffusers directory or stage 2's compact checkpoint."""
+    directory = Path(directory)
+    if (directory / "compact.json").is_file():
+        from export.checkpoint import load_compact
+
+        return load_compact(directory)
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{directory} holds no transformer (no config.json or compact.json)")
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny-sd3", help="registry id or local diffusers directory")
+    ap.add_argument("--transformer", help="use this transformer (stage 1 or stage 2 output) instead of the model's")
+    ap.add_argument("--no-t5", action="store_true", help="drop the T5 encoder (text_encoder_3=None)")
+    ap.add_argument("--seeds", type=int, default=len(DEFAULT_SEEDS), help="seeds per prompt")
+    ap.add_argument("--steps", type=int, help="denoising steps (default: the registry's)")
+    ap.add_argument("--guidance", type=float, help="guidance scale (default: the registry's)")
+    ap.add_argument("--json", required=True, help="output JSON file")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        spec = resolve_model(args.model)
+        transformer = load_transformer(args.transformer) if args.transformer else None
+        pipe = load_pipeline(spec, drop_t5=args.no_t5, transformer=transformer)
+        result = evaluate(pipe, spec, tuple(range(args.seeds)), steps=args.steps, guidance=args.guidance)
+        result.update(transformer=args.transformer, t5=not args.no_t5)
+        write_json(args.json, result)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    keys = ("prompt_accuracy", "frechet_distance", "clip_score", "n_images")
+    print(" ".join(f"{k}={result[k]:.4g}" if isinstance(result.get(k), float) else f"{k}={result.get(k)}" for k in keys if k in result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

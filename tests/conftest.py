@@ -1,0 +1,42 @@
+import os
+
+import pytest
+
+# Model hubs are unreachable here: fail fast instead of waiting on connection retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA (and TensorRT for engine tests)")
+    skip_slow = pytest.mark.skip(reason="slow end-to-end run: set RUN_SLOW=1 to run it")
+    cuda = _has_cuda()
+    for item in items:
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not os.environ.get("RUN_SLOW"):
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    from pipeline.models import resolve_model
+
+    return resolve_model("tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_spec):
+    """The embedded tiny-sd3 pipeline, loaded once per test session (float32, offline)."""
+    from pipeline.models import load_pipeline
+
+    return load_pipeline(tiny_spec)
