@@ -46,3 +46,49 @@ def make_nm_sparse(model, n: int = 2, m: int = 4, prefix: str = "transformer_blo
                 groups.scatter_(-1, drop, 0.0)
                 names.append(name)
     return names
+
+
+# ---- cached exports shared by several test modules (one torch.onnx.export costs ~15 s here) ------------
+
+import functools  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+EXPORT_LATENT = (8, 8)
+EXPORT_TEXT = 6
+
+
+def _tmpdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="export-tests-"))
+
+
+@functools.lru_cache(maxsize=None)
+def exported_sparse_dense():
+    """(model, 2:4 layer names, onnx path): a dense-shaped tiny SD3 transformer with 2:4 block linears, fp32."""
+    from export.onnx_export import export_transformer
+
+    model = tiny_sd3_transformer(num_layers=2, seed=3)
+    layers = make_nm_sparse(model)
+    path = _tmpdir() / "transformer.onnx"
+    summary = export_transformer(model, path, latent_hw=EXPORT_LATENT, text_seq_len=EXPORT_TEXT, parity_batches=(1, 3))
+    return model, tuple(layers), path, summary
+
+
+@functools.lru_cache(maxsize=None)
+def exported_compact():
+    """(plan, masked, compact, onnx path, summary): SD3.5-style dual-attention tiny model at structured 0.3, fp32."""
+    from export.onnx_export import export_transformer
+
+    plan, masked, compact = masked_and_compact(ratio=0.3, num_layers=2, dual_attention_layers=(0,), qk_norm="rms_norm")
+    path = _tmpdir() / "transformer.onnx"
+    summary = export_transformer(compact, path, latent_hw=EXPORT_LATENT, text_seq_len=EXPORT_TEXT, parity_batches=(1, 3))
+    return plan, masked, compact, path, summary
+
+
+def write_stage1_dir(directory, masked, plan) -> Path:
+    """A stage-1 output directory as the shared interface defines it: plan.json + transformer/ (diffusers)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    plan.save(directory / "plan.json")
+    masked.save_pretrained(directory / "transformer")
+    return directory

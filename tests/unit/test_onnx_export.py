@@ -1,0 +1,112 @@
+"""ONNX export: ORT (CPU) parity with torch at batch 1 and 3, dynamic batch, constant GEMM weights."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+from export.onnx_export import (
+    FP32_TOLERANCE,
+    MAX_IR_VERSION,
+    OPSET,
+    check_parity,
+    export_clip,
+    export_t5,
+    export_vae_decoder,
+    linear_weight_layout,
+    missing_linear_weights,
+    ort_session,
+    transformer_inputs,
+)
+from tests.export_helpers import EXPORT_LATENT, EXPORT_TEXT, exported_compact, exported_sparse_dense, rel_err, run
+
+
+def _check_graph(path, model):
+    m = onnx.load(str(path))
+    assert m.ir_version <= MAX_IR_VERSION
+    assert next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= OPSET
+    for v in [*m.graph.input, *m.graph.output]:
+        assert v.type.tensor_type.shape.dim[0].dim_param == "batch", v.name
+    assert [v.name for v in m.graph.input] == ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"]
+    assert [v.name for v in m.graph.output] == ["sample"]
+    # every transformer-block linear is a MatMul/Gemm whose weight is a constant initializer ...
+    assert missing_linear_weights(m, model) == []
+    # ... and no Transpose sits between an initializer and a MatMul
+    inits = {t.name for t in m.graph.initializer}
+    producers = {o: n for n in m.graph.node for o in n.output}
+    for n in m.graph.node:
+        if n.op_type == "MatMul" and n.input[1] in producers:
+            p = producers[n.input[1]]
+            assert not (p.op_type == "Transpose" and p.input[0] in inits), n.name
+    return m
+
+
+@pytest.mark.parametrize("which", ["dense", "compact"])
+def test_transformer_parity_batch_1_and_3(which):
+    if which == "dense":
+        model, _, path, summary = exported_sparse_dense()
+    else:
+        plan, masked, model, path, summary = exported_compact()
+    par = summary["parity"]
+    assert par["ok"] and set(par["per_batch"]) == {"1", "3"}
+    assert par["max_rel_error"] <= FP32_TOLERANCE
+    _check_graph(path, model)
+    # independent re-check with fresh inputs (not the ones export_and_check drew)
+    sess = ort_session(path)
+    for batch in (1, 3):
+        inputs = transformer_inputs(model, batch, EXPORT_LATENT, EXPORT_TEXT, seed=100 + batch)
+        (got,) = sess.run(["sample"], {k: v.numpy() for k, v in inputs.items()})
+        ref = run(model, tuple(inputs.values()))
+        assert got.shape == tuple(ref.shape)
+        assert rel_err(got, ref) <= FP32_TOLERANCE
+
+
+def test_compact_onnx_matches_masked_model():
+    """End to end: ONNX of the compact model vs the stage-1 masked torch model."""
+    plan, masked, compact, path, _ = exported_compact()
+    layout = linear_weight_layout(onnx.load(str(path)))
+    kept = len(plan.blocks[0].keep_heads) * 16
+    assert layout["transformer_blocks.0.attn.to_q.weight"]["shape"][1 - layout["transformer_blocks.0.attn.to_q.weight"]["k_axis"]] == kept
+    inputs = transformer_inputs(masked, 3, EXPORT_LATENT, EXPORT_TEXT, seed=9)
+    (got,) = ort_session(path).run(["sample"], {k: v.numpy() for k, v in inputs.items()})
+    assert rel_err(got, run(masked, tuple(inputs.values()))) <= FP32_TOLERANCE
+
+
+def test_parity_check_detects_a_wrong_model():
+    """The parity check is not vacuous: a different reference fails it."""
+    model, _, path, _ = exported_sparse_dense()
+    perturbed = lambda inp: [run(model, tuple(inp.values())) * 1.001]  # noqa: E731
+    par = check_parity(path, perturbed, lambda b: transformer_inputs(model, b, EXPORT_LATENT, EXPORT_TEXT, seed=b), ["sample"])
+    assert not par.ok and par.max_error > FP32_TOLERANCE
+
+
+def test_text_encoders_and_vae_decoder(tmp_path):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    clip = CLIPTextModelWithProjection(
+        CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       projection_dim=24, max_position_embeddings=10, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    ).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4, layers_per_block=1,
+    ).eval()
+    results = {
+        "text_encoder": export_clip(clip, tmp_path / "text_encoder.onnx", seq_len=10),
+        "text_encoder_3": export_t5(t5, tmp_path / "text_encoder_3.onnx", seq_len=10),
+        "vae_decoder": export_vae_decoder(vae, tmp_path / "vae_decoder.onnx", latent_hw=(8, 8)),
+    }
+    for name, res in results.items():
+        assert res["parity"]["ok"], (name, res["parity"])
+        assert set(res["parity"]["per_batch"]) == {"1", "3"}
+        for spec in [*res["inputs"].values(), *res["outputs"].values()]:
+            assert spec["shape"][0] == "batch"
+    assert list(results["text_encoder"]["outputs"]) == ["text_embeds", "penultimate_hidden_states"]
+    assert results["text_encoder"]["outputs"]["penultimate_hidden_states"]["shape"] == ["batch", 10, 32]
+    assert results["text_encoder"]["inputs"]["input_ids"]["dtype"] == "int64"
+    assert list(results["text_encoder_3"]["outputs"]) == ["last_hidden_state"]
+    assert results["vae_decoder"]["outputs"]["sample"]["shape"] == ["batch", 3, 16, 16]
