@@ -1,0 +1,80 @@
+"""`python -m pipeline export` on a stage-1 directory: surgery, checkpoint, fp16 ONNX, reuse, user errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import onnx
+import pytest
+
+from export.checkpoint import load_compact
+from export.onnx_export import FP16_TOLERANCE
+from export.surgery import structured_plan
+from pipeline.__main__ import main
+from tests.export_helpers import masked_and_compact, write_stage1_dir
+from tests.factories import tiny_sd3_transformer
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    # tiny-sd3's registry shapes (latent 8x8, 20 text tokens) fit this factory model (sample_size 8)
+    plan, masked, _ = masked_and_compact(ratio=0.3, num_layers=2)
+    return write_stage1_dir(tmp_path_factory.mktemp("pruned"), masked, plan), plan
+
+
+def test_export_fp16_then_reuse(stage1, tmp_path, caplog):
+    pruned, plan = stage1
+    out = tmp_path / "out"
+    argv = ["export", "--model", "tiny-sd3", "--pruned", str(pruned), "--out", str(out), "--components", "transformer", "--precision", "fp16"]
+    assert main(argv) == 0
+    report = json.loads((out / "export_report.json").read_text())
+    tr = report["transformer"]
+    assert report["surgery"]["max_rel_error"] <= 1e-5
+    assert tr["params_compact"]["total"] < tr["params_dense"]["total"]
+    assert tr["gemm_flops_per_step"] == tr["gemm_flops_per_step_onnx"] < tr["gemm_flops_per_step_dense"]
+    comp = report["components"]["transformer"]
+    assert comp["precision"] == "fp16" and comp["parity"]["ok"] and comp["parity"]["tolerance"] == FP16_TOLERANCE
+    assert set(comp["parity"]["per_batch"]) == {"1", "3"}
+    assert comp["inputs"]["hidden_states"]["dtype"] == "float16" and comp["inputs"]["timestep"]["dtype"] == "float32"
+    assert comp["outputs"]["sample"]["dtype"] == "float16"
+    m = onnx.load(str(out / "onnx" / "transformer.onnx"))
+    producers = {o: n for n in m.graph.node for o in n.output}
+    lns = [n for n in m.graph.node if n.op_type == "LayerNormalization"]
+    assert lns and all(producers[n.input[0]].op_type == "Cast" for n in lns)  # layer norms run in fp32
+    model, loaded_plan = load_compact(out / "compact")
+    assert model.transformer_blocks[1].attn.heads == len(plan.blocks[1].keep_heads)
+    assert loaded_plan.sparsity == plan.sparsity
+
+    stamp = (out / "export_report.json").stat().st_mtime_ns
+    caplog.set_level(logging.INFO, logger="pipeline.export")
+    assert main(argv) == 0
+    assert "reusing the existing export" in caplog.text
+    assert (out / "export_report.json").stat().st_mtime_ns == stamp
+
+
+def test_user_errors_are_one_line(stage1, tmp_path, capsys):
+    pruned, plan = stage1
+
+    def fails(argv, match):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and match in err, err
+
+    base = ["export", "--model", "tiny-sd3", "--out", str(tmp_path / "o"), "--components", "transformer"]
+    fails([*base, "--pruned", str(tmp_path / "nowhere")], "plan.json")
+    fails([*base, "--pruned", str(pruned), "--components", "transformer,unet"], "unknown component")
+    # a plan for another model
+    other = write_stage1_dir(tmp_path / "other", tiny_sd3_transformer(num_layers=3), plan)
+    fails([*base, "--pruned", str(other)], "blocks")
+    # weights that were not masked the way the plan says
+    dense = tiny_sd3_transformer(num_layers=2)
+    unmasked = write_stage1_dir(tmp_path / "unmasked", dense, structured_plan(dense, 0.3))
+    fails([*base, "--pruned", str(unmasked)], "does not match its plan")
+    # an unfinished stage-1 run
+    partial = write_stage1_dir(tmp_path / "partial", dense, structured_plan(dense, 0.3))
+    d = json.loads((partial / "plan.json").read_text())
+    d["packages"], d["done_packages"] = [["transformer_blocks.0.attn.to_q"]], 0
+    (partial / "plan.json").write_text(json.dumps(d))
+    fails([*base, "--pruned", str(partial)], "partial")
+    assert not (tmp_path / "o" / "export_report.json").exists()
