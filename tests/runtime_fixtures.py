@@ -73,16 +73,33 @@ def _pruned_export() -> tuple[Path, torch.nn.Module, tuple[str, ...]]:
     onnx_dir = workdir() / "pruned" / "onnx"
     sh = spec.shapes
     ox.export_transformer(transformer, onnx_dir / "transformer.onnx", latent_hw=(sh.latent_height, sh.latent_width), text_seq_len=sh.text_seq_len, parity_batches=())
-    ox.export_clip(pipe.text_encoder, onnx_dir / "text_encoder.onnx", seq_len=pipe.tokenizer.model_max_length, parity_batches=())
-    ox.export_vae_decoder(pipe.vae, onnx_dir / "vae_decoder.onnx", latent_hw=(sh.latent_height, sh.latent_width), parity_batches=())
     return onnx_dir, transformer, tuple(f"transformer_blocks.{n}" for n in pruned)
 
 
 def pruned_export() -> tuple[Path, torch.nn.Module, tuple[str, ...]]:
-    """``(onnx_dir, pruned torch transformer, pruned layer names)``: tiny-sd3 with its transformer blocks
-    2:4-pruned, exported float32 (transformer, text_encoder, vae_decoder; T5 and CLIP-2 stay PyTorch)."""
+    """``(onnx_dir, pruned torch transformer, pruned layer names)``: tiny-sd3's transformer with its blocks
+    2:4-pruned, exported float32 to ``onnx_dir/transformer.onnx``."""
     tiny_sd3()
     return _pruned_export()
+
+
+@lru_cache(maxsize=1)
+def _components() -> Path:
+    from export import onnx_export as ox
+
+    spec, pipe = tiny_sd3()
+    onnx_dir, _, _ = pruned_export()
+    sh = spec.shapes
+    ox.export_clip(pipe.text_encoder, onnx_dir / "text_encoder.onnx", seq_len=pipe.tokenizer.model_max_length, parity_batches=())
+    ox.export_vae_decoder(pipe.vae, onnx_dir / "vae_decoder.onnx", latent_hw=(sh.latent_height, sh.latent_width), parity_batches=())
+    return onnx_dir
+
+
+def component_exports() -> Path:
+    """:func:`pruned_export`'s directory, plus ``text_encoder.onnx`` and ``vae_decoder.onnx`` of tiny-sd3
+    (T5 and the second CLIP stay PyTorch in the tests, to keep export time down)."""
+    tiny_sd3()
+    return _components()
 
 
 @lru_cache(maxsize=1)

@@ -42,14 +42,11 @@ def test_rtx_engine_from_pruned_tiny_sd3_transformer():
 
 
 def test_dense_onnx_has_no_nm_weights_and_dense_build_has_no_sparse_flag(tmp_path):
-    from export import onnx_export as ox
     from runtime.tensorrt import BuildOptions, build_engine, onnx_nm_weights
-    from tests.factories import tiny_sd3_transformer
 
-    path = tmp_path / "transformer.onnx"
-    ox.export_transformer(tiny_sd3_transformer(num_layers=1), path, latent_hw=(8, 8), text_seq_len=6, parity_batches=())
+    path = fx.component_exports() / "text_encoder.onnx"  # a dense CLIP text encoder
     nm = onnx_nm_weights(path)
-    assert nm["checked"] > 0 and nm["eligible"] == []  # random weights are not 2:4
+    assert nm["checked"] > 0 and nm["eligible"] == []  # trained/random weights are not 2:4
     plan = build_engine(path, tmp_path / "eng", BuildOptions(sparsity="dense", opt_level=0, target_cc=("8.6",)), backend="trtrtx")
     m = json.loads(plan.with_suffix(".json").read_text())
     assert m["builder"]["sparse_weights"] is False and m["builder"]["opt_level"] == 0
@@ -59,14 +56,15 @@ def test_dense_onnx_has_no_nm_weights_and_dense_build_has_no_sparse_flag(tmp_pat
 def test_build_engines_reuses_current_engine_and_rebuilds_on_option_change(tmp_path):
     from runtime.tensorrt import BuildOptions, build_engines
 
-    onnx_dir, _, _ = fx.pruned_export()
     src = tmp_path / "onnx"
     src.mkdir()
-    (src / "transformer.onnx").symlink_to(onnx_dir / "transformer.onnx")
+    (src / "text_encoder.onnx").symlink_to(fx.component_exports() / "text_encoder.onnx")
     opts = BuildOptions(sparsity="2:4", opt_level=1)
-    plan = build_engines(src, tmp_path / "engines", opts, backend="trtrtx")["transformer"]
+    plan = build_engines(src, tmp_path / "engines", opts, backend="trtrtx")["text_encoder"]
     stamp = plan.stat().st_mtime_ns
-    assert build_engines(src, tmp_path / "engines", opts, backend="trtrtx")["transformer"].stat().st_mtime_ns == stamp
+    assert build_engines(src, tmp_path / "engines", opts, backend="trtrtx")["text_encoder"].stat().st_mtime_ns == stamp
+    # Components other than the transformer are never built with sparse weights.
+    assert json.loads(plan.with_suffix(".json").read_text())["builder"]["sparse_weights"] is False
     opts.opt_level = 2
     build_engines(src, tmp_path / "engines", opts, backend="trtrtx")
     assert json.loads(plan.with_suffix(".json").read_text())["builder"]["opt_level"] == 2
@@ -107,15 +105,14 @@ def test_bad_target_cc_and_backend_are_one_line_errors(tmp_path):
 def test_cli_build_prints_engine_dir_and_writes_triton_repo(tmp_path, capsys):
     from pipeline.__main__ import main
 
-    onnx_dir, _, _ = fx.pruned_export()
     src = tmp_path / "export" / "onnx"
     src.mkdir(parents=True)
-    (src / "transformer.onnx").symlink_to(onnx_dir / "transformer.onnx")
+    (src / "text_encoder.onnx").symlink_to(fx.component_exports() / "text_encoder.onnx")
     rc = main(["build", "--onnx-dir", str(src), "--sparsity", "2:4", "--opt-level", "0", "--triton", str(tmp_path / "triton")])
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and out[-1] == str(tmp_path / "export" / "engines")
-    assert list((tmp_path / "export" / "engines" / "transformer").glob("engine_trtrtx*.plan"))
-    assert (tmp_path / "triton" / "transformer" / "config.pbtxt").is_file()
+    assert list((tmp_path / "export" / "engines" / "text_encoder").glob("engine_trtrtx*.plan"))
+    assert (tmp_path / "triton" / "text_encoder" / "config.pbtxt").is_file()
     assert main(["build", "--onnx-dir", str(src), "--sparsity", "3:4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.match(r"error: unknown sparsity pattern '3:4'", err[0])
