@@ -496,8 +496,7 @@ def prune(
         collector = None
         if config.needs_hessian:
             collector = HessianCollector({n: modules[n] for n in names}, share=_share_groups(names))
-            shard = ctx.shard(list(enumerate(prompts)))
-            shard = [pair for _, pair in shard]
+            shard = ctx.shard(prompts)  # (global index, prompt): the index seeds the noise
             calib = config.calibration
             steps_bar = tqdm(total=math.ceil(len(shard) / calib.batch_size) * calib.steps, desc=f"calibrate {k + 1}/{len(packages)}", unit="step", leave=False, disable=not show)
             with torch.no_grad():
@@ -536,8 +535,6 @@ def prune(
     pkg_bar.close()
 
     if ctx.is_main:
-        if existing is None and not packages:
-            plan.save(out_dir / "plan.json")
         _remove_offload_hooks(pipe)
         with atomic_path(out_dir / "transformer") as tmp:
             transformer.save_pretrained(str(tmp))

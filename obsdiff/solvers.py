@@ -124,35 +124,37 @@ def obs_prune(
         blocksize = max(m, (blocksize // m) * m)
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=Wf.device)
 
+    # Blocks are processed transposed, (count, rows): column i of W is then a contiguous row, which makes
+    # the per-column rank-1 OBS updates cache-friendly on CPU (and no slower on GPU).
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = Wf[:, i1:i2].clone()  # (rows, count)
+        W1 = Wf[:, i1:i2].T.contiguous()  # (count, rows)
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]  # (count, count)
-        d1 = torch.diagonal(U1)  # (count,)
-        mask1 = torch.zeros(rows, count, dtype=torch.bool, device=Wf.device)  # True = pruned
+        d1 = torch.diagonal(U1).reshape(-1, 1)  # (count, 1)
+        mask1 = torch.zeros(count, rows, dtype=torch.bool, device=Wf.device)  # True = pruned
         if not nm:
             k = _split_count(rows * cols, sparsity.ratio, rows * i1, rows * i2)
             if k > 0:
-                score = (W1**2 / d1.reshape(1, -1) ** 2).flatten()
+                score = (W1**2 / d1**2).flatten()
                 mask1.view(-1)[torch.topk(score, k, largest=False).indices] = True
         for i in range(count):
-            w = W1[:, i]  # (rows,)
+            w = W1[i]  # (rows,)
             if nm and i % m == 0:
-                score = W1[:, i : i + m] ** 2 / d1[i : i + m].reshape(1, -1) ** 2  # (rows, m)
-                mask1.scatter_(1, i + torch.topk(score, n_drop, dim=1, largest=False).indices, True)
-            q = w.masked_fill(mask1[:, i], 0.0)
-            Q1[:, i] = q
+                score = W1[i : i + m] ** 2 / d1[i : i + m] ** 2  # (m, rows)
+                mask1.scatter_(0, i + torch.topk(score, n_drop, dim=0, largest=False).indices, True)
+            q = w.masked_fill(mask1[i], 0.0)
+            Q1[i] = q
             if compensate:
                 err = (w - q) / U1[i, i]  # (rows,)
-                W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-                Err1[:, i] = err
-        Wf[:, i1:i2] = Q1
-        pruned[:, i1:i2] = mask1
+                W1[i:].addr_(U1[i, i:], err, alpha=-1.0)  # OBS update of the block's later columns
+                Err1[i] = err
+        Wf[:, i1:i2] = Q1.T
+        pruned[:, i1:i2] = mask1.T
         if compensate and i2 < cols:
-            Wf[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            Wf[:, i2:].addmm_(Err1.T, U[i1:i2, i2:], alpha=-1.0)  # lazy update of the later blocks
     Wf[pruned] = 0.0
     return Wf.to(out_dtype), ~pruned
 

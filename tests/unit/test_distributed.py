@@ -28,7 +28,7 @@ def _probe_hessians(pipe, ctx, prompts, config):
     modules = dict(pipe.transformer.named_modules())
     collector = HessianCollector({n: modules[n] for n in PROBE})
     with torch.no_grad():
-        run_calibration(pipe, collector, [pair for _, pair in ctx.shard(list(enumerate(prompts)))], config.calibration)
+        run_calibration(pipe, collector, ctx.shard(prompts), config.calibration)
     collector.ensure_all(ctx.device)
     ctx.all_reduce_sum(collector.tensors())
     return {n: collector.hessian(n) for n in PROBE}
