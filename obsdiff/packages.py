@@ -472,6 +472,8 @@ def prune(
     existing = check_existing(out_dir, model_id, config, prompts)
     if is_complete(out_dir, existing):
         log.info("%s is complete with the same settings; nothing to do", out_dir)
+        if ctx.is_main:  # killed between the final save and the clean-up
+            shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
         return existing
 
     structured = config.sparsity.kind == "structured"
