@@ -174,7 +174,7 @@ class CalibrationConfig:
     guidance: float = 7.0
     height: int = 1024
     width: int = 1024
-    batch_size: int = 1
+    batch_size: int = 8
     seed: int = 0
     weighting: str = "log"
     w_max: float = 1.2
