@@ -212,12 +212,7 @@ def run_e2e(
     ``latency_ms`` {median, p90, mean, min, n}, ``stages_ms``, ``transformer_step_ms``, ``images_per_s``,
     ``peak_memory_mib``, ``size_mib``, ``backend``, ``quality``; and ``speedup`` (dense / pruned median).
     """
-    from tqdm import tqdm
-
-    from benchmarks.report import image_grid, write_reports
     from obsdiff.patterns import Sparsity, parse_sparsity
-    from pipeline.models import load_pipeline
-    from runtime.pipeline_runner import StageTimer, generate
 
     if runs < 1 or warmup < 0:
         raise UserError(f"runs must be >= 1 and warmup >= 0 (got runs={runs}, warmup={warmup})")
@@ -232,8 +227,25 @@ def run_e2e(
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = steps or spec.steps
     prompt = prompt or _default_prompts(spec)[0]
+    threads_before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
+    try:
+        return _run(spec, dense_export_dir, pruned_export_dir, out_dir, runs=runs, warmup=warmup, backend=backend, provider=provider,
+                    engines=engines, sparsity=sparsity, eager=eager, quality=quality, quality_seeds=quality_seeds, prompt=prompt,
+                    seed=seed, steps=steps, grid_prompts=grid_prompts, base_pipe=base_pipe, cuda=cuda, device=device)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warmup, backend, provider, engines, sparsity, eager, quality,
+         quality_seeds, prompt, seed, steps, grid_prompts, base_pipe, cuda, device) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from benchmarks.report import image_grid, write_reports
+    from pipeline.models import load_pipeline
+    from runtime.pipeline_runner import StageTimer, generate
+
     threads = torch.get_num_threads()
 
     base = base_pipe if base_pipe is not None else load_pipeline(spec)
