@@ -112,7 +112,9 @@ def _torch_bytes(module) -> int:
 def _runner_variant(name: str, spec, base_pipe, *, backend: str, onnx_dir: Path, engine_dir: Path | None, provider: str, threads: int) -> Variant:
     from runtime.pipeline_runner import runner_pipeline
 
-    pipe = runner_pipeline(spec, backend=backend, onnx_dir=onnx_dir, engine_dir=engine_dir, provider=provider, base_pipe=base_pipe, threads=threads)
+    # Engines are checked against the ONNX their manifest records (the fp16 export), not the fp32 one timed by ORT.
+    pipe = runner_pipeline(spec, backend=backend, onnx_dir=onnx_dir if backend == "ort" else None, engine_dir=engine_dir, provider=provider,
+                           base_pipe=base_pipe, threads=threads)
     sizes = {c: int(getattr(r, "size_bytes", 0)) for c, r in pipe.runners.items()}
     # Components left in PyTorch count at their parameter size.
     for attr in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
