@@ -529,9 +529,20 @@ class TrtEngine:
     ``TrtEngine(plan, onnx_path=None)`` runs :func:`runtime.manifest.check_engine` (backend and version,
     GPU, plan sha256, source ONNX) first; it then hashes the bytes it read and deserialises them only if
     they still match. Call with ``{input name: tensor}``; returns ``{output name: tensor}`` on the GPU.
+
+    runtime_cache (TensorRT-RTX only): file of JIT-compiled kernels, loaded if present and compatible
+    (TensorRT-RTX validates GPU, versions and driver itself) and written by :meth:`save_runtime_cache`;
+    ``"auto"`` = ``runtime.cache`` next to the plan, ``None`` = no cache.
     """
 
-    def __init__(self, plan: str | os.PathLike, *, onnx_path: str | os.PathLike | None = None, gpu: GpuInfo | None = None):
+    def __init__(
+        self,
+        plan: str | os.PathLike,
+        *,
+        onnx_path: str | os.PathLike | None = None,
+        gpu: GpuInfo | None = None,
+        runtime_cache: str | os.PathLike | None = "auto",
+    ):
         import hashlib
 
         import torch
@@ -557,7 +568,17 @@ class TrtEngine:
         self.engine = self._runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise UserError(f"{be.name} could not deserialise {plan}; rebuild it with `python -m pipeline build`")
-        self.context = self.engine.create_execution_context()
+        self._cache, self.runtime_cache_path = None, None
+        if be.is_rtx and runtime_cache is not None:
+            self.runtime_cache_path = plan.parent / "runtime.cache" if runtime_cache == "auto" else Path(runtime_cache)
+            rc = self.engine.create_runtime_config()
+            self._cache = rc.create_runtime_cache()
+            if self.runtime_cache_path.is_file() and not self._cache.deserialize(self.runtime_cache_path.read_bytes()):
+                log.info("runtime cache %s is from another GPU/driver/version; kernels will be recompiled", self.runtime_cache_path)
+            rc.set_runtime_cache(self._cache)
+            self.context = self.engine.create_execution_context(runtime_config=rc)
+        else:
+            self.context = self.engine.create_execution_context()
         self.inputs, self.outputs = [], []
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
@@ -587,6 +608,14 @@ class TrtEngine:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"{self.backend.name} enqueue failed: {self._logger.text()[-1:]}")
         return outs
+
+    def save_runtime_cache(self) -> Path | None:
+        """Write TensorRT-RTX's JIT kernel cache (atomically) so the next load skips compilation."""
+        if self._cache is None or self.runtime_cache_path is None:
+            return None
+        with atomic_path(self.runtime_cache_path) as tmp:
+            tmp.write_bytes(memoryview(self._cache.serialize()))
+        return self.runtime_cache_path
 
     @property
     def size_bytes(self) -> int:
