@@ -278,6 +278,11 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
             if calls.get("transformer") not in (None, steps):
                 log.debug("%s: %s transformer calls for %s steps", v.name, calls.get("transformer"), steps)
 
+    for v in variants:  # TensorRT-RTX: keep the JIT-compiled kernels for the next run
+        for r in getattr(v.pipe, "runners", {}).values():
+            if hasattr(r, "save_runtime_cache"):
+                r.save_runtime_cache()
+
     result: dict[str, Any] = {
         "model": spec.id,
         "sparsity": str(sparsity) if sparsity is not None else None,
