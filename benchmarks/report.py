@@ -86,7 +86,7 @@ def plot(bench: dict[str, Any], path: str | os.PathLike) -> Path:
     from common.io import atomic_path
 
     names = variants_of(bench)
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.6, 3.6), dpi=120)
     bottom = [0.0] * len(names)
     for stage, label in STAGE_LABELS.items():
         vals = [bench[v].get("stages_ms", {}).get(stage, {}).get("median", 0.0) or 0.0 for v in names]
@@ -99,7 +99,7 @@ def plot(bench: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.set_ylabel("ms per image")
     title = f"{bench.get('model', '')} {bench.get('sparsity', '')}: speedup {bench.get('speedup', float('nan')):.2f}x"
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
