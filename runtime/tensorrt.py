@@ -586,17 +586,35 @@ class TrtEngine:
         self.dtypes = {n: getattr(torch, _TORCH_DTYPES[self.engine.get_tensor_dtype(n).name]) for n in self.inputs + self.outputs}
         self.device = torch.device("cuda", torch.cuda.current_device())
 
+    @property
+    def max_batch(self) -> int:
+        """Largest batch of the optimisation profile (every input's dim 0 max)."""
+        prof = (self.manifest.get("profiles") or [{}])[0]
+        return min((shapes[2][0] for shapes in prof.values() if shapes and shapes[2]), default=1 << 30)
+
     def __call__(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Run the engine; a batch above the profile's max runs in chunks (outputs concatenated on dim 0)."""
         import torch
 
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
             raise UserError(f"engine inputs missing: {', '.join(missing)}")
+        batch = int(torch.as_tensor(feeds[self.inputs[0]]).shape[0])
+        step = self.max_batch
+        if batch <= step:
+            return self._run(feeds)
+        parts = [self._run({n: feeds[n][i : i + step] for n in self.inputs}) for i in range(0, batch, step)]
+        return {n: torch.cat([p[n] for p in parts]) for n in self.outputs}
+
+    def _run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
         keep = []  # keep converted inputs alive until the enqueue has completed
         for name in self.inputs:
             t = torch.as_tensor(feeds[name]).to(self.device, self.dtypes[name]).contiguous()
             keep.append(t)
-            self.context.set_input_shape(name, tuple(t.shape))
+            if self.context.set_input_shape(name, tuple(t.shape)) is False:
+                raise UserError(f"input {name} shape {tuple(t.shape)} is outside the engine's profile {self.manifest['profiles'][0].get(name)}; rebuild with a wider range")
             self.context.set_tensor_address(name, t.data_ptr())
         outs = {}
         for name in self.outputs:
