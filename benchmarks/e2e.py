@@ -52,6 +52,7 @@ class Variant:
     total_bytes: int
     records: list[dict[str, float]] = field(default_factory=list)
     peak_mib: float = 0.0
+    peak_delta_mib: float = 0.0
 
 
 class MemorySampler:
@@ -79,7 +80,7 @@ class MemorySampler:
             self.peak = max(self.peak, self._now())
 
     def __enter__(self):
-        self.peak = self._now()
+        self.peak = self.start = self._now()
         self._stop.clear()
         self._t = threading.Thread(target=self._loop, daemon=True)
         self._t.start()
@@ -275,6 +276,7 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
             if it >= warmup:
                 v.records.append(ms)
                 v.peak_mib = max(v.peak_mib, mem.peak)
+                v.peak_delta_mib = max(v.peak_delta_mib, mem.peak - mem.start)
             if calls.get("transformer") not in (None, steps):
                 log.debug("%s: %s transformer calls for %s steps", v.name, calls.get("transformer"), steps)
 
@@ -303,6 +305,7 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
             "transformer_step_ms": stages["transformer"]["median"] / steps,
             "images_per_s": 1000.0 / med["median"] if med["median"] > 0 else None,
             "peak_memory_mib": round(v.peak_mib, 1),
+            "peak_memory_delta_mib": round(v.peak_delta_mib, 1),  # growth during its own runs (activations, workspaces)
             "memory_kind": "cuda device memory in use (all variants loaded)" if cuda else "process RSS (all variants loaded)",
             "size_mib": {"transformer": round(v.transformer_bytes / 2**20, 3), "total": round(v.total_bytes / 2**20, 3)},
             "quality": None,
