@@ -82,11 +82,17 @@ def sd3_medium_width_case(blocks: int, latent: int, text: int, batch: int) -> tu
     return model.eval(), {"source": f"random SD3-medium width, {blocks} blocks", "latent_hw": (latent, latent), "text_seq_len": text, "batch": batch}
 
 
-def time_interleaved(sessions: dict[str, Any], feeds: dict[str, dict], runs: int, warmup: int) -> dict[str, list[float]]:
-    """Run each session ``warmup`` times, then ``runs`` rounds alternating the order; seconds per run."""
+def time_interleaved(sessions: dict[str, Any], feeds: dict[str, dict], runs: int, warmup: int, min_time: float = 0.0) -> dict[str, list[float]]:
+    """Run each session ``warmup`` times, then rounds alternating the order; seconds per run.
+
+    Rounds: at least ``runs``, more for fast models so the timed rounds take about ``min_time`` seconds.
+    """
+    t0 = time.perf_counter()
     for name, sess in sessions.items():
         for _ in range(warmup):
             sess.run(None, feeds[name])
+    per_round = (time.perf_counter() - t0) / max(warmup, 1)
+    runs = max(runs, int(min_time / max(per_round, 1e-6)))
     times: dict[str, list[float]] = {n: [] for n in sessions}
     order = list(sessions)
     for r in tqdm(range(runs), desc="timing", unit="round", leave=False, disable=None):
@@ -97,7 +103,9 @@ def time_interleaved(sessions: dict[str, Any], feeds: dict[str, dict], runs: int
     return times
 
 
-def bench_case(name: str, model, info: dict[str, Any], ratio: float, runs: int, warmup: int, workdir: Path, threads: int | None) -> dict[str, Any]:
+def bench_case(
+    name: str, model, info: dict[str, Any], ratio: float, runs: int, warmup: int, workdir: Path, threads: int | None, min_time: float = 0.0
+) -> dict[str, Any]:
     plan = structured_plan(model, ratio, model_id=name)
     compact = apply_plan(copy.deepcopy(model), plan)
     latent_hw, text, batch = info["latent_hw"], info["text_seq_len"], info["batch"]
@@ -112,10 +120,10 @@ def bench_case(name: str, model, info: dict[str, Any], ratio: float, runs: int, 
         result[vname] = {"params": count_parameters(m)["total"], "gemm_flops": flops["gemm"], "total_flops": flops["total"], "onnx_bytes": onnx_size(path)}
         sessions[vname] = ort_session(path, threads=threads)
         feeds[vname] = {k: v.numpy() for k, v in transformer_inputs(m, batch, latent_hw, text, seed=1).items()}
-    times = time_interleaved(sessions, feeds, runs, warmup)
+    times = time_interleaved(sessions, feeds, runs, warmup, min_time)
     for vname, ts in times.items():
         q1, med, q3 = np.percentile(ts, [25, 50, 75])
-        result[vname].update({"latency_ms_median": 1e3 * med, "latency_ms_iqr": [1e3 * q1, 1e3 * q3], "latency_ms_min": 1e3 * min(ts), "runs": len(ts)})
+        result[vname].update({"latency_ms_median": 1e3 * med, "latency_ms_iqr": [1e3 * q1, 1e3 * q3], "latency_ms_min": 1e3 * min(ts), "rounds": len(ts)})
     # per-round ratios (same round = same machine load) and their median
     round_ratios = [c / d for c, d in zip(times["compact"], times["dense"])]
     lat_ratio = statistics.median(round_ratios)
@@ -140,7 +148,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         f"Machine: {report['machine']['processor']} ({report['machine']['cpus']} CPUs, ORT threads {report['machine']['ort_threads']}); "
         f"onnxruntime {report['versions']['onnxruntime']}, torch {report['versions']['torch']}. "
-        f"Median of {report['runs']} interleaved runs after {report['warmup']} warm-up runs; ratio = median of per-round compact/dense.",
+        f"Median of >= {report['runs']} interleaved rounds (more for fast cases, ~{report['min_time']:g} s of timing) after "
+        f"{report['warmup']} warm-up runs; latency ratio = median over rounds of compact/dense in the same round.",
         "",
         "| case | shapes (B, latent, text) | variant | params | GEMM FLOPs / call | ONNX size | latency median (IQR) ms |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -165,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratio", type=float, default=0.3, help="structured ratio of heads/neurons removed (default 0.3)")
     ap.add_argument("--runs", type=int, default=10, help="timed rounds per case (default 10)")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--min-time", type=float, default=20.0, help="fast cases get more rounds, about this many seconds of timing (default 20)")
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
     ap.add_argument("--cases", default="tiny-sd3,sd3-medium-width")
     ap.add_argument("--sd3-blocks", type=int, default=3, help="blocks of the SD3-medium-width model (the last is context_pre_only)")
@@ -186,12 +196,13 @@ def main(argv: list[str] | None = None) -> int:
                 model, info = sd3_medium_width_case(args.sd3_blocks, args.sd3_latent, args.sd3_text, args.sd3_batch)
             else:
                 raise SystemExit(f"unknown case {case!r}; choose from tiny-sd3, sd3-medium-width")
-            results.append(bench_case(case, model, info, args.ratio, args.runs, args.warmup, Path(tmp), args.threads))
+            results.append(bench_case(case, model, info, args.ratio, args.runs, args.warmup, Path(tmp), args.threads, args.min_time))
             del model
     report = {
         "benchmark": "export_latency",
         "runs": args.runs,
         "warmup": args.warmup,
+        "min_time": args.min_time,
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "ort_threads": args.threads or "default"},
         "versions": {p: metadata.version(p) for p in ("torch", "diffusers", "onnx", "onnxruntime")} | {"ort_build": ort.get_device()},
         "cases": results,

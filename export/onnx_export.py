@@ -194,6 +194,7 @@ def export_module(
         program.save(str(raw), external_data=True)
         del program
         model = onnx.load(str(raw), load_external_data=True)
+    fold_weight_transposes(model)
     name_weights_after_torch(model)
     model = cleanup(model)
     if fp32_layernorm:
@@ -203,6 +204,34 @@ def export_module(
     save_onnx(model, path)
     log.info("exported %s in %.1f s (%s)", path.name, time.perf_counter() - t0, _human(onnx_size(path)))
     return path
+
+
+def fold_weight_transposes(model) -> int:
+    """Replace ``MatMul(X, Transpose(W_init))`` by ``MatMul(X, W_init^T)`` with a new initializer (in place).
+
+    torch.onnx's optimizer normally does this already; this guarantees TensorRT sees a constant weight
+    directly on the GEMM (a Transpose in between hides it from sparse-weight tactics). Returns the count.
+    """
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    folded = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in producers:
+            continue
+        tr = producers[node.input[1]]
+        if tr.op_type != "Transpose" or tr.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in tr.attribute if a.name == "perm"), None)
+        w = numpy_helper.to_array(inits[tr.input[0]])
+        if w.ndim != 2 or perm not in (None, [1, 0]):
+            continue
+        new = numpy_helper.from_array(np.ascontiguousarray(w.T), f"{tr.input[0]}__kn{folded}")
+        model.graph.initializer.append(new)
+        node.input[1] = new.name
+        folded += 1
+    return folded  # the orphaned Transpose and initializer are removed by cleanup()
 
 
 def name_weights_after_torch(model) -> dict[str, str]:
@@ -263,7 +292,11 @@ def cleanup(model):
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(model)
-    graph.fold_constants(fold_shapes=True, partitioning=None, error_ok=True).cleanup(remove_unused_graph_inputs=False).toposort()
+    if initializer_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        # graphsurgeon folds through an in-memory ONNX Runtime session, which protobuf limits to 2 GB; bigger
+        # models rely on the folding torch.onnx's optimizer already did (it also folds weight transposes).
+        graph.fold_constants(fold_shapes=True, partitioning=None, error_ok=True)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
     out = gs.export_onnx(graph, do_type_check=False)
     out.ir_version = model.ir_version
     out.producer_name, out.producer_version = model.producer_name, model.producer_version

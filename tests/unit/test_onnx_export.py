@@ -110,3 +110,26 @@ def test_text_encoders_and_vae_decoder(tmp_path):
     assert results["text_encoder"]["inputs"]["input_ids"]["dtype"] == "int64"
     assert list(results["text_encoder_3"]["outputs"]) == ["last_hidden_state"]
     assert results["vae_decoder"]["outputs"]["sample"]["shape"] == ["batch", 3, 16, 16]
+
+
+def test_weight_transpose_is_folded_into_the_initializer():
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.onnx_export import cleanup, fold_weight_transposes
+
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)  # torch layout (N=3, K=4)
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert fold_weight_transposes(model) == 1
+    model = cleanup(model)
+    assert [n.op_type for n in model.graph.node] == ["MatMul"]
+    (init,) = model.graph.initializer
+    assert np.array_equal(numpy_helper.to_array(init), w.T)
+    assert linear_weight_layout(model)[init.name]["k_axis"] == 0

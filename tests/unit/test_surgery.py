@@ -14,14 +14,13 @@ from tests.factories import tiny_sd3_transformer, tiny_transformer_inputs
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "kwargs, ratio",
     [
-        dict(),  # SD3: the last block is context_pre_only
-        dict(dual_attention_layers=(0, 1), qk_norm="rms_norm"),  # SD3.5 MMDiT-X layout
+        (dict(), 0.3),  # SD3: the last block is context_pre_only
+        (dict(dual_attention_layers=(0, 1), qk_norm="rms_norm"), 0.5),  # SD3.5 MMDiT-X layout
     ],
-    ids=["sd3", "sd35-dual"],
+    ids=["sd3-0.3", "sd35-dual-0.5"],
 )
-@pytest.mark.parametrize("ratio", [0.3, 0.5])
 def test_compact_equals_masked(kwargs, ratio):
     plan, masked, compact = masked_and_compact(ratio=ratio, **kwargs)
     n_masked = sum(p.numel() for p in masked.parameters())
