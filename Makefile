@@ -7,6 +7,7 @@ MODEL ?= tiny-sd3
 SPARSITY ?= 2:4
 EXTRAS ?= rtx
 PYTEST_ARGS ?=
+ENGINE_ARGS ?=
 
 .PHONY: setup test engine bench sheet train-tiny quality clean-artifacts
 
@@ -23,10 +24,10 @@ test: setup
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 engine: setup
-	$(PY) -m pipeline engine --model "$(MODEL)" --sparsity "$(SPARSITY)"
+	$(PY) -m pipeline engine --model "$(MODEL)" --sparsity "$(SPARSITY)" $(ENGINE_ARGS)
 
 bench: setup
-	$(PY) -m pipeline engine --model "$(MODEL)" --sparsity "$(SPARSITY)" --only-bench
+	$(PY) -m pipeline engine --model "$(MODEL)" --sparsity "$(SPARSITY)" --only-bench $(ENGINE_ARGS)
 
 sheet: setup
 	$(PY) -m pipeline sheet --model "$(MODEL)" --out artifacts/$(MODEL)/digits_sheet.png

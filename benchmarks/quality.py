@@ -136,7 +136,7 @@ def load_transformer(directory: str | Path):
     if (directory / "compact.json").is_file():
         from export.checkpoint import load_compact
 
-        return load_compact(directory)
+        return load_compact(directory)[0]
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory} holds no transformer (no config.json or compact.json)")
     from diffusers import SD3Transformer2DModel

@@ -1,0 +1,163 @@
+"""``python -m pipeline engine`` (``make engine``): prune, export, build engines and benchmark, end to end.
+
+Runs stages 1-3 into ``artifacts/<model>/<config-id>/`` (see :mod:`pipeline.artifacts`), each through the
+same code as its own command (``prune``, ``export``, ``build``, ``benchmarks.e2e``). A stage whose output is
+complete and whose inputs are unchanged is reused. The last line printed is the artifact directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import time
+from pathlib import Path
+
+from common.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("engine", help="prune + export + build engines + benchmark (make engine)")
+    p.add_argument("--model", default="tiny-sd3", help="registry id or local diffusers directory (default tiny-sd3)")
+    p.add_argument("--sparsity", default="2:4", help="2:4, 4:8, unstructured:<r>, structured:<r> (default 2:4)")
+    p.add_argument("--method", default="obs-diff", choices=["obs-diff", "wanda", "magnitude"])
+    p.add_argument("--samples", type=int, default=None, help="calibration prompts (default: the prune command's)")
+    p.add_argument("--calib-steps", type=int, default=None, help="calibration denoising steps (default: the prune command's, 25)")
+    p.add_argument("--groups", type=int, default=4, help="module packages (default 4)")
+    p.add_argument("--backend", default="auto", choices=["auto", "ort", "trt"],
+                   help="benchmark backend: trt engines on a GPU host, ONNX Runtime otherwise (auto)")
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
+    p.add_argument("--no-engines", action="store_true", help="skip the TensorRT / TensorRT-RTX engine builds")
+    p.add_argument("--runs", type=int, default=10, help="timed benchmark runs (default 10)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime in the benchmark (default: PyTorch's)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs (default 2)")
+    p.add_argument("--only-bench", action="store_true", help="rerun only the benchmark (stages 1-2 must be complete)")
+    p.add_argument("--triton", metavar="DIR", default=None, help="also write a Triton model repository to DIR")
+    p.add_argument("--artifacts", default=None, help="artifact root (default <repo>/artifacts)")
+    p.set_defaults(func=run)
+
+
+def _run_stage(name: str, argv: list[str]) -> None:
+    """Run ``python -m pipeline <name> argv`` in this process (same parser, same checks)."""
+    module = importlib.import_module(f"pipeline.cmd_{name}")
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline {name}")
+    module.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([name, *argv])
+    status = int(args.func(args) or 0)
+    if status:
+        raise UserError(f"stage {name} failed with status {status}")
+
+
+def _mtime(path: Path) -> float | None:
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run(args) -> int:
+    from obsdiff.patterns import parse_sparsity
+    from pipeline.artifacts import ARTIFACTS, Manifest, config_dirs
+    from pipeline.models import resolve_model
+
+    spec = resolve_model(args.model)
+    sparsity = parse_sparsity(args.sparsity)
+    if sparsity.kind == "dense":
+        raise UserError("SPARSITY=dense has nothing to prune or compare; use 2:4, 4:8, unstructured:<r> or structured:<r>")
+    base = Path(args.artifacts) if args.artifacts else ARTIFACTS
+    cfg = config_dirs(spec, f"{sparsity.id}-{args.method}", base)
+    dense = config_dirs(spec, "dense", base)
+    cuda = _cuda()
+    bench_backend = args.backend if args.backend != "auto" else ("trt" if cuda else "ort")
+    manifest = Manifest(cfg.manifest, {"model": spec.id, "model_source": spec.source, "sparsity": str(sparsity), "method": args.method,
+                                       "config_dir": str(cfg.root)})
+    t_all = time.perf_counter()
+
+    def stage(name: str, marker: Path, command: str, argv: list[str], inputs: dict, outputs: dict) -> None:
+        before = _mtime(marker)
+        t0 = time.perf_counter()
+        log.info("== %s ==", name)
+        _run_stage(command, argv)
+        if not marker.exists():
+            raise UserError(f"stage {name} finished without writing {marker}")
+        reused = before is not None and _mtime(marker) == before
+        manifest.record(name, inputs=inputs, settings={"argv": [command, *argv]}, outputs=outputs,
+                        seconds=time.perf_counter() - t0, reused=reused)
+        log.info("%s: %s in %.1f s", name, "reused" if reused else "done", time.perf_counter() - t0)
+
+    fp16_components = "transformer" if not cuda else "transformer,text_encoder,text_encoder_2,text_encoder_3,vae_decoder"
+    if not args.only_bench:
+        prune_argv = ["--model", args.model, "--sparsity", str(sparsity), "--method", args.method, "--groups", str(args.groups),
+                      "--out", str(cfg.prune)]
+        if args.samples:
+            prune_argv += ["--samples", str(args.samples)]
+        if args.calib_steps:
+            prune_argv += ["--steps", str(args.calib_steps)]
+        stage("prune", cfg.prune / "plan.json", "prune", prune_argv, {"model": spec.source}, {"dir": str(cfg.prune)})
+        for which, dirs, pruned in (("dense", dense, None), ("pruned", cfg, cfg.prune)):
+            extra = ["--pruned", str(pruned)] if pruned else []
+            stage(f"export_{which}", dirs.export / "export_report.json", "export",
+                  ["--model", args.model, "--out", str(dirs.export), "--precision", "fp32", *extra],
+                  {"pruned": str(pruned) if pruned else None}, {"dir": str(dirs.export)})
+            if args.no_engines:
+                continue
+            stage(f"export_{which}_fp16", dirs.export_fp16 / "export_report.json", "export",
+                  ["--model", args.model, "--out", str(dirs.export_fp16), "--precision", "fp16", "--components", fp16_components,
+                   "--parity-batches", "2", *extra],
+                  {"pruned": str(pruned) if pruned else None}, {"dir": str(dirs.export_fp16)})
+            build_argv = ["--model", args.model, "--onnx-dir", str(dirs.export_fp16 / "onnx"), "--out", str(dirs.engines),
+                          "--sparsity", str(sparsity) if pruned else "dense", "--opt-level", str(args.opt_level)]
+            if args.triton and which == "pruned":
+                build_argv += ["--triton", args.triton]
+            stage(f"engines_{which}", dirs.engines / "transformer", "build", build_argv,
+                  {"onnx": str(dirs.export_fp16 / "onnx")}, {"dir": str(dirs.engines)})
+    else:
+        for d in (cfg.export, dense.export):
+            if not (d / "export_report.json").is_file():
+                raise UserError(f"{d} is not complete; run `make engine MODEL={args.model} SPARSITY={sparsity}` first")
+
+    from benchmarks.e2e import run_e2e
+
+    log.info("== bench (%s) ==", bench_backend)
+    t0 = time.perf_counter()
+    engines = {"dense": dense.engines, "pruned": cfg.engines} if bench_backend == "trt" else None
+    result = run_e2e(spec, dense.export, cfg.export, cfg.root, runs=args.runs, warmup=args.warmup, backend=bench_backend,
+                     provider="cuda" if (cuda and bench_backend == "ort") else "cpu", engines=engines, sparsity=sparsity, threads=args.threads)
+    manifest.record("bench", inputs={"dense": str(dense.export), "pruned": str(cfg.export), "engines": {k: str(v) for k, v in (engines or {}).items()}},
+                    settings={"backend": bench_backend, "runs": args.runs, "warmup": args.warmup},
+                    outputs={"bench": str(cfg.bench)}, seconds=time.perf_counter() - t0, reused=False)
+    manifest.data["total_seconds"] = round(time.perf_counter() - t_all, 1)
+    manifest.record("summary", inputs={}, settings={}, outputs={"speedup": result["speedup"]}, seconds=0.0, reused=False)
+    _summary(result, cfg, dense)
+    print(cfg.root)
+    return 0
+
+
+def _summary(result: dict, cfg, dense) -> None:
+    """A short human summary: latency, speedup, quality, sizes, engines."""
+    lines = [f"{'variant':8} {'backend':34} {'median ms':>10} {'p90 ms':>9} {'accuracy':>9} {'FD':>8}"]
+    for name in ("dense", "pruned", "eager"):
+        r = result.get(name)
+        if not r:
+            continue
+        q = r.get("quality") or {}
+        acc = q.get("prompt_accuracy")
+        fd = q.get("frechet_distance")
+        lines.append(f"{name:8} {r['backend'][:34]:34} {r['latency_ms']['median']:10.1f} {r['latency_ms']['p90']:9.1f} "
+                     f"{acc if acc is None else f'{acc:.3f}':>9} {fd if fd is None else f'{fd:.2f}':>8}")
+    lines.append(f"speedup dense/pruned: {result['speedup']:.3f}x (transformer {result.get('speedup_transformer', float('nan')):.3f}x)")
+    if result.get("note"):
+        lines.append(result["note"])
+    from runtime.tensorrt import manifest_summary
+
+    for which, d in (("dense", dense), ("pruned", cfg)):
+        for plan in sorted(d.engines.glob("*/engine_*.plan")) if d.engines.is_dir() else []:
+            m = manifest_summary(plan)
+            lines.append(f"engine {which}/{plan.parent.name}: {m['backend']}, {m['plan_mib']} MiB, sparse_weights={m['sparse_weights']}, "
+                         f"N:M-eligible ONNX weights {m['onnx_nm_eligible']}, builder log: {m['log_eligible']} eligible / {m['log_sparse']} sparse")
+    print("\n".join(lines))
