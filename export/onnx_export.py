@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.io import atomic_path
 
 log = logging.getLogger(__name__)
 
