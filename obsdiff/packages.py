@@ -345,7 +345,7 @@ class _Job:
     kind: str  # "weight" | "heads" | "neurons"
     layers: list[str]
     block: int
-    field: str | None = None  # BlockPlan field for structured jobs
+    plan_field: str | None = None  # BlockPlan field for structured jobs
 
 
 def _jobs(package: Sequence[Unit], sparsity: Sparsity) -> list[_Job]:
@@ -520,8 +520,8 @@ def prune(
             for n in job.layers:
                 ctx.broadcast_(weight_tensor(modules[n]), src=owner)
             keep = ctx.broadcast_object(keep, src=owner)
-            if job.field is not None:
-                setattr(plan.blocks[job.block], job.field, keep)
+            if job.plan_field is not None:
+                setattr(plan.blocks[job.block], job.plan_field, keep)
         del collector, factors  # only the current package's Hessians are ever held
         for n in names:
             w = weight_tensor(modules[n])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import socket
 
-import pytest
 import torch
 
 from tests.prune_helpers import digit_prompts, load_tiny_pipeline, require_tiny_sd3, single_thread, small_config
