@@ -35,7 +35,7 @@ sheet: setup
 quality: setup
 	$(PY) -m benchmarks.quality --model "$(MODEL)" --json artifacts/$(MODEL)/quality.json
 
-# Re-trains the embedded default model from scratch (not part of `make test`; ~40 min on 2 cores).
+# Re-trains the embedded default model from scratch (not part of `make test`; ~45 min on 2 cores).
 train-tiny: setup
 	$(PY) scripts/train_tiny_sd3.py --out models/tiny-sd3
 
