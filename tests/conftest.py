@@ -5,6 +5,7 @@ import pytest
 # Model hubs are unreachable here: fail fast instead of waiting on connection retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see pipeline/__init__.py
 
 
 def _has_cuda() -> bool:
