@@ -97,4 +97,7 @@ class Manifest:
             "reused": reused,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        self.save()
+
+    def save(self) -> None:
         write_json(self.path, self.data)
