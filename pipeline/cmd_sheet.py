@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from pipeline.sampling import add_pipeline_args
+
 log = logging.getLogger(__name__)
 
 
@@ -13,8 +15,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="artifacts/tiny-sd3/digits_sheet.png")
     p.add_argument("--seeds", type=int, default=4, help="rows (seeds 0..N-1)")
     p.add_argument("--scale", type=int, default=4, help="pixel upscaling for viewing")
-    p.add_argument("--no-t5", action="store_true", help="drop the T5 encoder (text_encoder_3=None)")
-    p.add_argument("--transformer", help="a pruned (stage 1) or compact (stage 2) transformer directory")
+    add_pipeline_args(p)
     p.set_defaults(func=run)
 
 
@@ -23,14 +24,10 @@ def run(args) -> int:
     from PIL import Image
 
     from benchmarks.digits import prompt_for
-    from benchmarks.quality import load_transformer
     from common.io import atomic_path
-    from pipeline.models import load_pipeline, resolve_model
-    from pipeline.sampling import sample, to_uint8
+    from pipeline.sampling import pipeline_from_args, sample, to_uint8
 
-    spec = resolve_model(args.model)
-    transformer = load_transformer(args.transformer) if args.transformer else None
-    pipe = load_pipeline(spec, drop_t5=args.no_t5, transformer=transformer)
+    spec, pipe = pipeline_from_args(args)
     seeds = [s for s in range(args.seeds) for _ in range(10)]
     images = to_uint8(sample(pipe, spec, [prompt_for(d) for _ in range(args.seeds) for d in range(10)], seeds))
     n, h, w, c = images.shape

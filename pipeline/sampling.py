@@ -51,3 +51,19 @@ def sample(
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def add_pipeline_args(p) -> None:
+    """The CLI options that choose which pipeline samples: ``--no-t5`` and ``--transformer``."""
+    p.add_argument("--no-t5", action="store_true", help="drop the T5 encoder (text_encoder_3=None)")
+    p.add_argument("--transformer", help="a pruned (stage 1) or compact (stage 2) transformer directory")
+
+
+def pipeline_from_args(args):
+    """``(spec, pipe)`` for ``args.model`` with the options of :func:`add_pipeline_args`."""
+    from benchmarks.quality import load_transformer
+    from pipeline.models import load_pipeline, resolve_model
+
+    spec = resolve_model(args.model)
+    transformer = load_transformer(args.transformer) if args.transformer else None
+    return spec, load_pipeline(spec, drop_t5=args.no_t5, transformer=transformer)
