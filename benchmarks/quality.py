@@ -20,6 +20,7 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,11 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    with warnings.catch_warnings():
+        # Features that are always zero (dead ReLUs) make the product singular; sqrtm still returns the
+        # right root on the non-degenerate part, and a non-finite result is handled below.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
     if not np.isfinite(covmean).all():  # near-singular product: regularise, as pytorch-fid does
         eps = 1e-6 * np.eye(a.shape[1])
         covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
