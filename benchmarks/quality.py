@@ -50,7 +50,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         # Features that are always zero (dead ReLUs) make the product singular; sqrtm still returns the
         # right root on the non-degenerate part, and a non-finite result is handled below.
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+        covmean = linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(covmean).all():  # near-singular product: regularise, as pytorch-fid does
         eps = 1e-6 * np.eye(a.shape[1])
         covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
