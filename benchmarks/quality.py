@@ -146,7 +146,10 @@ def load_transformer(directory: str | Path):
         raise UserError(f"{directory} holds no transformer (no config.json or compact.json)")
     from diffusers import SD3Transformer2DModel
 
-    return SD3Transformer2DModel.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+    try:
+        return SD3Transformer2DModel.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as e:  # as stage 2 reports an unreadable stage-1 transformer
+        raise UserError(f"cannot load {directory}: {str(e).splitlines()[0]}; re-run `python -m pipeline prune`") from None
 
 
 def main(argv: list[str] | None = None) -> int:

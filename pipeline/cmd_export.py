@@ -148,7 +148,7 @@ def _load_pruned(pruned: Path):
     if not (pruned / "transformer" / "config.json").is_file():
         raise UserError(f"missing {pruned / 'transformer'} (diffusers SD3Transformer2DModel); re-run `python -m pipeline prune`")
     try:
-        transformer = SD3Transformer2DModel.from_pretrained(str(pruned / "transformer"), torch_dtype=torch.float32)
+        transformer = SD3Transformer2DModel.from_pretrained(str(pruned / "transformer"), dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load {pruned / 'transformer'}: {str(e).splitlines()[0]}; re-run `python -m pipeline prune`") from None
     return plan, transformer.eval()
