@@ -217,8 +217,14 @@ def run_e2e(
     """
     from obsdiff.patterns import Sparsity, parse_sparsity
 
+    from common.io import check_output, created_dirs
+
     if runs < 1 or warmup < 0:
         raise UserError(f"runs must be >= 1 and warmup >= 0 (got runs={runs}, warmup={warmup})")
+    if steps is not None and steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps}")
+    if threads is not None and threads < 1:
+        raise UserError(f"threads must be at least 1, got {threads}")
     if isinstance(sparsity, str):
         sparsity = parse_sparsity(sparsity)
     assert sparsity is None or isinstance(sparsity, Sparsity)
@@ -226,17 +232,20 @@ def run_e2e(
     if cuda and not torch.cuda.is_available():
         raise UserError(f"backend {backend}/{provider} needs a CUDA GPU and none is visible; use --backend ort --provider cpu")
     device = "cuda" if cuda else "cpu"
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    steps = steps or spec.steps
+    for export_dir in (dense_export_dir, pruned_export_dir):  # inputs first: nothing is created for a bad one
+        _onnx_dir(export_dir)
+    for name in ("bench.json", "bench.md", "bench.png", "grid.png"):
+        check_output(Path(out_dir) / name, "file")
+    steps = spec.steps if steps is None else steps
     prompt = prompt or _default_prompts(spec)[0]
     threads_before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
-        return _run(spec, dense_export_dir, pruned_export_dir, out_dir, runs=runs, warmup=warmup, backend=backend, provider=provider,
-                    engines=engines, sparsity=sparsity, eager=eager, quality=quality, quality_seeds=quality_seeds, prompt=prompt,
-                    seed=seed, steps=steps, grid_prompts=grid_prompts, base_pipe=base_pipe, cuda=cuda, device=device)
+        with created_dirs(out_dir) as out_dir:
+            return _run(spec, dense_export_dir, pruned_export_dir, out_dir, runs=runs, warmup=warmup, backend=backend, provider=provider,
+                        engines=engines, sparsity=sparsity, eager=eager, quality=quality, quality_seeds=quality_seeds, prompt=prompt,
+                        seed=seed, steps=steps, grid_prompts=grid_prompts, base_pipe=base_pipe, cuda=cuda, device=device)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -346,7 +355,7 @@ def _short(prompt: str) -> str:
 def _default_prompts(spec) -> list[str]:
     from pipeline.models import REPO_ROOT
 
-    if spec.id == "tiny-sd3":
+    if spec.quality_metric == "digits":
         from benchmarks.digits import prompt_for
 
         return [prompt_for(d) for d in range(10)]
@@ -357,39 +366,40 @@ def _default_prompts(spec) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
+    from common.cli import ArgumentParser, int_at_least, run_command, setup_logging
     from obsdiff.patterns import parse_sparsity
     from pipeline.models import resolve_model
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny-sd3")
     p.add_argument("--sparsity", default=None, help="the pruned plan's pattern (for the note)")
     p.add_argument("--dense", required=True, help="dense export dir (stage 2 output or its onnx/)")
     p.add_argument("--pruned", required=True, help="pruned export dir")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="directory for bench.json, bench.md, bench.png and grid.png")
     p.add_argument("--backend", default="ort", choices=["ort", "trt"])
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--dense-engines", default=None)
     p.add_argument("--pruned-engines", default=None)
-    p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime (default: PyTorch's)")
+    p.add_argument("--runs", type=int_at_least(1), default=10, help="timed runs (default 10)")
+    p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed warm-up runs (default 2)")
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads for PyTorch and ONNX Runtime (default: PyTorch's)")
     p.add_argument("--no-eager", action="store_true")
     p.add_argument("--no-quality", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     engines = {k: v for k, v in (("dense", args.dense_engines), ("pruned", args.pruned_engines)) if v}
-    try:
-        res = run_e2e(resolve_model(args.model), args.dense, args.pruned, args.out, runs=args.runs, warmup=args.warmup, backend=args.backend,
-                      provider=args.provider, engines=engines or None, sparsity=parse_sparsity(args.sparsity) if args.sparsity else None,
-                      eager=not args.no_eager, quality=not args.no_quality, steps=args.steps, threads=args.threads)
-    except UserError as e:
-        import sys
+    res: dict = {}
 
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    def body() -> int:
+        res.update(run_e2e(resolve_model(args.model), args.dense, args.pruned, args.out, runs=args.runs, warmup=args.warmup, backend=args.backend,
+                           provider=args.provider, engines=engines or None, sparsity=parse_sparsity(args.sparsity) if args.sparsity else None,
+                           eager=not args.no_eager, quality=not args.no_quality, steps=args.steps, threads=args.threads))
+        return 0
+
+    status = run_command(body)
+    if status:
+        return status
     print(f"speedup {res['speedup']:.3f}x -> {Path(args.out) / 'bench.json'}")
     return 0
 

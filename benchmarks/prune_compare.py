@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(spec).to(device)
     dense_state = copy.deepcopy(pipe.transformer.state_dict())
 
-    prompt_file = REPO_ROOT / "prompts" / ("digits.txt" if spec.id == "tiny-sd3" else "calibration.txt")
+    prompt_file = REPO_ROOT / spec.prompts
     all_prompts = read_prompts(prompt_file)
     heldout = all_prompts[-args.heldout :]
     calib_pool = all_prompts[: len(all_prompts) - args.heldout]

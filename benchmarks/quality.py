@@ -16,7 +16,6 @@ and says so when they are not.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -28,9 +27,8 @@ import torch
 
 from benchmarks.classifier import load_classifier
 from benchmarks.digits import load_split, prompt_for, to_pixels
-from common.errors import UserError
 from common.io import write_json
-from pipeline.models import ModelSpec, load_pipeline, resolve_model
+from pipeline.models import ModelSpec
 from pipeline.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -93,7 +91,7 @@ def digit_metrics(images: np.ndarray, digits: np.ndarray, classifier=None) -> di
 def evaluate(pipe, spec: ModelSpec, seeds=DEFAULT_SEEDS, *, steps: int | None = None, guidance: float | None = None) -> dict:
     """Generate the fixed evaluation set with ``pipe`` and score it (digits for tiny-sd3, CLIP otherwise)."""
     t0 = time.perf_counter()
-    if spec.id == "tiny-sd3":
+    if spec.quality_metric == "digits":
         digits = np.array([d for s in seeds for d in range(10)])
         seed_list = [s for s in seeds for _ in range(10)]
         images = sample(pipe, spec, [prompt_for(int(d)) for d in digits], seed_list, steps=steps, guidance=guidance)
@@ -107,7 +105,7 @@ def evaluate(pipe, spec: ModelSpec, seeds=DEFAULT_SEEDS, *, steps: int | None = 
     result.update(
         model=spec.id,
         seeds=list(seeds),
-        steps=steps or spec.steps,
+        steps=spec.steps if steps is None else steps,
         guidance=spec.guidance if guidance is None else guidance,
         eval_seconds=round(time.perf_counter() - t0, 2),
     )
@@ -135,44 +133,35 @@ def clip_score(images: np.ndarray, prompts: list[str]) -> dict:
     return {"clip_score": float(np.mean(scores)), "clip_model": CLIP_SCORE_MODEL}
 
 
-def load_transformer(directory: str | Path):
-    """A transformer saved by a later stage: stage 1's diffusers directory or stage 2's compact checkpoint."""
-    directory = Path(directory)
-    if (directory / "compact.json").is_file():
-        from export.checkpoint import load_compact
-
-        return load_compact(directory)[0]
-    if not (directory / "config.json").is_file():
-        raise UserError(f"{directory} holds no transformer (no config.json or compact.json)")
-    from diffusers import SD3Transformer2DModel
-
-    try:
-        return SD3Transformer2DModel.from_pretrained(directory, local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as e:  # as stage 2 reports an unreadable stage-1 transformer
-        raise UserError(f"cannot load {directory}: {str(e).splitlines()[0]}; re-run `python -m pipeline prune`") from None
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
+    from common.cli import ArgumentParser, int_at_least, run_command, setup_logging
+    from common.io import check_output
+    from pipeline.sampling import add_pipeline_args, add_sampler_args, pipeline_from_args
+
+    ap = ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-sd3", help="registry id or local diffusers directory")
-    ap.add_argument("--transformer", help="use this transformer (stage 1 or stage 2 output) instead of the model's")
-    ap.add_argument("--no-t5", action="store_true", help="drop the T5 encoder (text_encoder_3=None)")
-    ap.add_argument("--seeds", type=int, default=len(DEFAULT_SEEDS), help="seeds per prompt")
-    ap.add_argument("--steps", type=int, help="denoising steps (default: the registry's)")
-    ap.add_argument("--guidance", type=float, help="guidance scale (default: the registry's)")
+    add_pipeline_args(ap)
+    ap.add_argument("--seeds", type=int_at_least(1), default=len(DEFAULT_SEEDS), help="seeds per prompt")
+    add_sampler_args(ap)
     ap.add_argument("--json", required=True, help="output JSON file")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        spec = resolve_model(args.model)
-        transformer = load_transformer(args.transformer) if args.transformer else None
-        pipe = load_pipeline(spec, drop_t5=args.no_t5, transformer=transformer)
-        result = evaluate(pipe, spec, tuple(range(args.seeds)), steps=args.steps, guidance=args.guidance)
+    setup_logging()
+    result: dict = {}
+
+    def body() -> int:
+        from pipeline.sampling import check_pipeline_args
+
+        check_pipeline_args(args)
+        check_output(args.json, "file", option="--json")
+        spec, pipe = pipeline_from_args(args)
+        result.update(evaluate(pipe, spec, tuple(range(args.seeds)), steps=args.steps, guidance=args.guidance))
         result.update(transformer=args.transformer, t5=not args.no_t5)
         write_json(args.json, result)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 0
+
+    status = run_command(body)
+    if status:
+        return status
     keys = ("prompt_accuracy", "frechet_distance", "clip_score", "n_images")
     print(" ".join(f"{k}={result[k]:.4g}" if isinstance(result.get(k), float) else f"{k}={result.get(k)}" for k in keys if k in result))
     return 0

@@ -155,3 +155,37 @@ def load_compact(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -
     model.load_state_dict(state, strict=True)
     model = model.to(dtype=dtype or getattr(torch, desc.get("dtype", "float32"))).eval()
     return model, plan
+
+
+def find_transformer_dir(path: str | os.PathLike, *, option: str = "--transformer") -> Path:
+    """The transformer directory inside anything a stage wrote, or a one-line :class:`UserError`.
+
+    Accepted: a ``prune`` output directory (``plan.json`` + ``transformer/``) or its ``transformer/``
+    (diffusers format, dense shapes, pruned weights zero), an ``export`` output directory or its
+    ``compact/`` (the compact checkpoint).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{option} {path} does not exist")
+    if not path.is_dir():
+        raise UserError(f"{option} {path} is not a directory; give a prune or export output directory")
+    for candidate in (path, path / "compact", path / "transformer"):
+        if (candidate / DESCRIPTION).is_file() or (candidate / "config.json").is_file():
+            return candidate
+    if (path / "plan.json").is_file():
+        raise UserError(f"{option} {path} holds a plan but no transformer/ (an unfinished prune); rerun `python -m pipeline prune`")
+    raise UserError(f"{option} {path} holds no transformer: give a prune output directory (or its transformer/) "
+                    f"or an export output directory (or its compact/)")
+
+
+def load_any_transformer(path: str | os.PathLike, *, option: str = "--transformer"):
+    """Load the transformer found by :func:`find_transformer_dir` (float32, eval mode)."""
+    directory = find_transformer_dir(path, option=option)
+    if (directory / DESCRIPTION).is_file():
+        return load_compact(directory)[0]
+    from diffusers import SD3Transformer2DModel
+
+    try:
+        return SD3Transformer2DModel.from_pretrained(directory, local_files_only=True, dtype=torch.float32).eval()
+    except (OSError, ValueError, RuntimeError) as e:  # as stage 2 reports an unreadable stage-1 transformer
+        raise UserError(f"cannot load {directory}: {str(e).splitlines()[0]}; re-run `python -m pipeline prune`") from None

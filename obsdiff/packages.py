@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError
-from common.io import atomic_path
+from common.io import atomic_path, read_text_lines
 from obsdiff import baselines, solvers
 from obsdiff.distributed import DistContext
 from obsdiff.hessian import HessianCollector
@@ -159,7 +159,10 @@ def _share_groups(layer_names: Sequence[str]) -> list[list[str]]:
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """How the calibration trajectories are sampled (paper defaults: 25 steps, guidance 7.0).
+    """How the calibration trajectories are sampled.
+
+    ``python -m pipeline prune`` takes steps and guidance from the model's registry entry, so the Hessians
+    come from the sampler the model is deployed with; the dataclass defaults are the paper's SD3 setting.
 
     samples: calibration prompts (cycled from the prompt list when it is shorter).
     steps: sampling steps T per trajectory. guidance: classifier-free guidance scale (> 1 keeps both
@@ -241,10 +244,7 @@ def calibration_prompts(prompts: Sequence[str], samples: int) -> list[str]:
 
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt per non-empty line of ``path``."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompt file {path} not found; pass --prompts FILE with one prompt per line")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return read_text_lines(path, what="prompt file")
 
 
 def check_existing(out_dir: str | Path, model: str, config: PruneConfig, prompts: Sequence[str]) -> PrunePlan | None:

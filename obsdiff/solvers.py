@@ -42,12 +42,17 @@ def damped_inverse(H: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP, *, damp:
     When the factorisation fails (a singular or badly conditioned ``H``), the damping is multiplied by 10
     and the factorisation retried, up to 8 times (a zero damping starts the retries at 1e-6 of the mean
     diagonal). Returns ``(L, Hinv, damp)``: the lower Cholesky factor of the damped ``H``, its inverse
-    (float32), and the damping used. Dead inputs (``H_ii == 0``) get ``H_ii = 1`` first, as in SparseGPT.
+    (float32), and the damping used. Dead inputs (``H_ii == 0``) get ``H_ii = 1`` first, as in SparseGPT;
+    ``mean(diag(H))`` is taken over the live inputs only.
     """
     H = H.detach().to(torch.float32).clone()  # (cols, cols)
     diag = torch.diagonal(H)
-    diag[diag == 0] = 1.0
-    mean_diag = float(diag.mean()) if float(diag.mean()) > 0 else 1.0
+    dead = diag == 0  # (cols,)
+    # Unlike SparseGPT, the dead inputs' H_ii = 1 stays out of the mean: it would tie the damping to the
+    # scale of H (with H ~ 1e-4 and 2 dead heads of 8, the damping was ~1e4 times too large).
+    mean_diag = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
+    mean_diag = mean_diag if mean_diag > 0 else 1.0
+    diag[dead] = 1.0
     if damp is None:
         damp = percdamp * mean_diag
     for _ in range(_MAX_DAMP_RETRIES):
@@ -97,13 +102,20 @@ def obs_prune(
         rounded down to a multiple of M for N:M).
     percdamp: damping as a share of the mean Hessian diagonal (default 1%).
     compensate: False keeps the same masks rule but leaves the surviving weights unchanged
-        (masks are then chosen on the original weights).
+        (masks are then chosen on the original weights; dead inputs' weights are zeroed all the same).
     hinv_upper: the factor ``U`` from :func:`inverse_cholesky_upper` of ``H``, when already computed for
-        another layer with the same input (q/k/v); ``H`` is then only used for its shape.
+        another layer with the same input (q/k/v); ``H`` is then only used for its shape and dead inputs.
 
     Unstructured: every block of columns loses exactly its share of ``round(ratio * rows * cols)``
     weights, so the layer's sparsity is exact. N:M: in every row and every group of M consecutive input
-    columns, exactly M - N weights are zero.
+    columns, exactly M - N weights are pruned.
+
+    Dead inputs (``H_ii == 0``: zero on every calibration token) carry no signal: their weights are zeroed
+    first, as in SparseGPT's ``fasterprune`` (``W[:, dead] = 0``). They then have saliency 0, so they fill
+    the pruned slots before any live weight and count towards the quota, as in SparseGPT: a dead weight
+    pruned is one live weight kept. ``keep`` stays exact; where a group (N:M) or block (unstructured) has
+    more dead weights than pruned slots, the surplus is kept as zeros, so ``W_new`` then has more zeros
+    than the pattern asks.
     """
     if sparsity.kind not in ("nm", "unstructured"):
         raise ValueError(f"obs_prune handles N:M and unstructured patterns, not {sparsity}")
@@ -112,6 +124,9 @@ def obs_prune(
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight columns {cols}")
     out_dtype = W.dtype
     Wf = W.detach().to(torch.float32).clone()  # (rows, cols)
+    # SparseGPT zeroes dead inputs' weights before choosing masks; left in place, they would take N:M and
+    # unstructured slots from live weights (H_ii = 1 set by damped_inverse gives them a large score).
+    Wf[:, torch.diagonal(H).to(Wf.device) == 0] = 0.0
     if hinv_upper is not None:
         U = hinv_upper.to(device=Wf.device, dtype=torch.float32)
     else:
@@ -166,17 +181,23 @@ def _group_diag_blocks(Hinv: torch.Tensor, groups: int, group_size: int) -> torc
     return blocks[idx, :, idx, :]  # (groups, gs, gs)
 
 
-def group_saliency(W: torch.Tensor, Hinv: torch.Tensor, group_size: int) -> torch.Tensor:
-    """OBS error of removing each column group alone: ``tr(W_g (Hinv_gg)^-1 W_g^T)``, shape ``(groups,)``."""
+def group_saliency(W: torch.Tensor, Hinv: torch.Tensor, group_size: int, present: torch.Tensor | None = None) -> torch.Tensor:
+    """OBS error of removing each column group alone: ``tr(W_g (Hinv_gg)^-1 W_g^T)``, shape ``(groups,)``.
+
+    present: indices of the groups to score, shape ``(P,)`` (default all); the result is then ``(P,)``.
+    Groups already removed must be left out: their downdated ``Hinv`` blocks are zero (singular).
+    """
     rows, cols = W.shape
     groups = cols // group_size
-    Hgg = _group_diag_blocks(Hinv, groups, group_size)  # (G, gs, gs)
-    Wg = W.reshape(rows, groups, group_size).permute(1, 0, 2)  # (G, rows, gs)
+    if present is None:
+        present = torch.arange(groups, device=W.device)
+    Hgg = _group_diag_blocks(Hinv, groups, group_size)[present]  # (P, gs, gs)
+    Wg = W.reshape(rows, groups, group_size).permute(1, 0, 2)[present]  # (P, rows, gs)
     if group_size == 1:
-        return (Wg.squeeze(-1) ** 2).sum(dim=1) / Hgg.reshape(groups)
+        return (Wg.squeeze(-1) ** 2).sum(dim=1) / Hgg.reshape(-1)
     # Symmetrise before the batched solve: the downdates leave tiny asymmetries.
     Hgg = 0.5 * (Hgg + Hgg.transpose(1, 2))
-    sol = torch.linalg.solve(Hgg, Wg.transpose(1, 2))  # (G, gs, rows) = Hgg^-1 W_g^T
+    sol = torch.linalg.solve(Hgg, Wg.transpose(1, 2))  # (P, gs, rows) = Hgg^-1 W_g^T
     return (Wg.transpose(1, 2) * sol).sum(dim=(1, 2))
 
 
@@ -197,12 +218,16 @@ def obs_prune_groups(
     Hs: their input Hessians ``(cols, cols)``, one per weight.
     n_remove: groups to remove (``0 <= n_remove < groups``).
     compensate: update the surviving columns with the OBS correction (default True); False only zeroes the
-        removed groups (ranked by the same saliency, computed once).
+        removed groups (ranked by the same saliency, computed once) and the dead inputs.
     max_iters: greedy iterations at most; with more groups to remove than this, the
         ``ceil(n_remove / max_iters)`` lowest-saliency groups go together in one iteration.
 
     Returns ``(Ws_new, keep)``: the updated weights (removed columns exactly zero, only kept columns changed,
     same dtypes/devices as given) and the sorted kept group indices.
+
+    Dead inputs (``H_ii == 0`` in a weight's Hessian) have their columns of that weight zeroed first, as in
+    SparseGPT: a group whose inputs are all dead then has saliency 0 and is removed first, with no update
+    to the other columns (its ``Hinv`` block is decoupled).
     """
     if len(Ws) != len(Hs) or not Ws:
         raise ValueError("obs_prune_groups needs one Hessian per weight and at least one weight")
@@ -214,15 +239,18 @@ def obs_prune_groups(
         raise ValueError(f"cannot remove {n_remove} of {groups} groups")
     dtypes = [W.dtype for W in Ws]
     Wf = [W.detach().to(torch.float32).clone() for W in Ws]
+    for W, H in zip(Wf, Hs):  # SparseGPT zeroes dead inputs: their H_ii = 1 would otherwise inflate the saliency
+        W[:, torch.diagonal(H).to(W.device) == 0] = 0.0
     Hinvs = [damped_inverse(H.to(W.device), percdamp)[1] for W, H in zip(Wf, Hs)]
     removed = torch.zeros(groups, dtype=torch.bool, device=Wf[0].device)
     per_iter = max(1, math.ceil(n_remove / max(1, max_iters)))
     done = 0
     while done < n_remove:
-        score = sum(group_saliency(W, Hinv, group_size) for W, Hinv in zip(Wf, Hinvs))  # (G,)
-        score = score.masked_fill(removed, float("inf"))
+        # Score only the groups still present: a removed group's Hinv block is downdated to zero (singular).
+        present = (~removed).nonzero().flatten()  # (P,)
+        score = sum(group_saliency(W, Hinv, group_size, present) for W, Hinv in zip(Wf, Hinvs))  # (P,)
         k = min(per_iter, n_remove - done)
-        chosen = torch.topk(score, k, largest=False).indices.sort().values  # (k,)
+        chosen = present[torch.topk(score, k, largest=False).indices].sort().values  # (k,)
         cols_s = (chosen.unsqueeze(1) * group_size + torch.arange(group_size, device=chosen.device)).flatten()
         for b in range(len(Wf)):
             if compensate:
@@ -232,13 +260,13 @@ def obs_prune_groups(
                 A = torch.linalg.solve(Hss, Hinv[cols_s, :])  # (k*gs, cols) = Hss^-1 Hinv[S, :]
                 Wf[b].addmm_(Wf[b][:, cols_s], A, alpha=-1.0)  # W -= W[:, S] A
                 Hinv.addmm_(Hinv[:, cols_s], A, alpha=-1.0)  # Hinv -= Hinv[:, S] A (downdate)
+                # The downdated rows/columns of S are zero up to rounding: make them exact, so that later
+                # updates (through Hinv[S', :]) leave the removed columns exactly zero.
+                Hinv[cols_s, :] = 0.0
+                Hinv[:, cols_s] = 0.0
             Wf[b][:, cols_s] = 0.0
         removed[chosen] = True
         done += k
-    # Removed columns are exact zeros; earlier-removed columns stay zero (their Hinv rows are ~0, reset anyway).
-    rm_cols = (removed.nonzero().flatten().unsqueeze(1) * group_size + torch.arange(group_size, device=removed.device)).flatten()
-    for W in Wf:
-        W[:, rm_cols] = 0.0
     keep = (~removed).nonzero().flatten().tolist()
     return [W.to(dt) for W, dt in zip(Wf, dtypes)], keep
 

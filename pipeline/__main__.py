@@ -6,18 +6,16 @@ which registers the sub-command and sets ``func`` (``args -> int`` exit status).
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import logging
 import sys
 
-from common.errors import UserError
+from common.cli import ArgumentParser, run_command, setup_logging
 
 COMMANDS = ["generate", "sheet", "prune", "export", "build", "engine"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
@@ -29,15 +27,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         module.add_parser(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    setup_logging(args.verbose)
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

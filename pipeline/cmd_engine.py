@@ -11,8 +11,10 @@ import argparse
 import importlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from common.cli import ArgumentParser, int_at_least, int_range
 from common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -23,31 +25,41 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="tiny-sd3", help="registry id or local diffusers directory (default tiny-sd3)")
     p.add_argument("--sparsity", default="2:4", help="2:4, 4:8, unstructured:<r>, structured:<r> (default 2:4)")
     p.add_argument("--method", default="obs-diff", choices=["obs-diff", "wanda", "magnitude"])
-    p.add_argument("--samples", type=int, default=None, help="calibration prompts (default: the prune command's)")
-    p.add_argument("--calib-steps", type=int, default=None, help="calibration denoising steps (default: the prune command's, 25)")
-    p.add_argument("--groups", type=int, default=4, help="module packages (default 4)")
+    p.add_argument("--samples", type=int_at_least(1), default=None, help="calibration prompts (default: the prune command's, 64)")
+    p.add_argument("--calib-steps", type=int_at_least(1), default=None, help="calibration denoising steps (default: the model's sampling steps)")
+    p.add_argument("--groups", type=int_at_least(1), default=4, help="module packages (default 4)")
     p.add_argument("--backend", default="auto", choices=["auto", "ort", "trt"],
                    help="benchmark backend: trt engines on a GPU host, ONNX Runtime otherwise (auto)")
-    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
+    p.add_argument("--opt-level", type=int_range(0, 5), default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
     p.add_argument("--no-engines", action="store_true", help="skip the TensorRT / TensorRT-RTX engine builds")
-    p.add_argument("--runs", type=int, default=10, help="timed benchmark runs (default 10)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime in the benchmark (default: PyTorch's)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs (default 2)")
+    p.add_argument("--runs", type=int_at_least(1), default=10, help="timed benchmark runs (default 10)")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads for PyTorch and ONNX Runtime in the benchmark (default: PyTorch's)")
+    p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed warm-up runs (default 2)")
     p.add_argument("--only-bench", action="store_true", help="rerun only the benchmark (stages 1-2 must be complete)")
     p.add_argument("--triton", metavar="DIR", default=None, help="also write a Triton model repository to DIR")
     p.add_argument("--artifacts", default=None, help="artifact root (default <repo>/artifacts)")
     p.set_defaults(func=run)
 
 
-def _run_stage(name: str, argv: list[str]) -> None:
-    """Run ``python -m pipeline <name> argv`` in this process (same parser, same checks)."""
+class _StageParser(ArgumentParser):
+    """A stage's own parser inside ``make engine``: a bad value is a UserError naming the stage."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _parse_stage(name: str, argv: list[str]) -> argparse.Namespace:
+    """Parse ``python -m pipeline <name> argv`` with that command's own parser (same options, same checks)."""
     module = importlib.import_module(f"pipeline.cmd_{name}")
-    parser = argparse.ArgumentParser(prog=f"python -m pipeline {name}")
+    parser = _StageParser(prog=f"python -m pipeline {name}")
     module.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([name, *argv])
+    return parser.parse_args([name, *argv])
+
+
+def _run_stage(args: argparse.Namespace) -> None:
     status = int(args.func(args) or 0)
     if status:
-        raise UserError(f"stage {name} failed with status {status}")
+        raise UserError(f"stage {args.command} failed with status {status}")
 
 
 def _mtime(path: Path) -> float | None:
@@ -60,7 +72,66 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+@dataclass
+class _Stage:
+    """One stage of ``make engine``: its command's parsed arguments and what it records in the manifest."""
+
+    name: str
+    marker: Path  # present once the stage's output is complete
+    argv: list[str]
+    args: argparse.Namespace
+    inputs: dict
+    outputs: dict
+
+
+def _validate_stage(st: _Stage) -> None:
+    """The stage command's own checks that need no weights (each ``cmd_*`` module's ``validate``)."""
+    module = importlib.import_module(f"pipeline.cmd_{st.args.command}")
+    if st.args.command == "build":
+        module.validate(st.args, check_onnx=False)
+    else:
+        module.validate(st.args)
+
+
+def _plan_stages(args, spec, sparsity, cfg, dense, cuda: bool) -> list[_Stage]:
+    """Every stage that ``make engine`` will run, parsed and validated before the first one starts."""
+    stages: list[_Stage] = []
+
+    def add(name: str, marker: Path, command: str, argv: list[str], inputs: dict, outputs: dict) -> None:
+        stages.append(_Stage(name, marker, [command, *argv], _parse_stage(command, argv), inputs, outputs))
+
+    fp16_components = "transformer" if not cuda else "transformer,text_encoder,text_encoder_2,text_encoder_3,vae_decoder"
+    prune_argv = ["--model", args.model, "--sparsity", str(sparsity), "--method", args.method, "--groups", str(args.groups),
+                  "--out", str(cfg.prune)]
+    if args.samples:
+        prune_argv += ["--samples", str(args.samples)]
+    if args.calib_steps:
+        prune_argv += ["--steps", str(args.calib_steps)]
+    add("prune", cfg.prune / "plan.json", "prune", prune_argv, {"model": spec.source}, {"dir": str(cfg.prune)})
+    for which, dirs, pruned in (("dense", dense, None), ("pruned", cfg, cfg.prune)):
+        extra = ["--pruned", str(pruned)] if pruned else []
+        add(f"export_{which}", dirs.export / "export_report.json", "export",
+            ["--model", args.model, "--out", str(dirs.export), "--precision", "fp32", *extra],
+            {"pruned": str(pruned) if pruned else None}, {"dir": str(dirs.export)})
+        if args.no_engines:
+            continue
+        add(f"export_{which}_fp16", dirs.export_fp16 / "export_report.json", "export",
+            ["--model", args.model, "--out", str(dirs.export_fp16), "--precision", "fp16", "--components", fp16_components,
+             "--parity-batches", "2", *extra],
+            {"pruned": str(pruned) if pruned else None}, {"dir": str(dirs.export_fp16)})
+        build_argv = ["--model", args.model, "--onnx-dir", str(dirs.export_fp16 / "onnx"), "--out", str(dirs.engines),
+                      "--sparsity", str(sparsity) if pruned else "dense", "--opt-level", str(args.opt_level)]
+        if args.triton and which == "pruned":
+            build_argv += ["--triton", args.triton]
+        add(f"engines_{which}", dirs.engines / "transformer", "build", build_argv,
+            {"onnx": str(dirs.export_fp16 / "onnx")}, {"dir": str(dirs.engines)})
+    for st in stages:
+        _validate_stage(st)
+    return stages
+
+
 def run(args) -> int:
+    from common.io import check_output
     from obsdiff.patterns import parse_sparsity
     from pipeline.artifacts import ARTIFACTS, Manifest, config_dirs
     from pipeline.models import resolve_model
@@ -70,56 +141,37 @@ def run(args) -> int:
     if sparsity.kind == "dense":
         raise UserError("SPARSITY=dense has nothing to prune or compare; use 2:4, 4:8, unstructured:<r> or structured:<r>")
     base = Path(args.artifacts) if args.artifacts else ARTIFACTS
+    check_output(base, "parent", option="--artifacts")
     cfg = config_dirs(spec, f"{sparsity.id}-{args.method}", base)
     dense = config_dirs(spec, "dense", base)
     cuda = _cuda()
     bench_backend = args.backend if args.backend != "auto" else ("trt" if cuda else "ort")
+    if bench_backend == "trt" and not cuda:
+        raise UserError("--backend trt runs TensorRT engines and needs a CUDA GPU, and none is visible; use --backend ort")
+    # Everything is checked before the first stage starts: a bad option costs seconds, not a prune.
+    stages = [] if args.only_bench else _plan_stages(args, spec, sparsity, cfg, dense, cuda)
+    check_output(cfg.manifest, "file")
+    for name in ("bench.json", "bench.md", "bench.png", "grid.png"):
+        check_output(cfg.root / name, "file")
+    if args.only_bench:
+        for d in (cfg.export, dense.export):
+            if not (d / "export_report.json").is_file():
+                raise UserError(f"{d} is not complete; run `make engine MODEL={args.model} SPARSITY={sparsity}` first")
     manifest = Manifest(cfg.manifest, {"model": spec.id, "model_source": spec.source, "sparsity": str(sparsity), "method": args.method,
                                        "config_dir": str(cfg.root)})
     t_all = time.perf_counter()
 
-    def stage(name: str, marker: Path, command: str, argv: list[str], inputs: dict, outputs: dict) -> None:
-        before = _mtime(marker)
+    for st in stages:
+        before = _mtime(st.marker)
         t0 = time.perf_counter()
-        log.info("== %s ==", name)
-        _run_stage(command, argv)
-        if not marker.exists():
-            raise UserError(f"stage {name} finished without writing {marker}")
-        reused = before is not None and _mtime(marker) == before
-        manifest.record(name, inputs=inputs, settings={"argv": [command, *argv]}, outputs=outputs,
+        log.info("== %s ==", st.name)
+        _run_stage(st.args)
+        if not st.marker.exists():
+            raise UserError(f"stage {st.name} finished without writing {st.marker}")
+        reused = before is not None and _mtime(st.marker) == before
+        manifest.record(st.name, inputs=st.inputs, settings={"argv": st.argv}, outputs=st.outputs,
                         seconds=time.perf_counter() - t0, reused=reused)
-        log.info("%s: %s in %.1f s", name, "reused" if reused else "done", time.perf_counter() - t0)
-
-    fp16_components = "transformer" if not cuda else "transformer,text_encoder,text_encoder_2,text_encoder_3,vae_decoder"
-    if not args.only_bench:
-        prune_argv = ["--model", args.model, "--sparsity", str(sparsity), "--method", args.method, "--groups", str(args.groups),
-                      "--out", str(cfg.prune)]
-        if args.samples:
-            prune_argv += ["--samples", str(args.samples)]
-        if args.calib_steps:
-            prune_argv += ["--steps", str(args.calib_steps)]
-        stage("prune", cfg.prune / "plan.json", "prune", prune_argv, {"model": spec.source}, {"dir": str(cfg.prune)})
-        for which, dirs, pruned in (("dense", dense, None), ("pruned", cfg, cfg.prune)):
-            extra = ["--pruned", str(pruned)] if pruned else []
-            stage(f"export_{which}", dirs.export / "export_report.json", "export",
-                  ["--model", args.model, "--out", str(dirs.export), "--precision", "fp32", *extra],
-                  {"pruned": str(pruned) if pruned else None}, {"dir": str(dirs.export)})
-            if args.no_engines:
-                continue
-            stage(f"export_{which}_fp16", dirs.export_fp16 / "export_report.json", "export",
-                  ["--model", args.model, "--out", str(dirs.export_fp16), "--precision", "fp16", "--components", fp16_components,
-                   "--parity-batches", "2", *extra],
-                  {"pruned": str(pruned) if pruned else None}, {"dir": str(dirs.export_fp16)})
-            build_argv = ["--model", args.model, "--onnx-dir", str(dirs.export_fp16 / "onnx"), "--out", str(dirs.engines),
-                          "--sparsity", str(sparsity) if pruned else "dense", "--opt-level", str(args.opt_level)]
-            if args.triton and which == "pruned":
-                build_argv += ["--triton", args.triton]
-            stage(f"engines_{which}", dirs.engines / "transformer", "build", build_argv,
-                  {"onnx": str(dirs.export_fp16 / "onnx")}, {"dir": str(dirs.engines)})
-    else:
-        for d in (cfg.export, dense.export):
-            if not (d / "export_report.json").is_file():
-                raise UserError(f"{d} is not complete; run `make engine MODEL={args.model} SPARSITY={sparsity}` first")
+        log.info("%s: %s in %.1f s", st.name, "reused" if reused else "done", time.perf_counter() - t0)
 
     from benchmarks.e2e import run_e2e
 

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from common.errors import UserError
-from common.io import atomic_path, read_json, sha256_file, sha256_tree, write_json
+from common.io import atomic_path, check_output, created_dirs, read_json, sha256_file, sha256_tree, write_json
 
 log = logging.getLogger("pipeline.export")
 
@@ -140,13 +140,8 @@ def _load_pruned(pruned: Path):
 
     from obsdiff.plan import PrunePlan
 
-    if not pruned.is_dir():
-        raise UserError(f"--pruned {pruned} is not a directory; pass the output directory of `python -m pipeline prune`")
+    _check_pruned(pruned)
     plan = PrunePlan.load(pruned / "plan.json")
-    if not plan.complete:
-        raise UserError(f"{pruned / 'plan.json'} is partial ({plan.done_packages}/{len(plan.packages)} packages); finish `python -m pipeline prune` first")
-    if not (pruned / "transformer" / "config.json").is_file():
-        raise UserError(f"missing {pruned / 'transformer'} (diffusers SD3Transformer2DModel); re-run `python -m pipeline prune`")
     try:
         transformer = SD3Transformer2DModel.from_pretrained(str(pruned / "transformer"), dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as e:
@@ -164,17 +159,46 @@ def _surgery_error(masked, compact, spec, batch: int = 1) -> float:
     return rel_error(out.numpy(), ref.numpy())
 
 
-def run(args: argparse.Namespace) -> int:
-    from pipeline.models import load_pipeline, resolve_model
+def validate(args: argparse.Namespace):
+    """Every check of this command that needs no model weights: ``(spec, components, batches)``.
 
-    t_start = time.perf_counter()
+    ``make engine`` calls it for its export stages before any stage runs (``check_pruned=False`` there:
+    the stage-1 output does not exist yet).
+    """
+    from pipeline.models import resolve_model
+
     spec = resolve_model(args.model)
     components = _parse_components(args.components)
     batches = _parse_batches(args.parity_batches)
     out: Path = args.out
-    pruned: Path | None = args.pruned
-    if pruned is not None and not (pruned / "plan.json").is_file():
+    check_output(out, "parent")
+    check_output(out / "compact", "dir")
+    check_output(out / "onnx", "dir")
+    check_output(out / REPORT, "file")
+    return spec, components, batches
+
+
+def _check_pruned(pruned: Path) -> None:
+    from obsdiff.plan import PrunePlan
+
+    if not pruned.is_dir():
+        raise UserError(f"--pruned {pruned} is not a directory; pass the output directory of `python -m pipeline prune`")
+    if not (pruned / "plan.json").is_file():
         raise UserError(f"missing {pruned / 'plan.json'}; pass the output directory of `python -m pipeline prune` as --pruned")
+    plan = PrunePlan.load(pruned / "plan.json")
+    if not plan.complete:
+        raise UserError(f"{pruned / 'plan.json'} is partial ({plan.done_packages}/{len(plan.packages)} packages); finish `python -m pipeline prune` first")
+    if not (pruned / "transformer" / "config.json").is_file():
+        raise UserError(f"missing {pruned / 'transformer'} (diffusers SD3Transformer2DModel); re-run `python -m pipeline prune`")
+
+
+def run(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    spec, components, batches = validate(args)
+    out: Path = args.out
+    pruned: Path | None = args.pruned
+    if pruned is not None:
+        _check_pruned(pruned)
 
     inputs = fingerprint(spec, pruned, args.precision, components)
     report_path = out / REPORT
@@ -187,10 +211,20 @@ def run(args: argparse.Namespace) -> int:
             log.info("reusing the existing export in %s: its inputs (plan, weights, precision, versions) are unchanged", out)
             return 0
         log.info("existing export in %s is stale or incomplete: re-exporting", out)
-    out.mkdir(parents=True, exist_ok=True)
-    report_path.unlink(missing_ok=True)  # nothing looks complete until the new report is written
+    with created_dirs(out):  # a failure leaves no --out that this run created
+        report_path.unlink(missing_ok=True)  # nothing looks complete until the new report is written
+        report = _load_and_export(spec, pruned, components, batches, args, out)
+        report["inputs"] = inputs
+        report["pruned_dir"] = str(pruned) if pruned is not None else None
+        report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+        write_json(report_path, report)
+    log.info("export complete: %s (%.1f s)", report_path, report["elapsed_s"])
+    return 0
 
-    # ---- load -------------------------------------------------------------------------------------------
+
+def _load_and_export(spec, pruned: Path | None, components, batches, args, out: Path) -> dict[str, Any]:
+    from pipeline.models import load_pipeline
+
     plan = None
     if pruned is not None:
         plan, transformer = _load_pruned(pruned)
@@ -201,14 +235,7 @@ def run(args: argparse.Namespace) -> int:
             transformer = pipe.transformer.float().eval()
     if "text_encoder_3" in components and (pipe is None or pipe.text_encoder_3 is None):
         raise UserError(f"model {spec.id!r} has no text_encoder_3 (T5); drop it from --components")
-
-    report = _export(spec, plan, transformer, pipe, components, batches, args, out)
-    report["inputs"] = inputs
-    report["pruned_dir"] = str(pruned) if pruned is not None else None
-    report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-    write_json(report_path, report)
-    log.info("export complete: %s (%.1f s)", report_path, report["elapsed_s"])
-    return 0
+    return _export(spec, plan, transformer, pipe, components, batches, args, out)
 
 
 def _export(spec, plan, transformer, pipe, components, batches, args, out: Path) -> dict[str, Any]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.sampling import add_pipeline_args
+from common.cli import int_at_least, nonempty
+from pipeline.sampling import add_pipeline_args, add_sampler_args
 
 log = logging.getLogger(__name__)
 
@@ -12,11 +13,10 @@ log = logging.getLogger(__name__)
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate one image from a prompt")
     p.add_argument("--model", default="tiny-sd3", help="registry id or local diffusers directory")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output image file (.png)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the registry's)")
-    p.add_argument("--guidance", type=float, help="guidance scale (default: the registry's)")
+    p.add_argument("--prompt", required=True, type=nonempty)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--out", required=True, help="output image file (.png); an existing file is replaced, a directory never")
+    add_sampler_args(p)
     add_pipeline_args(p)
     p.set_defaults(func=run)
 
@@ -24,9 +24,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from PIL import Image
 
-    from common.io import atomic_path
-    from pipeline.sampling import pipeline_from_args, sample, to_uint8
+    from common.io import atomic_path, check_output
+    from pipeline.sampling import check_pipeline_args, pipeline_from_args, sample, to_uint8
 
+    check_pipeline_args(args)
+    check_output(args.out, "file")
     spec, pipe = pipeline_from_args(args)
     image = to_uint8(sample(pipe, spec, [args.prompt], [args.seed], steps=args.steps, guidance=args.guidance))[0]
     with atomic_path(args.out) as tmp:

@@ -12,13 +12,12 @@ import logging
 import time
 from pathlib import Path
 
+from common.cli import float_range, int_at_least
 from common.errors import UserError
+from common.io import check_output, created_dirs
 from pipeline.models import REPO_ROOT, ModelSpec, load_pipeline, resolve_model
 
 log = logging.getLogger(__name__)
-
-DIGIT_PROMPTS = REPO_ROOT / "prompts" / "digits.txt"
-CALIBRATION_PROMPTS = REPO_ROOT / "prompts" / "calibration.txt"
 
 
 def add_parser(subparsers) -> None:
@@ -27,25 +26,27 @@ def add_parser(subparsers) -> None:
     p.add_argument("--sparsity", default="2:4", help="2:4, 4:8, unstructured:<ratio>, structured:<ratio> or dense (default 2:4)")
     p.add_argument("--out", default=None, help="output directory (default artifacts/<model>/prune-<sparsity>-<method>)")
     p.add_argument("--method", default="obs-diff", choices=["obs-diff", "wanda", "magnitude"], help="pruning rule (default obs-diff)")
-    p.add_argument("--groups", type=int, default=4, help="module packages pruned one after another (default 4)")
+    p.add_argument("--groups", type=int_at_least(1), default=4, help="module packages pruned one after another (default 4)")
     c = p.add_argument_group("calibration")
-    c.add_argument("--prompts", default=None, help="prompt file, one per line (default prompts/digits.txt for tiny-sd3, prompts/calibration.txt otherwise)")
-    c.add_argument("--samples", type=int, default=64, help="calibration prompts (default 64)")
-    c.add_argument("--steps", type=int, default=25, help="sampling steps per trajectory (default 25, as in the paper)")
-    c.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale (default 7.0, as in the paper)")
-    c.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
-    c.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    c.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call (default 8; results do not depend on it beyond float rounding)")
-    c.add_argument("--seed", type=int, default=0, help="base noise seed; prompt i uses seed+i (default 0)")
+    c.add_argument("--prompts", default=None, help="prompt file, one per line (default: the model's, prompts/digits.txt for tiny-sd3, prompts/calibration.txt for hub models)")
+    c.add_argument("--samples", type=int_at_least(1), default=64, help="calibration prompts (default 64)")
+    c.add_argument("--steps", type=int_at_least(1), default=None,
+                   help="sampling steps per trajectory (default: the model's deployed sampler, e.g. 28 for sd3-medium, 20 for tiny-sd3, 4 for sd3.5-large-turbo)")
+    c.add_argument("--guidance", type=float_range(0.0), default=None,
+                   help="classifier-free guidance scale (default: the model's, e.g. 7.0 for sd3-medium, 4.0 for tiny-sd3; <= 1 runs without CFG, as few-step models do)")
+    c.add_argument("--height", type=int_at_least(1), default=None, help="image height in pixels (default: the model's)")
+    c.add_argument("--width", type=int_at_least(1), default=None, help="image width in pixels (default: the model's)")
+    c.add_argument("--batch-size", type=int_at_least(1), default=8, help="prompts per pipeline call (default 8; results do not depend on it beyond float rounding)")
+    c.add_argument("--seed", type=int_at_least(0), default=0, help="base noise seed; prompt i uses seed+i (default 0)")
     c.add_argument("--weighting", default="log", choices=["log", "linear", "uniform"], help="timestep weights (default log-decrease)")
-    c.add_argument("--w-max", type=float, default=1.2, help="weight of the first step (default 1.2)")
-    c.add_argument("--w-min", type=float, default=0.8, help="weight of the last step (default 0.8)")
+    c.add_argument("--w-max", type=float_range(0.0, lo_open=True), default=1.2, help="weight of the first step (default 1.2)")
+    c.add_argument("--w-min", type=float_range(0.0, lo_open=True), default=0.8, help="weight of the last step (default 0.8)")
     s = p.add_argument_group("solver")
-    s.add_argument("--blocksize", type=int, default=128, help="OBS lazy-update block (default 128)")
-    s.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, share of the mean diagonal (default 0.01)")
+    s.add_argument("--blocksize", type=int_at_least(1), default=128, help="OBS lazy-update block (default 128)")
+    s.add_argument("--percdamp", type=float_range(0.0, 10.0, lo_open=True, hi_open=True), default=0.01, help="Hessian damping, share of the mean diagonal (default 0.01)")
     s.add_argument("--no-compensate", action="store_true", help="mask only, no OBS weight update")
-    s.add_argument("--first-block", type=int, default=0, help="first transformer block to prune (default 0)")
-    s.add_argument("--last-block", type=int, default=None, help="last transformer block to prune, inclusive (default: the last)")
+    s.add_argument("--first-block", type=int_at_least(0), default=0, help="first transformer block to prune (default 0)")
+    s.add_argument("--last-block", type=int_at_least(0), default=None, help="last transformer block to prune, inclusive (default: the last)")
     s.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave layers matching this glob dense (repeatable), e.g. '*.attn.add_q_proj'")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
@@ -56,28 +57,36 @@ def add_parser(subparsers) -> None:
 
 
 def default_prompts_file(spec: ModelSpec) -> Path:
-    return DIGIT_PROMPTS if spec.id == "tiny-sd3" else CALIBRATION_PROMPTS
+    return REPO_ROOT / spec.prompts
+
+
+def default_out(args: argparse.Namespace, spec: ModelSpec, sparsity) -> Path:
+    return Path(args.out) if args.out else REPO_ROOT / "artifacts" / spec.id / f"prune-{sparsity.id}-{args.method}"
 
 
 def build_config(args: argparse.Namespace, spec: ModelSpec):
-    """``(PruneConfig, prompts)`` from parsed CLI arguments (validates everything before any loading)."""
+    """``(PruneConfig, prompts)`` from parsed CLI arguments (validates everything before any loading).
+
+    Calibration follows the sampler the model is deployed with: steps and guidance default to the model's
+    registry entry (a guidance <= 1, as for few-step models, samples without the CFG-doubled batch).
+    """
     from obsdiff.packages import CalibrationConfig, PruneConfig, calibration_prompts, read_prompts
     from obsdiff.patterns import parse_sparsity
     from obsdiff.timesteps import timestep_weights
 
     sparsity = parse_sparsity(args.sparsity)
-    for name in ("groups", "samples", "steps", "batch_size", "blocksize"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not 0 < args.percdamp < 10:
-        raise UserError(f"--percdamp must be in (0, 10), got {args.percdamp}")
-    timestep_weights(args.steps, args.weighting, args.w_max, args.w_min)  # validates
+    steps = spec.steps if args.steps is None else args.steps
+    guidance = spec.guidance if args.guidance is None else args.guidance
+    timestep_weights(steps, args.weighting, args.w_max, args.w_min)  # validates
+    spec.check_image_size(args.height, args.width)
+    if args.last_block is not None and args.last_block < args.first_block:
+        raise UserError(f"--last-block {args.last_block} is before --first-block {args.first_block}")
     height = args.height or spec.height
     width = args.width or spec.width
     calib = CalibrationConfig(
         samples=args.samples,
-        steps=args.steps,
-        guidance=args.guidance,
+        steps=steps,
+        guidance=guidance,
         height=height,
         width=width,
         batch_size=args.batch_size,
@@ -103,6 +112,26 @@ def build_config(args: argparse.Namespace, spec: ModelSpec):
     return config, prompts
 
 
+def validate(args: argparse.Namespace):
+    """Every check of this command that needs no model weights: ``(spec, config, prompts, out, existing)``
+    (``existing``: the plan already in ``out`` for the same settings, or None).
+
+    ``make engine`` calls it for its prune stage before any stage runs.
+    """
+    from obsdiff.packages import check_existing, is_complete
+
+    spec = resolve_model(args.model)
+    config, prompts = build_config(args, spec)
+    out = default_out(args, spec, config.sparsity)
+    check_output(out, "parent")
+    existing = check_existing(out, spec.id, config, prompts)  # another run's settings in `out`: say so now
+    if not is_complete(out, existing):
+        check_output(out / "transformer", "dir")
+        check_output(out / "plan.json", "file")
+    _device_and_dtype(args)
+    return spec, config, prompts, out, existing
+
+
 def _device_and_dtype(args: argparse.Namespace):
     import torch
 
@@ -120,32 +149,35 @@ def _device_and_dtype(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from obsdiff.distributed import init_from_env, shutdown
-    from obsdiff.packages import check_existing, is_complete, prune
+    from obsdiff.packages import is_complete, prune
 
-    spec = resolve_model(args.model)
-    config, prompts = build_config(args, spec)
-    out = Path(args.out) if args.out else REPO_ROOT / "artifacts" / spec.id / f"prune-{config.sparsity.id}-{config.method}"
+    spec, config, prompts, out, existing = validate(args)
     device, dtype = _device_and_dtype(args)
-    existing = check_existing(out, spec.id, config, prompts)
     if is_complete(out, existing):
         log.info("%s already holds this pruning (%s, %s); nothing to do", out, config.sparsity, config.method)
         return 0
+    calib = config.calibration
+    log.info("calibration: %d prompts x %d steps, guidance %g%s, %dx%d px", calib.samples, calib.steps, calib.guidance,
+             "" if calib.guidance > 1 else " (no CFG)", calib.width, calib.height)
 
     ctx = init_from_env(device)
+    # A bad input found late (the model cannot load) leaves nothing behind; a crash or Ctrl-C keeps the
+    # finished packages for a resume.
     try:
-        pipe = load_pipeline(spec, dtype=dtype)
-        if args.offload == "model":
-            pipe.enable_model_cpu_offload(device=ctx.device)
-        elif args.offload == "sequential":
-            pipe.enable_sequential_cpu_offload(device=ctx.device)
-        else:
-            pipe.to(ctx.device)
-        t0 = time.perf_counter()
-        plan = prune(pipe, spec.id, prompts, config, out, blocks_attr=spec.blocks_attr, ctx=ctx, progress=not args.no_progress)
-        if ctx.is_main:
-            dens = [v["density"] for v in plan.layers.values()]
-            mean = sum(dens) / len(dens) if dens else 1.0
-            log.info("pruned %d layers (%s, %s), mean density %.3f, in %.1f s -> %s", len(dens), plan.sparsity, plan.method, mean, time.perf_counter() - t0, out)
+        with created_dirs(out, remove_on=(UserError,)):
+            pipe = load_pipeline(spec, dtype=dtype)
+            if args.offload == "model":
+                pipe.enable_model_cpu_offload(device=ctx.device)
+            elif args.offload == "sequential":
+                pipe.enable_sequential_cpu_offload(device=ctx.device)
+            else:
+                pipe.to(ctx.device)
+            t0 = time.perf_counter()
+            plan = prune(pipe, spec.id, prompts, config, out, blocks_attr=spec.blocks_attr, ctx=ctx, progress=not args.no_progress)
+            if ctx.is_main:
+                dens = [v["density"] for v in plan.layers.values()]
+                mean = sum(dens) / len(dens) if dens else 1.0
+                log.info("pruned %d layers (%s, %s), mean density %.3f, in %.1f s -> %s", len(dens), plan.sparsity, plan.method, mean, time.perf_counter() - t0, out)
     finally:
         shutdown(ctx)
     return 0

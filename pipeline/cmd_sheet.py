@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from common.cli import int_range
 from pipeline.sampling import add_pipeline_args
 
 log = logging.getLogger(__name__)
@@ -13,8 +14,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("sheet", help="a sheet of all ten digits over a few seeds (tiny-sd3)")
     p.add_argument("--model", default="tiny-sd3")
     p.add_argument("--out", default="artifacts/tiny-sd3/digits_sheet.png")
-    p.add_argument("--seeds", type=int, default=4, help="rows (seeds 0..N-1)")
-    p.add_argument("--scale", type=int, default=4, help="pixel upscaling for viewing")
+    p.add_argument("--seeds", type=int_range(1, 1000), default=4, help="rows (seeds 0..N-1)")
+    p.add_argument("--scale", type=int_range(1, 64), default=4, help="pixel upscaling for viewing")
     add_pipeline_args(p)
     p.set_defaults(func=run)
 
@@ -24,9 +25,14 @@ def run(args) -> int:
     from PIL import Image
 
     from benchmarks.digits import prompt_for
-    from common.io import atomic_path
-    from pipeline.sampling import pipeline_from_args, sample, to_uint8
+    from common.errors import UserError
+    from common.io import atomic_path, check_output
+    from pipeline.sampling import check_pipeline_args, pipeline_from_args, sample, to_uint8
 
+    spec, _ = check_pipeline_args(args)
+    if spec.quality_metric != "digits":
+        raise UserError(f"sheet draws the ten digits and needs a digits model such as tiny-sd3, not {spec.id}; use `generate` for other models")
+    check_output(args.out, "file")
     spec, pipe = pipeline_from_args(args)
     seeds = [s for s in range(args.seeds) for _ in range(10)]
     images = to_uint8(sample(pipe, spec, [prompt_for(d) for _ in range(args.seeds) for d in range(10)], seeds))

@@ -8,12 +8,12 @@ architecture is new). A local directory in diffusers format is accepted wherever
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common.errors import UserError
+from common.io import read_json
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,10 @@ class ModelSpec:
     steps / guidance / height / width: sampling defaults (pixels).
     max_sequence_length: T5 tokens the pipeline encodes.
     few_step: distilled few-step model (guidance is ignored).
+    vae_scale / patch_size / pos_embed_max_size: pixels per latent, latents per token side, and the most
+        tokens per side the transformer's position embedding covers; they bound the image sizes.
+    prompts: calibration prompt file (relative to the repo root).
+    quality_metric: ``"digits"`` (the embedded digit classifier) or ``"clip"`` (CLIP score when cached).
     """
 
     id: str
@@ -57,10 +61,34 @@ class ModelSpec:
     few_step: bool = False
     shapes: ExportShapes = ExportShapes(128, 128, 333)
     description: str = ""
+    vae_scale: int = 8
+    patch_size: int = 2
+    pos_embed_max_size: int | None = 192
+    prompts: str = "prompts/calibration.txt"
+    quality_metric: str = "clip"
 
     @property
     def path(self) -> Path | None:
         return (REPO_ROOT / self.source) if self.local else None
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image height and width must be multiples of this (VAE factor x patch size)."""
+        return self.vae_scale * self.patch_size
+
+    def check_image_size(self, height: int | None, width: int | None, *, options: tuple[str, str] = ("--height", "--width")) -> None:
+        """One-line :class:`UserError` unless ``height``/``width`` (pixels; None = the default) are sizes
+        this model can sample: positive multiples of :attr:`pixel_multiple`, within the position embedding."""
+        step = self.pixel_multiple
+        biggest = self.pos_embed_max_size * step if self.pos_embed_max_size else None
+        for value, option in zip((height, width), options):
+            if value is None:
+                continue
+            if value < step or value % step:
+                raise UserError(f"{option} {value}: {self.id} needs a positive multiple of {step} pixels "
+                                f"(VAE factor {self.vae_scale} x patch size {self.patch_size}), e.g. {max(step, round(value / step) * step)}")
+            if biggest is not None and value > biggest:
+                raise UserError(f"{option} {value}: {self.id}'s position embedding covers at most {biggest} pixels")
 
 
 _SD3_SHAPES = ExportShapes(latent_height=128, latent_width=128, text_seq_len=77 + 256)
@@ -78,6 +106,10 @@ MODELS: dict[str, ModelSpec] = {
             width=32,
             max_sequence_length=10,
             shapes=ExportShapes(latent_height=8, latent_width=8, text_seq_len=10 + 10),
+            vae_scale=4,
+            pos_embed_max_size=8,
+            prompts="prompts/digits.txt",
+            quality_metric="digits",
             description="embedded default: a tiny SD3 pipeline trained on scikit-learn's handwritten digits",
         ),
         ModelSpec(
@@ -130,22 +162,26 @@ def resolve_model(model: str) -> ModelSpec:
         if not (path / "model_index.json").is_file():
             raise UserError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
         return _spec_from_directory(path)
+    if path.exists():
+        raise UserError(f"--model {model}: not a directory; give a registry id ({', '.join(MODELS)}) or a diffusers pipeline directory")
+    if "/" in model or model.startswith((".", "~")) or Path(model).is_absolute():
+        raise UserError(f"--model {model}: no such directory; give an existing diffusers pipeline directory or a registry id ({', '.join(MODELS)})")
     raise UserError(f"unknown model {model!r}; known ids: {', '.join(MODELS)} (or a local diffusers directory)")
 
 
 def _spec_from_directory(path: Path) -> ModelSpec:
     """Derive a spec for a local directory from its configs, with SD3 defaults for sampling."""
-    index = json.loads((path / "model_index.json").read_text())
+    index = read_json(path / "model_index.json", what="diffusers model index")
     cls = index.get("_class_name", "StableDiffusion3Pipeline")
     tcfg_file = path / "transformer" / "config.json"
-    tcfg = json.loads(tcfg_file.read_text()) if tcfg_file.is_file() else {}
+    tcfg = read_json(tcfg_file, what="transformer config") if tcfg_file.is_file() else {}
     # A directory that is a copy of a registry family inherits its sampling defaults.
     base = next((s for s in MODELS.values() if s.local and s.path and s.path.resolve() == path.resolve()), None)
     if base is not None:
         return base
     sample = int(tcfg.get("sample_size", 128))
     vae_cfg_file = path / "vae" / "config.json"
-    vae_scale = 2 ** (len(json.loads(vae_cfg_file.read_text()).get("block_out_channels", [0] * 4)) - 1) if vae_cfg_file.is_file() else 8
+    vae_scale = 2 ** (len(read_json(vae_cfg_file, what="VAE config").get("block_out_channels", [0] * 4)) - 1) if vae_cfg_file.is_file() else 8
     return ModelSpec(
         id=path.name,
         source=str(path.resolve()),
@@ -156,6 +192,9 @@ def _spec_from_directory(path: Path) -> ModelSpec:
         width=sample * vae_scale,
         shapes=ExportShapes(latent_height=sample, latent_width=sample, text_seq_len=77 + 256),
         description=f"local diffusers directory {path}",
+        vae_scale=vae_scale,
+        patch_size=int(tcfg.get("patch_size", 2)),
+        pos_embed_max_size=tcfg.get("pos_embed_max_size"),
     )
 
 

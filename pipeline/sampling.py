@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from common.cli import float_range, int_at_least
+from common.errors import UserError
 from pipeline.models import ModelSpec
 
 
@@ -28,7 +31,9 @@ def sample(
     """
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
-    steps = steps or spec.steps
+    steps = spec.steps if steps is None else steps
+    if steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps}")
     guidance = spec.guidance if guidance is None else guidance
     out = []
     for i in range(0, len(prompts), batch_size):
@@ -53,17 +58,36 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
+TRANSFORMER_HELP = ("use this transformer instead of the model's: a `prune` output directory (or its transformer/), "
+                    "an `export` output directory (or its compact/)")
+
+
+def add_sampler_args(p) -> None:
+    """``--steps`` and ``--guidance`` (default: the model's registry values), range-checked at parse time."""
+    p.add_argument("--steps", type=int_at_least(1), help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float_range(0.0), help="guidance scale (default: the model's)")
+
+
 def add_pipeline_args(p) -> None:
     """The CLI options that choose which pipeline samples: ``--no-t5`` and ``--transformer``."""
     p.add_argument("--no-t5", action="store_true", help="drop the T5 encoder (text_encoder_3=None)")
-    p.add_argument("--transformer", help="a pruned (stage 1) or compact (stage 2) transformer directory")
+    p.add_argument("--transformer", metavar="DIR", help=TRANSFORMER_HELP)
+
+
+def check_pipeline_args(args) -> tuple[ModelSpec, "Path | None"]:
+    """Validate ``--model`` and ``--transformer`` without loading weights: ``(spec, transformer_dir)``."""
+    from export.checkpoint import find_transformer_dir
+    from pipeline.models import resolve_model
+
+    spec = resolve_model(args.model)
+    return spec, find_transformer_dir(args.transformer) if args.transformer else None
 
 
 def pipeline_from_args(args):
     """``(spec, pipe)`` for ``args.model`` with the options of :func:`add_pipeline_args`."""
-    from benchmarks.quality import load_transformer
-    from pipeline.models import load_pipeline, resolve_model
+    from export.checkpoint import load_any_transformer
+    from pipeline.models import load_pipeline
 
-    spec = resolve_model(args.model)
-    transformer = load_transformer(args.transformer) if args.transformer else None
+    spec, tdir = check_pipeline_args(args)
+    transformer = load_any_transformer(tdir) if tdir is not None else None
     return spec, load_pipeline(spec, drop_t5=args.no_t5, transformer=transformer)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from common.errors import UserError
+from common.io import MARKER
 from export.checkpoint import DESCRIPTION, WEIGHTS, load_compact, save_compact
 from export.surgery import block_shapes, structured_plan
 from tests.export_helpers import masked_and_compact, run
@@ -22,7 +23,7 @@ def compact_case():
 def test_round_trip(tmp_path, compact_case):
     plan, masked, compact = compact_case
     save_compact(compact, tmp_path / "compact", plan)
-    assert sorted(p.name for p in (tmp_path / "compact").iterdir()) == [DESCRIPTION, WEIGHTS]
+    assert sorted(p.name for p in (tmp_path / "compact").iterdir()) == [MARKER, DESCRIPTION, WEIGHTS]
     loaded, loaded_plan = load_compact(tmp_path / "compact")
     assert loaded_plan.to_dict() == plan.to_dict()
     assert block_shapes(loaded) == block_shapes(compact)

@@ -131,3 +131,6 @@ def test_no_gpu_and_bad_manifest(tmp_path):
     mpath.write_text("{not json")
     with pytest.raises(UserError, match="corrupt JSON"):
         _check(plan)
+    mpath.write_text("[1, 2, 3]")  # parses, wrong shape
+    with pytest.raises(UserError, match="JSON list"):
+        _check(plan)

@@ -62,7 +62,9 @@ def test_user_errors_are_one_line(stage1, tmp_path, capsys):
         assert err.count("\n") == 0 and match in err, err
 
     base = ["export", "--model", "tiny-sd3", "--out", str(tmp_path / "o"), "--components", "transformer"]
-    fails([*base, "--pruned", str(tmp_path / "nowhere")], "plan.json")
+    fails([*base, "--pruned", str(tmp_path / "nowhere")], "is not a directory")
+    (tmp_path / "noplan").mkdir()
+    fails([*base, "--pruned", str(tmp_path / "noplan")], "plan.json")
     fails([*base, "--pruned", str(pruned), "--components", "transformer,unet"], "unknown component")
     # a plan for another model
     other = write_stage1_dir(tmp_path / "other", tiny_sd3_transformer(num_layers=3), plan)
@@ -77,4 +79,4 @@ def test_user_errors_are_one_line(stage1, tmp_path, capsys):
     d["packages"], d["done_packages"] = [["transformer_blocks.0.attn.to_q"]], 0
     (partial / "plan.json").write_text(json.dumps(d))
     fails([*base, "--pruned", str(partial)], "partial")
-    assert not (tmp_path / "o" / "export_report.json").exists()
+    assert not (tmp_path / "o").exists()  # a failing export leaves no --out behind

@@ -233,3 +233,42 @@ def test_cli_rejects_bad_input_in_one_line(capsys, tmp_path):
         assert "CUDA" in capsys.readouterr().err
     assert main(["prune", "--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "z")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+# -- calibration follows the model's deployed sampler -----------------------------------------------------
+@pytest.mark.parametrize("model, steps, guidance", [("tiny-sd3", 20, 4.0), ("sd3-medium", 28, 7.0), ("sd3.5-large-turbo", 4, 0.0)])
+def test_calibration_defaults_come_from_the_registry(model, steps, guidance):
+    from common.cli import ArgumentParser
+    from pipeline import cmd_prune
+    from pipeline.models import resolve_model
+
+    parser = ArgumentParser(prog="prune")
+    cmd_prune.add_parser(parser.add_subparsers(dest="command"))
+    spec = resolve_model(model)
+    config, _ = cmd_prune.build_config(parser.parse_args(["prune", "--model", model]), spec)
+    assert (config.calibration.steps, config.calibration.guidance) == (steps, guidance)
+    assert (config.calibration.height, config.calibration.width) == (spec.height, spec.width)
+    config, _ = cmd_prune.build_config(parser.parse_args(["prune", "--model", model, "--steps", "7", "--guidance", "2.5"]), spec)
+    assert (config.calibration.steps, config.calibration.guidance) == (7, 2.5)
+
+
+def test_few_step_model_is_calibrated_without_the_cfg_batch():
+    """guidance <= 1 (sd3.5-large-turbo's 0.0): the pipeline runs one branch, so the hooks see batch 1, not 2."""
+    from obsdiff.packages import CalibrationConfig, run_calibration
+
+    require_tiny_sd3()
+    with single_thread():
+        pipe = load_tiny_pipeline()
+        name = "transformer_blocks.0.attn.to_q"
+        layer = dict(pipe.transformer.named_modules())[name]
+        batches = []
+        handle = layer.register_forward_hook(lambda m, i, o: batches.append(i[0].shape[0]))
+        collector = HessianCollector({name: layer})
+        try:
+            for guidance in (0.0, 4.0):
+                calib = CalibrationConfig(samples=1, steps=2, guidance=guidance, height=32, width=32, batch_size=1, max_sequence_length=10)
+                with torch.no_grad():
+                    run_calibration(pipe, collector, [(0, "a handwritten digit 1")], calib)
+        finally:
+            handle.remove()
+    assert batches == [1, 1, 2, 2]

@@ -1,11 +1,13 @@
 """OBS solvers and baselines on synthetic layers with real-like correlated inputs."""
 
+import math
+
 import pytest
 import torch
 
 from obsdiff.baselines import magnitude_prune, magnitude_prune_groups, wanda_prune, wanda_prune_groups
 from obsdiff.patterns import parse_sparsity
-from obsdiff.solvers import damped_inverse, obs_prune, obs_prune_groups, reconstruction_error
+from obsdiff.solvers import damped_inverse, inverse_cholesky_upper, obs_prune, obs_prune_groups, reconstruction_error
 from tests.prune_helpers import correlated_inputs, output_error, single_thread
 
 
@@ -95,6 +97,56 @@ def test_degenerate_hessians_are_damped():
     assert damp > 0 and torch.isfinite(Hinv).all()
 
 
+def _dead_layer(dead_cols, rows=64, cols=256, seed=0):
+    """``_layer`` with the inputs ``dead_cols`` exactly zero on every token, so ``H_ii = 0`` there."""
+    W, _, X = _layer(rows=rows, cols=cols, seed=seed)
+    X[:, dead_cols] = 0.0  # (tokens, cols)
+    return W, X.T @ X / X.shape[0], X
+
+
+def test_damping_ignores_dead_inputs():
+    W, H, _ = _dead_layer([3, 40], rows=8, cols=64)
+    live = torch.diagonal(H) != 0
+    _, _, damp = damped_inverse(H, 0.01)
+    assert damp == pytest.approx(0.01 * float(torch.diagonal(H)[live].mean()), rel=1e-6)
+    # the dead inputs' H_ii = 1 (SparseGPT) must not tie the damping, hence the solution, to the scale of H
+    assert damped_inverse(1e-4 * H, 0.01)[2] == pytest.approx(1e-4 * damp, rel=1e-6)
+    W1, keep1 = obs_prune(W, H, parse_sparsity("2:4"))
+    W2, keep2 = obs_prune(W, 1e-4 * H, parse_sparsity("2:4"))
+    assert torch.equal(keep1, keep2) and torch.allclose(W1, W2, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "unstructured:0.5"])
+@pytest.mark.parametrize("dead", [[3, 70, 130, 200], [0, 1, 2, 3]], ids=["spread", "one-group"])
+def test_obs_zeroes_dead_inputs_first(pattern, dead):
+    rows, cols = 64, 256
+    W, H, X = _dead_layer(dead, rows, cols)
+    sp = parse_sparsity(pattern)
+    # reference: SparseGPT's fasterprune zeroes the dead columns (W[:, dead] = 0) before choosing masks
+    W_dead0 = W.clone()
+    W_dead0[:, dead] = 0.0
+    W_ref, keep_ref = obs_prune(W_dead0, H, sp)
+    err_ref = reconstruction_error(W, W_ref, H)
+    for hinv_upper in (None, inverse_cholesky_upper(H)[0]):  # the dead columns come from H in both cases
+        W_new, keep = obs_prune(W, H, sp, hinv_upper=hinv_upper)
+        assert torch.equal(keep, keep_ref)
+        assert torch.allclose(W_new, W_ref, rtol=0, atol=1e-6)
+        assert reconstruction_error(W, W_new, H) == pytest.approx(err_ref, rel=1e-5)
+        assert reconstruction_error(W, W_new, H) == pytest.approx(output_error(W, W_new, X) ** 2 / X.shape[0], rel=1e-3)
+        assert bool((W_new[:, dead] == 0).all()) and bool((W_new[~keep] == 0).all())
+    # the pattern stays exact, and every dead weight takes a pruned slot while its group (block) has one
+    if sp.kind == "nm":
+        assert bool((keep.reshape(rows, cols // sp.m, sp.m).sum(dim=2) == sp.n).all())
+        assert bool(((W_new != 0).reshape(rows, cols // sp.m, sp.m).sum(dim=2) <= sp.n).all())
+        dead_per_group = torch.bincount(torch.tensor(dead) // sp.m)
+        pruned_dead = int(dead_per_group.clamp(max=sp.m - sp.n).sum())  # per row
+    else:
+        # SparseGPT counts the dead zeros towards the quota: the layer's sparsity is exact, dead included
+        assert int((~keep).sum()) == round(sp.ratio * rows * cols) == int((W_new == 0).sum())
+        pruned_dead = len(dead)
+    assert int((~keep[:, dead]).sum()) == rows * pruned_dead
+
+
 # -- structured: column groups (heads of head_dim columns, FFN neurons of one column) -----------------
 def _two_branches(heads=8, head_dim=16, seed=0):
     cols = heads * head_dim
@@ -148,3 +200,54 @@ def test_joint_heads_are_ranked_over_both_branches():
     _, keep_a_only = obs_prune_groups([Wa], [Hs[0]], 16, 3)
     _, keep_joint = obs_prune_groups([Wa, Wb], list(Hs), 16, 3)
     assert 2 not in keep_a_only and 2 in keep_joint
+
+
+# -- structured with dead inputs: heads / neurons whose inputs are exactly zero in calibration ---------
+def _dead_groups(branches, groups, group_size, dead, rows=96):
+    cols = groups * group_size
+    dead_cols = [g * group_size + j for g in dead for j in range(group_size)]
+    layers = [_dead_layer(dead_cols, rows=rows, cols=cols, seed=b) for b in range(branches)]
+    return [W for W, _, _ in layers], [H for _, H, _ in layers]
+
+
+def _check_against_live_only(Ws, Hs, group_size, n_remove, dead, max_iters):
+    """Run obs_prune_groups with dead groups and check it against the same call on the live groups alone."""
+    groups = Ws[0].shape[1] // group_size
+    dead_cols = [g * group_size + j for g in dead for j in range(group_size)]
+    new, keep = obs_prune_groups(Ws, Hs, group_size, n_remove, max_iters=max_iters)  # must not raise
+    assert set(dead).isdisjoint(keep), "dead groups cost nothing: they go first"
+    assert len(keep) == groups - n_remove
+    removed_cols = [c for c in range(Ws[0].shape[1]) if c // group_size not in keep]
+    for W_new in new:
+        assert bool((W_new[:, removed_cols] == 0).all()) and bool(torch.isfinite(W_new).all())
+    # reference: dead groups cut out beforehand, the rest removed in the same chunks per iteration
+    live_groups = [g for g in range(groups) if g not in dead]
+    live_cols = [c for c in range(Ws[0].shape[1]) if c not in set(dead_cols)]
+    per_iter = math.ceil(n_remove / max_iters)
+    assert len(dead) % per_iter == 0, "the dead groups must fill whole iterations for the chunks to line up"
+    ref_iters = max(1, math.ceil((n_remove - len(dead)) / per_iter))
+    Ws_live = [W[:, live_cols] for W in Ws]
+    Hs_live = [H[live_cols][:, live_cols] for H in Hs]
+    ref, keep_ref = obs_prune_groups(Ws_live, Hs_live, group_size, n_remove - len(dead), max_iters=ref_iters)
+    assert keep == [live_groups[g] for g in keep_ref]
+    err = sum(reconstruction_error(W, W_new, H) for W, W_new, H in zip(Ws, new, Hs))
+    err_ref = sum(reconstruction_error(W, W_new, H) for W, W_new, H in zip(Ws_live, ref, Hs_live))
+    assert err <= err_ref * (1 + 1e-4), (err, err_ref)
+    for W_new, W_ref in zip(new, ref):
+        assert torch.allclose(W_new[:, live_cols], W_ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("branches", [1, 2])
+@pytest.mark.parametrize("n_remove, max_iters", [(3, 512), (4, 512), (5, 512), (3, 3), (4, 2), (5, 3)])
+def test_structured_obs_removes_dead_heads(branches, n_remove, max_iters):
+    # 8 heads of 16 columns, heads 2 and 5 with all-zero inputs (in every branch); several greedy rounds,
+    # so groups are scored again after a dead head's Hinv block has been downdated to zero
+    Ws, Hs = _dead_groups(branches, groups=8, group_size=16, dead=[2, 5])
+    _check_against_live_only(Ws, Hs, 16, n_remove, [2, 5], max_iters)
+
+
+@pytest.mark.parametrize("max_iters", [512, 4])  # 4 iterations: 8 neurons per iteration
+def test_structured_obs_removes_dead_neurons(max_iters):
+    dead = [0, 17, 18, 64, 100, 101, 200, 255]
+    Ws, Hs = _dead_groups(1, groups=256, group_size=1, dead=dead, rows=32)
+    _check_against_live_only(Ws, Hs, 1, 32, dead, max_iters)

@@ -1,0 +1,47 @@
+"""``--transformer`` takes whatever a stage wrote: a prune output or its transformer/, an export output or its
+compact/; anything else is one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.errors import UserError
+from export.checkpoint import find_transformer_dir, load_any_transformer, save_compact
+from tests.export_helpers import masked_and_compact, run, write_stage1_dir
+from tests.factories import tiny_transformer_inputs
+
+
+@pytest.fixture(scope="module")
+def stage_dirs(tmp_path_factory):
+    plan, masked, compact = masked_and_compact(ratio=0.3, num_layers=2)
+    prune_dir = write_stage1_dir(tmp_path_factory.mktemp("prune"), masked, plan)
+    export_dir = tmp_path_factory.mktemp("export")
+    save_compact(compact, export_dir / "compact", plan)
+    return prune_dir, export_dir, masked
+
+
+def test_every_stage_output_layout_is_accepted(stage_dirs):
+    prune_dir, export_dir, masked = stage_dirs
+    assert find_transformer_dir(prune_dir) == prune_dir / "transformer"
+    assert find_transformer_dir(prune_dir / "transformer") == prune_dir / "transformer"
+    assert find_transformer_dir(export_dir) == export_dir / "compact"
+    assert find_transformer_dir(export_dir / "compact") == export_dir / "compact"
+    inputs = tiny_transformer_inputs(masked)
+    ref = run(masked, inputs)
+    for d in (prune_dir, export_dir):  # the masked and the compact transformer compute the same thing
+        torch.testing.assert_close(run(load_any_transformer(d), inputs), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_what_is_not_a_transformer(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        find_transformer_dir(tmp_path / "absent")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(UserError, match="is not a directory"):
+        find_transformer_dir(tmp_path / "f")
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "plan.json").write_text("{}")
+    with pytest.raises(UserError, match="unfinished prune"):
+        find_transformer_dir(tmp_path / "unfinished")
+    with pytest.raises(UserError, match="holds no transformer"):
+        find_transformer_dir(tmp_path)
