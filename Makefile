@@ -9,7 +9,7 @@ EXTRAS ?= rtx
 PYTEST_ARGS ?=
 ENGINE_ARGS ?=
 
-.PHONY: setup test engine bench sheet train-tiny quality clean-artifacts
+.PHONY: setup test engine bench sheet train-tiny quality scale-fixture scale-check clean-artifacts
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,17 @@ quality: setup
 # Re-trains the embedded default model from scratch (not part of `make test`; ~45 min on 2 cores).
 train-tiny: setup
 	$(PY) scripts/train_tiny_sd3.py --out models/tiny-sd3
+
+# Real scale on random weights (not part of `make test`): an SD3-medium-shaped pipeline (2.0B-parameter
+# transformer), then every `make engine` stage on it, each measured (time, peak RSS, sizes, parity, 2:4).
+# About an hour on 2 cores and 24 GiB; FAMILY=sd3.5-large for the 8B model (needs more memory).
+FAMILY ?= sd3-medium
+SCALE_ARGS ?=
+scale-fixture: setup
+	$(PY) scripts/make_scale_fixture.py --family "$(FAMILY)" --out artifacts/fixtures/$(FAMILY)
+
+scale-check: setup
+	$(PY) -m benchmarks.scale_check --family "$(FAMILY)" $(SCALE_ARGS)
 
 clean-artifacts:
 	rm -rf artifacts

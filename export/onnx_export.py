@@ -22,24 +22,30 @@ variance of a 1536-wide fp16 row overflows easily; NVIDIA's TensorRT docs recomm
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from common.memory import log_memory
 
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
 MAX_IR_VERSION = 10
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # bytes of initializers; protobuf's hard limit is 2 GiB
+# Bytes of initializers above which weights live in an external data file and the graph is processed without
+# them (protobuf's hard limit is 2 GiB). SDD_EXTERNAL_DATA_BYTES lowers it, so tests exercise that path on
+# small models.
+EXTERNAL_DATA_THRESHOLD = int(os.environ.get("SDD_EXTERNAL_DATA_BYTES", 2 * 1024**3 - 64 * 1024**2))
 PRECISIONS = ("fp32", "fp16")
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder")
 
@@ -188,28 +194,106 @@ def export_module(
             optimize=True,
             verbose=False,
         )
-    with tempfile.TemporaryDirectory(prefix="onnx-export-", dir=path.parent if path.parent.exists() else None) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".onnx-export-", dir=path.parent if path.parent.exists() else None) as tmp:
         raw = Path(tmp) / "raw.onnx"
         program.save(str(raw), external_data=True)
         del program
-        model = onnx.load(str(raw), load_external_data=True)
-    fold_weight_transposes(model)
-    name_weights_after_torch(model)
-    model = cleanup(model)
-    if fp32_layernorm:
-        model = layernorm_to_fp32(model)
+        _forget_onnxscript_matches()
+        log_memory(f"{path.name}: torch.onnx export saved")
+        # The graph is processed with its weights left in the external data file (memory stays at the size of
+        # the graph, not of the weights); small models are loaded whole so graphsurgeon can fold constants.
+        model = onnx.load(str(raw), load_external_data=False)
+        base_dir = Path(tmp)
+        if initializer_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+            onnx.load_external_data_for_model(model, tmp)
+            base_dir = None
+        else:
+            load_small_external(model, tmp)
+        fold_weight_transposes(model, base_dir=base_dir)
+        name_weights_after_torch(model)
         model = cleanup(model)
-    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    save_onnx(model, path)
+        if fp32_layernorm:
+            model = layernorm_to_fp32(model)
+            model = cleanup(model)
+        model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+        save_onnx(model, path, base_dir=base_dir)
+        del model
     log.info("exported %s in %.1f s (%s)", path.name, time.perf_counter() - t0, _human(onnx_size(path)))
+    log_memory(f"{path.name}: saved")
     return path
 
 
-def fold_weight_transposes(model) -> int:
+def _forget_onnxscript_matches() -> int:
+    """Drop the graph that onnxscript's rewrite-rule matchers keep from their last match (onnxscript 0.7).
+
+    The matchers are module-level singletons that store the graph, node and bindings of the last match
+    (``SimplePatternMatcher._graph``, ``_match``...): after torch.onnx's optimizer ran, that keeps the whole
+    exported graph alive, with its initializers (the module's weights and the transposed copies the optimizer
+    folded). For an SD3-medium transformer that is ~2.4 GiB held until the next export. Returns the count.
+    """
+    import gc
+
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:  # another onnxscript layout: nothing to do
+        return 0
+    n = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, SimplePatternMatcher):
+            for attr in ("_graph", "_match", "_current_node", "_tracer"):
+                if hasattr(obj, attr):
+                    setattr(obj, attr, None)
+            n += 1
+    gc.collect()
+    return n
+
+
+def load_small_external(model, base_dir: str | os.PathLike, max_bytes: int = 1 << 20) -> int:
+    """Embed every externally stored initializer smaller than ``max_bytes`` (norm scales, biases) in the
+    graph, so graph passes can read them; big weights stay in the file. Returns the count."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    n = 0
+    for t in model.graph.initializer:
+        if uses_external_data(t) and _tensor_bytes(t) < max_bytes:
+            load_external_data_for_tensor(t, str(base_dir))
+            t.data_location = 0  # DEFAULT: the bytes now live in raw_data
+            del t.external_data[:]
+            n += 1
+    return n
+
+
+def _tensor_bytes(t) -> int:
+    return int(np.prod(t.dims)) * np.dtype(_np_dtype(t.data_type)).itemsize
+
+
+def _point_external(t, location: str, offset: int, length: int) -> None:
+    """Make tensor ``t`` refer to ``length`` bytes at ``offset`` of the external file ``location``."""
+    import onnx
+
+    t.ClearField("raw_data")
+    del t.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    t.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _append_external(t, data: np.ndarray, base_dir: Path, file_name: str = "extra.onnx.data") -> None:
+    """Store ``data`` as the external data of tensor ``t``, appended to ``base_dir/file_name``."""
+    with open(base_dir / file_name, "ab") as fh:
+        offset = fh.tell()
+        fh.write(np.ascontiguousarray(data).tobytes())
+    _point_external(t, file_name, offset, data.nbytes)
+
+
+def fold_weight_transposes(model, base_dir: str | os.PathLike | None = None) -> int:
     """Replace ``MatMul(X, Transpose(W_init))`` by ``MatMul(X, W_init^T)`` with a new initializer (in place).
 
     torch.onnx's optimizer normally does this already; this guarantees TensorRT sees a constant weight
     directly on the GEMM (a Transpose in between hides it from sparse-weight tactics). Returns the count.
+    base_dir: where the model's external data lives, when its weights are not loaded; each weight is then
+    read, transposed and appended to an external file there one at a time.
     """
     from onnx import numpy_helper
 
@@ -223,10 +307,13 @@ def fold_weight_transposes(model) -> int:
         if tr.op_type != "Transpose" or tr.input[0] not in inits:
             continue
         perm = next((list(a.ints) for a in tr.attribute if a.name == "perm"), None)
-        w = numpy_helper.to_array(inits[tr.input[0]])
-        if w.ndim != 2 or perm not in (None, [1, 0]):
+        if len(inits[tr.input[0]].dims) != 2 or perm not in (None, [1, 0]):
             continue
+        w = numpy_helper.to_array(inits[tr.input[0]], base_dir=str(base_dir) if base_dir is not None else "")
         new = numpy_helper.from_array(np.ascontiguousarray(w.T), f"{tr.input[0]}__kn{folded}")
+        if base_dir is not None:
+            _append_external(new, np.ascontiguousarray(w.T), Path(base_dir))
+        del w
         model.graph.initializer.append(new)
         node.input[1] = new.name
         folded += 1
@@ -345,7 +432,7 @@ def initializer_bytes(model) -> int:
     total = 0
     for t in model.graph.initializer:
         if uses_external_data(t):
-            total += int(np.prod(t.dims)) * np.dtype(_np_dtype(t.data_type)).itemsize
+            total += _tensor_bytes(t)
         else:
             total += len(t.raw_data) if t.raw_data else int(np.prod(t.dims)) * 4
     return total
@@ -357,20 +444,26 @@ def _np_dtype(elem_type: int):
     return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
 
 
-def save_onnx(model, path: str | os.PathLike) -> Path:
+def save_onnx(model, path: str | os.PathLike, *, base_dir: str | os.PathLike | None = None) -> Path:
     """Check and save ``model`` atomically; weights go to ``<name>.data`` beside it when over 2 GB.
 
     ``path`` and its data file are written in a temporary directory and renamed into place, data first.
+    base_dir: where ``model``'s not-loaded external data lives; its tensors are then copied into the new data
+    file one at a time (page-aligned), so saving never holds the weights in memory.
     """
     import onnx
 
     path = Path(path)
-    external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    streaming = base_dir is not None and _has_external(model)
+    external = streaming or initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
         tmp_path = Path(tmp) / path.name
-        if external:
+        if streaming:
+            _copy_external_data(model, Path(base_dir), Path(tmp) / data_name)
+            onnx.save_model(model, str(tmp_path))
+        elif external:
             onnx.save_model(model, str(tmp_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
         else:
             onnx.save_model(model, str(tmp_path))
@@ -381,6 +474,43 @@ def save_onnx(model, path: str | os.PathLike) -> Path:
             (path.parent / data_name).unlink()
         os.replace(tmp_path, path)
     return path
+
+
+def _has_external(model) -> bool:
+    from onnx.external_data_helper import uses_external_data
+
+    return any(uses_external_data(t) for t in model.graph.initializer)
+
+
+def _copy_external_data(model, base_dir: Path, data_file: Path, align: int = 4096, chunk: int = 64 << 20) -> None:
+    """Copy every external tensor of ``model`` from its file under ``base_dir`` into ``data_file`` (in graph
+    order, each at a page-aligned offset) and point the tensor there. Streams at most ``chunk`` bytes at once."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    handles: dict[str, Any] = {}
+    try:
+        with open(data_file, "wb") as out:
+            for t in model.graph.initializer:
+                if not uses_external_data(t):
+                    continue
+                info = ExternalDataInfo(t)
+                src = handles.get(info.location) or handles.setdefault(info.location, open(base_dir / info.location, "rb"))
+                length = info.length if info.length else _tensor_bytes(t)
+                pad = (-out.tell()) % align
+                out.write(b"\0" * pad)
+                offset = out.tell()
+                src.seek(info.offset or 0)
+                left = length
+                while left:
+                    block = src.read(min(chunk, left))
+                    if not block:
+                        raise RuntimeError(f"external data of {t.name} is truncated in {info.location}")
+                    out.write(block)
+                    left -= len(block)
+                _point_external(t, data_file.name, offset, length)
+    finally:
+        for h in handles.values():
+            h.close()
 
 
 def onnx_size(path: str | os.PathLike) -> int:
@@ -436,11 +566,16 @@ def missing_linear_weights(model, torch_module: nn.Module, prefix: str = "transf
 # --------------------------------------------------------------------------------------------------------
 
 
-def ort_session(path: str | os.PathLike, *, threads: int | None = None):
-    """A CPU ``InferenceSession`` that does not spin idle threads (the machine is shared)."""
+def ort_session(path: str | os.PathLike, *, threads: int | None = None, optimize: bool = True):
+    """A CPU ``InferenceSession`` that does not spin idle threads (the machine is shared).
+
+    optimize: ONNX Runtime's graph optimisations (default on; off runs the graph exactly as exported).
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
@@ -547,6 +682,141 @@ def _io_spec(path: str | os.PathLike) -> tuple[dict, dict]:
     return spec(m.graph.input), spec(m.graph.output)
 
 
+@contextlib.contextmanager
+def fp32_compute(module: nn.Module) -> Iterator[nn.Module]:
+    """Run a float16 (or bfloat16) ``module`` with float32 arithmetic, one layer's weights at a time.
+
+    Every submodule that owns parameters is cast to float32 just before it runs and back right after (the
+    round trip is exact), and floating inputs are upcast: the float32 reference of a half-precision export
+    without a float32 copy of the whole model. A float32 module runs unchanged.
+    """
+    low = {p.dtype for p in module.parameters()} & {torch.float16, torch.bfloat16}
+    if not low:
+        yield module
+        return
+    (original,) = low
+
+    def before(m, args, kwargs):
+        m.to(torch.float32)
+        up = lambda v: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
+        return tuple(up(a) for a in args), {k: up(v) for k, v in kwargs.items()}
+
+    def after(m, _args, _out):
+        m.to(original)
+
+    handles = []
+    for m in module.modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            handles.append(m.register_forward_pre_hook(before, with_kwargs=True))
+            handles.append(m.register_forward_hook(after))
+    try:
+        yield module
+    finally:
+        for h in handles:
+            h.remove()
+        module.to(original)
+
+
+def release_weights(module: nn.Module) -> None:
+    """Free the memory of ``module``'s parameters and buffers now (they become empty tensors).
+
+    Deleting an exported module is not enough: onnxscript's rewrite rules keep the last graph they matched,
+    whose initializers still reference the module's tensors, so a 2B-parameter transformer would stay in
+    memory through the ONNX Runtime parity check. Only for modules the caller has given up.
+    """
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+
+@dataclass
+class ParityReference:
+    """Torch outputs at each parity batch, computed before the export so that the torch module can be freed
+    before ONNX Runtime loads the exported model (the two never share memory); :meth:`check` runs ORT."""
+
+    path: Path
+    output_names: list[str]
+    feeds: dict[int, dict[str, np.ndarray]]
+    outputs: dict[int, list[np.ndarray]]
+    tolerance: float
+    reference: str
+
+    def check(self, name: str = "") -> Parity:
+        # ONNX Runtime's CPU kernels are float32: for a half-precision model it inserts Casts, and its constant
+        # folding would turn them into a float32 copy of every weight (measured: 8.3 GiB of session memory for
+        # a 3.9 GiB float16 SD3-medium transformer, 0.04 GiB without). The graph is checked as exported.
+        half = any(spec["dtype"] in ("float16", "bfloat16") for spec in _io_spec(self.path)[0].values())
+        sess = ort_session(self.path, optimize=not half)
+        result = Parity(tolerance=self.tolerance, reference=self.reference)
+        for b, feeds in self.feeds.items():
+            got = sess.run(self.output_names, feeds)
+            result.batch_errors[b] = {n: rel_error(g, r) for n, g, r in zip(self.output_names, got, self.outputs[b])}
+            for n, g in zip(self.output_names, got):
+                assert g.shape[0] == b, f"{n}: ONNX returned batch {g.shape[0]} for input batch {b}"
+        del sess
+        log.info("%s: ORT vs %s max rel. error %.2e (tolerance %.0e, batches %s)", name or self.path.name, self.reference,
+                 result.max_error, result.tolerance, list(self.feeds))
+        log_memory(f"{self.path.name}: parity checked")
+        return result
+
+
+def export_component(
+    name: str,
+    wrapper: nn.Module,
+    make_inputs: Callable[[int, torch.dtype], dict[str, torch.Tensor]],
+    path: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    parity_batches: Sequence[int] = (1, 3),
+    keep_fp32: bool = False,
+    in_place: bool = False,
+) -> tuple[dict[str, Any], ParityReference | None]:
+    """Export one component; returns its summary and the torch side of the parity check (run it with
+    :meth:`ParityReference.check` once the torch module is no longer needed, to bound memory).
+
+    make_inputs(batch, dtype): inputs by ONNX input name; float tensors in ``dtype`` except the transformer's
+        ``timestep`` (always float32).
+    precision: ``fp32`` | ``fp16``; keep_fp32 exports this component in float32 even for ``fp16``.
+    in_place: convert ``wrapper`` to the export dtype in place instead of exporting a converted copy (the
+        caller gives the module up; at scale a copy would double the memory).
+    parity_batches: batch sizes to compare at (empty: no parity check); tolerance :func:`parity_tolerance`.
+        The reference is the torch module in float32 arithmetic (:func:`fp32_compute` for half weights).
+    """
+    import copy
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}")
+    eff = "fp32" if keep_fp32 else precision
+    dtype = torch_dtype(eff)
+    current = next(wrapper.parameters()).dtype
+    exported = wrapper if current == dtype or in_place else copy.deepcopy(wrapper)
+    exported.to(dtype)
+    ref = None
+    if parity_batches:
+        feeds: dict[int, dict[str, np.ndarray]] = {}
+        outputs: dict[int, list[np.ndarray]] = {}
+        # A copy in the export dtype is checked against the float32 original; an in-place conversion
+        # against its own half weights in float32 arithmetic (the same weights the ONNX holds).
+        reference_module = wrapper if exported is not wrapper else exported
+        with torch.no_grad(), fp32_compute(reference_module) as m:
+            for b in parity_batches:
+                inputs = make_inputs(b, dtype)
+                out = m(*[v.float() if v.is_floating_point() else v for v in inputs.values()])
+                outputs[b] = [o.detach().float().cpu().numpy() for o in (out if isinstance(out, (tuple, list)) else [out])]
+                feeds[b] = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
+        ref_name = "torch fp32" if (eff == "fp32" or exported is not wrapper) else f"torch {eff} weights, fp32 arithmetic"
+        ref = ParityReference(Path(path), list(wrapper.output_names), feeds, outputs, parity_tolerance(eff), ref_name)
+    t0 = time.perf_counter()
+    export_module(exported, make_inputs(2, dtype), path, fp32_layernorm=(eff == "fp16"))
+    seconds = time.perf_counter() - t0
+    if in_place or exported is not wrapper:
+        release_weights(exported)
+    del exported
+    summary: dict[str, Any] = {"file": Path(path).name, "bytes": onnx_size(path), "precision": eff, "export_s": round(seconds, 1)}
+    summary["inputs"], summary["outputs"] = _io_spec(path)
+    return summary, ref
+
+
 def export_and_check(
     name: str,
     wrapper: nn.Module,
@@ -557,57 +827,48 @@ def export_and_check(
     parity_batches: Sequence[int] = (1, 3),
     keep_fp32: bool = False,
 ) -> dict[str, Any]:
-    """Export one component (``wrapper`` holds the float32 module) and check ORT parity against it.
+    """:func:`export_component` (on a converted copy) followed at once by its parity check.
 
-    make_inputs(batch, dtype): inputs by ONNX input name; float tensors in ``dtype`` except the transformer's
-        ``timestep`` (always float32).
-    precision: ``fp32`` | ``fp16``; keep_fp32 exports this component in float32 even for ``fp16``.
-    parity_batches: batch sizes to compare at (empty: no parity check); tolerance :func:`parity_tolerance`.
     Returns a JSON-ready summary: file, bytes, dtype, I/O, export seconds, parity.
     """
-    import copy
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}")
-    eff = "fp32" if keep_fp32 else precision
-    dtype = torch_dtype(eff)
-    exported = wrapper if eff == "fp32" else copy.deepcopy(wrapper).to(dtype)
-    t0 = time.perf_counter()
-    export_module(exported, make_inputs(2, dtype), path, fp32_layernorm=(eff == "fp16"))
-    seconds = time.perf_counter() - t0
-    del exported
-    summary: dict[str, Any] = {"file": Path(path).name, "bytes": onnx_size(path), "precision": eff, "export_s": round(seconds, 1)}
-    summary["inputs"], summary["outputs"] = _io_spec(path)
-    if parity_batches:
-
-        def reference(inputs):
-            fp32 = {k: (v.float() if v.is_floating_point() else v) for k, v in inputs.items()}
-            out = wrapper(*fp32.values())
-            return out if isinstance(out, (tuple, list)) else [out]
-
-        parity = check_parity(
-            path,
-            reference,
-            lambda b: make_inputs(b, dtype),
-            list(wrapper.output_names),
-            batches=parity_batches,
-            tolerance=parity_tolerance(eff),
-            reference_name="torch fp32",
-        )
-        summary["parity"] = parity.to_dict()
-        log.info("%s: ORT vs torch max rel. error %.2e (tolerance %.0e, batches %s)", name, parity.max_error, parity.tolerance, list(parity_batches))
+    summary, ref = export_component(name, wrapper, make_inputs, path, precision=precision, parity_batches=parity_batches, keep_fp32=keep_fp32)
+    if ref is not None:
+        summary["parity"] = ref.check(name).to_dict()
     return summary
+
+
+def transformer_component(model: nn.Module, *, latent_hw: tuple[int, int], text_seq_len: int):
+    """``(wrapper, make_inputs)`` of an ``SD3Transformer2DModel`` (dense or compact) for :func:`export_component`."""
+
+    def make(batch, dtype):
+        return transformer_inputs(model, batch, latent_hw, text_seq_len, dtype=dtype, seed=batch)
+
+    return TransformerForOnnx(model.eval()), make
+
+
+def clip_component(encoder: nn.Module, *, seq_len: int):
+    """``(wrapper, make_inputs)`` of a ``CLIPTextModelWithProjection`` (text_encoder / text_encoder_2)."""
+    vocab = int(encoder.config.vocab_size)
+    return ClipForOnnx(encoder.eval()), lambda b, dt: token_inputs(vocab, b, seq_len, seed=b)
+
+
+def t5_component(encoder: nn.Module, *, seq_len: int):
+    """``(wrapper, make_inputs)`` of a ``T5EncoderModel`` (text_encoder_3)."""
+    vocab = int(encoder.config.vocab_size)
+    return T5ForOnnx(encoder.eval()), lambda b, dt: token_inputs(vocab, b, seq_len, seed=b)
+
+
+def vae_decoder_component(vae: nn.Module, *, latent_hw: tuple[int, int]):
+    """``(wrapper, make_inputs)`` of ``AutoencoderKL.decode`` (input already ``latents / scaling_factor + shift_factor``)."""
+    channels = int(vae.config.latent_channels)
+    return VaeDecoderForOnnx(vae.eval()), lambda b, dt: latent_inputs(channels, b, latent_hw, dtype=dt, seed=b)
 
 
 def export_transformer(
     model: nn.Module, path, *, latent_hw: tuple[int, int], text_seq_len: int, precision: str = "fp32", parity_batches=(1, 3)
 ) -> dict[str, Any]:
-    """Export an ``SD3Transformer2DModel`` (float32, dense or compact) to ``path``; see :func:`export_and_check`."""
-    wrapper = TransformerForOnnx(model.float().eval())
-
-    def make(batch, dtype):
-        return transformer_inputs(model, batch, latent_hw, text_seq_len, dtype=dtype, seed=batch)
-
+    """Export an ``SD3Transformer2DModel`` (dense or compact) to ``path``; see :func:`export_and_check`."""
+    wrapper, make = transformer_component(model, latent_hw=latent_hw, text_seq_len=text_seq_len)
     return export_and_check("transformer", wrapper, make, path, precision=precision, parity_batches=parity_batches)
 
 
@@ -615,26 +876,17 @@ def export_clip(
     encoder: nn.Module, path, *, seq_len: int, precision: str = "fp32", parity_batches=(1, 3), name: str = "text_encoder"
 ) -> dict[str, Any]:
     """Export a ``CLIPTextModelWithProjection`` (text_encoder / text_encoder_2)."""
-    vocab = int(encoder.config.vocab_size)
-    return export_and_check(
-        name, ClipForOnnx(encoder.float().eval()), lambda b, dt: token_inputs(vocab, b, seq_len, seed=b), path,
-        precision=precision, parity_batches=parity_batches,
-    )
+    wrapper, make = clip_component(encoder, seq_len=seq_len)
+    return export_and_check(name, wrapper, make, path, precision=precision, parity_batches=parity_batches)
 
 
 def export_t5(encoder: nn.Module, path, *, seq_len: int, precision: str = "fp32", parity_batches=(1, 3), keep_fp32: bool = True) -> dict[str, Any]:
     """Export a ``T5EncoderModel`` (text_encoder_3). Kept float32 by default: T5 activations overflow float16."""
-    vocab = int(encoder.config.vocab_size)
-    return export_and_check(
-        "text_encoder_3", T5ForOnnx(encoder.float().eval()), lambda b, dt: token_inputs(vocab, b, seq_len, seed=b), path,
-        precision=precision, parity_batches=parity_batches, keep_fp32=keep_fp32,
-    )
+    wrapper, make = t5_component(encoder, seq_len=seq_len)
+    return export_and_check("text_encoder_3", wrapper, make, path, precision=precision, parity_batches=parity_batches, keep_fp32=keep_fp32)
 
 
 def export_vae_decoder(vae: nn.Module, path, *, latent_hw: tuple[int, int], precision: str = "fp32", parity_batches=(1, 3)) -> dict[str, Any]:
     """Export ``AutoencoderKL.decode`` (input already unscaled: ``latents / scaling_factor + shift_factor``)."""
-    channels = int(vae.config.latent_channels)
-    return export_and_check(
-        "vae_decoder", VaeDecoderForOnnx(vae.float().eval()), lambda b, dt: latent_inputs(channels, b, latent_hw, dtype=dt, seed=b), path,
-        precision=precision, parity_batches=parity_batches,
-    )
+    wrapper, make = vae_decoder_component(vae, latent_hw=latent_hw)
+    return export_and_check("vae_decoder", wrapper, make, path, precision=precision, parity_batches=parity_batches)

@@ -204,27 +204,32 @@ def check_onnx_sparsity(
     *,
     input_shapes: dict[str, Iterable[int]],
     expected_layers: Iterable[str] = (),
+    base_dir: str | os.PathLike | None = None,
 ) -> SparsityReport:
     """Check every constant GEMM weight of an ONNX model for the N:M ``pattern`` along its K axis.
 
     input_shapes: concrete input shapes for FLOP counting (e.g. the export shapes at the per-step batch).
     expected_layers: torch module names that must be N:M (the plan's pruned layers, ``.weight`` optional);
         each one missing from the ONNX or failing the check is listed in the report (``report.ok`` False).
+    base_dir: the directory of the model's external data when ``path_or_model`` is a model loaded without
+        it; weights are then read one at a time (memory: one weight, not the model). A path is read so.
     """
     import onnx
     from onnx import numpy_helper
 
     if isinstance(path_or_model, (str, os.PathLike)):
-        model = onnx.load(str(path_or_model), load_external_data=True)
+        model = onnx.load(str(path_or_model), load_external_data=False)
+        base_dir = Path(path_or_model).parent
     else:
         model = path_or_model
+    load_dir = str(base_dir) if base_dir is not None else ""
     n, m = pattern
     inits = {t.name: t for t in model.graph.initializer}
     report = SparsityReport(pattern=f"{n}:{m}", input_shapes={k: list(v) for k, v in input_shapes.items()})
     report.gemms = gemm_table(model, input_shapes)
     for g in report.gemms:
         if g.weight is not None:
-            g.nm = check_nm(numpy_helper.to_array(inits[g.weight]), g.k_axis, n, m)
+            g.nm = check_nm(numpy_helper.to_array(inits[g.weight], base_dir=load_dir), g.k_axis, n, m)
     expected = [e[: -len(".weight")] if e.endswith(".weight") else e for e in expected_layers]
     report.expected_layers = expected
     by_layer = {g.layer: g for g in report.gemms if g.layer is not None}

@@ -154,6 +154,28 @@ def _share_groups(layer_names: Sequence[str]) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
+def memory_estimate(transformer: nn.Module, packages: Sequence[Sequence[Unit]], *, weight_bytes_per_param: int) -> dict[str, int]:
+    """Bytes that pruning needs on the device that holds the model, by part (an estimate from shapes).
+
+    weights: the transformer's parameters at ``weight_bytes_per_param`` (4 for float32, 2 for bf16/fp16);
+    hessians: the largest package's accumulators (float64, one ``in x in`` matrix per input that layers
+    share, see :func:`_share_groups`); solver: the largest layer's workspace (``H``, its factor and inverse
+    in float32, the weight and its update; ~4 ``in x in`` + 3 ``out x in`` float32 matrices).
+    Activations of the denoising loop are not included: they depend on resolution and batch.
+    """
+    modules = {name: m for name, m in transformer.named_modules() if isinstance(m, nn.Linear)}
+    weights = sum(p.numel() for p in transformer.parameters()) * weight_bytes_per_param
+    hessians, solver = 0, 0
+    for package in packages:
+        names = [n for unit in package for n in unit.layers]
+        shared = {n for g in _share_groups(names) for n in g[1:]}  # all but the first of a group reuse its sum
+        hessians = max(hessians, sum(modules[n].in_features ** 2 * 8 for n in names if n not in shared))
+        for n in names:
+            cols, rows = modules[n].in_features, modules[n].out_features
+            solver = max(solver, (4 * cols * cols + 3 * rows * cols) * 4)
+    return {"weights": weights, "hessians": hessians, "solver": solver, "total": weights + hessians + solver}
+
+
 # --------------------------------------------------------------------------------------------------
 # Settings
 # --------------------------------------------------------------------------------------------------
@@ -539,7 +561,8 @@ def prune(
     if ctx.is_main:
         _remove_offload_hooks(pipe)
         with atomic_path(out_dir / "transformer") as tmp:
-            transformer.save_pretrained(str(tmp))
+            # 1 GB shards: a later stage that loads this in another dtype converts one shard at a time
+            transformer.save_pretrained(str(tmp), max_shard_size="1GB")
         plan.save(out_dir / "plan.json")
         shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
     ctx.barrier()

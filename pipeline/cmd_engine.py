@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("--runs", type=int_at_least(1), default=10, help="timed benchmark runs (default 10)")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads for PyTorch and ONNX Runtime in the benchmark (default: PyTorch's)")
     p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed warm-up runs (default 2)")
+    p.add_argument("--bench-steps", type=int_at_least(1), default=None, help="denoising steps of the timed runs (default: the model's)")
+    p.add_argument("--no-quality", action="store_true", help="skip the quality evaluation of each variant")
+    p.add_argument("--no-eager", action="store_true", help="skip the PyTorch eager column")
     p.add_argument("--only-bench", action="store_true", help="rerun only the benchmark (stages 1-2 must be complete)")
     p.add_argument("--triton", metavar="DIR", default=None, help="also write a Triton model repository to DIR")
     p.add_argument("--artifacts", default=None, help="artifact root (default <repo>/artifacts)")
@@ -93,8 +96,12 @@ def _validate_stage(st: _Stage) -> None:
         module.validate(st.args)
 
 
-def _plan_stages(args, spec, sparsity, cfg, dense, cuda: bool) -> list[_Stage]:
-    """Every stage that ``make engine`` will run, parsed and validated before the first one starts."""
+def _plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str) -> list[_Stage]:
+    """Every stage that ``make engine`` will run, parsed and validated before the first one starts.
+
+    A GPU host benchmarking TensorRT engines exports what the engines need (float16, every component) and
+    nothing else; the float32 ONNX Runtime exports are for hosts without a GPU (and ``--backend ort``).
+    """
     stages: list[_Stage] = []
 
     def add(name: str, marker: Path, command: str, argv: list[str], inputs: dict, outputs: dict) -> None:
@@ -110,9 +117,10 @@ def _plan_stages(args, spec, sparsity, cfg, dense, cuda: bool) -> list[_Stage]:
     add("prune", cfg.prune / "plan.json", "prune", prune_argv, {"model": spec.source}, {"dir": str(cfg.prune)})
     for which, dirs, pruned in (("dense", dense, None), ("pruned", cfg, cfg.prune)):
         extra = ["--pruned", str(pruned)] if pruned else []
-        add(f"export_{which}", dirs.export / "export_report.json", "export",
-            ["--model", args.model, "--out", str(dirs.export), "--precision", "fp32", *extra],
-            {"pruned": str(pruned) if pruned else None}, {"dir": str(dirs.export)})
+        if bench_backend == "ort":
+            add(f"export_{which}", dirs.export / "export_report.json", "export",
+                ["--model", args.model, "--out", str(dirs.export), "--precision", "fp32", *extra],
+                {"pruned": str(pruned) if pruned else None}, {"dir": str(dirs.export)})
         if args.no_engines:
             continue
         add(f"export_{which}_fp16", dirs.export_fp16 / "export_report.json", "export",
@@ -149,12 +157,14 @@ def run(args) -> int:
     if bench_backend == "trt" and not cuda:
         raise UserError("--backend trt runs TensorRT engines and needs a CUDA GPU, and none is visible; use --backend ort")
     # Everything is checked before the first stage starts: a bad option costs seconds, not a prune.
-    stages = [] if args.only_bench else _plan_stages(args, spec, sparsity, cfg, dense, cuda)
+    if bench_backend == "trt" and args.no_engines:
+        raise UserError("--no-engines leaves nothing for --backend trt to benchmark; use --backend ort")
+    stages = [] if args.only_bench else _plan_stages(args, spec, sparsity, cfg, dense, cuda, bench_backend)
     check_output(cfg.manifest, "file")
     for name in ("bench.json", "bench.md", "bench.png", "grid.png"):
         check_output(cfg.root / name, "file")
     if args.only_bench:
-        for d in (cfg.export, dense.export):
+        for d in ((cfg.export_fp16, dense.export_fp16) if bench_backend == "trt" else (cfg.export, dense.export)):
             if not (d / "export_report.json").is_file():
                 raise UserError(f"{d} is not complete; run `make engine MODEL={args.model} SPARSITY={sparsity}` first")
     manifest = Manifest(cfg.manifest, {"model": spec.id, "model_source": spec.source, "sparsity": str(sparsity), "method": args.method,
@@ -178,10 +188,13 @@ def run(args) -> int:
     log.info("== bench (%s) ==", bench_backend)
     t0 = time.perf_counter()
     engines = {"dense": dense.engines, "pruned": cfg.engines} if bench_backend == "trt" else None
-    result = run_e2e(spec, dense.export, cfg.export, cfg.root, runs=args.runs, warmup=args.warmup, backend=bench_backend,
-                     provider="cuda" if (cuda and bench_backend == "ort") else "cpu", engines=engines, sparsity=sparsity, threads=args.threads)
-    manifest.record("bench", inputs={"dense": str(dense.export), "pruned": str(cfg.export), "engines": {k: str(v) for k, v in (engines or {}).items()}},
-                    settings={"backend": bench_backend, "runs": args.runs, "warmup": args.warmup},
+    exports = (dense.export_fp16, cfg.export_fp16) if bench_backend == "trt" else (dense.export, cfg.export)
+    result = run_e2e(spec, *exports, cfg.root, runs=args.runs, warmup=args.warmup, backend=bench_backend,
+                     provider="cuda" if (cuda and bench_backend == "ort") else "cpu", engines=engines, sparsity=sparsity, threads=args.threads,
+                     steps=args.bench_steps, quality=not args.no_quality, eager=not args.no_eager)
+    manifest.record("bench", inputs={"dense": str(exports[0]), "pruned": str(exports[1]), "engines": {k: str(v) for k, v in (engines or {}).items()}},
+                    settings={"backend": bench_backend, "runs": args.runs, "warmup": args.warmup, "steps": args.bench_steps,
+                              "quality": not args.no_quality, "eager": not args.no_eager},
                     outputs={"bench": str(cfg.bench)}, seconds=time.perf_counter() - t0, reused=False)
     manifest.data.update(total_seconds=round(time.perf_counter() - t_all, 1), speedup=result["speedup"])
     manifest.save()

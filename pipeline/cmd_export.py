@@ -15,7 +15,6 @@ unchanged reuses the existing output. ``compact/`` and ``onnx/`` are each replac
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import logging
 import platform
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from common.errors import UserError
 from common.io import atomic_path, check_output, created_dirs, read_json, sha256_file, sha256_tree, write_json
+from common.memory import log_memory, release_to_os
 
 log = logging.getLogger("pipeline.export")
 
@@ -135,7 +135,7 @@ def _complete(out: Path, report: dict[str, Any]) -> bool:
     return all(f.is_file() for f in files)
 
 
-def _load_pruned(pruned: Path):
+def _load_pruned(pruned: Path, dtype=torch.float32):
     from diffusers import SD3Transformer2DModel
 
     from obsdiff.plan import PrunePlan
@@ -143,20 +143,19 @@ def _load_pruned(pruned: Path):
     _check_pruned(pruned)
     plan = PrunePlan.load(pruned / "plan.json")
     try:
-        transformer = SD3Transformer2DModel.from_pretrained(str(pruned / "transformer"), dtype=torch.float32)
+        transformer = SD3Transformer2DModel.from_pretrained(str(pruned / "transformer"), dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load {pruned / 'transformer'}: {str(e).splitlines()[0]}; re-run `python -m pipeline prune`") from None
     return plan, transformer.eval()
 
 
-def _surgery_error(masked, compact, spec, batch: int = 1) -> float:
-    from export.onnx_export import rel_error, transformer_inputs
+def _transformer_output(model, spec, batch: int = 1):
+    """The transformer's output on fixed random inputs at the export shapes, in float32 arithmetic."""
+    from export.onnx_export import fp32_compute, transformer_inputs
 
-    inputs = transformer_inputs(masked, batch, (spec.shapes.latent_height, spec.shapes.latent_width), spec.shapes.text_seq_len, seed=7)
-    with torch.no_grad():
-        ref = masked(*inputs.values(), return_dict=False)[0]
-        out = compact(*inputs.values(), return_dict=False)[0]
-    return rel_error(out.numpy(), ref.numpy())
+    inputs = transformer_inputs(model, batch, (spec.shapes.latent_height, spec.shapes.latent_width), spec.shapes.text_seq_len, seed=7)
+    with torch.no_grad(), fp32_compute(model) as m:
+        return m(*inputs.values(), return_dict=False)[0].float().numpy()
 
 
 def validate(args: argparse.Namespace):
@@ -223,95 +222,130 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_and_export(spec, pruned: Path | None, components, batches, args, out: Path) -> dict[str, Any]:
-    from pipeline.models import load_pipeline
+    """Load, cut, save and export one component at a time, so that memory stays near one copy of the
+    biggest component's weights in the export precision (see :func:`_export_transformer`)."""
+    from export.onnx_export import torch_dtype
+    from pipeline.models import load_component
 
+    dtype = torch_dtype(args.precision)
     plan = None
     if pruned is not None:
-        plan, transformer = _load_pruned(pruned)
-    pipe = None
-    if pruned is None or any(c != "transformer" for c in components):
-        pipe = load_pipeline(spec, drop_t5="text_encoder_3" not in components, transformer=transformer if pruned is not None else None)
-        if pruned is None:
-            transformer = pipe.transformer.float().eval()
-    if "text_encoder_3" in components and (pipe is None or pipe.text_encoder_3 is None):
-        raise UserError(f"model {spec.id!r} has no text_encoder_3 (T5); drop it from --components")
-    return _export(spec, plan, transformer, pipe, components, batches, args, out)
-
-
-def _export(spec, plan, transformer, pipe, components, batches, args, out: Path) -> dict[str, Any]:
-    from export.checkpoint import load_compact, save_compact
-    from export.onnx_export import export_clip, export_t5, export_transformer, export_vae_decoder
-    from export.report import count_parameters, transformer_flops
-    from export.surgery import apply_plan
-
-    shapes = spec.shapes
-    latent_hw = (shapes.latent_height, shapes.latent_width)
-    step_batch = shapes.batch_opt  # transformer batch per denoising step (2 with classifier-free guidance)
+        plan, transformer = _load_pruned(pruned, dtype)
+    else:
+        transformer = load_component(spec, "transformer", dtype=dtype).eval()
+    log_memory("export: transformer loaded", log)
     report: dict[str, Any] = {
         "model": spec.id,
         "precision": args.precision,
-        "shapes": {**shapes.__dict__, "per_step_batch": step_batch},
+        "shapes": {**spec.shapes.__dict__, "per_step_batch": spec.shapes.batch_opt},
         "sparsity": plan.sparsity if plan is not None else "dense",
     }
+    results: dict[str, Any] = {}
+    with atomic_path(out / "onnx") as onnx_dir:
+        onnx_dir.mkdir()
+        holder = [transformer]
+        del transformer  # the holder owns it: _export_transformer frees it before ONNX Runtime runs
+        if "transformer" in components:
+            results["transformer"] = _export_transformer(spec, plan, holder, batches, args, out, onnx_dir / "transformer.onnx", report)
+        else:
+            _save_transformer(spec, plan, holder, batches, out, report)
+            holder.clear()
+        others = [c for c in components if c != "transformer"]
+        for name in tqdm(others, desc="export ONNX", unit="component", disable=None if others else True):
+            results[name] = _export_other(spec, name, args.precision, batches, onnx_dir / f"{name}.onnx")
+        report["components"] = results
+    return report
 
-    # ---- surgery + compact checkpoint --------------------------------------------------------------------
+
+def _save_transformer(spec, plan, holder: list, batches, out: Path, report: dict[str, Any]) -> None:
+    """Cut the transformer in ``holder[0]`` in place (structured plans), check the cut, save ``compact/``."""
+    from export.checkpoint import save_compact, verify_compact
+    from export.onnx_export import rel_error
+    from export.report import count_parameters, transformer_flops
+    from export.surgery import apply_plan
+
+    transformer = holder[0]
+    shapes = spec.shapes
+    latent_hw = (shapes.latent_height, shapes.latent_width)
+    step_batch = shapes.batch_opt  # transformer batch per denoising step (2 with classifier-free guidance)
     dense_params = count_parameters(transformer)
+    dense_flops = transformer_flops(transformer, step_batch, latent_hw, shapes.text_seq_len)
     is_cut = plan is not None and any(b.is_cut for b in plan.blocks)
     if is_cut:
-        compact = apply_plan(copy.deepcopy(transformer), plan, require_masked=True)
-        surgery = {"tolerance": SURGERY_TOLERANCE}
-        if batches:
-            err = _surgery_error(transformer, compact, spec)
+        # The masked output is taken first and the cut is made in place: masked and compact never coexist.
+        ref = _transformer_output(transformer, spec) if batches else None
+        apply_plan(transformer, plan, require_masked=True)
+        surgery: dict[str, Any] = {"tolerance": SURGERY_TOLERANCE}
+        if ref is not None:
+            err = rel_error(_transformer_output(transformer, spec), ref)
             surgery["max_rel_error"] = err
             if not err <= SURGERY_TOLERANCE:
                 raise RuntimeError(f"compact transformer differs from the masked one: rel. error {err:.2e} > {SURGERY_TOLERANCE:.0e}")
             log.info("surgery: compact vs masked transformer rel. error %.2e (tolerance %.0e)", err, SURGERY_TOLERANCE)
         report["surgery"] = surgery
-    else:
-        if plan is not None:
-            apply_plan(transformer, plan)  # validates the plan against the model; cuts nothing
-        compact = transformer
-    save_compact(compact, out / "compact", plan)
-    reloaded, _ = load_compact(out / "compact")
-    sd_a, sd_b = compact.state_dict(), reloaded.state_dict()
-    if any(not torch.equal(sd_a[k], sd_b[k]) for k in sd_a):
-        raise RuntimeError("compact checkpoint round trip changed the weights")
-    del reloaded
-    compact_params = count_parameters(compact)
-    dense_flops = transformer_flops(transformer, step_batch, latent_hw, shapes.text_seq_len)
-    compact_flops = transformer_flops(compact, step_batch, latent_hw, shapes.text_seq_len) if is_cut else dense_flops
+    elif plan is not None:
+        apply_plan(transformer, plan)  # validates the plan against the model; cuts nothing
+    save_compact(transformer, out / "compact", plan)
+    verify_compact(out / "compact", transformer)
+    log_memory("export: compact checkpoint saved and verified", log)
+    compact_flops = transformer_flops(transformer, step_batch, latent_hw, shapes.text_seq_len) if is_cut else dense_flops
     report["transformer"] = {
         "params_dense": dense_params,
-        "params_compact": compact_params,
+        "params_compact": count_parameters(transformer),
         "gemm_flops_per_step_dense": dense_flops["gemm"],
         "gemm_flops_per_step": compact_flops["gemm"],
         "flop_ratio": compact_flops["gemm"] / dense_flops["gemm"],
         "compact_bytes": (out / "compact" / "model.safetensors").stat().st_size,
+        "compact_dtype": str(next(transformer.parameters()).dtype).removeprefix("torch."),
     }
 
-    # ---- ONNX ---------------------------------------------------------------------------------------------
-    results: dict[str, Any] = {}
-    with atomic_path(out / "onnx") as onnx_dir:
-        onnx_dir.mkdir()
-        for name in tqdm(components, desc="export ONNX", unit="component", disable=None):
-            path = onnx_dir / f"{name}.onnx"
-            if name == "transformer":
-                res = export_transformer(compact, path, latent_hw=latent_hw, text_seq_len=shapes.text_seq_len, precision=args.precision, parity_batches=batches)
-            elif name in ("text_encoder", "text_encoder_2"):
-                enc, tok = getattr(pipe, name), getattr(pipe, "tokenizer" if name == "text_encoder" else "tokenizer_2")
-                res = export_clip(enc, path, seq_len=int(tok.model_max_length), precision=args.precision, parity_batches=batches, name=name)
-            elif name == "text_encoder_3":
-                res = export_t5(pipe.text_encoder_3, path, seq_len=int(spec.max_sequence_length), precision=args.precision, parity_batches=batches)
-            else:
-                res = export_vae_decoder(pipe.vae, path, latent_hw=latent_hw, precision=args.precision, parity_batches=batches)
-            if "parity" in res and not res["parity"]["ok"]:
-                raise RuntimeError(f"{name}: ONNX Runtime output differs from torch: {res['parity']}")
-            results[name] = res
 
-            if name == "transformer":
-                report["transformer"].update(_transformer_onnx_checks(path, compact, plan, shapes, step_batch, args.polygraphy, res))
-        report["components"] = results
-    return report
+def _export_transformer(spec, plan, holder: list, batches, args, out: Path, path: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Surgery, compact checkpoint, ONNX, 2:4 checks, then ONNX Runtime parity after the torch model is freed.
+
+    Peak memory: the transformer in the export precision (loaded straight in it), plus the graph and one
+    tensor at a time while the ONNX is post-processed and checked, or ONNX Runtime's copy during parity.
+    """
+    from export.onnx_export import export_component, transformer_component
+
+    _save_transformer(spec, plan, holder, batches, out, report)
+    compact = holder.pop()
+    shapes = spec.shapes
+    wrapper, make = transformer_component(compact, latent_hw=(shapes.latent_height, shapes.latent_width), text_seq_len=shapes.text_seq_len)
+    res, parity_ref = export_component("transformer", wrapper, make, path, precision=args.precision, parity_batches=batches, in_place=True)
+    report["transformer"].update(_transformer_onnx_checks(path, compact, plan, shapes, shapes.batch_opt, args.polygraphy, res))
+    del wrapper, make, compact
+    release_to_os()
+    log_memory("export: torch transformer freed", log)
+    if parity_ref is not None:
+        res["parity"] = parity_ref.check("transformer").to_dict()
+        if not res["parity"]["ok"]:
+            raise RuntimeError(f"transformer: ONNX Runtime output differs from torch: {res['parity']}")
+    return res
+
+
+def _export_other(spec, name: str, precision: str, batches, path: Path) -> dict[str, Any]:
+    """Export a text encoder or the VAE decoder, loaded by itself in the precision it is exported in."""
+    from export.onnx_export import clip_component, export_component, t5_component, torch_dtype, vae_decoder_component
+    from pipeline.models import load_component
+
+    keep_fp32 = name == "text_encoder_3"  # T5's activations overflow float16
+    dtype = torch.float32 if keep_fp32 else torch_dtype(precision)
+    shapes = spec.shapes
+    if name in ("text_encoder", "text_encoder_2"):
+        tokenizer = load_component(spec, "tokenizer" if name == "text_encoder" else "tokenizer_2")
+        wrapper, make = clip_component(load_component(spec, name, dtype=dtype), seq_len=int(tokenizer.model_max_length))
+    elif name == "text_encoder_3":
+        wrapper, make = t5_component(load_component(spec, name, dtype=dtype), seq_len=int(spec.max_sequence_length))
+    else:
+        wrapper, make = vae_decoder_component(load_component(spec, "vae", dtype=dtype), latent_hw=(shapes.latent_height, shapes.latent_width))
+    res, parity_ref = export_component(name, wrapper, make, path, precision=precision, parity_batches=batches, keep_fp32=keep_fp32, in_place=True)
+    del wrapper, make
+    if parity_ref is not None:
+        res["parity"] = parity_ref.check(name).to_dict()
+        if not res["parity"]["ok"]:
+            raise RuntimeError(f"{name}: ONNX Runtime output differs from torch: {res['parity']}")
+    return res
 
 
 def _transformer_onnx_checks(path: Path, compact, plan, shapes, step_batch: int, polygraphy: str, res: dict) -> dict[str, Any]:
@@ -323,7 +357,7 @@ def _transformer_onnx_checks(path: Path, compact, plan, shapes, step_batch: int,
     from export.sparsity_check import check_onnx_sparsity, cross_check_polygraphy, polygraphy_sparsity, report_to_json
     from obsdiff.patterns import parse_sparsity
 
-    model = onnx.load(str(path), load_external_data=True)
+    model = onnx.load(str(path), load_external_data=False)  # weights are read one at a time by the checker
     missing = missing_linear_weights(model, compact)
     if missing:
         raise RuntimeError(f"{len(missing)} transformer-block linears are not MatMul/Gemm with a constant weight (e.g. {missing[0]})")
@@ -336,7 +370,7 @@ def _transformer_onnx_checks(path: Path, compact, plan, shapes, step_batch: int,
         "pooled_projections": [step_batch, compact.config.pooled_projection_dim],
         "timestep": [step_batch],
     }
-    sp = check_onnx_sparsity(model, nm, input_shapes=in_shapes, expected_layers=expected)
+    sp = check_onnx_sparsity(model, nm, input_shapes=in_shapes, expected_layers=expected, base_dir=path.parent)
     if not sp.ok:
         first = (sp.missing_layers or sp.failed_layers)[0]
         raise UserError(

@@ -147,6 +147,43 @@ def _device_and_dtype(args: argparse.Namespace):
     return device, getattr(torch, name)
 
 
+def check_device_memory(pipe, spec: ModelSpec, config, device, offload: str) -> dict[str, int]:
+    """Estimate what pruning holds on ``device`` and stop with one line, before calibrating, if a GPU
+    cannot hold it. Logs the estimate (bytes by part) either way and returns it.
+
+    On the device: the pipeline's weights (all components; with ``--offload model`` the biggest one; with
+    ``--offload sequential`` none to speak of), the largest module package's Hessians and the solver's
+    workspace (:func:`obsdiff.packages.memory_estimate`). Activations come on top (resolution-dependent).
+    """
+    import torch
+
+    from obsdiff.packages import build_units, memory_estimate, split_packages
+
+    comps = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    sizes = {n: sum(p.numel() * p.element_size() for p in m.parameters()) for n, m in comps.items()}
+    units = [] if config.sparsity.kind == "dense" else build_units(
+        pipe.transformer, spec.blocks_attr, first_block=config.first_block, last_block=config.last_block, skip=config.skip,
+        structured=config.sparsity.kind == "structured")
+    est = memory_estimate(pipe.transformer, split_packages(units, config.groups) if units else [],
+                          weight_bytes_per_param=next(pipe.transformer.parameters()).element_size())
+    on_device = {"none": sum(sizes.values()), "model": max(sizes.values()), "sequential": 0}
+    need = {k: v + est["hessians"] + est["solver"] for k, v in on_device.items()}
+    gib = lambda b: b / 2**30  # noqa: E731
+    log.info("memory estimate: pipeline weights %.1f GiB (transformer %.1f), Hessians of the largest package %.1f GiB, "
+             "solver %.1f GiB; on %s with --offload %s: %.1f GiB plus activations", gib(sum(sizes.values())), gib(sizes.get("transformer", 0)),
+             gib(est["hessians"]), gib(est["solver"]), device, offload, gib(need[offload]))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if need[offload] > free:
+            options = ", ".join(f"--offload {k} ~{gib(v):.1f} GiB" for k, v in need.items() if v <= free and k != offload)
+            raise UserError(
+                f"pruning {spec.id} needs about {gib(need[offload]):.1f} GiB on {device} with --offload {offload} "
+                f"(Hessians {gib(est['hessians']):.1f} GiB at --groups {config.groups}) but {gib(free):.1f} GiB are free; "
+                + (f"use {options}" if options else "raise --groups (fewer Hessians at once) or use a bigger GPU")
+            )
+    return {**est, "pipeline_weights": sum(sizes.values()), "on_device": need[offload]}
+
+
 def run(args: argparse.Namespace) -> int:
     from obsdiff.distributed import init_from_env, shutdown
     from obsdiff.packages import is_complete, prune
@@ -166,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with created_dirs(out, remove_on=(UserError,)):
             pipe = load_pipeline(spec, dtype=dtype)
+            check_device_memory(pipe, spec, config, ctx.device, args.offload)
             if args.offload == "model":
                 pipe.enable_model_cpu_offload(device=ctx.device)
             elif args.offload == "sequential":

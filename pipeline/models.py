@@ -230,6 +230,47 @@ def load_pipeline(spec: ModelSpec, *, drop_t5: bool = False, dtype=None, transfo
     return pipe
 
 
+def _pipeline_dir(spec: ModelSpec) -> tuple[str, bool]:
+    """``(where, local_files_only)``: the directory or hub id ``from_pretrained`` reads ``spec`` from."""
+    return (str(spec.path), True) if spec.local else (spec.source, False)
+
+
+def load_component(spec: ModelSpec, name: str, *, dtype=None):
+    """Load one component of ``spec``'s pipeline (``transformer``, ``text_encoder``..., ``vae``,
+    ``tokenizer``...) by itself, in ``dtype`` (default float32; ignored for tokenizers).
+
+    Stages that need one component at a time use this instead of :func:`load_pipeline`: a 2B-parameter
+    transformer then loads straight into float16 without a float32 copy, and without the text encoders.
+    """
+    import importlib
+
+    import torch
+
+    quiet_libraries()
+    where, local = _pipeline_dir(spec)
+    try:
+        if spec.local:
+            index = read_json(Path(where) / "model_index.json", what="diffusers model index")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            index = read_json(hf_hub_download(spec.source, "model_index.json", local_files_only=True), what="diffusers model index")
+        library, cls_name = index[name]
+        cls = getattr(importlib.import_module(library), cls_name)
+        kwargs = {} if "Tokenizer" in cls_name else {"dtype": dtype or torch.float32}
+        return cls.from_pretrained(where, subfolder=name, local_files_only=local, **kwargs)
+    except OSError as e:  # before ValueError: huggingface_hub's "not in the cache" error is both
+        if spec.local:
+            raise UserError(f"cannot load {name} of {spec.id!r} from {where}: {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"model {spec.id!r} ({spec.source}) is not in the Hugging Face cache and cannot be downloaded "
+            f"(offline or gated): run `huggingface-cli download {spec.source}` on a connected machine after "
+            f"accepting its licence, or pass a local diffusers directory as --model PATH"
+        ) from None
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"model {spec.id!r} has no {name} component; check its model_index.json") from None
+
+
 def quiet_libraries() -> None:
     """Silence diffusers/transformers progress bars and info chatter (our own logging reports progress)."""
     import diffusers

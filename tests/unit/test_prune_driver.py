@@ -272,3 +272,38 @@ def test_few_step_model_is_calibrated_without_the_cfg_batch():
         finally:
             handle.remove()
     assert batches == [1, 1, 2, 2]
+
+
+def test_memory_estimate_counts_weights_shared_hessians_and_solver():
+    from obsdiff.packages import memory_estimate
+
+    model = tiny_sd3_transformer(num_layers=2, num_heads=4, head_dim=16)  # hidden 64, FFN 256
+    units = build_units(model)
+    est = memory_estimate(model, split_packages(units, 1), weight_bytes_per_param=4)
+    assert est["weights"] == 4 * sum(p.numel() for p in model.parameters())
+    # block 0: q/k/v and add_q/k/v share 2 sums; to_out, to_add_out, ff.net.0, ff_context.net.0 (64 in each);
+    # ff.net.2, ff_context.net.2 (256 in); block 1 (context_pre_only) has no to_add_out / ff_context
+    per_block = [2 * 64**2 + 4 * 64**2 + 2 * 256**2, 2 * 64**2 + 2 * 64**2 + 256**2]
+    assert est["hessians"] == 8 * sum(per_block)
+    assert est["solver"] == (4 * 256 * 256 + 3 * 64 * 256) * 4
+    assert memory_estimate(model, split_packages(units, 4), weight_bytes_per_param=4)["hessians"] < est["hessians"]
+
+
+def test_a_gpu_too_small_for_pruning_is_one_line_before_calibration(monkeypatch):
+    """The device check runs before any calibration; a fake CUDA device with little free memory stands in
+    for a GPU (the check only reads torch.cuda.mem_get_info)."""
+    from obsdiff.packages import PruneConfig
+    from obsdiff.patterns import parse_sparsity
+    from pipeline.cmd_prune import check_device_memory
+    from pipeline.models import resolve_model
+
+    pipe = load_tiny_pipeline()
+    spec = resolve_model("tiny-sd3")
+    config = PruneConfig(sparsity=parse_sparsity("2:4"))
+    cpu = check_device_memory(pipe, spec, config, torch.device("cpu"), "none")
+    assert cpu["on_device"] >= cpu["pipeline_weights"] + cpu["hessians"]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (cpu["hessians"] + cpu["solver"] + 1, 80 * 2**30))
+    with pytest.raises(UserError, match=r"needs about .* GiB on cuda.*use --offload sequential") as e:
+        check_device_memory(pipe, spec, config, torch.device("cuda"), "none")
+    assert "\n" not in str(e.value)
+    check_device_memory(pipe, spec, config, torch.device("cuda"), "sequential")  # fits: no error
