@@ -7,6 +7,7 @@ import torch
 
 from obsdiff.baselines import magnitude_prune, magnitude_prune_groups, wanda_prune, wanda_prune_groups
 from obsdiff.patterns import parse_sparsity
+from obsdiff import solvers
 from obsdiff.solvers import damped_inverse, inverse_cholesky_upper, obs_prune, obs_prune_groups, reconstruction_error
 from tests.prune_helpers import correlated_inputs, output_error, single_thread
 
@@ -251,3 +252,161 @@ def test_structured_obs_removes_dead_neurons(max_iters):
     dead = [0, 17, 18, 64, 100, 101, 200, 255]
     Ws, Hs = _dead_groups(1, groups=256, group_size=1, dead=dead, rows=32)
     _check_against_live_only(Ws, Hs, 1, 32, dead, max_iters)
+
+
+# -- the single-factorisation U and the recursive solver against the constructions they replace -------------
+def _old_inverse_cholesky_upper(H, percdamp=0.01):
+    """The previous construction of U: Cholesky of the damped H, its inverse, the Cholesky of the inverse."""
+    damp = None
+    for _ in range(8):
+        _, Hinv, damp = damped_inverse(H, percdamp, damp=damp)
+        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        if int(info) == 0 and bool(torch.isfinite(U).all()):
+            return U, damp
+        damp = damp * 10.0 if damp > 0 else 1e-6
+    raise ValueError("not positive definite")
+
+
+def _columnwise_obs(W, H, sp, blocksize=128, compensate=True):
+    """obs_prune as it was: SparseGPT's column loop (one rank-1 update per column, lazy updates per block)
+    with the old U; N:M ties to the lower column."""
+    rows, cols = W.shape
+    Wf = W.float().clone()
+    Wf[:, torch.diagonal(H) == 0] = 0.0
+    U, _ = _old_inverse_cholesky_upper(H)
+    nm = sp.kind == "nm"
+    if nm:
+        blocksize = max(sp.m, blocksize // sp.m * sp.m)
+    pruned = torch.zeros(rows, cols, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, U1 = Wf[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        d = torch.diagonal(U1)
+        Q1, Err1, mask1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1, dtype=torch.bool)
+        if not nm:
+            k = round(sp.ratio * rows * i2) - round(sp.ratio * rows * i1)
+            mask1.view(-1)[torch.topk((W1**2 / d**2).flatten(), k, largest=False).indices] = True
+        for i in range(i2 - i1):
+            if nm and i % sp.m == 0:
+                order = torch.sort(W1[:, i : i + sp.m] ** 2 / d[i : i + sp.m] ** 2, dim=1, stable=True).indices
+                mask1[:, i : i + sp.m].scatter_(1, order[:, : sp.m - sp.n], True)
+            q = W1[:, i].masked_fill(mask1[:, i], 0.0)
+            Q1[:, i] = q
+            if compensate:
+                Err1[:, i] = (W1[:, i] - q) / d[i]
+                W1[:, i:] -= Err1[:, i : i + 1] * U1[i, i:]
+        Wf[:, i1:i2], pruned[:, i1:i2] = Q1, mask1
+        if compensate:
+            Wf[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return Wf.masked_fill(pruned, 0.0), ~pruned
+
+
+def _indefinite(H, share=0.05):
+    """``H`` less ``share * mean(diag H)`` along its weakest direction: not positive definite, so the
+    default damping (1%) fails and one retry (10%) succeeds, on a well-conditioned matrix."""
+    _, vecs = torch.linalg.eigh(H.double())
+    v = vecs[:, 0].float()
+    return H - share * float(torch.diagonal(H).mean()) * torch.outer(v, v)
+
+
+@pytest.mark.parametrize("case", ["correlated", "dead", "retry", "blocked"])
+def test_inverse_cholesky_upper_equals_the_old_construction(case, monkeypatch):
+    cols = 200
+    if case == "dead":
+        _, H, _ = _dead_layer([0, 3, 70, 199], rows=8, cols=cols)
+    else:
+        _, H, _ = _layer(rows=8, cols=cols)
+    if case == "retry":
+        H = _indefinite(H)
+    if case == "blocked":  # the blocked Cholesky and triangular inverse, with uneven splits, on a small matrix
+        monkeypatch.setattr(solvers, "_TRIANGULAR_LEAF", 24)
+        monkeypatch.setattr(solvers, "_CHOLESKY_LEAF", 24)
+    U_old, damp_old = _old_inverse_cholesky_upper(H)
+    U, damp = inverse_cholesky_upper(H)
+    mean_live = float(torch.diagonal(H)[torch.diagonal(H) != 0].mean())
+    assert damp == pytest.approx(damp_old, rel=1e-6)
+    assert damp == pytest.approx((0.1 if case == "retry" else 0.01) * mean_live, rel=1e-5)
+    assert U.dtype == torch.float32 and torch.equal(U, U.triu()) and bool((torch.diagonal(U) > 0).all())
+    # U is unique given a positive diagonal: the two constructions agree to float32 rounding
+    torch.testing.assert_close(U, U_old, rtol=0, atol=1e-4 * float(U_old.abs().max()))
+    Hd = H.double().clone()
+    torch.diagonal(Hd)[torch.diagonal(Hd) == 0] = 1.0
+    torch.diagonal(Hd).add_(damp)
+    torch.testing.assert_close(U.double().T @ U.double() @ Hd, torch.eye(cols, dtype=torch.float64), rtol=0, atol=1e-3)
+
+
+def test_blocked_cholesky_equals_lapack_and_detects_indefinite(monkeypatch):
+    monkeypatch.setattr(solvers, "_CHOLESKY_LEAF", 24)
+    _, H, _ = _layer(rows=8, cols=200)
+    H = H + 0.01 * float(torch.diagonal(H).mean()) * torch.eye(200)
+    L, ok = solvers._cholesky(H)
+    assert ok and torch.equal(L, L.tril())
+    torch.testing.assert_close(L, torch.linalg.cholesky(H), rtol=0, atol=1e-5 * float(L.abs().max()))
+    # indefinite only through the last columns: the failure shows in a Schur complement, not the first leaf
+    H_bad = H.clone()
+    H_bad[199, 199] = -1.0
+    assert not solvers._cholesky(H_bad)[1]
+    assert not solvers._cholesky(_indefinite(H, share=0.5))[1]
+
+
+def test_inverse_cholesky_upper_retries_like_the_old_construction_when_singular():
+    v = torch.randn(64, 1, generator=torch.Generator().manual_seed(0))
+    H = v @ v.T  # rank 1
+    H[5, :] = 0
+    H[:, 5] = 0  # a dead input
+    U_old, damp_old = _old_inverse_cholesky_upper(H, 0.0)
+    U, damp = inverse_cholesky_upper(H, 0.0)
+    assert damp == pytest.approx(damp_old, rel=1e-6) and damp > 1e-6 * float(torch.diagonal(H).sum() / 63)  # retried
+    assert torch.isfinite(U).all() and torch.equal(U, U.triu())
+    # condition ~1e5: both are float32 approximations of one matrix, a few per cent apart
+    torch.testing.assert_close(U, U_old, rtol=0, atol=0.05 * float(U_old.abs().max()))
+
+
+def test_reversed_factor_is_the_inverse_of_u():
+    _, H, _ = _dead_layer([3, 40], rows=8, cols=200)
+    V, blocks, damp = solvers._reversed_factor(H, 0.01, 64)
+    U, damp_u = inverse_cholesky_upper(H)
+    assert damp == damp_u and torch.equal(V, V.triu())
+    Hd = H.clone()
+    torch.diagonal(Hd)[torch.diagonal(Hd) == 0] = 1.0
+    torch.diagonal(Hd).add_(damp)
+    torch.testing.assert_close(V @ V.T, Hd, rtol=0, atol=1e-5 * float(Hd.abs().max()))
+    torch.testing.assert_close(U @ V, torch.eye(200), rtol=0, atol=1e-4)
+    assert [b.shape[0] for b in blocks] == [64, 64, 64, 8]
+    for k, b in enumerate(blocks):
+        torch.testing.assert_close(b, U[64 * k : 64 * k + b.shape[0], 64 * k : 64 * k + b.shape[0]], rtol=0, atol=1e-4 * float(U.abs().max()))
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "unstructured:0.5", "unstructured:0.3"])
+@pytest.mark.parametrize("dead", [[], [3, 70, 130, 190]], ids=["live", "dead"])
+@pytest.mark.parametrize("compensate", [True, False])
+@pytest.mark.parametrize("shared_factor", [False, True], ids=["own-factor", "hinv_upper"])
+def test_obs_prune_equals_the_column_loop(pattern, dead, compensate, shared_factor):
+    rows, cols, blocksize = 48, 200, 64  # 200 = 3 blocks of 64 and a partial one of 8
+    W, H, _ = _dead_layer(dead, rows, cols) if dead else _layer(rows=rows, cols=cols)
+    sp = parse_sparsity(pattern)
+    W_ref, keep_ref = _columnwise_obs(W, H, sp, blocksize, compensate)
+    W_new, keep = obs_prune(W, H, sp, blocksize=blocksize, compensate=compensate, hinv_upper=inverse_cholesky_upper(H)[0] if shared_factor else None)
+    assert torch.equal(keep, keep_ref)
+    torch.testing.assert_close(W_new, W_ref, rtol=0, atol=1e-5)
+    assert reconstruction_error(W, W_new, H) == pytest.approx(reconstruction_error(W, W_ref, H), rel=1e-4)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_nm_ties_go_to_the_lower_column(pattern):
+    sp = parse_sparsity(pattern)
+    W = torch.ones(6, 4 * sp.m, dtype=torch.bfloat16)  # every score equal (H = I: no updates either)
+    W_new, keep = obs_prune(W, torch.eye(4 * sp.m), sp)
+    first = (torch.arange(4 * sp.m) % sp.m) < sp.m - sp.n
+    assert torch.equal(keep, ~first.expand(6, -1)) and W_new.dtype == torch.bfloat16
+    assert torch.equal(W_new, W * keep)
+
+
+@pytest.mark.parametrize("m", [2, 4, 8])
+def test_rank_weights_rank_like_a_stable_sort(m):
+    score = torch.randint(0, 3, (m, 500), generator=torch.Generator().manual_seed(m)).float()  # many ties
+    A, c = solvers._rank_weights(m, score.device)
+    le = (score.unsqueeze(1) <= score.unsqueeze(0)).float().reshape(m * m, -1)
+    rank = A @ le + c  # (m, 500)
+    expected = torch.sort(score, dim=0, stable=True).indices.argsort(dim=0).float()
+    assert torch.equal(rank, expected)
