@@ -795,10 +795,9 @@ def export_component(
     if parity_batches:
         feeds: dict[int, dict[str, np.ndarray]] = {}
         outputs: dict[int, list[np.ndarray]] = {}
-        # A copy in the export dtype is checked against the float32 original; an in-place conversion
-        # against its own half weights in float32 arithmetic (the same weights the ONNX holds).
-        reference_module = wrapper if exported is not wrapper else exported
-        with torch.no_grad(), fp32_compute(reference_module) as m:
+        # ``wrapper`` is the reference: the float32 original when a converted copy is exported, or, converted
+        # in place, its own half weights in float32 arithmetic (the same weights the ONNX holds).
+        with torch.no_grad(), fp32_compute(wrapper) as m:
             for b in parity_batches:
                 inputs = make_inputs(b, dtype)
                 out = m(*[v.float() if v.is_floating_point() else v for v in inputs.values()])

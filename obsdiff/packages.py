@@ -39,6 +39,7 @@ from torch import nn
 
 from common.errors import UserError
 from common.io import atomic_path, read_text_lines
+from common.memory import log_memory
 from obsdiff import baselines, solvers
 from obsdiff.distributed import DistContext
 from obsdiff.hessian import HessianCollector
@@ -528,6 +529,7 @@ def prune(
             steps_bar.close()
             collector.ensure_all(ctx.device if ctx.active else _first_device(collector, modules, names))
             ctx.all_reduce_sum(collector.tensors())
+            log_memory(f"prune: package {k + 1}/{len(packages)} calibrated", log)
         jobs = _jobs(package, config.sparsity)
         factors: dict[str, torch.Tensor] = {}
         for j, job in enumerate(jobs):
@@ -544,6 +546,7 @@ def prune(
             keep = ctx.broadcast_object(keep, src=owner)
             if job.plan_field is not None:
                 setattr(plan.blocks[job.block], job.plan_field, keep)
+        log_memory(f"prune: package {k + 1}/{len(packages)} solved", log)
         del collector, factors  # only the current package's Hessians are ever held
         for n in names:
             w = weight_tensor(modules[n])

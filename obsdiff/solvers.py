@@ -387,10 +387,10 @@ def group_saliency(W: torch.Tensor, Hinv: torch.Tensor, group_size: int, present
     groups = cols // group_size
     if present is None:
         present = torch.arange(groups, device=W.device)
+    if group_size == 1:  # single columns (FFN neurons): ||W[:, j]||^2 / Hinv_jj, without gathering W's columns
+        return W.square().sum(dim=0)[present] / torch.diagonal(Hinv)[present]
     Hgg = _group_diag_blocks(Hinv, groups, group_size)[present]  # (P, gs, gs)
     Wg = W.reshape(rows, groups, group_size).permute(1, 0, 2)[present]  # (P, rows, gs)
-    if group_size == 1:
-        return (Wg.squeeze(-1) ** 2).sum(dim=1) / Hgg.reshape(-1)
     # Symmetrise before the batched solve: the downdates leave tiny asymmetries.
     Hgg = 0.5 * (Hgg + Hgg.transpose(1, 2))
     sol = torch.linalg.solve(Hgg, Wg.transpose(1, 2))  # (P, gs, rows) = Hgg^-1 W_g^T

@@ -213,8 +213,9 @@ def _summary(result: dict, cfg, dense) -> None:
         q = r.get("quality") or {}
         acc = q.get("prompt_accuracy")
         fd = q.get("frechet_distance")
-        lines.append(f"{name:8} {r['backend'][:34]:34} {r['latency_ms']['median']:10.1f} {r['latency_ms']['p90']:9.1f} "
-                     f"{acc if acc is None else f'{acc:.3f}':>9} {fd if fd is None else f'{fd:.2f}':>8}")
+        acc_s = "-" if acc is None else f"{acc:.3f}"
+        fd_s = "-" if fd is None else f"{fd:.2f}"
+        lines.append(f"{name:8} {r['backend'][:34]:34} {r['latency_ms']['median']:10.1f} {r['latency_ms']['p90']:9.1f} {acc_s:>9} {fd_s:>8}")
     lines.append(f"speedup dense/pruned: {result['speedup']:.3f}x (transformer {result.get('speedup_transformer', float('nan')):.3f}x)")
     if result.get("note"):
         lines.append(result["note"])
