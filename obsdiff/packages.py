@@ -39,7 +39,7 @@ from torch import nn
 
 from common.errors import UserError
 from common.io import atomic_path, read_text_lines
-from common.memory import log_memory
+from common.memory import log_memory, release_to_os
 from obsdiff import baselines, solvers
 from obsdiff.distributed import DistContext
 from obsdiff.hessian import HessianCollector
@@ -548,6 +548,7 @@ def prune(
                 setattr(plan.blocks[job.block], job.plan_field, keep)
         log_memory(f"prune: package {k + 1}/{len(packages)} solved", log)
         del collector, factors  # only the current package's Hessians are ever held
+        release_to_os()
         for n in names:
             w = weight_tensor(modules[n])
             plan.layers[n] = {"density": float((w != 0).sum()) / w.numel(), "shape": list(w.shape)}

@@ -161,8 +161,8 @@ def _transformer_output(model, spec, batch: int = 1):
 def validate(args: argparse.Namespace):
     """Every check of this command that needs no model weights: ``(spec, components, batches)``.
 
-    ``make engine`` calls it for its export stages before any stage runs (``check_pruned=False`` there:
-    the stage-1 output does not exist yet).
+    ``make engine`` calls it for its export stages before any stage runs; ``--pruned`` is checked by
+    :func:`run` (when the engine validates, the stage-1 output does not exist yet).
     """
     from pipeline.models import resolve_model
 

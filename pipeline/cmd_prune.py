@@ -15,7 +15,7 @@ from pathlib import Path
 from common.cli import float_range, int_at_least
 from common.errors import UserError
 from common.io import check_output, created_dirs
-from common.memory import log_memory
+from common.memory import log_memory, release_to_os
 from pipeline.models import REPO_ROOT, ModelSpec, load_pipeline, resolve_model
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with created_dirs(out, remove_on=(UserError,)):
             pipe = load_pipeline(spec, dtype=dtype)
+            release_to_os()  # loading converts dtypes shard by shard; hand the freed buffers back
             log_memory("prune: pipeline loaded", log)
             check_device_memory(pipe, spec, config, ctx.device, args.offload)
             if args.offload == "model":
