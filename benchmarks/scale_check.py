@@ -100,6 +100,7 @@ def run(args) -> dict[str, Any]:
             raise UserError(f"building the fixture failed; see {log_file}")
     spec = resolve_model(str(fixture))
     fixture_info = json.loads((fixture / "fixture.json").read_text()) if (fixture / "fixture.json").is_file() else {}
+    _check_disk(art, fixture_info.get("transformer_parameters", 0), len([p for p in args.sparsity.split(",") if p.strip()]))
     configs: dict[str, Any] = {}
     for pattern in [p.strip() for p in args.sparsity.split(",") if p.strip()]:
         sparsity = parse_sparsity(pattern)
@@ -149,6 +150,27 @@ def run(args) -> dict[str, Any]:
     (out / "scale_check.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "scale_check.md").write_text(markdown(result))
     return result
+
+
+# Bytes on disk per transformer parameter, measured on the SD3-medium fixture: the dense exports and engines
+# (float32 and float16 ONNX, compact checkpoints, engine) ~14.3, each pruned configuration (plus its stage-1
+# float32 transformer) ~12.3.
+DENSE_BYTES_PER_PARAM, CONFIG_BYTES_PER_PARAM = 14.3, 12.3
+
+
+def _check_disk(where: Path, params: int, configs: int) -> None:
+    """Stop before the first stage when the artifact disk cannot hold the run (a full disk mid-export wastes
+    an hour). Outputs already there count as space the run will reuse."""
+    import shutil
+
+    need = params * (DENSE_BYTES_PER_PARAM + CONFIG_BYTES_PER_PARAM * configs) - _du(where)
+    anchor = where if where.exists() else where.parent
+    while not anchor.exists():
+        anchor = anchor.parent
+    free = shutil.disk_usage(anchor).free
+    if need > free:
+        raise UserError(f"the scale check needs about {need / 1e9:.0f} GB of free disk under {where} and {free / 1e9:.0f} GB are free; "
+                        f"free some space, or check fewer patterns at a time (--sparsity)")
 
 
 def _engine_summary(engines: Path) -> dict[str, Any]:

@@ -275,6 +275,7 @@ def _save_transformer(spec, plan, holder: list, batches, out: Path, report: dict
         # The masked output is taken first and the cut is made in place: masked and compact never coexist.
         ref = _transformer_output(transformer, spec) if batches else None
         apply_plan(transformer, plan, require_masked=True)
+        release_to_os()  # the cut frees the removed rows and columns layer by layer
         surgery: dict[str, Any] = {"tolerance": SURGERY_TOLERANCE}
         if ref is not None:
             err = rel_error(_transformer_output(transformer, spec), ref)

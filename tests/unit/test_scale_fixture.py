@@ -39,6 +39,7 @@ def test_sd3_medium_fixture_exports_within_bound_and_builds(tmp_path):
     rc, out = _run(["-c", script])
     assert rc == 0, out[-3000:]
     m = json.loads(out.strip().splitlines()[-1])
+    assert m["status"] == 0, out[-3000:]
     report = json.loads((export / "export_report.json").read_text())
     weights = report["components"]["transformer"]["bytes"]
     assert m["status"] == 0 and report["components"]["transformer"]["parity"]["ok"]
