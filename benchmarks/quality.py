@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from pipeline.sampling import check_pipeline_args
 
-        check_pipeline_args(args)
+        checked = check_pipeline_args(args)
         check_output(args.json, "file", option="--json")
-        spec, pipe = pipeline_from_args(args)
+        spec, pipe = pipeline_from_args(args, checked)
         result.update(evaluate(pipe, spec, tuple(range(args.seeds)), steps=args.steps, guidance=args.guidance))
         result.update(transformer=args.transformer, t5=not args.no_t5)
         write_json(args.json, result)

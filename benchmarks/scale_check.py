@@ -109,10 +109,10 @@ def run(args) -> dict[str, Any]:
                        "--no-quality", "--no-eager", "--threads", str(args.threads)]
         if args.no_engines:
             engine_argv.append("--no-engines")
-        eargs = cmd_engine._parse_stage("engine", engine_argv)
+        eargs = cmd_engine.parse_stage("engine", engine_argv)
         cfg = config_dirs(spec, f"{sparsity.id}-{eargs.method}", art)
         dense = config_dirs(spec, "dense", art)
-        plan = cmd_engine._plan_stages(eargs, spec, sparsity, cfg, dense, cuda=False, bench_backend="ort")
+        plan = cmd_engine.plan_stages(eargs, spec, sparsity, cfg, dense, cuda=False, bench_backend="ort")
         for st in plan:
             log.info("[%s] %s", sparsity, st.name)
             r = _run(["pipeline", *st.argv], log_file)

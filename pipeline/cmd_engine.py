@@ -51,7 +51,7 @@ class _StageParser(ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def _parse_stage(name: str, argv: list[str]) -> argparse.Namespace:
+def parse_stage(name: str, argv: list[str]) -> argparse.Namespace:
     """Parse ``python -m pipeline <name> argv`` with that command's own parser (same options, same checks)."""
     module = importlib.import_module(f"pipeline.cmd_{name}")
     parser = _StageParser(prog=f"python -m pipeline {name}")
@@ -96,7 +96,7 @@ def _validate_stage(st: _Stage) -> None:
         module.validate(st.args)
 
 
-def _plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str) -> list[_Stage]:
+def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str) -> list[_Stage]:
     """Every stage that ``make engine`` will run, parsed and validated before the first one starts.
 
     A GPU host benchmarking TensorRT engines exports what the engines need (float16, every component) and
@@ -105,7 +105,7 @@ def _plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: st
     stages: list[_Stage] = []
 
     def add(name: str, marker: Path, command: str, argv: list[str], inputs: dict, outputs: dict) -> None:
-        stages.append(_Stage(name, marker, [command, *argv], _parse_stage(command, argv), inputs, outputs))
+        stages.append(_Stage(name, marker, [command, *argv], parse_stage(command, argv), inputs, outputs))
 
     fp16_components = "transformer" if not cuda else "transformer,text_encoder,text_encoder_2,text_encoder_3,vae_decoder"
     prune_argv = ["--model", args.model, "--sparsity", str(sparsity), "--method", args.method, "--groups", str(args.groups),
@@ -159,7 +159,7 @@ def run(args) -> int:
     # Everything is checked before the first stage starts: a bad option costs seconds, not a prune.
     if bench_backend == "trt" and args.no_engines:
         raise UserError("--no-engines leaves nothing for --backend trt to benchmark; use --backend ort")
-    stages = [] if args.only_bench else _plan_stages(args, spec, sparsity, cfg, dense, cuda, bench_backend)
+    stages = [] if args.only_bench else plan_stages(args, spec, sparsity, cfg, dense, cuda, bench_backend)
     check_output(cfg.manifest, "file")
     for name in ("bench.json", "bench.md", "bench.png", "grid.png"):
         check_output(cfg.root / name, "file")

@@ -27,9 +27,9 @@ def run(args) -> int:
     from common.io import atomic_path, check_output
     from pipeline.sampling import check_pipeline_args, pipeline_from_args, sample, to_uint8
 
-    check_pipeline_args(args)
+    checked = check_pipeline_args(args)
     check_output(args.out, "file")
-    spec, pipe = pipeline_from_args(args)
+    spec, pipe = pipeline_from_args(args, checked)
     image = to_uint8(sample(pipe, spec, [args.prompt], [args.seed], steps=args.steps, guidance=args.guidance))[0]
     with atomic_path(args.out) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")

@@ -29,11 +29,12 @@ def run(args) -> int:
     from common.io import atomic_path, check_output
     from pipeline.sampling import check_pipeline_args, pipeline_from_args, sample, to_uint8
 
-    spec, _ = check_pipeline_args(args)
+    checked = check_pipeline_args(args)
+    spec = checked[0]
     if spec.quality_metric != "digits":
         raise UserError(f"sheet draws the ten digits and needs a digits model such as tiny-sd3, not {spec.id}; use `generate` for other models")
     check_output(args.out, "file")
-    spec, pipe = pipeline_from_args(args)
+    spec, pipe = pipeline_from_args(args, checked)
     seeds = [s for s in range(args.seeds) for _ in range(10)]
     images = to_uint8(sample(pipe, spec, [prompt_for(d) for _ in range(args.seeds) for d in range(10)], seeds))
     n, h, w, c = images.shape

@@ -83,11 +83,14 @@ def check_pipeline_args(args) -> tuple[ModelSpec, "Path | None"]:
     return spec, find_transformer_dir(args.transformer) if args.transformer else None
 
 
-def pipeline_from_args(args):
-    """``(spec, pipe)`` for ``args.model`` with the options of :func:`add_pipeline_args`."""
+def pipeline_from_args(args, checked: tuple[ModelSpec, "Path | None"] | None = None):
+    """``(spec, pipe)`` for ``args.model`` with the options of :func:`add_pipeline_args`.
+
+    checked: what :func:`check_pipeline_args` already returned for ``args`` (default: check them now).
+    """
     from export.checkpoint import load_any_transformer
     from pipeline.models import load_pipeline
 
-    spec, tdir = check_pipeline_args(args)
+    spec, tdir = checked if checked is not None else check_pipeline_args(args)
     transformer = load_any_transformer(tdir) if tdir is not None else None
     return spec, load_pipeline(spec, drop_t5=args.no_t5, transformer=transformer)
