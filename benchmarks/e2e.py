@@ -106,9 +106,10 @@ def _free_replaced_modules(base, *onnx_dirs: Path) -> None:
     only the module's config and dtype). Without the eager column nothing else uses them, and at SD3-medium
     size they are 9 GiB beside two 8 GiB ONNX Runtime sessions."""
     from export.onnx_export import release_weights
-    from runtime.pipeline_runner import PIPE_ATTR
+    from families import adapter_for
 
-    for comp, attr in PIPE_ATTR.items():
+    for c in adapter_for(base.transformer).components:
+        comp, attr = c.name, c.attr
         module = getattr(base, attr, None)
         if module is not None and all((d / f"{comp}.onnx").is_file() for d in onnx_dirs):
             release_weights(module)
@@ -131,10 +132,11 @@ def _runner_variant(name: str, spec, base_pipe, *, backend: str, onnx_dir: Path,
                            base_pipe=base_pipe, threads=threads)
     sizes = {c: int(getattr(r, "size_bytes", 0)) for c, r in pipe.runners.items()}
     # Components left in PyTorch count at their parameter size.
-    for attr in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
-        comp = "vae_decoder" if attr == "vae" else attr
-        if comp not in sizes:
-            sizes[comp] = _torch_bytes(getattr(base_pipe, attr, None))
+    from families import adapter_for
+
+    for c in adapter_for(base_pipe.transformer).components:
+        if c.name not in sizes:
+            sizes[c.name] = _torch_bytes(getattr(base_pipe, c.attr, None))
     tr = pipe.runners["transformer"]
     if backend == "ort":
         import onnxruntime as ort
@@ -213,7 +215,7 @@ def run_e2e(
 ) -> dict[str, Any]:
     """Benchmark dense vs pruned (and PyTorch eager) end to end; write the JSON, Markdown, plot and grid.
 
-    spec: a :class:`pipeline.models.ModelSpec`. dense_export_dir / pruned_export_dir: stage 2 outputs (or
+    spec: a :class:`families.registry.ModelSpec`. dense_export_dir / pruned_export_dir: stage 2 outputs (or
     their ``onnx/``). backend: ``"ort"`` (sessions on ``provider``) or ``"trt"`` (engines from
     ``engines={"dense": dir, "pruned": dir}``, each with ``<component>/engine_*.plan``; default
     ``<export dir>/engines``). sparsity: the pruned plan's :class:`obsdiff.patterns.Sparsity` (or string),
@@ -268,7 +270,7 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
     from tqdm import tqdm
 
     from benchmarks.report import image_grid, write_reports
-    from pipeline.models import load_pipeline
+    from families.registry import load_pipeline
     from runtime.pipeline_runner import StageTimer, generate
 
     threads = torch.get_num_threads()
@@ -287,7 +289,7 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
         _runner_variant("pruned", spec, base, backend=backend, onnx_dir=pruned_onnx, engine_dir=eng.get("pruned"), provider=provider, threads=threads),
     ]
     if eager:
-        size = sum(_torch_bytes(getattr(base, a, None)) for a in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"))
+        size = sum(_torch_bytes(getattr(base, c.attr, None)) for c in spec.adapter.components if c.kind != "transformer")
         variants.append(Variant("eager", base, f"pytorch {torch.__version__} eager ({device})", _torch_bytes(base.transformer), size + _torch_bytes(base.transformer)))
 
     timer = StageTimer(cuda=cuda)
@@ -368,7 +370,7 @@ def _short(prompt: str) -> str:
 
 
 def _default_prompts(spec) -> list[str]:
-    from pipeline.models import REPO_ROOT
+    from families.registry import REPO_ROOT
 
     if spec.quality_metric == "digits":
         from benchmarks.digits import prompt_for
@@ -383,7 +385,7 @@ def _default_prompts(spec) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from common.cli import ArgumentParser, int_at_least, run_command, setup_logging
     from obsdiff.patterns import parse_sparsity
-    from pipeline.models import resolve_model
+    from families.registry import resolve_model
 
     p = ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny-sd3")

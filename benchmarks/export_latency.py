@@ -50,7 +50,7 @@ log = logging.getLogger("benchmarks.export_latency")
 def tiny_sd3_case() -> tuple[Any, dict[str, Any]]:
     from diffusers import SD3Transformer2DModel
 
-    from pipeline.models import MODELS
+    from families.registry import MODELS
 
     spec = MODELS["tiny-sd3"]
     path = spec.path / "transformer"

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from common.io import atomic_path, write_json
-from pipeline.models import REPO_ROOT, load_pipeline, resolve_model
+from families.registry import REPO_ROOT, load_pipeline, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -218,13 +218,13 @@ def main(argv: list[str] | None = None) -> int:
             sparsity = parse_sparsity(pattern)
             for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
                 pipe.transformer.load_state_dict(dense_state)
-                config = PruneConfig(sparsity, method=method, groups=args.groups, calibration=calib)
+                config = PruneConfig(sparsity, method=method, groups=args.groups, calibration=calib, family=spec.family)
                 out = work / f"{sparsity.id}-{method}"
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.perf_counter()
                 with PeakRSS() as mem:
-                    prune(pipe, spec.id, prompts, config, out, blocks_attr=spec.blocks_attr, progress=False)
+                    prune(pipe, spec.id, prompts, config, out, progress=False)
                 seconds = time.perf_counter() - t0
                 peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else mem.peak_mib
                 err = output_rel_error(pipe.transformer, records)

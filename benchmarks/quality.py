@@ -28,8 +28,8 @@ import torch
 from benchmarks.classifier import load_classifier
 from benchmarks.digits import load_split, prompt_for, to_pixels
 from common.io import write_json
-from pipeline.models import ModelSpec
-from pipeline.sampling import sample
+from families.registry import ModelSpec
+from families.sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def clip_score(images: np.ndarray, prompts: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from common.cli import ArgumentParser, int_at_least, run_command, setup_logging
     from common.io import check_output
-    from pipeline.sampling import add_pipeline_args, add_sampler_args, pipeline_from_args
+    from benchmarks.pipeline_args import add_pipeline_args, add_sampler_args, pipeline_from_args
 
     ap = ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-sd3", help="registry id or local diffusers directory")
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {}
 
     def body() -> int:
-        from pipeline.sampling import check_pipeline_args
+        from benchmarks.pipeline_args import check_pipeline_args
 
         checked = check_pipeline_args(args)
         check_output(args.json, "file", option="--json")

@@ -84,7 +84,7 @@ def run(args) -> dict[str, Any]:
     from obsdiff.patterns import parse_sparsity
     from pipeline import cmd_engine
     from pipeline.artifacts import config_dirs
-    from pipeline.models import resolve_model
+    from families.registry import resolve_model
 
     fixture = Path(args.fixture or REPO / "artifacts" / "fixtures" / args.family)
     out = Path(args.out or REPO / "artifacts" / "scale" / args.family)

@@ -1,10 +1,11 @@
 """Compact checkpoint: ``model.safetensors`` + ``compact.json``, and a loader that rebuilds the module.
 
-``compact.json`` holds the diffusers transformer config (the dense architecture), every block's kept sizes
-(heads, attn2 heads, FFN widths), the plan that produced them (or ``null`` for a dense model), and the
-SHA-256 of the weights file. The loader builds ``SD3Transformer2DModel`` from the config, cuts the recorded
-shapes with :func:`export.surgery.cut_to_shapes`, and loads the weights with ``strict=True``. No pickled
-module is ever read; any mismatch ends with one :class:`UserError` line.
+``compact.json`` holds the diffusers transformer class and config (the dense architecture), every block's
+kept sizes per structured group of its family adapter (heads, FFN widths), the plan that produced them (or
+``null`` for a dense model), and the SHA-256 of the weights file. The loader builds the transformer class
+from the config, cuts the recorded shapes with :func:`export.surgery.cut_to_shapes`, and loads the weights
+with ``strict=True``. No pickled module is ever read; any mismatch ends with one :class:`UserError` line.
+Version-1 descriptions (``sd3-compact``, SD3 only, written before the family adapters) still load.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from obsdiff.plan import PrunePlan
 
 log = logging.getLogger(__name__)
 
-COMPACT_FORMAT = "sd3-compact"
-COMPACT_VERSION = 1
+COMPACT_FORMAT = "compact-transformer"
+COMPACT_VERSION = 2
+_V1_FORMAT = "sd3-compact"
+_V1_SIZES = {"heads": "attn", "heads_attn2": "attn2", "ff_dim": "ff", "ff_context_dim": "ff_context"}
 WEIGHTS = "model.safetensors"
 DESCRIPTION = "compact.json"
 
@@ -115,32 +118,33 @@ def _compare_safetensors(file: Path, state: dict[str, torch.Tensor]) -> list[str
 
 def expected_shapes(plan: PrunePlan, dense_shapes: list[BlockShape]) -> list[BlockShape]:
     """Block sizes after cutting a dense model of ``dense_shapes`` with ``plan``."""
-    out = []
-    for bp, d in zip(plan.blocks, dense_shapes):
-        out.append(
-            BlockShape(
-                index=d.index,
-                heads=len(bp.keep_heads) if bp.keep_heads is not None else d.heads,
-                heads_attn2=len(bp.keep_heads_attn2) if bp.keep_heads_attn2 is not None else d.heads_attn2,
-                ff_dim=len(bp.keep_ff) if bp.keep_ff is not None else d.ff_dim,
-                ff_context_dim=len(bp.keep_ff_context) if bp.keep_ff_context is not None else d.ff_context_dim,
-            )
-        )
-    return out
+    return [BlockShape(d.index, {n: len(bp.keep[n]) if n in bp.keep else size for n, size in d.sizes.items()}) for bp, d in zip(plan.blocks, dense_shapes)]
 
 
 def _check_plan_vs_shapes(plan: PrunePlan, shapes: list[BlockShape], what: str) -> None:
     if len(plan.blocks) != len(shapes):
         raise UserError(f"plan has {len(plan.blocks)} blocks, the {what} has {len(shapes)}; they belong to different models")
     for bp, s in zip(plan.blocks, shapes):
-        for keep, size, name in (
-            (bp.keep_heads, s.heads, "heads"),
-            (bp.keep_heads_attn2, s.heads_attn2, "attn2 heads"),
-            (bp.keep_ff, s.ff_dim, "FFN neurons"),
-            (bp.keep_ff_context, s.ff_context_dim, "ff_context neurons"),
-        ):
-            if keep is not None and len(keep) != size:
-                raise UserError(f"plan keeps {len(keep)} {name} in block {bp.index} but the {what} has {size}; plan and {what} do not match")
+        for name, keep in bp.keep.items():
+            if len(keep) != s.sizes.get(name):
+                raise UserError(f"plan keeps {len(keep)} units of {name} in block {bp.index} but the {what} has {s.sizes.get(name)}; plan and {what} do not match")
+
+
+def _shapes_from(desc: dict[str, Any]) -> list[BlockShape]:
+    """Block shapes of a description (version 1: SD3's named fields; None sizes mean "no such group")."""
+    if desc.get("format") == _V1_FORMAT:
+        return [BlockShape(b["index"], {name: b[f] for f, name in _V1_SIZES.items() if b.get(f) is not None}) for b in desc["blocks"]]
+    return [BlockShape(b["index"], dict(b["sizes"])) for b in desc["blocks"]]
+
+
+def transformer_class(name: str):
+    """The diffusers transformer class ``name``, if a family adapter handles it (one-line error otherwise)."""
+    import diffusers
+
+    from families import adapter_for
+
+    adapter_for(name)  # refuses classes no family handles
+    return getattr(diffusers, name)
 
 
 def load_compact(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> tuple[nn.Module, PrunePlan | None]:
@@ -149,13 +153,12 @@ def load_compact(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -
     dtype: cast after loading (default: the stored dtype).
     Raises :class:`UserError` with one line on a missing/corrupt file or any shape/key mismatch.
     """
-    from diffusers import SD3Transformer2DModel
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     desc = read_json(path / DESCRIPTION)
-    if not isinstance(desc, dict) or desc.get("format") != COMPACT_FORMAT or desc.get("version") != COMPACT_VERSION:
+    if (desc.get("format"), desc.get("version")) not in ((COMPACT_FORMAT, COMPACT_VERSION), (_V1_FORMAT, 1)):
         raise UserError(f"{path / DESCRIPTION} is not a {COMPACT_FORMAT} v{COMPACT_VERSION} description; re-run `python -m pipeline export`")
     weights = path / WEIGHTS
     if not weights.is_file():
@@ -163,7 +166,8 @@ def load_compact(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -
     if desc.get("weights_sha256") and sha256_file(weights) != desc["weights_sha256"]:
         raise UserError(f"{weights} does not match the hash in {DESCRIPTION} (corrupt or replaced); re-run `python -m pipeline export`")
     try:
-        shapes = [BlockShape(**b) for b in desc["blocks"]]
+        shapes = _shapes_from(desc)
+        cls = transformer_class(desc.get("class", "SD3Transformer2DModel"))
         plan = PrunePlan.from_dict(desc["plan"], source=str(path / DESCRIPTION)) if desc.get("plan") is not None else None
         config = desc["config"]
     except (KeyError, TypeError) as e:
@@ -172,7 +176,7 @@ def load_compact(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -
         _check_plan_vs_shapes(plan, shapes, "checkpoint description")
 
     try:
-        model = SD3Transformer2DModel.from_config(config)
+        model = cls.from_config(config)
     except Exception as e:  # diffusers raises several types for a bad config
         raise UserError(f"{path / DESCRIPTION}: cannot build the transformer from its config ({str(e).splitlines()[0]})") from None
     cut_to_shapes(model, shapes)
@@ -225,9 +229,8 @@ def load_any_transformer(path: str | os.PathLike, *, option: str = "--transforme
     directory = find_transformer_dir(path, option=option)
     if (directory / DESCRIPTION).is_file():
         return load_compact(directory)[0]
-    from diffusers import SD3Transformer2DModel
-
     try:
-        return SD3Transformer2DModel.from_pretrained(directory, local_files_only=True, dtype=torch.float32).eval()
+        cls = transformer_class(read_json(directory / "config.json", what="transformer config").get("_class_name", ""))
+        return cls.from_pretrained(directory, local_files_only=True, dtype=torch.float32).eval()
     except (OSError, ValueError, RuntimeError) as e:  # as stage 2 reports an unreadable stage-1 transformer
         raise UserError(f"cannot load {directory}: {str(e).splitlines()[0]}; re-run `python -m pipeline prune`") from None

@@ -1,4 +1,8 @@
-"""ONNX export of the SD3 transformer, the text encoders and the VAE decoder, and ONNX Runtime parity.
+"""ONNX export of a pipeline's transformer, text encoders and VAE decoder, and ONNX Runtime parity.
+
+The transformer's wrapper, example inputs and I/O names come from its family adapter
+(:meth:`families.base.FamilyAdapter.transformer_for_onnx`); the other components are shared kinds
+(:data:`COMPONENT_KINDS`: CLIP with projection, CLIP pooled, T5, VAE decoder) listed per family.
 
 Every component goes through the same path (:func:`export_module`):
 
@@ -47,7 +51,7 @@ MAX_IR_VERSION = 10
 # small models.
 EXTERNAL_DATA_THRESHOLD = int(os.environ.get("SDD_EXTERNAL_DATA_BYTES", 2 * 1024**3 - 64 * 1024**2))
 PRECISIONS = ("fp32", "fp16")
-COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder")
+COMPONENT_KINDS = ("transformer", "clip_projection", "clip_pooled", "t5", "vae_decoder")
 
 
 def torch_dtype(precision: str) -> torch.dtype:
@@ -57,20 +61,6 @@ def torch_dtype(precision: str) -> torch.dtype:
 # --------------------------------------------------------------------------------------------------------
 # Wrappers: the ONNX I/O contract of each component (names and meaning are shared with stage 3)
 # --------------------------------------------------------------------------------------------------------
-
-
-class TransformerForOnnx(nn.Module):
-    """``(hidden_states [B,C,h,w], encoder_hidden_states [B,S,D], pooled_projections [B,P], timestep [B] fp32) -> sample``."""
-
-    input_names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
-    output_names = ("sample",)
-
-    def __init__(self, transformer: nn.Module):
-        super().__init__()
-        self.model = transformer
-
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        return self.model(hidden_states, encoder_hidden_states, pooled_projections, timestep, return_dict=False)[0]
 
 
 class ClipForOnnx(nn.Module):
@@ -86,6 +76,20 @@ class ClipForOnnx(nn.Module):
     def forward(self, input_ids):
         out = self.model(input_ids, output_hidden_states=True)
         return out.text_embeds, out.hidden_states[-2]
+
+
+class ClipPooledForOnnx(nn.Module):
+    """``input_ids [B,L] int64 -> pooler_output [B,H]`` (``CLIPTextModel``'s pooled output, as Flux reads it)."""
+
+    input_names = ("input_ids",)
+    output_names = ("pooler_output",)
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.model = encoder
+
+    def forward(self, input_ids):
+        return self.model(input_ids, output_hidden_states=False).pooler_output
 
 
 class T5ForOnnx(nn.Module):
@@ -124,16 +128,10 @@ class VaeDecoderForOnnx(nn.Module):
 def transformer_inputs(
     model: nn.Module, batch: int, latent_hw: tuple[int, int], text_seq_len: int, *, dtype=torch.float32, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Random inputs at the export shapes; ``timestep`` is always float32 in [0, 1000)."""
-    cfg = model.config
-    g = torch.Generator().manual_seed(seed)
-    h, w = latent_hw
-    return {
-        "hidden_states": torch.randn(batch, cfg.in_channels, h, w, generator=g).to(dtype),  # (B, C, h, w)
-        "encoder_hidden_states": torch.randn(batch, text_seq_len, cfg.joint_attention_dim, generator=g).to(dtype),  # (B, S, D)
-        "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=g).to(dtype),  # (B, P)
-        "timestep": torch.rand(batch, generator=g) * 1000,  # (B,) float32
-    }
+    """Random inputs at the export shapes, by ONNX input name (the family adapter's); timesteps float32."""
+    from families import adapter_for
+
+    return adapter_for(model).transformer_inputs(model, batch, latent_hw, text_seq_len, dtype=dtype, seed=seed)
 
 
 def token_inputs(vocab_size: int, batch: int, seq_len: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -551,11 +549,16 @@ def linear_weight_layout(model) -> dict[str, dict[str, Any]]:
     return out
 
 
-def missing_linear_weights(model, torch_module: nn.Module, prefix: str = "transformer_blocks.") -> list[str]:
-    """Names of ``nn.Linear`` layers under ``prefix`` with no MatMul/Gemm constant weight of that name in ``model``.
+def missing_linear_weights(model, torch_module: nn.Module, prefix: str | tuple[str, ...] | None = None) -> list[str]:
+    """Names of ``nn.Linear`` layers under ``prefix`` (default: the family's block lists) with no MatMul/Gemm
+    constant weight of that name in ``model``.
 
     Empty means every such linear became a GEMM with a constant initializer (sparse tactics are eligible).
     """
+    if prefix is None:
+        from families import adapter_for
+
+        prefix = tuple(f"{a}." for a in adapter_for(torch_module).block_lists)
     have = set(linear_weight_layout(model))
     want = [f"{n}.weight" for n, m in torch_module.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix)]
     return [w for w in want if w not in have]
@@ -837,18 +840,23 @@ def export_and_check(
 
 
 def transformer_component(model: nn.Module, *, latent_hw: tuple[int, int], text_seq_len: int):
-    """``(wrapper, make_inputs)`` of an ``SD3Transformer2DModel`` (dense or compact) for :func:`export_component`."""
+    """``(wrapper, make_inputs)`` of a transformer of any family (dense or compact) for :func:`export_component`."""
+    from families import adapter_for
+
+    adapter = adapter_for(model)
 
     def make(batch, dtype):
-        return transformer_inputs(model, batch, latent_hw, text_seq_len, dtype=dtype, seed=batch)
+        return adapter.transformer_inputs(model, batch, latent_hw, text_seq_len, dtype=dtype, seed=batch)
 
-    return TransformerForOnnx(model.eval()), make
+    return adapter.transformer_for_onnx(model.eval()), make
 
 
-def clip_component(encoder: nn.Module, *, seq_len: int):
-    """``(wrapper, make_inputs)`` of a ``CLIPTextModelWithProjection`` (text_encoder / text_encoder_2)."""
+def clip_component(encoder: nn.Module, *, seq_len: int, pooled: bool = False):
+    """``(wrapper, make_inputs)`` of a ``CLIPTextModelWithProjection`` (SD3's text_encoder / text_encoder_2),
+    or with ``pooled`` of a ``CLIPTextModel`` read for its pooled output (Flux's text_encoder)."""
     vocab = int(encoder.config.vocab_size)
-    return ClipForOnnx(encoder.eval()), lambda b, dt: token_inputs(vocab, b, seq_len, seed=b)
+    wrapper = ClipPooledForOnnx(encoder.eval()) if pooled else ClipForOnnx(encoder.eval())
+    return wrapper, lambda b, dt: token_inputs(vocab, b, seq_len, seed=b)
 
 
 def t5_component(encoder: nn.Module, *, seq_len: int):
@@ -866,7 +874,7 @@ def vae_decoder_component(vae: nn.Module, *, latent_hw: tuple[int, int]):
 def export_transformer(
     model: nn.Module, path, *, latent_hw: tuple[int, int], text_seq_len: int, precision: str = "fp32", parity_batches=(1, 3)
 ) -> dict[str, Any]:
-    """Export an ``SD3Transformer2DModel`` (dense or compact) to ``path``; see :func:`export_and_check`."""
+    """Export a transformer of any family (dense or compact) to ``path``; see :func:`export_and_check`."""
     wrapper, make = transformer_component(model, latent_hw=latent_hw, text_seq_len=text_seq_len)
     return export_and_check("transformer", wrapper, make, path, precision=precision, parity_batches=parity_batches)
 

@@ -14,23 +14,23 @@ import torch
 from torch import nn
 
 from export.surgery import block_shapes, cut_to_shapes
+from families import adapter_for
 
 _GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "matmul", "_scaled_dot_product", "scaled_dot_product")
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """``{"total": ..., "transformer_blocks": ...}`` parameter counts."""
+    """``{"total": ..., "transformer_blocks": ...}`` parameter counts (blocks: every block list of the family)."""
     total = sum(p.numel() for p in model.parameters())
-    blocks = sum(p.numel() for n, p in model.named_parameters() if n.startswith("transformer_blocks."))
+    prefixes = tuple(f"{a}." for a in adapter_for(model).block_lists)
+    blocks = sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes))
     return {"total": int(total), "transformer_blocks": int(blocks)}
 
 
 def meta_replica(model: nn.Module) -> nn.Module:
     """The same architecture and block shapes as ``model`` on the ``meta`` device (weights not copied)."""
-    from diffusers import SD3Transformer2DModel
-
     with torch.device("meta"):
-        replica = SD3Transformer2DModel.from_config(model.config)
+        replica = type(model).from_config(model.config)
     cut_to_shapes(replica, block_shapes(model))
     return replica.eval()
 
@@ -43,17 +43,12 @@ def transformer_flops(model: nn.Module, batch: int, latent_hw: tuple[int, int], 
     from torch.utils.flop_counter import FlopCounterMode
 
     replica = meta_replica(model)
-    cfg = model.config
-    h, w = latent_hw
+    adapter = adapter_for(model)
     with torch.device("meta"):
-        args = (
-            torch.empty(batch, cfg.in_channels, h, w),  # (B, C, h, w)
-            torch.empty(batch, text_seq_len, cfg.joint_attention_dim),  # (B, S, D)
-            torch.empty(batch, cfg.pooled_projection_dim),  # (B, P)
-            torch.empty(batch),  # (B,)
-        )
+        args = tuple(adapter.transformer_inputs(model, batch, latent_hw, text_seq_len, device="meta").values())
+        wrapper = adapter.transformer_for_onnx(replica)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        replica(*args, return_dict=False)
+        wrapper(*args)
     by_op = {str(k).removeprefix("aten."): int(v) for k, v in counter.get_flop_counts()["Global"].items()}
     gemm = sum(v for k, v in by_op.items() if k.startswith(_GEMM_OPS))
     conv = sum(v for k, v in by_op.items() if "conv" in k)

@@ -8,7 +8,9 @@ returned ``keep`` is True where a weight survives, and the pruned weights are ex
 - Wanda (Sun et al. 2024): score ``|W_ij| * ||X_j||``; unstructured ranks within each output row (Wanda's
   per-output comparison group), N:M each group of M input columns.
 - structured (column groups): magnitude ``sum ||W_g||^2``, Wanda ``sum_j ||W_j||^2 ||X_j||^2`` over the
-  group's columns, summed over the weights sharing the groups; the lowest groups are zeroed.
+  group's columns, summed over the weights sharing the groups; the lowest groups are zeroed. As in
+  :func:`obsdiff.solvers.obs_prune_groups`, the groups may tile a column range only (``cols``), and columns
+  removed earlier (``frozen``) are zeroed and score 0.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Sequence
 import torch
 
 from obsdiff.patterns import Sparsity
-from obsdiff.solvers import _split_count
+from obsdiff.solvers import _group_columns, _split_count
 
 
 def _prune_by_score(W: torch.Tensor, score: torch.Tensor, sparsity: Sparsity, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,31 +64,67 @@ def wanda_prune(W: torch.Tensor, H: torch.Tensor, sparsity: Sparsity, **_: objec
     return _prune_by_score(W, W.detach().float().abs() * norms.unsqueeze(0), sparsity, per_row=True)
 
 
-def _prune_groups_by_score(Ws: Sequence[torch.Tensor], score: torch.Tensor, group_size: int, n_remove: int) -> tuple[list[torch.Tensor], list[int]]:
+def _range_columns(W: torch.Tensor, start: int, stop: int, frozen: torch.Tensor | None) -> torch.Tensor:
+    """``W``'s columns ``[start, stop)`` as float32, frozen columns zeroed: ``(rows, stop - start)``."""
+    Wf = W.detach().float()
+    if frozen is not None:
+        Wf = Wf.masked_fill(frozen.to(W.device).unsqueeze(0), 0.0)
+    return Wf[:, start:stop]
+
+
+def _prune_groups_by_score(
+    Ws: Sequence[torch.Tensor], score: torch.Tensor, group_size: int, n_remove: int, start: int, frozen: torch.Tensor | None
+) -> tuple[list[torch.Tensor], list[int]]:
+    """Zero the ``n_remove`` lowest-``score`` groups ``(groups,)`` of the range starting at column ``start``,
+    and the frozen columns; the kept group indices are relative to the range."""
     groups = score.numel()
     if not 0 <= n_remove < groups:
         raise ValueError(f"cannot remove {n_remove} of {groups} groups")
     removed = torch.zeros(groups, dtype=torch.bool)
     removed[torch.topk(score.cpu(), n_remove, largest=False).indices] = True
-    col_removed = removed.repeat_interleave(group_size)  # (cols,)
+    col_removed = torch.zeros(Ws[0].shape[1], dtype=torch.bool) if frozen is None else frozen.clone()  # (width,)
+    col_removed[start : start + groups * group_size] |= removed.repeat_interleave(group_size)
     out = [W.masked_fill(col_removed.to(W.device).unsqueeze(0), 0) for W in Ws]
     return out, (~removed).nonzero().flatten().tolist()
 
 
 def magnitude_prune_groups(
-    Ws: Sequence[torch.Tensor], Hs: Sequence[torch.Tensor] | None, group_size: int, n_remove: int, **_: object
+    Ws: Sequence[torch.Tensor],
+    Hs: Sequence[torch.Tensor] | None,
+    group_size: int,
+    n_remove: int,
+    *,
+    cols: tuple[int, int] | None = None,
+    frozen: Sequence[int] | torch.Tensor | None = None,
+    **_: object,
 ) -> tuple[list[torch.Tensor], list[int]]:
-    """Zero the ``n_remove`` column groups with the smallest summed ``||W_g||_F^2``. ``Hs`` is ignored."""
-    score = sum(W.detach().float().reshape(W.shape[0], -1, group_size).pow(2).sum(dim=(0, 2)).cpu() for W in Ws)
-    return _prune_groups_by_score(Ws, score, group_size, n_remove)
+    """Zero the ``n_remove`` column groups with the smallest summed ``||W_g||_F^2``. ``Hs`` is ignored.
+
+    cols, frozen: as in :func:`obsdiff.solvers.obs_prune_groups`: only the groups tiling ``[start, stop)``
+    are scored and removed (``keep`` relative to the range); frozen columns score 0 and are zeroed.
+    """
+    start, stop, fz = _group_columns(Ws[0].shape[1], group_size, cols, frozen, torch.device("cpu"))
+    score = sum(_range_columns(W, start, stop, fz).reshape(W.shape[0], -1, group_size).pow(2).sum(dim=(0, 2)).cpu() for W in Ws)
+    return _prune_groups_by_score(Ws, score, group_size, n_remove, start, fz)
 
 
 def wanda_prune_groups(
-    Ws: Sequence[torch.Tensor], Hs: Sequence[torch.Tensor], group_size: int, n_remove: int, **_: object
+    Ws: Sequence[torch.Tensor],
+    Hs: Sequence[torch.Tensor],
+    group_size: int,
+    n_remove: int,
+    *,
+    cols: tuple[int, int] | None = None,
+    frozen: Sequence[int] | torch.Tensor | None = None,
+    **_: object,
 ) -> tuple[list[torch.Tensor], list[int]]:
-    """Zero the ``n_remove`` column groups with the smallest summed ``sum_j ||W_j||^2 ||X_j||^2``."""
+    """Zero the ``n_remove`` column groups with the smallest summed ``sum_j ||W_j||^2 ||X_j||^2``.
+
+    cols, frozen: as in :func:`magnitude_prune_groups`.
+    """
+    start, stop, fz = _group_columns(Ws[0].shape[1], group_size, cols, frozen, torch.device("cpu"))
     score = 0
     for W, H in zip(Ws, Hs):
-        col = W.detach().float().pow(2).sum(dim=0) * torch.diagonal(H.float()).to(W.device)  # (cols,)
+        col = _range_columns(W, start, stop, fz).pow(2).sum(dim=0) * torch.diagonal(H.float())[start:stop].to(W.device)  # (stop-start,)
         score = score + col.reshape(-1, group_size).sum(dim=1).cpu()
-    return _prune_groups_by_score(Ws, score, group_size, n_remove)
+    return _prune_groups_by_score(Ws, score, group_size, n_remove, start, fz)

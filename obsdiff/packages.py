@@ -1,26 +1,18 @@
 """Group-wise sequential pruning ("module packages") over the real diffusers pipeline.
 
-The prunable ``nn.Linear`` layers of the transformer blocks, in block order, form parallel units:
-
-==============  ==============================================================================
-unit kind       layers (names inside the block)
-==============  ==============================================================================
-``attn_in``     ``attn.to_q/to_k/to_v`` + ``attn.add_q_proj/add_k_proj/add_v_proj``
-``attn_out``    ``attn.to_out.0`` + ``attn.to_add_out`` (absent in the last, ``context_pre_only`` block)
-``attn2_in``    ``attn2.to_q/to_k/to_v`` (SD3.5 dual-attention blocks only)
-``attn2_out``   ``attn2.to_out.0``
-``ff_in``       ``ff.net.0.proj`` + ``ff_context.net.0.proj``
-``ff_out``      ``ff.net.2`` + ``ff_context.net.2``
-==============  ==============================================================================
-
-Only these layers are pruned: not the AdaLN modulations (``norm1.linear``...), the embedders or
-``proj_out``. Structured pruning acts on the output units only (heads on ``*_out``, FFN neurons on
-``ff_out``); cutting the matching rows of the input layers is stage 2's job and changes nothing numerically.
+The prunable ``nn.Linear`` layers of the transformer blocks, in block order, form parallel *units*
+(layers of one block that see the same kind of input, e.g. q/k/v of the image and text branches). Which
+layers a block has, which of them share one input tensor (one Hessian) and what a head or an FFN neuron
+is, the family adapter says (:mod:`families`; the SD3 table is in :mod:`families.sd3`). Only these layers
+are pruned: not the AdaLN modulations, the embedders or the final projection. Structured pruning acts on
+the layers that consume a group's channels (heads: the attention output projection's columns; neurons:
+the FFN output projection's columns, possibly a column range of a fused projection); cutting the matching
+rows of the producing layers is stage 2's job and changes nothing numerically.
 
 The ordered units are split into ``groups`` contiguous packages. For each package: hook its layers,
-run the full denoising loop over the calibration prompts (classifier-free guidance on, so the batch holds
-both branches) accumulating timestep-weighted Hessians, solve every layer of the package, write the pruned
-weights back, checkpoint, and go on: later packages calibrate on the already pruned earlier ones.
+run the full denoising loop over the calibration prompts (classifier-free guidance on, so the transformer
+sees both branches) accumulating timestep-weighted Hessians, solve every layer of the package, write the
+pruned weights back, checkpoint, and go on: later packages calibrate on the already pruned earlier ones.
 """
 
 from __future__ import annotations
@@ -40,6 +32,8 @@ from torch import nn
 from common.errors import UserError
 from common.io import atomic_path, read_text_lines
 from common.memory import log_memory, release_to_os
+from families import adapter_for, get_adapter
+from families.base import FamilyAdapter, get_module
 from obsdiff import baselines, solvers
 from obsdiff.distributed import DistContext
 from obsdiff.hessian import HessianCollector
@@ -50,11 +44,6 @@ from obsdiff.timesteps import timestep_weights
 log = logging.getLogger(__name__)
 
 METHODS = ("obs-diff", "wanda", "magnitude")
-SCOPE_NOTE = (
-    "only the nn.Linear layers inside the transformer blocks are pruned (attention q/k/v and context "
-    "q/k/v, attention outputs, FFN in/out); AdaLN modulations (norm*.linear), embedders, context embedder "
-    "and proj_out stay dense"
-)
 PARTIAL_DIR = ".partial"
 
 
@@ -63,37 +52,19 @@ PARTIAL_DIR = ".partial"
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Unit:
-    """Parallel layers of one block that see the same kind of input (see the module table)."""
+    """Parallel layers of one block that see the same kind of input (see the adapter's unit table).
+
+    block: the block's index in the adapter's block order; layers: qualified names inside the transformer.
+    """
 
     block: int
     kind: str
     layers: tuple[str, ...]
 
 
-_UNIT_LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("attn_in", ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
-    ("attn_out", ("attn.to_out.0", "attn.to_add_out")),
-    ("attn2_in", ("attn2.to_q", "attn2.to_k", "attn2.to_v")),
-    ("attn2_out", ("attn2.to_out.0",)),
-    ("ff_in", ("ff.net.0.proj", "ff_context.net.0.proj")),
-    ("ff_out", ("ff.net.2", "ff_context.net.2")),
-]
-# Layers that receive the very same input tensor share one Hessian accumulator.
-_SHARED_INPUTS = [("attn.to_q", "attn.to_k", "attn.to_v"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), ("attn2.to_q", "attn2.to_k", "attn2.to_v")]
-_STRUCTURED_KINDS = ("attn_out", "attn2_out", "ff_out")
-
-
-def _get(module: nn.Module, dotted: str) -> nn.Module | None:
-    for part in dotted.split("."):
-        if module is None:
-            return None
-        module = module[int(part)] if part.isdigit() and isinstance(module, (nn.ModuleList, nn.Sequential)) else getattr(module, part, None)
-    return module
-
-
 def build_units(
     transformer: nn.Module,
-    blocks_attr: str = "transformer_blocks",
+    adapter: FamilyAdapter | None = None,
     *,
     first_block: int = 0,
     last_block: int | None = None,
@@ -102,28 +73,30 @@ def build_units(
 ) -> list[Unit]:
     """Ordered units of blocks ``first_block..last_block`` (inclusive; default all).
 
+    adapter: the transformer's family adapter (default: found from its class).
     skip: glob patterns on qualified layer names (``transformer_blocks.3.*``, ``*.attn.add_q_proj``);
-        matching layers stay dense. For structured pruning a head unit is skipped whole if any of its
-        layers matches (the image and text branches must lose the same heads).
-    structured: keep only the output units (``attn_out``, ``attn2_out``, ``ff_out``).
+        matching layers stay dense. For structured pruning a group is skipped whole if any of the layers
+        that consume it matches (the image and text branches of an attention must lose the same heads).
+    structured: keep only the layers that consume a structured group's channels.
     """
-    blocks = getattr(transformer, blocks_attr)
+    adapter = adapter or adapter_for(transformer)
+    blocks = adapter.blocks(transformer)
     last = len(blocks) - 1 if last_block is None else last_block
     if not (0 <= first_block <= last < len(blocks)):
         raise UserError(f"block range {first_block}..{last_block} is outside 0..{len(blocks) - 1}; fix --first-block/--last-block")
     units = []
     for i in range(first_block, last + 1):
-        block = blocks[i]
-        for kind, names in _UNIT_LAYERS:
-            if structured and kind not in _STRUCTURED_KINDS:
-                continue
-            present = [n for n in names if isinstance(_get(block, n), nn.Linear)]
-            qualified = [f"{blocks_attr}.{i}.{n}" for n in present]
-            kept = [q for q in qualified if not any(fnmatch.fnmatchcase(q, p) for p in skip)]
-            if structured and kind != "ff_out" and len(kept) != len(qualified):
-                kept = []
+        prefix, block = blocks[i]
+        skipped = lambda n: any(fnmatch.fnmatchcase(f"{prefix}.{n}", p) for p in skip)  # noqa: E731
+        consumers: set[str] = set()
+        if structured:
+            for g in adapter.structured_groups(block):
+                if not any(skipped(s.layer) for s in g.outputs):
+                    consumers.update(s.layer for s in g.outputs)
+        for kind, names in adapter.units(block):
+            kept = [n for n in names if not skipped(n) and (not structured or n in consumers)]
             if kept:
-                units.append(Unit(i, kind, tuple(kept)))
+                units.append(Unit(i, kind, tuple(f"{prefix}.{n}" for n in kept)))
     return units
 
 
@@ -142,12 +115,14 @@ def split_packages(units: Sequence[Unit], groups: int) -> list[list[Unit]]:
     return out
 
 
-def _share_groups(layer_names: Sequence[str]) -> list[list[str]]:
-    """Groups of ``layer_names`` fed the same input tensor (q/k/v of one attention, per branch)."""
+def _share_groups(layer_names: Sequence[str], shared_inputs: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Groups of ``layer_names`` fed the same input tensor (``shared_inputs``: the adapter's table of names
+    inside a block, e.g. q/k/v of one attention, per branch)."""
     names = set(layer_names)
     groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
     for name in layer_names:
-        for share in _SHARED_INPUTS:
+        for share in shared_inputs:
+            share = tuple(share)
             for member in share:
                 if name.endswith("." + member):
                     prefix = name[: -len(member) - 1]
@@ -155,7 +130,7 @@ def _share_groups(layer_names: Sequence[str]) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def memory_estimate(transformer: nn.Module, packages: Sequence[Sequence[Unit]], *, weight_bytes_per_param: int) -> dict[str, int]:
+def memory_estimate(transformer: nn.Module, packages: Sequence[Sequence[Unit]], *, weight_bytes_per_param: int, adapter: FamilyAdapter | None = None) -> dict[str, int]:
     """Bytes that pruning needs on the device that holds the model, by part (an estimate from shapes).
 
     weights: the transformer's parameters at ``weight_bytes_per_param`` (4 for float32, 2 for bf16/fp16);
@@ -164,12 +139,13 @@ def memory_estimate(transformer: nn.Module, packages: Sequence[Sequence[Unit]], 
     in float32, the weight and its update; ~4 ``in x in`` + 3 ``out x in`` float32 matrices).
     Activations of the denoising loop are not included: they depend on resolution and batch.
     """
+    adapter = adapter or adapter_for(transformer)
     modules = {name: m for name, m in transformer.named_modules() if isinstance(m, nn.Linear)}
     weights = sum(p.numel() for p in transformer.parameters()) * weight_bytes_per_param
     hessians, solver = 0, 0
     for package in packages:
         names = [n for unit in package for n in unit.layers]
-        shared = {n for g in _share_groups(names) for n in g[1:]}  # all but the first of a group reuse its sum
+        shared = {n for g in _share_groups(names, adapter.shared_inputs) for n in g[1:]}  # all but the first of a group reuse its sum
         hessians = max(hessians, sum(modules[n].in_features ** 2 * 8 for n in names if n not in shared))
         for n in names:
             cols, rows = modules[n].in_features, modules[n].out_features
@@ -215,6 +191,7 @@ class PruneConfig:
     groups: module packages (default 4). blocksize/percdamp/compensate: OBS solver options.
     first_block/last_block: inclusive block range to prune (default all). skip: glob patterns of layers
     left dense. max_group_iters: greedy iterations cap for structured neuron removal.
+    family: the model family (recorded through its adapter's scope note).
     """
 
     sparsity: Sparsity
@@ -237,6 +214,8 @@ class PruneConfig:
     def needs_hessian(self) -> bool:
         return self.method != "magnitude"
 
+    family: str = "sd3"  # the model family's adapter (its scope note is recorded in the plan)
+
     def settings(self, prompts: Sequence[str]) -> dict[str, Any]:
         """The plan's ``calibration`` dict: every setting that changes the result, and the prompts' hash."""
         d = asdict(self.calibration)
@@ -250,7 +229,7 @@ class PruneConfig:
             skip=list(self.skip),
             max_group_iters=self.max_group_iters,
             prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
-            notes=SCOPE_NOTE,
+            notes=get_adapter(self.family).scope_note,
         )
         return d
 
@@ -330,11 +309,8 @@ def run_calibration(
     """Run the pipeline's full denoising loop over ``(global_index, prompt)`` pairs with ``collector``'s
     hooks active, setting the collector's step weight from the step callback."""
     weights = timestep_weights(calib.steps, calib.weighting, calib.w_max, calib.w_min).tolist()
-    transformer = pipe.transformer
-    channels = transformer.config.in_channels
-    scale = pipe.vae_scale_factor
-    h, w = calib.height // scale, calib.width // scale
-    dtype = transformer.dtype
+    adapter = adapter_for(pipe.transformer)
+    dtype = pipe.transformer.dtype
 
     def on_step_end(_pipe, i: int, _t, _kwargs):
         collector.weight = weights[min(i + 1, len(weights) - 1)]
@@ -345,18 +321,18 @@ def run_calibration(
     with collector:
         for start in range(0, len(prompts), calib.batch_size):
             batch = prompts[start : start + calib.batch_size]
-            noise = torch.cat([torch.randn(1, channels, h, w, generator=torch.Generator("cpu").manual_seed(calib.seed + idx)) for idx, _ in batch])
+            noise = torch.cat([adapter.noise(pipe, calib.height, calib.width, calib.seed + idx, torch.float32) for idx, _ in batch])
             collector.weight = weights[0]
             pipe(
                 prompt=[p for _, p in batch],
                 num_inference_steps=calib.steps,
-                guidance_scale=calib.guidance,
                 height=calib.height,
                 width=calib.width,
                 latents=noise.to(dtype),
                 output_type="latent",
                 max_sequence_length=calib.max_sequence_length,
                 callback_on_step_end=on_step_end,
+                **adapter.guidance_kwargs(calib.guidance),
             )
 
 
@@ -365,24 +341,33 @@ def run_calibration(
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class _Job:
-    kind: str  # "weight" | "heads" | "neurons"
+    kind: str  # "weight" | "group"
     layers: list[str]
     block: int
-    plan_field: str | None = None  # BlockPlan field for structured jobs
+    group: str | None = None  # structured: the adapter's group name (the plan's key)
+    unit: int = 1  # structured: columns per unit (head_dim or 1)
+    cols: tuple[int, int] | None = None  # structured: the group's column range of each weight (None: all)
 
 
-def _jobs(package: Sequence[Unit], sparsity: Sparsity) -> list[_Job]:
+def _jobs(package: Sequence[Unit], sparsity: Sparsity, adapter: FamilyAdapter, blocks: Sequence[tuple[str, nn.Module]]) -> list[_Job]:
+    """The solves of a package: one per layer (N:M, unstructured), or one per structured group whose
+    consuming layers are all in a unit of the package (in the adapter's group order)."""
     jobs = []
     for unit in package:
         if sparsity.kind != "structured":
             jobs += [_Job("weight", [name], unit.block) for name in unit.layers]
-        elif unit.kind == "attn_out":
-            jobs.append(_Job("heads", list(unit.layers), unit.block, "keep_heads"))
-        elif unit.kind == "attn2_out":
-            jobs.append(_Job("heads", list(unit.layers), unit.block, "keep_heads_attn2"))
-        elif unit.kind == "ff_out":
-            for name in unit.layers:
-                jobs.append(_Job("neurons", [name], unit.block, "keep_ff_context" if ".ff_context." in name else "keep_ff"))
+            continue
+        prefix, block = blocks[unit.block]
+        local = {name[len(prefix) + 1 :] for name in unit.layers}
+        for g in adapter.structured_groups(block):
+            if not g.outputs or any(s.layer not in local for s in g.outputs):
+                continue
+            offsets = {s.offset for s in g.outputs}
+            assert len(offsets) == 1, f"group {g.name}: its weights must share one column range"
+            offset = offsets.pop()
+            width = get_module(block, g.outputs[0].layer).in_features
+            cols = None if (offset == 0 and g.width == width) else (offset, offset + g.width)
+            jobs.append(_Job("group", [f"{prefix}.{s.layer}" for s in g.outputs], unit.block, g.name, g.unit, cols))
     return jobs
 
 
@@ -391,8 +376,13 @@ _GROUP_SOLVERS: dict[str, Callable] = {"obs-diff": solvers.obs_prune_groups, "wa
 
 
 def _solve(
-    job: _Job, modules: dict[str, nn.Linear], collector: HessianCollector | None, config: PruneConfig, head_dim: int, factors: dict[str, torch.Tensor]
+    job: _Job, modules: dict[str, nn.Linear], collector: HessianCollector | None, config: PruneConfig, factors: dict[str, torch.Tensor], frozen: Sequence[int] = ()
 ) -> tuple[list[torch.Tensor], list[int] | None]:
+    """Solve one job; returns the new weights and, for a structured group, the kept unit indices.
+
+    frozen: columns of the job's weights that earlier groups already removed (a fused projection whose
+    column ranges belong to several groups): they stay zero and receive no compensation.
+    """
     Ws = [weight_tensor(modules[n]) for n in job.layers]
     Hs = [collector.hessian(n) if collector is not None else None for n in job.layers]
     dev = _solve_device(Hs[0], Ws[0])
@@ -408,28 +398,33 @@ def _solve(
             Ws[0], Hs[0], config.sparsity, blocksize=config.blocksize, percdamp=config.percdamp, compensate=config.compensate, **kwargs
         )
         return [W_new], None
-    group_size = head_dim if job.kind == "heads" else 1
-    groups = Ws[0].shape[1] // group_size
+    start, stop = job.cols if job.cols is not None else (0, Ws[0].shape[1])
+    groups = (stop - start) // job.unit
     n_remove = min(groups - 1, int(round(config.sparsity.ratio * groups)))
     if n_remove == 0:
         return Ws, None
     fn = _GROUP_SOLVERS[config.method]
     kwargs = {"percdamp": config.percdamp, "compensate": config.compensate, "max_iters": config.max_group_iters} if config.method == "obs-diff" else {}
-    return fn(Ws, Hs, group_size, n_remove, **kwargs)
+    if job.cols is not None:
+        kwargs["cols"] = job.cols
+    if frozen:
+        kwargs["frozen"] = list(frozen)
+    return fn(Ws, Hs, job.unit, n_remove, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
-def _skeleton(model_id: str, transformer: nn.Module, blocks_attr: str, config: PruneConfig, prompts: Sequence[str], packages: list[list[Unit]]) -> PrunePlan:
-    blocks = list(getattr(transformer, blocks_attr))
+def _skeleton(model_id: str, transformer: nn.Module, adapter: FamilyAdapter, config: PruneConfig, prompts: Sequence[str], packages: list[list[Unit]]) -> PrunePlan:
+    blocks = adapter.blocks(transformer)
     return PrunePlan(
         model=model_id,
+        family=adapter.name,
         sparsity=str(config.sparsity),
         method=config.method,
-        head_dim=int(transformer.config.attention_head_dim),
+        head_dim=adapter.head_dim(transformer),
         num_layers=len(blocks),
-        blocks=[BlockPlan(index=i, num_heads=int(b.attn.heads), ff_dim=int(b.ff.net[2].in_features)) for i, b in enumerate(blocks)],
+        blocks=[BlockPlan(index=i, sizes={g.name: g.size for g in adapter.structured_groups(b)}) for i, (_, b) in enumerate(blocks)],
         calibration=config.settings(prompts),
         packages=[[name for unit in pkg for name in unit.layers] for pkg in packages],
     )
@@ -473,7 +468,6 @@ def prune(
     config: PruneConfig,
     out_dir: str | Path,
     *,
-    blocks_attr: str = "transformer_blocks",
     ctx: DistContext | None = None,
     progress: bool = True,
     on_package_done: Callable[[int], None] | None = None,
@@ -481,7 +475,7 @@ def prune(
     """Prune ``pipe.transformer`` in place, package by package; write ``out_dir/plan.json`` and
     ``out_dir/transformer/``; resume from ``out_dir``'s partial state when present.
 
-    pipe: a loaded ``StableDiffusion3Pipeline`` (on its device, or with CPU offload enabled).
+    pipe: a loaded diffusers pipeline of a supported family (on its device, or with CPU offload enabled).
     prompts: the calibration prompts (already cut to ``samples``, see :func:`calibration_prompts`).
     ctx: scale-out context (prompts split by rank, Hessians all-reduced); default single process.
     on_package_done: called with the package index after each package is checkpointed (tests use it).
@@ -492,6 +486,8 @@ def prune(
     ctx = ctx or DistContext()
     out_dir = Path(out_dir)
     transformer = pipe.transformer
+    adapter = adapter_for(transformer)
+    blocks = adapter.blocks(transformer)
     existing = check_existing(out_dir, model_id, config, prompts)
     if is_complete(out_dir, existing):
         log.info("%s is complete with the same settings; nothing to do", out_dir)
@@ -501,10 +497,10 @@ def prune(
 
     structured = config.sparsity.kind == "structured"
     units = [] if config.sparsity.kind == "dense" else build_units(
-        transformer, blocks_attr, first_block=config.first_block, last_block=config.last_block, skip=config.skip, structured=structured
+        transformer, adapter, first_block=config.first_block, last_block=config.last_block, skip=config.skip, structured=structured
     )
     packages = split_packages(units, config.groups) if units else []
-    plan = _skeleton(model_id, transformer, blocks_attr, config, prompts, packages)
+    plan = _skeleton(model_id, transformer, adapter, config, prompts, packages)
     modules = {name: m for name, m in transformer.named_modules() if isinstance(m, nn.Linear)}
     if existing is not None:
         if existing.packages != plan.packages:
@@ -512,7 +508,6 @@ def prune(
         plan = existing
         _restore_packages(out_dir, plan, modules)
 
-    head_dim = plan.head_dim
     show = progress and ctx.is_main
     pkg_bar = tqdm(total=len(packages), initial=plan.done_packages, desc="packages", unit="pkg", disable=not show)
     for k in range(plan.done_packages, len(packages)):
@@ -520,7 +515,7 @@ def prune(
         names = plan.packages[k]
         collector = None
         if config.needs_hessian:
-            collector = HessianCollector({n: modules[n] for n in names}, share=_share_groups(names))
+            collector = HessianCollector({n: modules[n] for n in names}, share=_share_groups(names, adapter.shared_inputs))
             shard = ctx.shard(prompts)  # (global index, prompt): the index seeds the noise
             calib = config.calibration
             steps_bar = tqdm(total=math.ceil(len(shard) / calib.batch_size) * calib.steps, desc=f"calibrate {k + 1}/{len(packages)}", unit="step", leave=False, disable=not show)
@@ -530,22 +525,28 @@ def prune(
             collector.ensure_all(ctx.device if ctx.active else _first_device(collector, modules, names))
             ctx.all_reduce_sum(collector.tensors())
             log_memory(f"prune: package {k + 1}/{len(packages)} calibrated", log)
-        jobs = _jobs(package, config.sparsity)
+        jobs = _jobs(package, config.sparsity, adapter, blocks)
         factors: dict[str, torch.Tensor] = {}
+        removed_cols: dict[str, list[int]] = {}  # per weight: columns earlier groups removed (fused projections)
         for j, job in enumerate(jobs):
             owner = j % ctx.world
             keep = None
             if ctx.rank == owner:
                 with torch.no_grad():
-                    new_ws, keep = _solve(job, modules, collector, config, head_dim, factors)
+                    new_ws, keep = _solve(job, modules, collector, config, factors, removed_cols.get(job.layers[0], ()))
                 for n, W_new in zip(job.layers, new_ws):
                     w = weight_tensor(modules[n])
                     w.copy_(W_new.to(w.device, w.dtype))
             for n in job.layers:
                 ctx.broadcast_(weight_tensor(modules[n]), src=owner)
             keep = ctx.broadcast_object(keep, src=owner)
-            if job.plan_field is not None:
-                setattr(plan.blocks[job.block], job.plan_field, keep)
+            if keep is not None:
+                plan.blocks[job.block].keep[job.group] = keep
+                start = job.cols[0] if job.cols is not None else 0
+                gone = sorted(set(range(plan.blocks[job.block].sizes[job.group])) - set(keep))
+                cols = (start + torch.as_tensor(gone, dtype=torch.long)[:, None] * job.unit + torch.arange(job.unit)[None, :]).reshape(-1).tolist()
+                for n in job.layers:
+                    removed_cols.setdefault(n, []).extend(cols)
         log_memory(f"prune: package {k + 1}/{len(packages)} solved", log)
         del collector, factors  # only the current package's Hessians are ever held
         release_to_os()

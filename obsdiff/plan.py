@@ -1,8 +1,8 @@
 """PrunePlan: what stage 1 decided, as JSON (``plan.json``), read by stage 2.
 
-The plan is the contract between pruning and surgery. For every transformer block it records the kept
-attention-head indices and kept FFN-neuron indices (``None`` = nothing removed there), so stage 2 can cut
-the network without looking at weights. Per pruned layer it records the pattern and measured density.
+The plan is the contract between pruning and surgery. For every transformer block it records, per
+structured group of the family adapter (heads of an attention, neurons of an FFN), the dense size and the
+kept indices of the groups that are cut, so stage 2 can cut the network without looking at weights. Per pruned layer it records the pattern and measured density.
 """
 
 from __future__ import annotations
@@ -14,36 +14,40 @@ from typing import Any
 from common.errors import UserError
 from common.io import read_json, write_json
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+# Version 1 (SD3 only) named the groups by field; they map to version 2's group names like this.
+_V1_FIELDS = {"keep_heads": "attn", "keep_heads_attn2": "attn2", "keep_ff": "ff", "keep_ff_context": "ff_context"}
 
 
 @dataclass
 class BlockPlan:
-    """Structured decisions for one ``JointTransformerBlock``.
+    """Structured decisions for one transformer block, keyed by the family adapter's group names
+    (``attn``, ``ff``, ``ff_context``, ``attn2`` for SD3; ``attn``, ``mlp`` in Flux's single blocks...).
 
-    keep_heads: kept head indices of ``attn`` (image and text branch share them), sorted.
-    keep_heads_attn2: kept head indices of SD3.5's second (image-only) attention, if the block has one.
-    keep_ff / keep_ff_context: kept hidden neurons of ``ff`` / ``ff_context`` (``net.0.proj`` rows and
-        ``net.2`` columns), sorted.
+    sizes: units (heads or neurons) of every structured group of the dense block.
+    keep: kept unit indices (sorted) of the groups that are cut; a group not listed keeps everything.
     """
 
     index: int
-    num_heads: int
-    ff_dim: int
-    keep_heads: list[int] | None = None
-    keep_heads_attn2: list[int] | None = None
-    keep_ff: list[int] | None = None
-    keep_ff_context: list[int] | None = None
+    sizes: dict[str, int] = field(default_factory=dict)
+    keep: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_cut(self) -> bool:
-        return any(v is not None for v in (self.keep_heads, self.keep_heads_attn2, self.keep_ff, self.keep_ff_context))
+        return bool(self.keep)
+
+    @classmethod
+    def from_v1(cls, d: dict[str, Any]) -> "BlockPlan":
+        """A version-1 block (``num_heads``, ``ff_dim``, ``keep_heads``...) as version 2."""
+        keep = {name: d[f] for f, name in _V1_FIELDS.items() if d.get(f) is not None}
+        return cls(index=d["index"], sizes={"attn": d["num_heads"], "ff": d["ff_dim"]}, keep=keep)
 
 
 @dataclass
 class PrunePlan:
     """Everything stage 2 needs to rebuild and cut the pruned transformer.
 
+    family: the architecture's adapter (``sd3``, ``flux``...).
     sparsity: canonical pattern string (``2:4``, ``structured:0.3``...), parsed with ``parse_sparsity``.
     layers: per pruned ``nn.Linear`` (qualified name inside the transformer): ``{"density": float}``.
     packages: list of lists of layer names, in pruning order; ``done_packages`` counts finished ones
@@ -56,6 +60,7 @@ class PrunePlan:
     head_dim: int
     num_layers: int
     blocks: list[BlockPlan]
+    family: str = "sd3"
     calibration: dict[str, Any] = field(default_factory=dict)
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     packages: list[list[str]] = field(default_factory=list)
@@ -75,10 +80,15 @@ class PrunePlan:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "plan") -> "PrunePlan":
         try:
-            if d.get("version") != PLAN_VERSION:
-                raise UserError(f"{source}: plan version {d.get('version')!r} is not {PLAN_VERSION}; re-run `python -m pipeline prune`")
-            blocks = [BlockPlan(**b) for b in d["blocks"]]
-            rest = {k: v for k, v in d.items() if k != "blocks"}
+            version = d.get("version")
+            if version == 1:  # SD3-only plans written before the family adapters
+                blocks = [BlockPlan.from_v1(b) for b in d["blocks"]]
+                rest = {k: v for k, v in d.items() if k not in ("blocks", "version")}
+            elif version == PLAN_VERSION:
+                blocks = [BlockPlan(**b) for b in d["blocks"]]
+                rest = {k: v for k, v in d.items() if k != "blocks"}
+            else:
+                raise UserError(f"{source}: plan version {version!r} is not 1 or {PLAN_VERSION}; re-run `python -m pipeline prune`")
             plan = cls(blocks=blocks, **rest)
         except (KeyError, TypeError) as e:
             raise UserError(f"{source}: not a valid prune plan ({e}); re-run `python -m pipeline prune`") from None

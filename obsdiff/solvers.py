@@ -22,7 +22,10 @@ attention output projection; an FFN neuron = one input column of the FFN output 
 group OBS update ``dW = -W[:, S] (Hinv[S, S])^-1 Hinv[S, :]``, greedily, lowest saliency
 ``tr(W_S (Hinv[S, S])^-1 W_S^T)`` first, downdating ``Hinv`` after each removal. Several weight matrices
 that share the groups (the image and text branches of the joint attention) are ranked by the sum of
-their saliencies and compensated each with its own Hessian.
+their saliencies and compensated each with its own Hessian. The groups may tile a column range of the
+weights only (the attention heads of Flux's single-block ``proj_out``, whose input is the attention output
+followed by the MLP hidden state), with the OBS update still reaching every surviving column; columns
+removed earlier (``frozen``) are treated as dead inputs.
 """
 
 from __future__ import annotations
@@ -79,10 +82,14 @@ def _cholesky(A: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.T
     return L, _cholesky(schur, L[h:, h:])[1]
 
 
-def _damped_cholesky(H: torch.Tensor, percdamp: float, damp: float | None, *, reverse: bool, finish: Callable[[torch.Tensor], Any]) -> tuple[Any, float]:
+def _damped_cholesky(
+    H: torch.Tensor, percdamp: float, damp: float | None, *, reverse: bool, finish: Callable[[torch.Tensor], Any], frozen: torch.Tensor | None = None
+) -> tuple[Any, float]:
     """Lower Cholesky factor ``L`` of ``H + damp I`` (of ``J (H + damp I) J`` with ``reverse``, ``J`` the
     reversal permutation), handed to ``finish``; returns ``(finish(L), damp)``.
 
+    frozen: bool ``(cols,)``, inputs already removed from the layer: their rows and columns of (the working
+    copy of) ``H`` are zeroed first, which makes them dead inputs, decoupled from the others.
     Dead inputs (``H_ii == 0``) get ``H_ii = 1`` first, as in SparseGPT; ``damp`` defaults to
     ``percdamp * mean(diag(H))`` over the live inputs. When the factorisation fails or ``finish`` returns
     None (a non-finite result), the damping is multiplied by 10 and everything retried, up to 8 times (a
@@ -91,6 +98,10 @@ def _damped_cholesky(H: torch.Tensor, percdamp: float, damp: float | None, *, re
     H = H.detach()
     # One float32 copy of H is the working matrix: the flip copies, and so does the clone.
     Hd = torch.flip(H.to(torch.float32), (0, 1)) if reverse else H.to(torch.float32, copy=True)  # (cols, cols)
+    if frozen is not None:
+        fz = torch.flip(frozen, (0,)) if reverse else frozen  # (cols,) bool, in Hd's order
+        Hd[fz] = 0.0
+        Hd[:, fz] = 0.0
     diag = torch.diagonal(Hd)  # (cols,) view into Hd
     dead = diag == 0
     # Unlike SparseGPT, the dead inputs' H_ii = 1 stays out of the mean: it would tie the damping to the
@@ -111,21 +122,25 @@ def _damped_cholesky(H: torch.Tensor, percdamp: float, damp: float | None, *, re
     raise ValueError(f"Hessian is not positive definite even with damping {damp:g}: the calibration inputs are degenerate")
 
 
-def damped_inverse(H: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP, *, damp: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def damped_inverse(
+    H: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP, *, damp: float | None = None, frozen: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Cholesky-invert ``H + damp * I`` with ``damp = percdamp * mean(diag(H))`` (or the ``damp`` given).
 
     When the factorisation fails (a singular or badly conditioned ``H``), the damping is multiplied by 10
     and the factorisation retried, up to 8 times (a zero damping starts the retries at 1e-6 of the mean
     diagonal). Returns ``(L, Hinv, damp)``: the lower Cholesky factor of the damped ``H``, its inverse
     (float32), and the damping used. Dead inputs (``H_ii == 0``) get ``H_ii = 1`` first, as in SparseGPT;
-    ``mean(diag(H))`` is taken over the live inputs only.
+    ``mean(diag(H))`` is taken over the live inputs only. frozen: bool ``(cols,)``, inputs treated as dead
+    (their rows and columns of ``H`` zeroed in the working copy; ``H`` is not modified): the result is then
+    the inverse of the problem without them, embedded, with exact zeros coupling them to the other inputs.
     """
 
     def finish(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         Hinv = torch.cholesky_inverse(L)  # (cols, cols)
         return (L, Hinv) if _all_finite(Hinv) else None
 
-    (L, Hinv), damp = _damped_cholesky(H, percdamp, damp, reverse=False, finish=finish)
+    (L, Hinv), damp = _damped_cholesky(H, percdamp, damp, reverse=False, finish=finish, frozen=frozen)
     return L, Hinv, damp
 
 
@@ -397,6 +412,34 @@ def group_saliency(W: torch.Tensor, Hinv: torch.Tensor, group_size: int, present
     return (Wg.transpose(1, 2) * sol).sum(dim=(1, 2))
 
 
+def _group_columns(
+    width: int, group_size: int, cols: tuple[int, int] | None, frozen: Sequence[int] | torch.Tensor | None, device: torch.device
+) -> tuple[int, int, torch.Tensor | None]:
+    """Where the column groups of a weight with ``width`` input columns lie: ``(start, stop, frozen_mask)``.
+
+    cols: the range ``[start, stop)`` the groups tile (default the whole width); it must hold whole groups.
+    frozen: absolute indices of columns already removed (or a bool mask ``(width,)``); returned as a bool
+        mask ``(width,)`` on ``device``, None when there are none (the solvers then run exactly as without).
+    """
+    start, stop = (0, width) if cols is None else (int(cols[0]), int(cols[1]))
+    if not 0 <= start < stop <= width or (stop - start) % group_size:
+        raise ValueError(f"column range [{start}, {stop}) of in_features={width} must hold whole groups of group_size={group_size}")
+    if frozen is None:
+        return start, stop, None
+    idx = torch.as_tensor(frozen, device=device)
+    if idx.dtype == torch.bool:
+        if idx.shape != (width,):
+            raise ValueError(f"a frozen mask must have shape ({width},), got {tuple(idx.shape)}")
+        mask = idx.clone()
+    else:
+        idx = idx.long().flatten()
+        if idx.numel() and not (0 <= int(idx.min()) and int(idx.max()) < width):
+            raise ValueError(f"frozen columns must lie in [0, {width})")
+        mask = torch.zeros(width, dtype=torch.bool, device=device)
+        mask[idx] = True
+    return start, stop, (mask if bool(mask.any()) else None)
+
+
 def obs_prune_groups(
     Ws: Sequence[torch.Tensor],
     Hs: Sequence[torch.Tensor],
@@ -406,20 +449,33 @@ def obs_prune_groups(
     percdamp: float = DEFAULT_PERCDAMP,
     compensate: bool = True,
     max_iters: int = 512,
+    cols: tuple[int, int] | None = None,
+    frozen: Sequence[int] | torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], list[int]]:
     """Remove ``n_remove`` input-column groups shared by every ``W`` in ``Ws``, with group OBS.
 
-    Ws: weights ``(rows_b, cols)`` with the same ``cols = groups * group_size`` (e.g. ``attn.to_out.0`` and
-        ``attn.to_add_out`` for heads, ``group_size = head_dim``; ``ff.net.2`` alone for neurons, size 1).
-    Hs: their input Hessians ``(cols, cols)``, one per weight.
+    Ws: weights ``(rows_b, width)`` with the same ``width`` (e.g. ``attn.to_out.0`` and ``attn.to_add_out``
+        for heads, ``group_size = head_dim``; ``ff.net.2`` alone for neurons, size 1).
+    Hs: their input Hessians ``(width, width)``, one per weight.
     n_remove: groups to remove (``0 <= n_remove < groups``).
     compensate: update the surviving columns with the OBS correction (default True); False only zeroes the
         removed groups (ranked by the same saliency, computed once) and the dead inputs.
     max_iters: greedy iterations at most; with more groups to remove than this, the
         ``ceil(n_remove / max_iters)`` lowest-saliency groups go together in one iteration.
+    cols: ``(start, stop)``, the column range the groups tile, ``groups = (stop - start) / group_size``
+        numbered from ``start`` (default the whole width). Only groups in the range are removed, but the
+        Hessian and the OBS update span the whole width: removing a group compensates through every
+        surviving column, inside and outside the range (Flux's single-block ``proj_out``, whose input is
+        the attention output then the MLP hidden state: heads in the first range, neurons in the second).
+    frozen: absolute indices of columns already removed (e.g. the heads cut from ``proj_out`` before its
+        neurons), or a bool mask ``(width,)``. They are treated as dead inputs: zeroed in every weight, and
+        their rows and columns of each ``H`` zeroed before the inversion (:func:`damped_inverse`), so their
+        ``Hinv`` rows and columns are decoupled (exact zeros off the diagonal): no update reaches them, they
+        stay exactly zero, and the result is that of the problem with those columns deleted. A group in the
+        range whose columns are all frozen costs nothing and is removed first, counting towards ``n_remove``.
 
     Returns ``(Ws_new, keep)``: the updated weights (removed columns exactly zero, only kept columns changed,
-    same dtypes/devices as given) and the sorted kept group indices.
+    same dtypes/devices as given) and the sorted kept group indices, relative to the range.
 
     Dead inputs (``H_ii == 0`` in a weight's Hessian) have their columns of that weight zeroed first, as in
     SparseGPT: a group whose inputs are all dead then has saliency 0 and is removed first, with no update
@@ -427,33 +483,37 @@ def obs_prune_groups(
     """
     if len(Ws) != len(Hs) or not Ws:
         raise ValueError("obs_prune_groups needs one Hessian per weight and at least one weight")
-    cols = Ws[0].shape[1]
-    if cols % group_size or any(W.shape[1] != cols for W in Ws):
-        raise ValueError(f"weights must share in_features divisible by group_size={group_size}")
-    groups = cols // group_size
+    width = Ws[0].shape[1]
+    if any(W.shape[1] != width for W in Ws):
+        raise ValueError("weights must share in_features")
+    start, stop, frozen_mask = _group_columns(width, group_size, cols, frozen, Ws[0].device)
+    groups = (stop - start) // group_size
     if not 0 <= n_remove < groups:
         raise ValueError(f"cannot remove {n_remove} of {groups} groups")
     dtypes = [W.dtype for W in Ws]
     Wf = [W.detach().to(torch.float32).clone() for W in Ws]
+    Hinvs = []
     for W, H in zip(Wf, Hs):  # SparseGPT zeroes dead inputs: their H_ii = 1 would otherwise inflate the saliency
-        W[:, torch.diagonal(H).to(W.device) == 0] = 0.0
-    Hinvs = [damped_inverse(H.to(W.device), percdamp)[1] for W, H in zip(Wf, Hs)]
+        fz = None if frozen_mask is None else frozen_mask.to(W.device)  # (width,) bool
+        dead = torch.diagonal(H).to(W.device) == 0  # (width,)
+        W[:, dead if fz is None else dead | fz] = 0.0
+        Hinvs.append(damped_inverse(H.to(W.device), percdamp, frozen=fz)[1])  # frozen inputs decoupled, as dead ones
     removed = torch.zeros(groups, dtype=torch.bool, device=Wf[0].device)
     per_iter = max(1, math.ceil(n_remove / max(1, max_iters)))
     done = 0
     while done < n_remove:
         # Score only the groups still present: a removed group's Hinv block is downdated to zero (singular).
         present = (~removed).nonzero().flatten()  # (P,)
-        score = sum(group_saliency(W, Hinv, group_size, present) for W, Hinv in zip(Wf, Hinvs))  # (P,)
+        score = sum(group_saliency(W[:, start:stop], Hinv[start:stop, start:stop], group_size, present) for W, Hinv in zip(Wf, Hinvs))  # (P,)
         k = min(per_iter, n_remove - done)
         chosen = present[torch.topk(score, k, largest=False).indices].sort().values  # (k,)
-        cols_s = (chosen.unsqueeze(1) * group_size + torch.arange(group_size, device=chosen.device)).flatten()
+        cols_s = (start + chosen.unsqueeze(1) * group_size + torch.arange(group_size, device=chosen.device)).flatten()  # (k*gs,) absolute
         for b in range(len(Wf)):
             if compensate:
                 Hinv = Hinvs[b]
                 Hss = Hinv[cols_s][:, cols_s]  # (k*gs, k*gs)
                 Hss = 0.5 * (Hss + Hss.T)
-                A = torch.linalg.solve(Hss, Hinv[cols_s, :])  # (k*gs, cols) = Hss^-1 Hinv[S, :]
+                A = torch.linalg.solve(Hss, Hinv[cols_s, :])  # (k*gs, width) = Hss^-1 Hinv[S, :]
                 Wf[b].addmm_(Wf[b][:, cols_s], A, alpha=-1.0)  # W -= W[:, S] A
                 Hinv.addmm_(Hinv[:, cols_s], A, alpha=-1.0)  # Hinv -= Hinv[:, S] A (downdate)
                 # The downdated rows/columns of S are zero up to rounding: make them exact, so that later

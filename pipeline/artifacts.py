@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from common.io import read_json, write_json
-from pipeline.models import REPO_ROOT, ModelSpec
+from families.registry import REPO_ROOT, ModelSpec
 
 ARTIFACTS = REPO_ROOT / "artifacts"
 

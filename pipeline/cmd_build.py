@@ -47,7 +47,7 @@ def validate(args: argparse.Namespace, *, check_onnx: bool = True):
     ``make engine`` calls it with ``check_onnx=False`` before any stage runs (the ONNX comes later).
     """
     from obsdiff.patterns import parse_sparsity
-    from pipeline.models import resolve_model
+    from families.registry import resolve_model
 
     sparsity = parse_sparsity(args.sparsity)
     spec = resolve_model(args.model)

@@ -107,7 +107,7 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
     def add(name: str, marker: Path, command: str, argv: list[str], inputs: dict, outputs: dict) -> None:
         stages.append(_Stage(name, marker, [command, *argv], parse_stage(command, argv), inputs, outputs))
 
-    fp16_components = "transformer" if not cuda else "transformer,text_encoder,text_encoder_2,text_encoder_3,vae_decoder"
+    fp16_components = "transformer" if not cuda else ",".join(c.name for c in spec.adapter.components)
     prune_argv = ["--model", args.model, "--sparsity", str(sparsity), "--method", args.method, "--groups", str(args.groups),
                   "--out", str(cfg.prune)]
     if args.samples:
@@ -142,7 +142,7 @@ def run(args) -> int:
     from common.io import check_output
     from obsdiff.patterns import parse_sparsity
     from pipeline.artifacts import ARTIFACTS, Manifest, config_dirs
-    from pipeline.models import resolve_model
+    from families.registry import resolve_model
 
     spec = resolve_model(args.model)
     sparsity = parse_sparsity(args.sparsity)

@@ -39,7 +39,7 @@ _VERSIONED = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnx
 
 
 def add_parser(subparsers) -> None:
-    from export.onnx_export import COMPONENTS, PRECISIONS
+    from export.onnx_export import PRECISIONS
 
     p = subparsers.add_parser(
         "export",
@@ -50,7 +50,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--pruned", type=Path, default=None, help="stage-1 directory (plan.json + transformer/); omitted: export the dense model")
     p.add_argument("--out", type=Path, required=True, help="output directory (may be the stage-1 directory)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 for CPU runtimes, fp16 for TensorRT (default fp32)")
-    p.add_argument("--components", default=",".join(COMPONENTS), help=f"comma-separated subset of {','.join(COMPONENTS)} (default all)")
+    p.add_argument("--components", default=None, help="comma-separated subset of the model's components, e.g. "
+                   "transformer,text_encoder,text_encoder_2,text_encoder_3,vae_decoder for SD3 (default all)")
     p.add_argument("--parity-batches", default="1,3", help="batch sizes for the ORT-vs-torch checks (default 1,3; '' skips them)")
     p.add_argument("--polygraphy", choices=("auto", "on", "off"), default="auto", help="cross-check 2:4 with polygraphy (auto: models < 256 MB)")
     p.add_argument("--force", action="store_true", help="re-export even if the existing output is up to date")
@@ -60,14 +61,16 @@ def add_parser(subparsers) -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _parse_components(text: str) -> list[str]:
-    from export.onnx_export import COMPONENTS
-
+def _parse_components(text: str | None, spec) -> list[str]:
+    """The components to export, in the family's order (None: all of them)."""
+    known = [c.name for c in spec.adapter.components]
+    if text is None:
+        return known
     names = [c.strip() for c in text.split(",") if c.strip()]
-    bad = [c for c in names if c not in COMPONENTS]
+    bad = [c for c in names if c not in known]
     if bad or not names:
-        raise UserError(f"unknown component(s) {bad or text!r}; choose from {','.join(COMPONENTS)}")
-    return [c for c in COMPONENTS if c in names]
+        raise UserError(f"unknown component(s) {bad or text!r} for {spec.id}; choose from {','.join(known)}")
+    return [c for c in known if c in names]
 
 
 def _parse_batches(text: str) -> list[int]:
@@ -136,14 +139,14 @@ def _complete(out: Path, report: dict[str, Any]) -> bool:
 
 
 def _load_pruned(pruned: Path, dtype=torch.float32):
-    from diffusers import SD3Transformer2DModel
-
+    from export.checkpoint import transformer_class
     from obsdiff.plan import PrunePlan
 
     _check_pruned(pruned)
     plan = PrunePlan.load(pruned / "plan.json")
     try:
-        transformer = SD3Transformer2DModel.from_pretrained(str(pruned / "transformer"), dtype=dtype)
+        cls = transformer_class(read_json(pruned / "transformer" / "config.json", what="transformer config").get("_class_name", ""))
+        transformer = cls.from_pretrained(str(pruned / "transformer"), dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load {pruned / 'transformer'}: {str(e).splitlines()[0]}; re-run `python -m pipeline prune`") from None
     return plan, transformer.eval()
@@ -155,7 +158,7 @@ def _transformer_output(model, spec, batch: int = 1):
 
     inputs = transformer_inputs(model, batch, (spec.shapes.latent_height, spec.shapes.latent_width), spec.shapes.text_seq_len, seed=7)
     with torch.no_grad(), fp32_compute(model) as m:
-        return m(*inputs.values(), return_dict=False)[0].float().numpy()
+        return spec.adapter.transformer_for_onnx(m)(*inputs.values()).float().numpy()
 
 
 def validate(args: argparse.Namespace):
@@ -164,10 +167,10 @@ def validate(args: argparse.Namespace):
     ``make engine`` calls it for its export stages before any stage runs; ``--pruned`` is checked by
     :func:`run` (when the engine validates, the stage-1 output does not exist yet).
     """
-    from pipeline.models import resolve_model
+    from families.registry import resolve_model
 
     spec = resolve_model(args.model)
-    components = _parse_components(args.components)
+    components = _parse_components(args.components, spec)
     batches = _parse_batches(args.parity_batches)
     out: Path = args.out
     check_output(out, "parent")
@@ -188,7 +191,7 @@ def _check_pruned(pruned: Path) -> None:
     if not plan.complete:
         raise UserError(f"{pruned / 'plan.json'} is partial ({plan.done_packages}/{len(plan.packages)} packages); finish `python -m pipeline prune` first")
     if not (pruned / "transformer" / "config.json").is_file():
-        raise UserError(f"missing {pruned / 'transformer'} (diffusers SD3Transformer2DModel); re-run `python -m pipeline prune`")
+        raise UserError(f"missing {pruned / 'transformer'} (the pruned diffusers transformer); re-run `python -m pipeline prune`")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -225,7 +228,7 @@ def _load_and_export(spec, pruned: Path | None, components, batches, args, out: 
     """Load, cut, save and export one component at a time, so that memory stays near one copy of the
     biggest component's weights in the export precision (see :func:`_export_transformer`)."""
     from export.onnx_export import torch_dtype
-    from pipeline.models import load_component
+    from families.registry import load_component
 
     dtype = torch_dtype(args.precision)
     plan = None
@@ -328,18 +331,19 @@ def _export_transformer(spec, plan, holder: list, batches, args, out: Path, path
 def _export_other(spec, name: str, precision: str, batches, path: Path) -> dict[str, Any]:
     """Export a text encoder or the VAE decoder, loaded by itself in the precision it is exported in."""
     from export.onnx_export import clip_component, export_component, t5_component, torch_dtype, vae_decoder_component
-    from pipeline.models import load_component
+    from families.registry import load_component
 
-    keep_fp32 = name == "text_encoder_3"  # T5's activations overflow float16
+    comp = next(c for c in spec.adapter.components if c.name == name)
+    keep_fp32 = comp.kind == "t5"  # T5's activations overflow float16
     dtype = torch.float32 if keep_fp32 else torch_dtype(precision)
     shapes = spec.shapes
-    if name in ("text_encoder", "text_encoder_2"):
-        tokenizer = load_component(spec, "tokenizer" if name == "text_encoder" else "tokenizer_2")
-        wrapper, make = clip_component(load_component(spec, name, dtype=dtype), seq_len=int(tokenizer.model_max_length))
-    elif name == "text_encoder_3":
-        wrapper, make = t5_component(load_component(spec, name, dtype=dtype), seq_len=int(spec.max_sequence_length))
+    if comp.kind in ("clip_projection", "clip_pooled"):
+        tokenizer = load_component(spec, comp.attr.replace("text_encoder", "tokenizer"))
+        wrapper, make = clip_component(load_component(spec, comp.attr, dtype=dtype), seq_len=int(tokenizer.model_max_length), pooled=comp.kind == "clip_pooled")
+    elif comp.kind == "t5":
+        wrapper, make = t5_component(load_component(spec, comp.attr, dtype=dtype), seq_len=int(spec.max_sequence_length))
     else:
-        wrapper, make = vae_decoder_component(load_component(spec, "vae", dtype=dtype), latent_hw=(shapes.latent_height, shapes.latent_width))
+        wrapper, make = vae_decoder_component(load_component(spec, comp.attr, dtype=dtype), latent_hw=(shapes.latent_height, shapes.latent_width))
     res, parity_ref = export_component(name, wrapper, make, path, precision=precision, parity_batches=batches, keep_fp32=keep_fp32, in_place=True)
     del wrapper, make
     if parity_ref is not None:
@@ -365,12 +369,9 @@ def _transformer_onnx_checks(path: Path, compact, plan, shapes, step_batch: int,
     pattern = parse_sparsity(plan.sparsity) if plan is not None else None
     nm = (pattern.n, pattern.m) if pattern is not None and pattern.is_semi_structured else (2, 4)
     expected = sorted(plan.layers) if pattern is not None and pattern.is_semi_structured else []
-    in_shapes = {
-        "hidden_states": [step_batch, compact.config.in_channels, shapes.latent_height, shapes.latent_width],
-        "encoder_hidden_states": [step_batch, shapes.text_seq_len, compact.config.joint_attention_dim],
-        "pooled_projections": [step_batch, compact.config.pooled_projection_dim],
-        "timestep": [step_batch],
-    }
+    from families import adapter_for
+
+    in_shapes = adapter_for(compact).transformer_input_shapes(compact, step_batch, (shapes.latent_height, shapes.latent_width), shapes.text_seq_len)
     sp = check_onnx_sparsity(model, nm, input_shapes=in_shapes, expected_layers=expected, base_dir=path.parent)
     if not sp.ok:
         first = (sp.missing_layers or sp.failed_layers)[0]

@@ -16,7 +16,7 @@ from common.cli import float_range, int_at_least
 from common.errors import UserError
 from common.io import check_output, created_dirs
 from common.memory import log_memory, release_to_os
-from pipeline.models import REPO_ROOT, ModelSpec, load_pipeline, resolve_model
+from families.registry import REPO_ROOT, ModelSpec, load_pipeline, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ def build_config(args: argparse.Namespace, spec: ModelSpec):
         first_block=args.first_block,
         last_block=args.last_block,
         skip=tuple(args.skip),
+        family=spec.family,
     )
     prompts = calibration_prompts(read_prompts(args.prompts or default_prompts_file(spec)), args.samples)
     return config, prompts
@@ -163,10 +164,10 @@ def check_device_memory(pipe, spec: ModelSpec, config, device, offload: str) -> 
     comps = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
     sizes = {n: sum(p.numel() * p.element_size() for p in m.parameters()) for n, m in comps.items()}
     units = [] if config.sparsity.kind == "dense" else build_units(
-        pipe.transformer, spec.blocks_attr, first_block=config.first_block, last_block=config.last_block, skip=config.skip,
+        pipe.transformer, spec.adapter, first_block=config.first_block, last_block=config.last_block, skip=config.skip,
         structured=config.sparsity.kind == "structured")
     est = memory_estimate(pipe.transformer, split_packages(units, config.groups) if units else [],
-                          weight_bytes_per_param=next(pipe.transformer.parameters()).element_size())
+                          weight_bytes_per_param=next(pipe.transformer.parameters()).element_size(), adapter=spec.adapter)
     on_device = {"none": sum(sizes.values()), "model": max(sizes.values()), "sequential": 0}
     need = {k: v + est["hessians"] + est["solver"] for k, v in on_device.items()}
     gib = lambda b: b / 2**30  # noqa: E731
@@ -196,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     calib = config.calibration
     log.info("calibration: %d prompts x %d steps, guidance %g%s, %dx%d px", calib.samples, calib.steps, calib.guidance,
-             "" if calib.guidance > 1 else " (no CFG)", calib.width, calib.height)
+             "" if spec.adapter.runs_cfg_batch(calib.guidance) else " (no CFG)", calib.width, calib.height)
 
     ctx = init_from_env(device)
     # A bad input found late (the model cannot load) leaves nothing behind; a crash or Ctrl-C keeps the
@@ -214,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 pipe.to(ctx.device)
             t0 = time.perf_counter()
-            plan = prune(pipe, spec.id, prompts, config, out, blocks_attr=spec.blocks_attr, ctx=ctx, progress=not args.no_progress)
+            plan = prune(pipe, spec.id, prompts, config, out, ctx=ctx, progress=not args.no_progress)
             if ctx.is_main:
                 dens = [v["density"] for v in plan.layers.values()]
                 mean = sum(dens) / len(dens) if dens else 1.0

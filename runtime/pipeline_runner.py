@@ -1,4 +1,4 @@
-"""Run diffusers' ``StableDiffusion3Pipeline`` with exported components on ONNX Runtime or TensorRT.
+"""Run a diffusers pipeline (SD3, Flux...) with exported components on ONNX Runtime or TensorRT.
 
 The pipeline object is diffusers' own: tokenizers, scheduler, latents (from the seed), classifier-free
 guidance and image post-processing are unchanged, so images are comparable with the PyTorch pipeline
@@ -6,11 +6,15 @@ for the same prompt and seed. Only the networks are swapped, for small ``torch.n
 expose what the pipeline reads (``config``, ``dtype``, ``device``, the call signature and output layout)
 and call an :class:`runtime.ort.OrtModel` or :class:`runtime.tensorrt.TrtEngine`:
 
-- ``transformer``: ``(hidden_states, timestep, encoder_hidden_states, pooled_projections) -> (sample,)``
-- ``text_encoder`` / ``text_encoder_2``: ``input_ids -> out`` with ``out[0]`` the pooled text embeddings
+- the transformer: the family adapter's runtime module (:meth:`families.base.FamilyAdapter.runtime_transformer`),
+  with the diffusers transformer's call signature
+- ``clip_projection`` text encoders (SD3): ``input_ids -> out`` with ``out[0]`` the pooled text embeddings
   and ``out.hidden_states[-2]`` the penultimate hidden states (what the pipeline reads)
-- ``text_encoder_3``: ``input_ids -> (last_hidden_state,)``
-- ``vae``: ``decode(latent) -> (sample,)`` (the pipeline has already unscaled the latents)
+- ``clip_pooled`` (Flux): ``input_ids -> out`` with ``out.pooler_output``
+- ``t5``: ``input_ids -> (last_hidden_state,)``
+- ``vae_decoder``: ``decode(latent) -> (sample,)`` (the pipeline has already unscaled the latents)
+
+Which component is which kind and replaces which pipeline attribute, the family adapter says.
 
 Components without an ONNX/engine stay PyTorch. :class:`StageTimer` + :func:`instrument` time the three
 stages (text encoders, transformer x steps, VAE decode) with CUDA events on a GPU and wall-clock on a CPU.
@@ -29,67 +33,22 @@ from typing import Any, Callable, Iterator
 import torch
 
 from common.errors import UserError
+from families import ADAPTERS, adapter_for
+from families.base import RuntimeModule
 
 log = logging.getLogger(__name__)
 
 Runner = Callable[[dict[str, Any]], dict[str, Any]]
 
-# Exported component name -> pipeline attribute.
-PIPE_ATTR = {
-    "transformer": "transformer",
-    "text_encoder": "text_encoder",
-    "text_encoder_2": "text_encoder_2",
-    "text_encoder_3": "text_encoder_3",
-    "vae_decoder": "vae",
-}
+# Every component name some family exports, in a stable order (the files a directory may hold).
+KNOWN_COMPONENTS = tuple(dict.fromkeys(c.name for a in ADAPTERS.values() for c in a.components))
 STAGES = ("text_encoders", "transformer", "vae_decode")
 
 
 # --------------------------------------------------------------------------------------------- adapters
 
 
-class _Adapter(torch.nn.Module):
-    """Base: holds the runner, the original component's config, and the dtype/device the pipeline sees."""
-
-    def __init__(self, runner: Runner, config: Any, dtype: torch.dtype, device: torch.device | str):
-        super().__init__()
-        self.runner = runner
-        self.config = config
-        self._dtype = dtype
-        self._device = torch.device(device)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def _out(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self._device, self._dtype)
-
-
-class TransformerAdapter(_Adapter):
-    """``SD3Transformer2DModel`` call signature over an exported transformer."""
-
-    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, joint_attention_kwargs=None, return_dict=False, skip_layers=None, **_):
-        if skip_layers:
-            raise UserError("skip-layer guidance needs the PyTorch transformer; it is not available with exported engines")
-        out = self.runner(
-            {
-                "hidden_states": hidden_states,  # (B, C, h, w)
-                "encoder_hidden_states": encoder_hidden_states,  # (B, S, D)
-                "pooled_projections": pooled_projections,  # (B, P)
-                "timestep": timestep,  # (B,) scheduler timestep, 0..1000
-            }
-        )["sample"]
-        sample = self._out(out)  # (B, C, h, w)
-        if return_dict:
-            from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-            return Transformer2DModelOutput(sample=sample)
-        return (sample,)
+_Adapter = RuntimeModule
 
 
 class _ClipOutput(tuple):
@@ -104,6 +63,15 @@ class ClipAdapter(_Adapter):
         out = _ClipOutput((self._out(o["text_embeds"]),))  # (B, P_i)
         out.hidden_states = (self._out(o["penultimate_hidden_states"]), None)  # [-2]: (B, L, H_i)
         return out
+
+
+class ClipPooledAdapter(_Adapter):
+    """``CLIPTextModel`` as Flux's pipeline calls it (it reads ``pooler_output``)."""
+
+    def forward(self, input_ids, output_hidden_states=False, **_):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(pooler_output=self._out(self.runner({"input_ids": input_ids})["pooler_output"]))  # (B, H)
 
 
 class T5Adapter(_Adapter):
@@ -128,11 +96,11 @@ class VaeDecoderAdapter(_Adapter):
         return (sample,)
 
 
-_ADAPTERS = {
-    "transformer": TransformerAdapter,
-    "text_encoder": ClipAdapter,
-    "text_encoder_2": ClipAdapter,
-    "text_encoder_3": T5Adapter,
+# Component kind -> runtime module (the transformer's comes from the family adapter).
+_KIND_MODULES = {
+    "clip_projection": ClipAdapter,
+    "clip_pooled": ClipPooledAdapter,
+    "t5": T5Adapter,
     "vae_decoder": VaeDecoderAdapter,
 }
 
@@ -156,10 +124,10 @@ def load_runners(
     plan of the installed TensorRT(-RTX), checked against ``onnx_dir/<component>.onnx`` when given.
     components: default every component found; a named missing one is an error.
     """
-    names = list(components) if components is not None else list(PIPE_ATTR)
-    unknown = [c for c in names if c not in PIPE_ATTR]
+    names = list(components) if components is not None else list(KNOWN_COMPONENTS)
+    unknown = [c for c in names if c not in KNOWN_COMPONENTS]
     if unknown:
-        raise UserError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(PIPE_ATTR)}")
+        raise UserError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(KNOWN_COMPONENTS)}")
     runners: dict[str, Runner] = {}
     if backend == "ort":
         if onnx_dir is None:
@@ -198,14 +166,19 @@ def with_runners(pipe, runners: dict[str, Runner], *, device: torch.device | str
     import copy
 
     device = torch.device(device) if device is not None else pipe.device
+    adapter = adapter_for(pipe.transformer)
+    kinds = {c.name: c for c in adapter.components}
     comps = dict(pipe.components)
     for name, runner in runners.items():
-        attr = PIPE_ATTR[name]
+        if name not in kinds:
+            raise UserError(f"{type(pipe).__name__} has no component {name!r} to replace (its components: {', '.join(kinds)})")
+        attr, kind = kinds[name].attr, kinds[name].kind
         orig = comps.get(attr)
         if orig is None:
             raise UserError(f"the pipeline has no {attr} to replace with the exported {name}")
         dtype = getattr(orig, "dtype", torch.float32)
-        comps[attr] = _ADAPTERS[name](runner, orig.config, dtype, device)
+        cls = adapter.runtime_transformer() if kind == "transformer" else _KIND_MODULES[kind]
+        comps[attr] = cls(runner, orig.config, dtype, device)
     comps["scheduler"] = copy.deepcopy(pipe.scheduler)  # schedulers keep per-call state
     new = type(pipe)(**comps)
     new.set_progress_bar_config(disable=True)
@@ -229,7 +202,7 @@ def runner_pipeline(
     device: where latents and remaining PyTorch modules live (default ``cuda`` for ``trt``, else ``cpu``).
     Returns the new pipeline; ``pipe.runners`` holds the runners (for sizes and providers).
     """
-    from pipeline.models import load_pipeline
+    from families.registry import load_pipeline
 
     device = device or ("cuda" if backend == "trt" else "cpu")
     base = base_pipe if base_pipe is not None else load_pipeline(spec)
@@ -310,7 +283,7 @@ def instrument(pipe, timer: StageTimer) -> Iterator[None]:
         handles.append(module.register_forward_pre_hook(lambda *_: timer.start(stage)))
         handles.append(module.register_forward_hook(lambda *_: timer.stop(stage)))
 
-    for attr in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+    for attr in ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4"):
         m = getattr(pipe, attr, None)
         if isinstance(m, torch.nn.Module):
             hook(m, "text_encoders")
@@ -335,7 +308,7 @@ def instrument(pipe, timer: StageTimer) -> Iterator[None]:
 
 
 def generate(pipe, spec, prompts: str | list[str], *, seed: int = 0, steps: int | None = None, guidance: float | None = None, timer: StageTimer | None = None, output_type: str = "pil", **kwargs):
-    """Run ``pipe`` like :func:`pipeline.models`' defaults for ``spec`` (steps, guidance, size, T5 length).
+    """Run ``pipe`` like :func:`families.registry`' defaults for ``spec`` (steps, guidance, size, T5 length).
 
     The latents come from a CPU ``torch.Generator`` seeded with ``seed``, so every backend and device starts
     from the same noise. With ``timer``, per-stage times are added to it (plus ``total``).
@@ -345,7 +318,7 @@ def generate(pipe, spec, prompts: str | list[str], *, seed: int = 0, steps: int 
     call = dict(
         prompt=prompts,
         num_inference_steps=steps or spec.steps,
-        guidance_scale=spec.guidance if guidance is None else guidance,
+        **spec.adapter.guidance_kwargs(spec.guidance if guidance is None else guidance),
         height=spec.height,
         width=spec.width,
         max_sequence_length=spec.max_sequence_length,

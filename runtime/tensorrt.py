@@ -33,6 +33,7 @@ from typing import Any, Iterable
 
 from common.errors import UserError
 from common.io import atomic_path, read_json, sha256_file, write_json
+from families import ADAPTERS
 from runtime.manifest import (
     MANIFEST_VERSION,
     GpuInfo,
@@ -45,7 +46,8 @@ from runtime.manifest import (
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder")
+# Every component name some family exports (families/*.py list theirs).
+COMPONENTS = tuple(dict.fromkeys(c.name for a in ADAPTERS.values() for c in a.components))
 
 # TensorRT-RTX's default portable targets (docs: "8.0, 8.6, 8.9, 12.0, and later"; Turing needs SM75 explicitly).
 RTX_DEFAULT_TARGETS = ("SM80", "SM86", "SM89", "SM120")

@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_spec():
-    from pipeline.models import resolve_model
+    from families.registry import resolve_model
 
     return resolve_model("tiny-sd3")
 
@@ -38,6 +38,6 @@ def tiny_spec():
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_spec):
     """The embedded tiny-sd3 pipeline, loaded once per test session (float32, offline)."""
-    from pipeline.models import load_pipeline
+    from families.registry import load_pipeline
 
     return load_pipeline(tiny_spec)

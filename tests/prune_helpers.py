@@ -48,7 +48,7 @@ def require_tiny_sd3():
 def load_tiny_pipeline():
     """The real tiny-sd3 diffusers pipeline, progress bars off."""
     require_tiny_sd3()
-    from pipeline.models import load_pipeline, resolve_model
+    from families.registry import load_pipeline, resolve_model
 
     return load_pipeline(resolve_model("tiny-sd3"))
 

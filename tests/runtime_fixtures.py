@@ -48,7 +48,7 @@ def prune_2_4_(module: torch.nn.Module) -> list[str]:
 
 def tiny_sd3():
     """``(spec, pipe)`` for the embedded tiny-sd3 (skips when models/tiny-sd3 is absent)."""
-    from pipeline.models import resolve_model
+    from families.registry import resolve_model
 
     spec = resolve_model("tiny-sd3")
     if not (spec.path / "model_index.json").is_file():
@@ -58,7 +58,7 @@ def tiny_sd3():
 
 @lru_cache(maxsize=1)
 def _pipe():
-    from pipeline.models import load_pipeline, resolve_model
+    from families.registry import load_pipeline, resolve_model
 
     return load_pipeline(resolve_model("tiny-sd3"))
 

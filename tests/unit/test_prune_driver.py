@@ -240,7 +240,7 @@ def test_cli_rejects_bad_input_in_one_line(capsys, tmp_path):
 def test_calibration_defaults_come_from_the_registry(model, steps, guidance):
     from common.cli import ArgumentParser
     from pipeline import cmd_prune
-    from pipeline.models import resolve_model
+    from families.registry import resolve_model
 
     parser = ArgumentParser(prog="prune")
     cmd_prune.add_parser(parser.add_subparsers(dest="command"))
@@ -295,7 +295,7 @@ def test_a_gpu_too_small_for_pruning_is_one_line_before_calibration(monkeypatch)
     from obsdiff.packages import PruneConfig
     from obsdiff.patterns import parse_sparsity
     from pipeline.cmd_prune import check_device_memory
-    from pipeline.models import resolve_model
+    from families.registry import resolve_model
 
     pipe = load_tiny_pipeline()
     spec = resolve_model("tiny-sd3")

@@ -1,7 +1,7 @@
 import pytest
 
 from common.errors import UserError
-from pipeline.models import MODELS, resolve_model
+from families.registry import MODELS, resolve_model
 
 
 def test_known_families_have_complete_entries():
@@ -35,7 +35,7 @@ def test_local_directory_without_pipeline_is_rejected(tmp_path):
 
 
 def test_unreachable_hub_model_gives_one_line(monkeypatch, tmp_path):
-    from pipeline.models import load_pipeline
+    from families.registry import load_pipeline
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # empty cache, offline (conftest)
     with pytest.raises(UserError) as e:

@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from pipeline.models import load_pipeline
-from pipeline.sampling import sample
+from families.registry import load_pipeline
+from families.sampling import sample
 
 
 def test_loads_offline_as_a_real_sd3_pipeline(tiny_pipe):

@@ -1,4 +1,4 @@
-"""One table of model families, and the one way to load them.
+"""The model table, and the one way to load a model.
 
 Each :class:`ModelSpec` says where the weights are (Hugging Face repo or a directory in this repo), which
 diffusers pipeline class runs them, where the transformer blocks live, the head size, the sampling defaults
@@ -37,7 +37,7 @@ class ModelSpec:
     """A model family.
 
     source: Hugging Face repo id, or a path (relative to the repo root) of a diffusers-format directory.
-    blocks_attr: attribute of the transformer holding the ``JointTransformerBlock`` list.
+    family: the architecture's adapter (:data:`families.ADAPTERS`): ``sd3``, ``flux``, ``flux2``.
     steps / guidance / height / width: sampling defaults (pixels).
     max_sequence_length: T5 tokens the pipeline encodes.
     few_step: distilled few-step model (guidance is ignored).
@@ -50,8 +50,8 @@ class ModelSpec:
     id: str
     source: str
     local: bool
+    family: str = "sd3"
     pipeline_class: str = "StableDiffusion3Pipeline"
-    blocks_attr: str = "transformer_blocks"
     head_dim: int = 64
     steps: int = 28
     guidance: float = 7.0
@@ -66,6 +66,12 @@ class ModelSpec:
     pos_embed_max_size: int | None = 192
     prompts: str = "prompts/calibration.txt"
     quality_metric: str = "clip"
+
+    @property
+    def adapter(self):
+        from families import get_adapter
+
+        return get_adapter(self.family)
 
     @property
     def path(self) -> Path | None:
@@ -179,6 +185,9 @@ def _spec_from_directory(path: Path) -> ModelSpec:
     base = next((s for s in MODELS.values() if s.local and s.path and s.path.resolve() == path.resolve()), None)
     if base is not None:
         return base
+    from families import adapter_for
+
+    family = adapter_for(tcfg.get("_class_name", "SD3Transformer2DModel")).name if tcfg else "sd3"
     sample = int(tcfg.get("sample_size", 128))
     vae_cfg_file = path / "vae" / "config.json"
     vae_scale = 2 ** (len(read_json(vae_cfg_file, what="VAE config").get("block_out_channels", [0] * 4)) - 1) if vae_cfg_file.is_file() else 8
@@ -186,6 +195,7 @@ def _spec_from_directory(path: Path) -> ModelSpec:
         id=path.name,
         source=str(path.resolve()),
         local=True,
+        family=family,
         pipeline_class=cls,
         head_dim=int(tcfg.get("attention_head_dim", 64)),
         height=sample * vae_scale,
@@ -201,8 +211,9 @@ def _spec_from_directory(path: Path) -> ModelSpec:
 def load_pipeline(spec: ModelSpec, *, drop_t5: bool = False, dtype=None, transformer=None):
     """Load the diffusers pipeline of ``spec`` (offline for local models, HF cache for hub models).
 
-    drop_t5: load without the T5 encoder (``text_encoder_3=None``), as many deployments do.
-    transformer: an already-built ``SD3Transformer2DModel`` to use instead of the stored one.
+    drop_t5: load without the family's optional text encoder (SD3's T5: ``text_encoder_3=None``), as many
+        deployments do.
+    transformer: an already-built transformer to use instead of the stored one.
     """
     import diffusers
     import torch
@@ -212,7 +223,10 @@ def load_pipeline(spec: ModelSpec, *, drop_t5: bool = False, dtype=None, transfo
     cls = getattr(diffusers, spec.pipeline_class)
     kwargs = {"dtype": dtype}
     if drop_t5:
-        kwargs.update(text_encoder_3=None, tokenizer_3=None)
+        attr = spec.adapter.optional_text_encoder
+        if attr is None:
+            raise UserError(f"{spec.id} cannot run without its T5 encoder (--no-t5 is for SD3-family models)")
+        kwargs.update({attr: None, attr.replace("text_encoder", "tokenizer"): None})
     if transformer is not None:
         kwargs["transformer"] = transformer
     where = str(spec.path) if spec.local else spec.source
@@ -282,7 +296,3 @@ def quiet_libraries() -> None:
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
 
-
-def transformer_blocks(spec: ModelSpec, transformer) -> list:
-    """The ordered list of ``JointTransformerBlock`` modules of ``transformer``."""
-    return list(getattr(transformer, spec.blocks_attr))

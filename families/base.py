@@ -1,0 +1,217 @@
+"""The adapter interface: everything a stage needs to know about one transformer architecture.
+
+Stages never name a layer of a particular architecture (``to_add_out``, ``proj_mlp``...): they ask the
+family adapter of the transformer at hand (:func:`families.adapter_for`). An adapter answers
+
+- **blocks**: the blocks in order (``("transformer_blocks.0", module)``...), and in each block the prunable
+  ``nn.Linear`` layers as *units* (parallel layers that see the same kind of input; they form the module
+  packages of stage 1) and the layers that receive the very same input tensor (one Hessian);
+- **structured groups** (:class:`StructuredGroup`): which input columns of which output layers make up a head
+  or an FFN neuron, possibly a column *range* of a fused projection, and which rows of which input layers
+  produce those channels; after a cut, the bookkeeping to fix (``attn.heads``...) and the invariants;
+- **calibration and sampling**: the initial noise in the pipeline's latent layout and the pipeline call's
+  guidance arguments;
+- **export**: the ONNX wrapper of the transformer, its example inputs and I/O names, the other components
+  (text encoders, VAE decoder) and, for stage 3, the runtime module that stands in for the transformer.
+
+Adapters import diffusers and torch only; no stage package (``obsdiff``, ``export``, ``runtime``...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Span:
+    """Channels of one ``nn.Linear`` that a structured group owns.
+
+    layer: the linear's name inside the block (``attn.to_q``, ``proj_out``). axis: 0 = output rows (the layers
+    that produce the group's channels), 1 = input columns (the layers that consume them: what OBS prunes).
+    offset: where the group's channels start along that axis; unit ``u`` owns ``offset + u * unit + [0, unit)``.
+    """
+
+    layer: str
+    axis: int
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class StructuredGroup:
+    """A set of removable units (attention heads or FFN neurons) of one block, at the block's current shape.
+
+    name: the plan's key for the group inside the block (``attn``, ``ff``, ``mlp``...).
+    kind: ``heads`` or ``neurons``. size: units now. unit: channels per unit (``head_dim`` or 1).
+    outputs: column spans of the layers that consume the channels (stage 1 prunes these columns, all spans
+        of a group with one shared choice, each weight compensated with its own Hessian).
+    inputs: row spans of the layers that produce the channels (cut by stage 2; nothing numeric to do in stage 1).
+    """
+
+    name: str
+    kind: str
+    size: int
+    unit: int
+    outputs: tuple[Span, ...]
+    inputs: tuple[Span, ...]
+
+    def channels(self, units: Sequence[int], offset: int = 0) -> torch.Tensor:
+        """Channel indices ``offset + u * unit + [0, unit)`` of ``units``, in order (int64)."""
+        u = torch.as_tensor(list(units), dtype=torch.long)  # (U,)
+        return (offset + u[:, None] * self.unit + torch.arange(self.unit)[None, :]).reshape(-1)  # (U * unit,)
+
+    @property
+    def width(self) -> int:
+        return self.size * self.unit
+
+
+@dataclass(frozen=True)
+class Component:
+    """An exported component: its ONNX/engine name, the pipeline attribute it replaces, and its kind
+    (``transformer``, ``clip_projection``, ``clip_pooled``, ``t5``, ``vae_decoder``)."""
+
+    name: str
+    attr: str
+    kind: str
+
+
+def get_module(root: nn.Module, dotted: str) -> nn.Module | None:
+    """``root``'s submodule at ``dotted`` (``attn.to_out.0``), or None when a part is missing/None."""
+    module: Any = root
+    for part in dotted.split("."):
+        if module is None:
+            return None
+        module = module[int(part)] if part.isdigit() and isinstance(module, (nn.ModuleList, nn.Sequential)) else getattr(module, part, None)
+    return module
+
+
+def set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    """Replace ``root``'s submodule at ``dotted`` with ``new``."""
+    parent_name, _, leaf = dotted.rpartition(".")
+    parent = get_module(root, parent_name) if parent_name else root
+    if leaf.isdigit() and isinstance(parent, (nn.ModuleList, nn.Sequential)):
+        parent[int(leaf)] = new
+    else:
+        setattr(parent, leaf, new)
+
+
+class FamilyAdapter:
+    """Base class of the per-architecture adapters (see the module docstring). Subclasses set the class
+    attributes and implement the methods that raise ``NotImplementedError``."""
+
+    name: str = ""
+    transformer_class: str = ""
+    pipeline_class: str = ""
+    block_lists: tuple[str, ...] = ("transformer_blocks",)
+    # Per block kind (see block_kind): ordered units (kind, layer names inside the block).
+    unit_layers: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {}
+    # Layers that receive the very same input tensor (names inside a block): one Hessian for all.
+    shared_inputs: tuple[tuple[str, ...], ...] = ()
+    scope_note: str = ""
+    components: tuple[Component, ...] = ()
+    # The text encoder a deployment may drop (pipeline attribute), e.g. SD3's T5.
+    optional_text_encoder: str | None = None
+
+    # ---------------------------------------------------------------------------------------- blocks
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """``(qualified prefix, block)`` of every block, in execution order (the plan's block indices)."""
+        out = []
+        for attr in self.block_lists:
+            out += [(f"{attr}.{i}", b) for i, b in enumerate(getattr(model, attr, None) or [])]
+        return out
+
+    def block_kind(self, block: nn.Module) -> str:
+        return type(block).__name__
+
+    def units(self, block: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
+        """The unit table of ``block``'s kind, restricted to the linears the block has."""
+        out = []
+        for kind, names in self.unit_layers.get(self.block_kind(block), ()):
+            present = tuple(n for n in names if isinstance(get_module(block, n), nn.Linear))
+            if present:
+                out.append((kind, present))
+        return out
+
+    def structured_groups(self, block: nn.Module) -> list[StructuredGroup]:
+        """The block's structured groups at its current shape, in the order stage 1 solves them."""
+        raise NotImplementedError
+
+    def set_group_size(self, block: nn.Module, name: str, size: int) -> None:
+        """Fix the block's bookkeeping after group ``name`` was cut to ``size`` units (``attn.heads``...)."""
+        raise NotImplementedError
+
+    def check_block(self, block: nn.Module, model: nn.Module) -> None:
+        """Assert the block's invariants (projection widths agree with the bookkeeping)."""
+        raise NotImplementedError
+
+    def head_dim(self, model: nn.Module) -> int:
+        return int(model.config.attention_head_dim)
+
+    # ----------------------------------------------------------------------------- calibration, sampling
+    def noise(self, pipe, height: int, width: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+        """One image's initial latents in the layout ``pipe(latents=...)`` takes, from a CPU generator."""
+        raise NotImplementedError
+
+    def guidance_kwargs(self, guidance: float) -> dict[str, Any]:
+        """The pipeline call's guidance arguments for a registry guidance scale."""
+        return {"guidance_scale": guidance}
+
+    def runs_cfg_batch(self, guidance: float) -> bool:
+        """Whether the transformer sees the classifier-free-guidance branches (more calls or a doubled batch)."""
+        return guidance > 1.0
+
+    # ------------------------------------------------------------------------------------------ export
+    def transformer_for_onnx(self, model: nn.Module) -> nn.Module:
+        """A module with ``input_names``/``output_names`` whose forward takes the inputs by position."""
+        raise NotImplementedError
+
+    def transformer_inputs(
+        self, model: nn.Module, batch: int, latent_hw: tuple[int, int], text_seq_len: int, *, dtype=torch.float32, seed: int = 0, device=None
+    ) -> dict[str, torch.Tensor]:
+        """Example inputs by name (the ONNX input order) at ``latent_hw`` (VAE latents) and ``text_seq_len``."""
+        raise NotImplementedError
+
+    def transformer_input_shapes(self, model: nn.Module, batch: int, latent_hw: tuple[int, int], text_seq_len: int) -> dict[str, list[int]]:
+        """Input shapes by name (for engine profiles and manifests)."""
+        with torch.device("meta"):
+            return {k: list(v.shape) for k, v in self.transformer_inputs(model, batch, latent_hw, text_seq_len, device="meta").items()}
+
+    def runtime_transformer(self):
+        """The ``torch.nn.Module`` class that stands in for the transformer in the diffusers pipeline; built
+        as ``cls(runner, config, dtype, device)`` with ``runner(dict of inputs) -> {"sample": ...}``."""
+        raise NotImplementedError
+
+
+class RuntimeModule(nn.Module):
+    """Base of the modules that stand in for a pipeline component in stage 3: holds the runner
+    (``dict of inputs -> dict of outputs``), the original component's config, and the dtype/device the
+    pipeline sees."""
+
+    def __init__(self, runner, config: Any, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.runner = runner
+        self.config = config
+        self._dtype = dtype
+        self._device = torch.device(device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _out(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self._device, self._dtype)
+
+    @staticmethod
+    def _sample_output(sample: torch.Tensor, return_dict: bool):
+        if return_dict:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=sample)
+        return (sample,)

@@ -1,0 +1,214 @@
+"""Stable Diffusion 3 / 3.5 (``SD3Transformer2DModel``, MMDiT): the adapter.
+
+Blocks are ``JointTransformerBlock``s (``transformer_blocks``). Units, in order:
+
+==============  ==============================================================================
+unit kind       layers (names inside the block)
+==============  ==============================================================================
+``attn_in``     ``attn.to_q/to_k/to_v`` + ``attn.add_q_proj/add_k_proj/add_v_proj``
+``attn_out``    ``attn.to_out.0`` + ``attn.to_add_out`` (absent in the last, ``context_pre_only`` block)
+``attn2_in``    ``attn2.to_q/to_k/to_v`` (SD3.5 dual-attention blocks only)
+``attn2_out``   ``attn2.to_out.0``
+``ff_in``       ``ff.net.0.proj`` + ``ff_context.net.0.proj``
+``ff_out``      ``ff.net.2`` + ``ff_context.net.2``
+==============  ==============================================================================
+
+Structured groups: ``attn`` (heads shared by the image and text branches: columns of ``to_out.0`` and
+``to_add_out``, rows of q/k/v and add_q/k/v), ``attn2`` (SD3.5's image-only second attention), ``ff`` and
+``ff_context`` (FFN neurons: columns of ``net.2``, rows of ``net.0.proj``). diffusers'
+``JointAttnProcessor2_0`` computes ``head_dim = key.shape[-1] // attn.heads`` at run time, so the cut must
+update ``attn.heads`` (a stale value silently changes the model). The per-head q/k RMS norms act on one
+head's channels with weights shared by all heads; they need no slicing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from families.base import Component, FamilyAdapter, RuntimeModule, Span, StructuredGroup, get_module
+
+_QKV = ("to_q", "to_k", "to_v")
+_ADD_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
+
+
+def attention_head_dim(attn: nn.Module) -> int:
+    """Head size of a diffusers ``Attention`` as its processor sees it (``to_k.out_features // heads``)."""
+    return attn.to_k.out_features // attn.heads
+
+
+def set_attention_heads(attn: nn.Module, heads: int, head_dim: int) -> None:
+    """The bookkeeping of a diffusers ``Attention``/``FluxAttention`` after a head cut."""
+    attn.heads = heads
+    if hasattr(attn, "sliceable_head_dim"):
+        attn.sliceable_head_dim = heads
+    attn.inner_dim = heads * head_dim
+    if hasattr(attn, "inner_kv_dim"):
+        attn.inner_kv_dim = heads * head_dim
+
+
+def check_attention(attn: nn.Module, head_dim: int, *, out: str | None = "to_out.0") -> None:
+    """Assert that every projection of ``attn`` agrees with ``attn.heads * head_dim`` and the q/k norms
+    act on ``head_dim`` channels."""
+    inner = attn.heads * head_dim
+    assert attn.inner_dim == inner and getattr(attn, "inner_kv_dim", inner) == inner, (attn.inner_dim, inner)
+    for name in _QKV + _ADD_QKV:
+        lin = getattr(attn, name, None)
+        if lin is not None:
+            assert lin.out_features == inner, f"{name}.out_features={lin.out_features} != heads*head_dim={inner}"
+    if out is not None:
+        o = get_module(attn, out)
+        assert o.in_features == inner, f"{out}.in_features={o.in_features} != {inner}"
+        assert o.out_features == attn.out_dim
+    if getattr(attn, "to_add_out", None) is not None:
+        assert attn.to_add_out.in_features == inner, f"to_add_out.in_features={attn.to_add_out.in_features} != {inner}"
+    for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+        w = getattr(getattr(attn, name, None), "weight", None)
+        if w is not None:
+            assert w.shape[-1] == head_dim, f"{name} acts on {w.shape[-1]} channels, head_dim is {head_dim}"
+
+
+def attention_group(name: str, prefix: str, attn: nn.Module, *, out: str = "to_out.0", extra_out: tuple[str, ...] = ("to_add_out",)) -> StructuredGroup:
+    """The heads of a diffusers attention at ``prefix`` inside the block: rows of q/k/v (and the context
+    branch's add_q/k/v), columns of its output projection(s)."""
+    hd = attention_head_dim(attn)
+    inputs = tuple(Span(f"{prefix}.{n}", 0) for n in _QKV + _ADD_QKV if getattr(attn, n, None) is not None)
+    outputs = tuple(Span(f"{prefix}.{n}", 1) for n in (out,) + extra_out if isinstance(get_module(attn, n), nn.Linear))
+    return StructuredGroup(name, "heads", int(attn.heads), hd, outputs, inputs)
+
+
+def feedforward_group(name: str, prefix: str, ff: nn.Module) -> StructuredGroup:
+    """The hidden neurons of a diffusers ``FeedForward`` (GELU): rows of ``net.0.proj``, columns of ``net.2``."""
+    return StructuredGroup(name, "neurons", int(ff.net[2].in_features), 1, (Span(f"{prefix}.net.2", 1),), (Span(f"{prefix}.net.0.proj", 0),))
+
+
+def check_feedforward(ff: nn.Module, dim: int, where: str) -> None:
+    assert ff.net[0].proj.out_features == ff.net[2].in_features, f"{where}: FFN hidden widths disagree"
+    assert ff.net[2].out_features == dim, f"{where}: residual width changed"
+
+
+class SD3Adapter(FamilyAdapter):
+    name = "sd3"
+    transformer_class = "SD3Transformer2DModel"
+    pipeline_class = "StableDiffusion3Pipeline"
+    block_lists = ("transformer_blocks",)
+    unit_layers = {
+        "JointTransformerBlock": (
+            ("attn_in", ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+            ("attn_out", ("attn.to_out.0", "attn.to_add_out")),
+            ("attn2_in", ("attn2.to_q", "attn2.to_k", "attn2.to_v")),
+            ("attn2_out", ("attn2.to_out.0",)),
+            ("ff_in", ("ff.net.0.proj", "ff_context.net.0.proj")),
+            ("ff_out", ("ff.net.2", "ff_context.net.2")),
+        )
+    }
+    shared_inputs = (("attn.to_q", "attn.to_k", "attn.to_v"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), ("attn2.to_q", "attn2.to_k", "attn2.to_v"))
+    scope_note = (
+        "only the nn.Linear layers inside the transformer blocks are pruned (attention q/k/v and context "
+        "q/k/v, attention outputs, FFN in/out); AdaLN modulations (norm*.linear), embedders, context embedder "
+        "and proj_out stay dense"
+    )
+    components = (
+        Component("transformer", "transformer", "transformer"),
+        Component("text_encoder", "text_encoder", "clip_projection"),
+        Component("text_encoder_2", "text_encoder_2", "clip_projection"),
+        Component("text_encoder_3", "text_encoder_3", "t5"),
+        Component("vae_decoder", "vae", "vae_decoder"),
+    )
+    optional_text_encoder = "text_encoder_3"
+
+    def structured_groups(self, block: nn.Module) -> list[StructuredGroup]:
+        groups = [attention_group("attn", "attn", block.attn)]
+        if getattr(block, "attn2", None) is not None:
+            groups.append(attention_group("attn2", "attn2", block.attn2, extra_out=()))
+        groups.append(feedforward_group("ff", "ff", block.ff))
+        if getattr(block, "ff_context", None) is not None:
+            groups.append(feedforward_group("ff_context", "ff_context", block.ff_context))
+        return groups
+
+    def set_group_size(self, block: nn.Module, name: str, size: int) -> None:
+        if name in ("attn", "attn2"):
+            attn = getattr(block, name)
+            set_attention_heads(attn, size, attn.to_q.out_features // size)
+        # FFN widths live in the linears themselves: nothing to fix
+
+    def check_block(self, block: nn.Module, model: nn.Module) -> None:
+        dim = model.config.num_attention_heads * model.config.attention_head_dim
+        head_dim = self.head_dim(model)
+        for attn in (block.attn, getattr(block, "attn2", None)):
+            if attn is None:
+                continue
+            check_attention(attn, head_dim)
+            assert attn.to_q.in_features == dim and attn.to_out[0].out_features == dim, "residual width changed"
+        check_feedforward(block.ff, dim, "ff")
+        if block.ff_context is not None:
+            check_feedforward(block.ff_context, dim, "ff_context")
+        else:
+            assert block.context_pre_only and block.attn.to_add_out is None, "only the context_pre_only block lacks ff_context"
+
+    # ----------------------------------------------------------------------------------- calibration
+    def noise(self, pipe, height: int, width: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+        channels = pipe.transformer.config.in_channels
+        scale = pipe.vae_scale_factor
+        g = torch.Generator("cpu").manual_seed(seed)
+        return torch.randn(1, channels, height // scale, width // scale, generator=g).to(dtype)  # (1, C, h, w)
+
+    # ---------------------------------------------------------------------------------------- export
+    def transformer_for_onnx(self, model: nn.Module) -> nn.Module:
+        return SD3TransformerForOnnx(model.eval())
+
+    def transformer_inputs(self, model, batch, latent_hw, text_seq_len, *, dtype=torch.float32, seed=0, device=None):
+        cfg = model.config
+        h, w = latent_hw
+        if device == "meta":
+            rnd = lambda *shape: torch.empty(*shape, device="meta", dtype=dtype)  # noqa: E731
+            ts = torch.empty(batch, device="meta")
+        else:
+            g = torch.Generator().manual_seed(seed)
+            rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+            ts = None
+        out = {
+            "hidden_states": rnd(batch, cfg.in_channels, h, w),  # (B, C, h, w)
+            "encoder_hidden_states": rnd(batch, text_seq_len, cfg.joint_attention_dim),  # (B, S, D)
+            "pooled_projections": rnd(batch, cfg.pooled_projection_dim),  # (B, P)
+        }
+        out["timestep"] = ts if ts is not None else torch.rand(batch, generator=g) * 1000  # (B,) float32
+        return out
+
+    def runtime_transformer(self):
+        return SD3TransformerRuntime
+
+
+class SD3TransformerForOnnx(nn.Module):
+    """``(hidden_states [B,C,h,w], encoder_hidden_states [B,S,D], pooled_projections [B,P], timestep [B] fp32) -> sample``."""
+
+    input_names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+    output_names = ("sample",)
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.model = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return self.model(hidden_states, encoder_hidden_states, pooled_projections, timestep, return_dict=False)[0]
+
+
+class SD3TransformerRuntime(RuntimeModule):
+    """``SD3Transformer2DModel``'s call signature over an exported transformer."""
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections, joint_attention_kwargs=None, return_dict=False, skip_layers=None, **_: Any):
+        if skip_layers:
+            from common.errors import UserError
+
+            raise UserError("skip-layer guidance needs the PyTorch transformer; it is not available with exported engines")
+        out = self.runner(
+            {
+                "hidden_states": hidden_states,  # (B, C, h, w)
+                "encoder_hidden_states": encoder_hidden_states,  # (B, S, D)
+                "pooled_projections": pooled_projections,  # (B, P)
+                "timestep": timestep,  # (B,) scheduler timestep, 0..1000
+            }
+        )["sample"]
+        return self._sample_output(self._out(out), return_dict)  # (B, C, h, w)
