@@ -40,26 +40,36 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from common.io import atomic_path, write_json  # noqa: E402
-from export.onnx_export import export_module, onnx_size, ort_session, TransformerForOnnx, transformer_inputs  # noqa: E402
+from export.onnx_export import export_module, onnx_size, ort_session, transformer_inputs  # noqa: E402
+from families import adapter_for  # noqa: E402
 from export.report import count_parameters, transformer_flops  # noqa: E402
 from export.surgery import apply_plan, structured_plan  # noqa: E402
 
 log = logging.getLogger("benchmarks.export_latency")
 
 
+def _sd3_class():
+    """The diffusers class of the SD3 family (this benchmark compares SD3-shaped transformers)."""
+    import diffusers
+
+    from families import get_adapter
+
+    return getattr(diffusers, get_adapter("sd3").transformer_class)
+
+
 def tiny_sd3_case() -> tuple[Any, dict[str, Any]]:
-    from diffusers import SD3Transformer2DModel
+    sd3_class = _sd3_class()
 
     from families.registry import MODELS
 
     spec = MODELS["tiny-sd3"]
     path = spec.path / "transformer"
     if (path / "config.json").is_file():
-        model = SD3Transformer2DModel.from_pretrained(str(path), torch_dtype=torch.float32)
+        model = sd3_class.from_pretrained(str(path), torch_dtype=torch.float32)
         source = str(path.relative_to(REPO))
     else:
         torch.manual_seed(0)
-        model = SD3Transformer2DModel(
+        model = sd3_class(
             sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=64, num_attention_heads=4,
             joint_attention_dim=128, caption_projection_dim=256, pooled_projection_dim=128, out_channels=4, pos_embed_max_size=8,
         )
@@ -69,10 +79,10 @@ def tiny_sd3_case() -> tuple[Any, dict[str, Any]]:
 
 
 def sd3_medium_width_case(blocks: int, latent: int, text: int, batch: int) -> tuple[Any, dict[str, Any]]:
-    from diffusers import SD3Transformer2DModel
+    sd3_class = _sd3_class()
 
     torch.manual_seed(0)
-    model = SD3Transformer2DModel(
+    model = sd3_class(
         sample_size=latent, patch_size=2, in_channels=16, num_layers=blocks, attention_head_dim=64, num_attention_heads=24,
         joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=max(latent, 96),
     )
@@ -115,7 +125,7 @@ def bench_case(
     for vname, m in variants.items():
         path = workdir / f"{name}-{vname}.onnx"
         ex = transformer_inputs(m, 2, latent_hw, text)
-        export_module(TransformerForOnnx(m), ex, path)
+        export_module(adapter_for(m).transformer_for_onnx(m), ex, path)
         flops = transformer_flops(m, batch, latent_hw, text)
         result[vname] = {"params": count_parameters(m)["total"], "gemm_flops": flops["gemm"], "total_flops": flops["total"], "onnx_bytes": onnx_size(path)}
         sessions[vname] = ort_session(path, threads=threads)
@@ -177,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-time", type=float, default=20.0, help="fast cases get more rounds, about this many seconds of timing (default 20)")
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
     ap.add_argument("--cases", default="tiny-sd3,sd3-medium-width")
-    ap.add_argument("--sd3-blocks", type=int, default=3, help="blocks of the SD3-medium-width model (the last is context_pre_only)")
+    ap.add_argument("--sd3-blocks", type=int, default=3, help="blocks of the SD3-medium-width model (the last one has no text-branch outputs)")
     ap.add_argument("--sd3-latent", type=int, default=32, help="latent height=width of the SD3-medium-width case (default 32 = 256 px)")
     ap.add_argument("--sd3-text", type=int, default=333, help="text tokens (77 CLIP + 256 T5 = SD3's default)")
     ap.add_argument("--sd3-batch", type=int, default=2, help="batch per call (2 = one CFG denoising step)")

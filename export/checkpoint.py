@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 COMPACT_FORMAT = "compact-transformer"
 COMPACT_VERSION = 2
 _V1_FORMAT = "sd3-compact"
-_V1_SIZES = {"heads": "attn", "heads_attn2": "attn2", "ff_dim": "ff", "ff_context_dim": "ff_context"}
 WEIGHTS = "model.safetensors"
 DESCRIPTION = "compact.json"
 
@@ -133,7 +132,9 @@ def _check_plan_vs_shapes(plan: PrunePlan, shapes: list[BlockShape], what: str) 
 def _shapes_from(desc: dict[str, Any]) -> list[BlockShape]:
     """Block shapes of a description (version 1: SD3's named fields; None sizes mean "no such group")."""
     if desc.get("format") == _V1_FORMAT:
-        return [BlockShape(b["index"], {name: b[f] for f, name in _V1_SIZES.items() if b.get(f) is not None}) for b in desc["blocks"]]
+        from families.sd3 import V1_COMPACT_SIZES
+
+        return [BlockShape(b["index"], {name: b[f] for f, name in V1_COMPACT_SIZES.items() if b.get(f) is not None}) for b in desc["blocks"]]
     return [BlockShape(b["index"], dict(b["sizes"])) for b in desc["blocks"]]
 
 
@@ -167,7 +168,7 @@ def load_compact(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -
         raise UserError(f"{weights} does not match the hash in {DESCRIPTION} (corrupt or replaced); re-run `python -m pipeline export`")
     try:
         shapes = _shapes_from(desc)
-        cls = transformer_class(desc.get("class", "SD3Transformer2DModel"))
+        cls = transformer_class(desc.get("class", ""))
         plan = PrunePlan.from_dict(desc["plan"], source=str(path / DESCRIPTION)) if desc.get("plan") is not None else None
         config = desc["config"]
     except (KeyError, TypeError) as e:

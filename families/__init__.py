@@ -11,24 +11,10 @@ from typing import Any
 
 from common.errors import UserError
 from families.base import FamilyAdapter
+from families.flux import FluxAdapter
 from families.sd3 import SD3Adapter
 
-ADAPTERS: dict[str, FamilyAdapter] = {a.name: a for a in (SD3Adapter(),)}
-
-
-def _register_optional() -> None:
-    # Families whose diffusers classes exist in the installed diffusers.
-    from families.flux import FluxAdapter
-    from families.flux2 import Flux2Adapter
-
-    for a in (FluxAdapter(), Flux2Adapter()):
-        ADAPTERS[a.name] = a
-
-
-try:
-    _register_optional()
-except ImportError:  # an adapter module not written yet / an older diffusers
-    pass
+ADAPTERS: dict[str, FamilyAdapter] = {a.name: a for a in (SD3Adapter(), FluxAdapter())}
 
 
 def get_adapter(name: str) -> FamilyAdapter:

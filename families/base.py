@@ -114,6 +114,13 @@ class FamilyAdapter:
     components: tuple[Component, ...] = ()
     # The text encoder a deployment may drop (pipeline attribute), e.g. SD3's T5.
     optional_text_encoder: str | None = None
+    # Defaults for a local directory of this family (the registry derives a spec from its configs).
+    max_sequence_length: int = 256  # T5 tokens the pipeline encodes
+    text_seq_len: int = 256  # transformer text tokens at that length
+
+    def latent_patch(self, transformer_config: dict) -> int:
+        """VAE latents per token side (the transformer's patch size; Flux packs 2x2 latents per token)."""
+        return int(transformer_config.get("patch_size", 2))
 
     # ---------------------------------------------------------------------------------------- blocks
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -155,8 +162,8 @@ class FamilyAdapter:
         """One image's initial latents in the layout ``pipe(latents=...)`` takes, from a CPU generator."""
         raise NotImplementedError
 
-    def guidance_kwargs(self, guidance: float) -> dict[str, Any]:
-        """The pipeline call's guidance arguments for a registry guidance scale."""
+    def guidance_kwargs(self, pipe, guidance: float, batch: int) -> dict[str, Any]:
+        """The pipeline call's guidance arguments for a guidance scale and ``batch`` prompts per call."""
         return {"guidance_scale": guidance}
 
     def runs_cfg_batch(self, guidance: float) -> bool:

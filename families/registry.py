@@ -155,6 +155,39 @@ MODELS: dict[str, ModelSpec] = {
             shapes=replace(_SD3_SHAPES, batch_opt=1),
             description="Stable Diffusion 3.5 Large Turbo (few-step, no CFG)",
         ),
+        ModelSpec(
+            id="flux.1-dev",
+            source="black-forest-labs/FLUX.1-dev",
+            local=False,
+            family="flux",
+            pipeline_class="FluxPipeline",
+            head_dim=128,
+            steps=28,
+            guidance=3.5,  # embedded (guidance-distilled): one transformer call per step
+            max_sequence_length=512,
+            shapes=ExportShapes(latent_height=128, latent_width=128, text_seq_len=512, batch_opt=1),
+            vae_scale=8,
+            patch_size=2,
+            pos_embed_max_size=None,
+            description="FLUX.1 [dev] (12B, 19 double + 38 single blocks, 24 heads of 128, embedded guidance)",
+        ),
+        ModelSpec(
+            id="flux.1-schnell",
+            source="black-forest-labs/FLUX.1-schnell",
+            local=False,
+            family="flux",
+            pipeline_class="FluxPipeline",
+            head_dim=128,
+            steps=4,
+            guidance=0.0,
+            few_step=True,
+            max_sequence_length=256,
+            shapes=ExportShapes(latent_height=128, latent_width=128, text_seq_len=256, batch_opt=1),
+            vae_scale=8,
+            patch_size=2,
+            pos_embed_max_size=None,
+            description="FLUX.1 [schnell] (12B, 4-step timestep-distilled, no guidance)",
+        ),
     ]
 }
 
@@ -187,23 +220,26 @@ def _spec_from_directory(path: Path) -> ModelSpec:
         return base
     from families import adapter_for
 
-    family = adapter_for(tcfg.get("_class_name", "SD3Transformer2DModel")).name if tcfg else "sd3"
-    sample = int(tcfg.get("sample_size", 128))
+    adapter = adapter_for(tcfg.get("_class_name", "SD3Transformer2DModel")) if tcfg else adapter_for("SD3Transformer2DModel")
     vae_cfg_file = path / "vae" / "config.json"
     vae_scale = 2 ** (len(read_json(vae_cfg_file, what="VAE config").get("block_out_channels", [0] * 4)) - 1) if vae_cfg_file.is_file() else 8
+    patch = adapter.latent_patch(tcfg)
+    sample = int(tcfg.get("sample_size", 128))  # latents per side (SD3); Flux has no sample size: 1024 px
+    latent = sample if "sample_size" in tcfg else 1024 // vae_scale
     return ModelSpec(
         id=path.name,
         source=str(path.resolve()),
         local=True,
-        family=family,
+        family=adapter.name,
         pipeline_class=cls,
         head_dim=int(tcfg.get("attention_head_dim", 64)),
-        height=sample * vae_scale,
-        width=sample * vae_scale,
-        shapes=ExportShapes(latent_height=sample, latent_width=sample, text_seq_len=77 + 256),
+        height=latent * vae_scale,
+        width=latent * vae_scale,
+        max_sequence_length=adapter.max_sequence_length,
+        shapes=ExportShapes(latent_height=latent, latent_width=latent, text_seq_len=adapter.text_seq_len),
         description=f"local diffusers directory {path}",
         vae_scale=vae_scale,
-        patch_size=int(tcfg.get("patch_size", 2)),
+        patch_size=patch,
         pos_embed_max_size=tcfg.get("pos_embed_max_size"),
     )
 

@@ -41,7 +41,7 @@ def sample(
             images = pipe(
                 prompt=chunk,
                 num_inference_steps=steps,
-                **spec.adapter.guidance_kwargs(guidance),
+                **spec.adapter.guidance_kwargs(pipe, guidance, len(chunk)),
                 height=spec.height,
                 width=spec.width,
                 max_sequence_length=spec.max_sequence_length,

@@ -31,6 +31,9 @@ from torch import nn
 from families.base import Component, FamilyAdapter, RuntimeModule, Span, StructuredGroup, get_module
 
 _QKV = ("to_q", "to_k", "to_v")
+# Version-1 plans and compact descriptions (SD3 only, before the adapters) named the groups by field.
+V1_PLAN_FIELDS = {"keep_heads": "attn", "keep_heads_attn2": "attn2", "keep_ff": "ff", "keep_ff_context": "ff_context"}
+V1_COMPACT_SIZES = {"heads": "attn", "heads_attn2": "attn2", "ff_dim": "ff", "ff_context_dim": "ff_context"}
 _ADD_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
 
 
@@ -118,6 +121,7 @@ class SD3Adapter(FamilyAdapter):
         Component("vae_decoder", "vae", "vae_decoder"),
     )
     optional_text_encoder = "text_encoder_3"
+    text_seq_len = 77 + 256  # CLIP tokens + T5 tokens
 
     def structured_groups(self, block: nn.Module) -> list[StructuredGroup]:
         groups = [attention_group("attn", "attn", block.attn)]

@@ -332,7 +332,7 @@ def run_calibration(
                 output_type="latent",
                 max_sequence_length=calib.max_sequence_length,
                 callback_on_step_end=on_step_end,
-                **adapter.guidance_kwargs(calib.guidance),
+                **adapter.guidance_kwargs(pipe, calib.guidance, len(batch)),
             )
 
 

@@ -15,8 +15,6 @@ from common.errors import UserError
 from common.io import read_json, write_json
 
 PLAN_VERSION = 2
-# Version 1 (SD3 only) named the groups by field; they map to version 2's group names like this.
-_V1_FIELDS = {"keep_heads": "attn", "keep_heads_attn2": "attn2", "keep_ff": "ff", "keep_ff_context": "ff_context"}
 
 
 @dataclass
@@ -38,8 +36,11 @@ class BlockPlan:
 
     @classmethod
     def from_v1(cls, d: dict[str, Any]) -> "BlockPlan":
-        """A version-1 block (``num_heads``, ``ff_dim``, ``keep_heads``...) as version 2."""
-        keep = {name: d[f] for f, name in _V1_FIELDS.items() if d.get(f) is not None}
+        """A version-1 block (``num_heads``, ``ff_dim``, ``keep_heads``...) as version 2 (version 1 was SD3-only;
+        the SD3 adapter maps its field names to group names)."""
+        from families.sd3 import V1_PLAN_FIELDS
+
+        keep = {name: d[f] for f, name in V1_PLAN_FIELDS.items() if d.get(f) is not None}
         return cls(index=d["index"], sizes={"attn": d["num_heads"], "ff": d["ff_dim"]}, keep=keep)
 
 

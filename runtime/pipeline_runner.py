@@ -318,7 +318,7 @@ def generate(pipe, spec, prompts: str | list[str], *, seed: int = 0, steps: int 
     call = dict(
         prompt=prompts,
         num_inference_steps=steps or spec.steps,
-        **spec.adapter.guidance_kwargs(spec.guidance if guidance is None else guidance),
+        **spec.adapter.guidance_kwargs(pipe, spec.guidance if guidance is None else guidance, 1 if isinstance(prompts, str) else len(prompts)),
         height=spec.height,
         width=spec.width,
         max_sequence_length=spec.max_sequence_length,

@@ -27,12 +27,12 @@ def test_round_trip(tmp_path, compact_case):
     loaded, loaded_plan = load_compact(tmp_path / "compact")
     assert loaded_plan.to_dict() == plan.to_dict()
     assert block_shapes(loaded) == block_shapes(compact)
-    assert loaded.transformer_blocks[0].attn.heads == len(plan.blocks[0].keep_heads)
-    assert loaded.transformer_blocks[0].attn2.heads == len(plan.blocks[0].keep_heads_attn2)
+    assert loaded.transformer_blocks[0].attn.heads == len(plan.blocks[0].keep["attn"])
+    assert loaded.transformer_blocks[0].attn2.heads == len(plan.blocks[0].keep["attn2"])
     inputs = tiny_transformer_inputs(compact, batch=2, seed=5)
     assert torch.equal(run(loaded, inputs), run(compact, inputs))
     desc = json.loads((tmp_path / "compact" / DESCRIPTION).read_text())
-    assert desc["blocks"][0]["heads"] == len(plan.blocks[0].keep_heads)
+    assert desc["blocks"][0]["sizes"]["attn"] == len(plan.blocks[0].keep["attn"])
     assert desc["config"]["num_layers"] == 3
 
 
@@ -61,7 +61,7 @@ def _saved(tmp_path, compact_case):
 def test_edited_description_is_refused(tmp_path, compact_case):
     d = _saved(tmp_path, compact_case)
     desc = json.loads((d / DESCRIPTION).read_text())
-    desc["blocks"][1]["ff_dim"] += 4  # shapes no longer match the stored plan
+    desc["blocks"][1]["sizes"]["ff"] += 4  # shapes no longer match the stored plan
     (d / DESCRIPTION).write_text(json.dumps(desc))
     with pytest.raises(UserError, match="do not match"):
         load_compact(d)

@@ -66,7 +66,7 @@ def test_compact_onnx_matches_masked_model():
     """End to end: ONNX of the compact model vs the stage-1 masked torch model."""
     plan, masked, compact, path, _ = exported_compact()
     layout = linear_weight_layout(onnx.load(str(path)))
-    kept = len(plan.blocks[0].keep_heads) * 16
+    kept = len(plan.blocks[0].keep["attn"]) * 16
     assert layout["transformer_blocks.0.attn.to_q.weight"]["shape"][1 - layout["transformer_blocks.0.attn.to_q.weight"]["k_axis"]] == kept
     inputs = transformer_inputs(masked, 3, EXPORT_LATENT, EXPORT_TEXT, seed=9)
     (got,) = ort_session(path).run(["sample"], {k: v.numpy() for k, v in inputs.items()})

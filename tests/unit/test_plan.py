@@ -7,7 +7,7 @@ from obsdiff.plan import BlockPlan, PrunePlan
 
 
 def _plan():
-    blocks = [BlockPlan(i, num_heads=4, ff_dim=16, keep_heads=[0, 2, 3], keep_ff=list(range(12))) for i in range(2)]
+    blocks = [BlockPlan(i, sizes={"attn": 4, "ff": 16}, keep={"attn": [0, 2, 3], "ff": list(range(12))}) for i in range(2)]
     return PrunePlan(model="tiny-sd3", sparsity="structured:0.25", method="obs-diff", head_dim=64, num_layers=2, blocks=blocks)
 
 

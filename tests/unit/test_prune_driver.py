@@ -110,7 +110,7 @@ def test_nm_end_to_end_writes_an_exact_plan(tiny, reference_24):
     _, dense = tiny
     assert PrunePlan.load(out / "plan.json").to_dict() == plan.to_dict()
     assert plan.complete and plan.done_packages == 3 and not (out / PARTIAL_DIR).exists()
-    assert all(b.keep_heads is None and b.keep_ff is None for b in plan.blocks)
+    assert all(not b.keep for b in plan.blocks)
     model = _load(out)
     state = model.state_dict()
     pruned = {n for p in plan.packages for n in p}
@@ -133,14 +133,14 @@ def test_structured_zeroes_exactly_the_removed_heads_and_neurons(tiny, tmp_path)
     model = _load(tmp_path)
     hd = plan.head_dim
     for b, block in zip(plan.blocks, model.transformer_blocks):
-        assert len(b.keep_heads) == 4 - 1  # round(0.3 * 4) = 1 head
-        assert len(b.keep_ff) == 1024 - 307
-        removed_heads = sorted(set(range(4)) - set(b.keep_heads))
+        assert len(b.keep["attn"]) == 4 - 1  # round(0.3 * 4) = 1 head
+        assert len(b.keep["ff"]) == 1024 - 307
+        removed_heads = sorted(set(range(4)) - set(b.keep["attn"]))
         outs = [block.attn.to_out[0]] + ([block.attn.to_add_out] if block.attn.to_add_out is not None else [])
         for layer in outs:
             cols = layer.weight.reshape(layer.weight.shape[0], 4, hd)
-            assert bool((cols[:, removed_heads] == 0).all()) and bool((cols[:, b.keep_heads] != 0).any(dim=(0, 2)).all())
-        ffs = [(block.ff, b.keep_ff)] + ([(block.ff_context, b.keep_ff_context)] if block.ff_context is not None else [(None, b.keep_ff_context)])
+            assert bool((cols[:, removed_heads] == 0).all()) and bool((cols[:, b.keep["attn"]] != 0).any(dim=(0, 2)).all())
+        ffs = [(block.ff, b.keep["ff"])] + ([(block.ff_context, b.keep["ff_context"])] if block.ff_context is not None else [(None, b.keep.get("ff_context"))])
         for ff, keep in ffs:
             if ff is None:
                 assert keep is None  # last block has no context FFN
@@ -157,13 +157,13 @@ def test_structured_zeroes_exactly_the_removed_heads_and_neurons(tiny, tmp_path)
     with torch.no_grad():
         for b, block in zip(plan.blocks, cut.transformer_blocks):
             rows = torch.ones(4 * hd, dtype=torch.bool)
-            for h in set(range(4)) - set(b.keep_heads):
+            for h in set(range(4)) - set(b.keep["attn"]):
                 rows[h * hd : (h + 1) * hd] = False
             for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
                 lin = getattr(block.attn, name)
                 lin.weight[~rows] = 0
                 lin.bias[~rows] = 0
-            for ff, keep in ((block.ff, b.keep_ff), (block.ff_context, b.keep_ff_context)):
+            for ff, keep in ((block.ff, b.keep["ff"]), (block.ff_context, b.keep.get("ff_context"))):
                 if ff is not None:
                     drop = torch.ones(1024, dtype=torch.bool)
                     drop[keep] = False

@@ -5,14 +5,15 @@ from families.registry import MODELS, resolve_model
 
 
 def test_known_families_have_complete_entries():
-    assert {"tiny-sd3", "sd3-medium", "sd3.5-medium", "sd3.5-large", "sd3.5-large-turbo"} <= set(MODELS)
+    assert {"tiny-sd3", "sd3-medium", "sd3.5-medium", "sd3.5-large", "sd3.5-large-turbo", "flux.1-dev", "flux.1-schnell"} <= set(MODELS)
     for spec in MODELS.values():
-        assert spec.pipeline_class == "StableDiffusion3Pipeline"
-        assert spec.head_dim == 64 and spec.blocks_attr == "transformer_blocks"
-        assert spec.steps > 0 and spec.height % 16 == 0
+        assert spec.pipeline_class == spec.adapter.pipeline_class  # every entry names a known family
+        assert spec.head_dim == (128 if spec.family == "flux" else 64)
+        assert spec.steps > 0 and spec.height % spec.pixel_multiple == 0
         assert spec.shapes.batch_min <= spec.shapes.batch_opt <= spec.shapes.batch_max
     assert MODELS["sd3-medium"].source == "stabilityai/stable-diffusion-3-medium-diffusers"
     assert MODELS["sd3.5-large-turbo"].few_step and MODELS["sd3.5-large-turbo"].steps <= 8
+    assert MODELS["flux.1-schnell"].few_step and MODELS["flux.1-schnell"].steps == 4 and MODELS["flux.1-schnell"].guidance == 0
 
 
 def test_unknown_id_lists_known_ones():
@@ -34,12 +35,13 @@ def test_local_directory_without_pipeline_is_rejected(tmp_path):
         resolve_model(str(tmp_path))
 
 
-def test_unreachable_hub_model_gives_one_line(monkeypatch, tmp_path):
+@pytest.mark.parametrize("model_id", ["sd3-medium", "flux.1-dev", "flux.1-schnell"])
+def test_unreachable_hub_model_gives_one_line(monkeypatch, tmp_path, model_id):
     from families.registry import load_pipeline
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # empty cache, offline (conftest)
     with pytest.raises(UserError) as e:
-        load_pipeline(resolve_model("sd3-medium"))
+        load_pipeline(resolve_model(model_id))
     msg = str(e.value)
     assert "\n" not in msg
-    assert "stabilityai/stable-diffusion-3-medium-diffusers" in msg and "--model PATH" in msg
+    assert MODELS[model_id].source in msg and "--model PATH" in msg

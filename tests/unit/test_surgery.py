@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from common.errors import UserError
-from export.surgery import apply_plan, block_shapes, check_masked, cut_attention, mask_like_plan, structured_plan
+from export.surgery import apply_plan, block_shapes, check_masked, cut_group, mask_like_plan, structured_plan
+from families import adapter_for
 from tests.export_helpers import masked_and_compact, rel_err, run
 from tests.factories import tiny_sd3_transformer, tiny_transformer_inputs
 
@@ -28,13 +29,13 @@ def test_compact_equals_masked(kwargs, ratio):
     assert n_compact < n_masked
     # every block, the last (context_pre_only) one included, was cut
     for bp, shape in zip(plan.blocks, block_shapes(compact)):
-        assert shape.heads == len(bp.keep_heads) < bp.num_heads
-        assert shape.ff_dim == len(bp.keep_ff) < bp.ff_dim
-        if bp.keep_heads_attn2 is not None:
-            assert shape.heads_attn2 == len(bp.keep_heads_attn2)
+        assert shape.sizes["attn"] == len(bp.keep["attn"]) < bp.sizes["attn"]
+        assert shape.sizes["ff"] == len(bp.keep["ff"]) < bp.sizes["ff"]
+        if "attn2" in bp.keep:
+            assert shape.sizes["attn2"] == len(bp.keep["attn2"])
     assert compact.transformer_blocks[-1].context_pre_only
     if kwargs.get("dual_attention_layers"):
-        assert compact.transformer_blocks[0].attn2.heads == len(plan.blocks[0].keep_heads_attn2)
+        assert compact.transformer_blocks[0].attn2.heads == len(plan.blocks[0].keep["attn2"])
     for batch, seed in ((1, 1), (3, 2)):
         inputs = tiny_transformer_inputs(masked, batch=batch, text_len=5, seed=seed)
         ref, out = run(masked, inputs), run(compact, inputs)
@@ -44,8 +45,10 @@ def test_compact_equals_masked(kwargs, ratio):
 
 def test_cut_attention_updates_bookkeeping():
     model = tiny_sd3_transformer(num_heads=4, head_dim=16)
-    attn = model.transformer_blocks[0].attn
-    cut_attention(attn, [0, 2])
+    block = model.transformer_blocks[0]
+    adapter = adapter_for(model)
+    cut_group(block, adapter.structured_groups(block)[0], [0, 2], adapter)
+    attn = block.attn
     assert attn.heads == 2 and attn.inner_dim == 32 and attn.inner_kv_dim == 32
     assert attn.to_q.out_features == attn.add_k_proj.out_features == attn.heads * 16
     assert attn.to_out[0].in_features == attn.to_add_out.in_features == 32
@@ -56,7 +59,7 @@ def test_stale_heads_would_change_the_model():
     plan, masked, compact = masked_and_compact(ratio=0.5)
     broken = copy.deepcopy(compact)
     for blk, bp in zip(broken.transformer_blocks, plan.blocks):
-        blk.attn.heads = bp.num_heads  # stale bookkeeping: head_dim silently becomes smaller
+        blk.attn.heads = bp.sizes["attn"]  # stale bookkeeping: head_dim silently becomes smaller
     inputs = tiny_transformer_inputs(masked, batch=1, seed=3)
     assert rel_err(run(broken, inputs), run(masked, inputs)) > 1e-4  # 10x the equivalence tolerance
 
@@ -80,7 +83,7 @@ def test_plan_for_another_model_is_refused():
     with pytest.raises(UserError, match="head_dim"):
         apply_plan(other, plan2)
     bad = structured_plan(tiny_sd3_transformer(), 0.3)
-    bad.blocks[0].keep_heads = [3, 1]
+    bad.blocks[0].keep["attn"] = [3, 1]
     with pytest.raises(UserError, match="sorted unique"):
         apply_plan(tiny_sd3_transformer(), bad)
     twice = tiny_sd3_transformer()
@@ -95,5 +98,5 @@ def test_mask_like_plan_zeroes_only_removed_columns():
     masked = mask_like_plan(copy.deepcopy(model), plan)
     check_masked(masked, plan)  # no error
     w = masked.transformer_blocks[0].ff.net[2].weight
-    kept = plan.blocks[0].keep_ff
+    kept = plan.blocks[0].keep["ff"]
     assert torch.equal(w[:, kept], model.transformer_blocks[0].ff.net[2].weight[:, kept])

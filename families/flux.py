@@ -1,0 +1,222 @@
+"""Flux.1 (``FluxTransformer2DModel``): the adapter.
+
+Blocks: ``transformer_blocks`` (double-stream ``FluxTransformerBlock``s, joint attention like SD3's) then
+``single_transformer_blocks`` (``FluxSingleTransformerBlock``s). Units, in order:
+
+=========================  =======================================================================
+block / unit kind          layers (names inside the block)
+=========================  =======================================================================
+double ``attn_in``         ``attn.to_q/to_k/to_v`` + ``attn.add_q_proj/add_k_proj/add_v_proj``
+double ``attn_out``        ``attn.to_out.0`` + ``attn.to_add_out``
+double ``ff_in``/``ff_out``  ``ff.net.0.proj`` + ``ff_context.net.0.proj`` / ``ff.net.2`` + ``ff_context.net.2``
+single ``attn_in``         ``attn.to_q/to_k/to_v`` + ``proj_mlp`` (all four read the same normed input)
+single ``out``             ``proj_out``
+=========================  =======================================================================
+
+Structured groups. Double blocks as SD3 (``attn``, ``ff``, ``ff_context``). A single block's ``proj_out``
+takes ``concat(attention output, MLP output)``: a head (group ``attn``) is ``head_dim`` rows of each of
+``to_q/k/v`` plus ``head_dim`` columns in the attention part of ``proj_out`` (columns ``[0, heads*head_dim)``);
+a neuron (group ``mlp``) is one row of ``proj_mlp`` plus one column in the MLP part of ``proj_out``
+(columns from ``heads*head_dim`` on). Stage 1 removes the heads first, then the neurons with the removed
+head columns frozen. The per-head q/k RMS norms need no slicing.
+
+Calibration and sampling follow ``FluxPipeline``: packed latents (2x2 patches of the VAE latents as tokens),
+``img_ids``/``txt_ids`` position ids, guidance as an embedded input when the model has ``guidance_embeds``
+(FLUX.1-dev), none for FLUX.1-schnell, and true classifier-free guidance (``true_cfg_scale`` with an empty
+negative prompt) for a model without embedded guidance run at a scale above 1 (the embedded ``tiny-flux``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from families.base import Component, FamilyAdapter, RuntimeModule, Span, StructuredGroup
+from families.sd3 import attention_group, check_attention, check_feedforward, feedforward_group, set_attention_heads
+
+
+class FluxAdapter(FamilyAdapter):
+    name = "flux"
+    transformer_class = "FluxTransformer2DModel"
+    pipeline_class = "FluxPipeline"
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
+    unit_layers = {
+        "FluxTransformerBlock": (
+            ("attn_in", ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+            ("attn_out", ("attn.to_out.0", "attn.to_add_out")),
+            ("ff_in", ("ff.net.0.proj", "ff_context.net.0.proj")),
+            ("ff_out", ("ff.net.2", "ff_context.net.2")),
+        ),
+        "FluxSingleTransformerBlock": (
+            ("attn_in", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
+            ("out", ("proj_out",)),
+        ),
+    }
+    # In a single block proj_mlp reads the same normed tensor as q/k/v, and runs first (the first layer of a
+    # shared group is the one the Hessian hooks see first); double blocks have no proj_mlp.
+    shared_inputs = (("proj_mlp", "attn.to_q", "attn.to_k", "attn.to_v"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))
+    scope_note = (
+        "only the nn.Linear layers inside the double- and single-stream blocks are pruned (attention q/k/v and "
+        "context q/k/v, attention outputs, FFN in/out, single-block proj_mlp and proj_out); AdaLN modulations "
+        "(norm*.linear), embedders (x/context/time/guidance) and the final proj_out stay dense"
+    )
+    components = (
+        Component("transformer", "transformer", "transformer"),
+        Component("text_encoder", "text_encoder", "clip_pooled"),
+        Component("text_encoder_2", "text_encoder_2", "t5"),
+        Component("vae_decoder", "vae", "vae_decoder"),
+    )
+    max_sequence_length = 512
+    text_seq_len = 512  # T5 tokens only (CLIP gives the pooled vector)
+
+    def latent_patch(self, transformer_config: dict) -> int:
+        return 2  # FluxPipeline packs 2x2 VAE latents into one token
+
+    def structured_groups(self, block: nn.Module) -> list[StructuredGroup]:
+        if type(block).__name__ == "FluxSingleTransformerBlock":
+            attn = block.attn
+            hd = attn.to_k.out_features // attn.heads
+            inner = attn.heads * hd
+            return [
+                StructuredGroup("attn", "heads", int(attn.heads), hd, (Span("proj_out", 1, 0),), tuple(Span(f"attn.{n}", 0) for n in ("to_q", "to_k", "to_v"))),
+                StructuredGroup("mlp", "neurons", int(block.proj_mlp.out_features), 1, (Span("proj_out", 1, inner),), (Span("proj_mlp", 0),)),
+            ]
+        return [attention_group("attn", "attn", block.attn), feedforward_group("ff", "ff", block.ff), feedforward_group("ff_context", "ff_context", block.ff_context)]
+
+    def set_group_size(self, block: nn.Module, name: str, size: int) -> None:
+        if name == "attn":
+            set_attention_heads(block.attn, size, block.attn.head_dim)
+        elif name == "mlp":
+            block.mlp_hidden_dim = size
+        if hasattr(block, "proj_out") and hasattr(block.proj_out, "_tp_packed_row_blocks"):  # tensor-parallel split of proj_out's input
+            block.proj_out._tp_packed_row_blocks = [block.attn.inner_dim, block.proj_mlp.out_features]
+
+    def check_block(self, block: nn.Module, model: nn.Module) -> None:
+        dim = model.inner_dim
+        hd = self.head_dim(model)
+        attn = block.attn
+        assert attn.head_dim == hd, f"attn.head_dim {attn.head_dim} != {hd}"
+        assert attn.to_q.in_features == dim, "residual width changed"
+        if type(block).__name__ == "FluxSingleTransformerBlock":
+            check_attention(attn, hd, out=None)
+            assert block.mlp_hidden_dim == block.proj_mlp.out_features, "mlp_hidden_dim disagrees with proj_mlp"
+            assert block.proj_out.in_features == attn.heads * hd + block.proj_mlp.out_features, "proj_out input != attention + MLP widths"
+            assert block.proj_out.out_features == dim, "residual width changed"
+        else:
+            check_attention(attn, hd)
+            check_feedforward(block.ff, dim, "ff")
+            check_feedforward(block.ff_context, dim, "ff_context")
+
+    # ----------------------------------------------------------------------------------- calibration
+    def noise(self, pipe, height: int, width: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+        channels = pipe.transformer.config.in_channels // 4
+        h = 2 * (int(height) // (pipe.vae_scale_factor * 2))
+        w = 2 * (int(width) // (pipe.vae_scale_factor * 2))
+        g = torch.Generator("cpu").manual_seed(seed)
+        latents = torch.randn(1, channels, h, w, generator=g)  # (1, C, h, w), as FluxPipeline draws them
+        return type(pipe)._pack_latents(latents, 1, channels, h, w).to(dtype)  # (1, h/2 * w/2, 4C)
+
+    def guidance_kwargs(self, pipe, guidance: float, batch: int) -> dict[str, Any]:
+        if pipe.transformer.config.guidance_embeds:
+            return {"guidance_scale": guidance}  # FLUX.1-dev: guidance is an input of the transformer
+        if guidance > 1.0:  # true classifier-free guidance: a second, unconditional call per step
+            return {"true_cfg_scale": guidance, "negative_prompt": [""] * batch}
+        return {}
+
+    def runs_cfg_batch(self, guidance: float) -> bool:
+        return guidance > 1.0
+
+    # ---------------------------------------------------------------------------------------- export
+    def transformer_for_onnx(self, model: nn.Module) -> nn.Module:
+        return FluxTransformerForOnnx(model.eval())
+
+    def transformer_inputs(self, model, batch, latent_hw, text_seq_len, *, dtype=torch.float32, seed=0, device=None):
+        cfg = model.config
+        h, w = latent_hw
+        tokens = (h // 2) * (w // 2)
+        if device == "meta":
+            rnd = lambda *shape, dt=dtype: torch.empty(*shape, device="meta", dtype=dt)  # noqa: E731
+            uni = rnd
+        else:
+            g = torch.Generator().manual_seed(seed)
+            rnd = lambda *shape, dt=dtype: torch.randn(*shape, generator=g).to(dt)  # noqa: E731
+            uni = lambda *shape, dt=torch.float32: torch.rand(*shape, generator=g).to(dt)  # noqa: E731
+        out = {
+            "hidden_states": rnd(batch, tokens, cfg.in_channels),  # (B, N, 4C) packed latents
+            "encoder_hidden_states": rnd(batch, text_seq_len, cfg.joint_attention_dim),  # (B, S, D) T5
+            "pooled_projections": rnd(batch, cfg.pooled_projection_dim),  # (B, P) CLIP pooled
+            "timestep": uni(batch, dt=torch.float32),  # (B,) in [0, 1] (the pipeline passes t / 1000)
+            "img_ids": _image_ids(batch, h // 2, w // 2, device),  # (B, N, 3)
+            "txt_ids": torch.zeros(batch, text_seq_len, 3, device=device),  # (B, S, 3)
+        }
+        if cfg.guidance_embeds:
+            out["guidance"] = (uni(batch, dt=torch.float32) * 5) if device != "meta" else torch.empty(batch, device="meta")  # (B,)
+        return out
+
+    def runtime_transformer(self):
+        return FluxTransformerRuntime
+
+
+def _image_ids(batch: int, h: int, w: int, device=None) -> torch.Tensor:
+    """``FluxPipeline._prepare_latent_image_ids`` with a leading batch dim: ``(B, h*w, 3)`` = (0, row, col)."""
+    ids = torch.zeros(h, w, 3, device=device)
+    if device != "meta":
+        ids[..., 1] = torch.arange(h)[:, None]
+        ids[..., 2] = torch.arange(w)[None, :]
+    return ids.reshape(1, h * w, 3).expand(batch, -1, -1).contiguous()
+
+
+class FluxTransformerForOnnx(nn.Module):
+    """``(hidden_states [B,N,4C], encoder_hidden_states [B,S,D], pooled_projections [B,P], timestep [B] fp32,
+    img_ids [B,N,3], txt_ids [B,S,3][, guidance [B] fp32]) -> sample [B,N,4C]``.
+
+    The position ids carry a batch dim (every row the same) so that every input of every exported component
+    is batch-major: engine profiles, batch chunking and Triton's implicit batch then treat all inputs alike.
+    """
+
+    output_names = ("sample",)
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.model = transformer
+        self.guidance = bool(transformer.config.guidance_embeds)
+        self.input_names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids") + (("guidance",) if self.guidance else ())
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None):
+        return self.model(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            img_ids=img_ids[0],
+            txt_ids=txt_ids[0],
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+
+
+class FluxTransformerRuntime(RuntimeModule):
+    """``FluxTransformer2DModel``'s call signature over an exported transformer."""
+
+    def cache_context(self, name: str):  # FluxPipeline wraps each call in the cache context of diffusers' hooks
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def forward(self, hidden_states, timestep, pooled_projections, encoder_hidden_states, txt_ids, img_ids, guidance=None,
+                joint_attention_kwargs=None, return_dict=False, **_: Any):
+        batch = hidden_states.shape[0]
+        feeds = {
+            "hidden_states": hidden_states,  # (B, N, 4C)
+            "encoder_hidden_states": encoder_hidden_states,  # (B, S, D)
+            "pooled_projections": pooled_projections,  # (B, P)
+            "timestep": timestep.float(),  # (B,) t / 1000
+            "img_ids": img_ids.float().unsqueeze(0).expand(batch, -1, -1),  # (B, N, 3)
+            "txt_ids": txt_ids.float().unsqueeze(0).expand(batch, -1, -1),  # (B, S, 3)
+        }
+        if self.config.guidance_embeds:
+            feeds["guidance"] = guidance.float()  # (B,)
+        out = self.runner(feeds)["sample"]
+        return self._sample_output(self._out(out), return_dict)  # (B, N, 4C)
