@@ -76,11 +76,13 @@ def _removed(keep: Sequence[int], size: int) -> list[int]:
     return [i for i in range(size) if i not in kept]
 
 
-def _keep_along(dim: int, group: StructuredGroup, offset: int, keep: Sequence[int]) -> torch.Tensor:
-    """Indices ``0..dim`` without the channels of ``group``'s removed units (its span starts at ``offset``)."""
-    gone = group.channels(_removed(keep, group.size), offset)  # (R,)
+def _keep_along(dim: int, group: StructuredGroup, offsets: Sequence[int], keep: Sequence[int]) -> torch.Tensor:
+    """Indices ``0..dim`` without the channels of ``group``'s removed units in each of its spans (starting
+    at ``offsets``: a fused projection holds several spans of one group, e.g. q, k and v rows)."""
     mask = torch.ones(dim, dtype=torch.bool)
-    mask[gone] = False
+    gone = _removed(keep, group.size)
+    for offset in offsets:
+        mask[group.channels(gone, offset)] = False
     return mask.nonzero().flatten()
 
 
@@ -93,13 +95,16 @@ def cut_group(block: nn.Module, group: StructuredGroup, keep: Sequence[int], ada
     """Keep only units ``keep`` of ``group`` in ``block`` (in place), then let the adapter fix the bookkeeping.
 
     Producing layers lose the rows of the removed units, consuming layers their columns; channels of the
-    same linear outside the group's span (another group's range of a fused projection) are untouched.
+    same linear outside the group's spans (another group's range of a fused projection) are untouched. All
+    spans of one linear are cut at once, since every offset refers to the shape before the cut.
     """
+    by_layer: dict[tuple[str, int], list[int]] = {}
     for span in group.inputs + group.outputs:
-        lin = get_module(block, span.layer)
-        dim = lin.out_features if span.axis == 0 else lin.in_features
-        idx = _keep_along(dim, group, span.offset, keep)
-        set_module(block, span.layer, keep_rows(lin, idx) if span.axis == 0 else keep_cols(lin, idx))
+        by_layer.setdefault((span.layer, span.axis), []).append(span.offset)
+    for (layer, axis), offsets in by_layer.items():
+        lin = get_module(block, layer)
+        idx = _keep_along(lin.out_features if axis == 0 else lin.in_features, group, offsets, keep)
+        set_module(block, layer, keep_rows(lin, idx) if axis == 0 else keep_cols(lin, idx))
     adapter.set_group_size(block, group.name, len(keep))
 
 

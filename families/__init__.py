@@ -12,9 +12,10 @@ from typing import Any
 from common.errors import UserError
 from families.base import FamilyAdapter
 from families.flux import FluxAdapter
+from families.flux2 import Flux2Adapter
 from families.sd3 import SD3Adapter
 
-ADAPTERS: dict[str, FamilyAdapter] = {a.name: a for a in (SD3Adapter(), FluxAdapter())}
+ADAPTERS: dict[str, FamilyAdapter] = {a.name: a for a in (SD3Adapter(), FluxAdapter(), Flux2Adapter())}
 
 
 def get_adapter(name: str) -> FamilyAdapter:

@@ -51,10 +51,10 @@ boundary instead of failing. The tensor-parallel block layouts diffusers stores 
 (``_tp_packed_col_blocks``, ``_tp_packed_row_blocks``) are rewritten too, since the cut builds new linears.
 
 Pipeline: ``Flux2Pipeline`` (guidance-distilled: ``guidance_scale`` is an embedded input, the transformer
-never sees a classifier-free-guidance batch). Its text encoder is Mistral Small 3.1 (``Mistral3ForConditional
-Generation``, hidden states of layers 10/20/30 stacked), which no export kind covers, and its VAE
-(``AutoencoderKLFlux2``) decodes after a batch-norm de-normalisation and an un-patchify done in the pipeline;
-so only the transformer is listed as an exported component. ``Flux2KleinPipeline`` runs the same transformer
+never sees a classifier-free-guidance batch). Its text encoder is Mistral Small 3.1
+(``Mistral3ForConditionalGeneration``, hidden states of layers 10/20/30 stacked), which no export kind covers,
+and its VAE (``AutoencoderKLFlux2``) decodes after a batch-norm de-normalisation and an un-patchify done in
+the pipeline; so only the transformer is listed as an exported component. ``Flux2KleinPipeline`` runs the same transformer
 class with a Qwen3 encoder, ``guidance_embeds=False`` and true CFG: not covered by these defaults.
 """
 
@@ -171,6 +171,11 @@ class Flux2Adapter(FamilyAdapter):
     # Mistral-3 text encoder and the Flux.2 VAE have no export kind yet: see the module docstring.
     components = (Component("transformer", "transformer", "transformer"),)
     optional_text_encoder = None
+    max_sequence_length = 512  # Flux2Pipeline's default: Mistral tokens per prompt
+    text_seq_len = 512  # the transformer sees every encoded token (no pooled vector)
+
+    def latent_patch(self, transformer_config: dict) -> int:
+        return 2  # Flux2Pipeline packs 2x2 VAE latents into one token (the transformer's patch_size stays 1)
 
     # ---------------------------------------------------------------------------------------- groups
     def structured_groups(self, block: nn.Module) -> list[StructuredGroup]:
