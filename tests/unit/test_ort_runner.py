@@ -55,7 +55,8 @@ def test_unavailable_provider_is_a_user_error():
 
 
 def test_pipeline_on_ort_matches_pytorch_pipeline_same_seed():
-    from runtime.pipeline_runner import ClipAdapter, StageTimer, TransformerAdapter, VaeDecoderAdapter, generate, runner_pipeline
+    from families.sd3 import SD3TransformerRuntime as TransformerAdapter
+    from runtime.pipeline_runner import ClipAdapter, StageTimer, VaeDecoderAdapter, generate, runner_pipeline
 
     spec, pipe = fx.tiny_sd3()
     onnx_dir = fx.component_exports()
