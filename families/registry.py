@@ -222,10 +222,11 @@ def _spec_from_directory(path: Path) -> ModelSpec:
 
     adapter = adapter_for(tcfg.get("_class_name", "SD3Transformer2DModel")) if tcfg else adapter_for("SD3Transformer2DModel")
     vae_cfg_file = path / "vae" / "config.json"
-    vae_scale = 2 ** (len(read_json(vae_cfg_file, what="VAE config").get("block_out_channels", [0] * 4)) - 1) if vae_cfg_file.is_file() else 8
+    vae_cfg = read_json(vae_cfg_file, what="VAE config") if vae_cfg_file.is_file() else {}
+    vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
     patch = adapter.latent_patch(tcfg)
-    sample = int(tcfg.get("sample_size", 128))  # latents per side (SD3); Flux has no sample size: 1024 px
-    latent = sample if "sample_size" in tcfg else 1024 // vae_scale
+    # Latents per side: the transformer's sample size (SD3), else the VAE's image size (Flux), else 1024 px.
+    latent = int(tcfg["sample_size"]) if "sample_size" in tcfg else int(vae_cfg.get("sample_size", 1024)) // vae_scale
     return ModelSpec(
         id=path.name,
         source=str(path.resolve()),
