@@ -81,7 +81,8 @@ def record_dense_trajectories(pipe, spec, prompts: list[str], seeds: list[int], 
     records: list[tuple] = []
 
     def capture(module, args, kwargs, output):
-        ins = {k: kwargs[k].detach().cpu() for k in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")}
+        # every tensor the pipeline passed (SD3: latents, text, pooled, timestep; Flux also ids and guidance)
+        ins = {k: v.detach().cpu() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
         out = output[0] if isinstance(output, tuple) else output.sample
         records.append((ins, out.detach().cpu()))
 
@@ -91,12 +92,12 @@ def record_dense_trajectories(pipe, spec, prompts: list[str], seeds: list[int], 
             pipe(
                 prompt=prompts,
                 num_inference_steps=steps,
-                guidance_scale=guidance,
                 height=spec.height,
                 width=spec.width,
                 max_sequence_length=spec.max_sequence_length,
                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                 output_type="latent",
+                **spec.adapter.guidance_kwargs(pipe, guidance, len(prompts)),
             )
     finally:
         handle.remove()
