@@ -7,7 +7,7 @@ end-to-end time and the stages (text encoders, transformer x steps, VAE decode),
 wall-clock on a CPU, then reports median and p90 over the timed runs, images/s, peak memory (process RSS on
 CPU, sampled every 5 ms while the variant runs; CUDA device memory in use on GPU), model/engine size and
 quality (:func:`benchmarks.quality.evaluate`). It writes ``bench.json``, ``bench.md``, ``bench.png`` and
-``grid.png`` (dense / pruned / eager images for the same prompts and seeds).
+``grid.png`` (dense / pruned / eager images for the same seed, one column for every grid prompt).
 
 Usage::
 
@@ -269,7 +269,7 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
          quality_seeds, prompt, seed, steps, grid_prompts, base_pipe, cuda, device) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from benchmarks.report import image_grid, write_reports
+    from benchmarks.report import write_reports
     from families.registry import load_pipeline
     from runtime.pipeline_runner import StageTimer, generate
 
@@ -355,14 +355,29 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
             for v in tqdm(variants, desc="quality", unit="variant"):
                 result[v.name]["quality"] = evaluate(v.pipe, spec, seeds=tuple(quality_seeds), steps=steps)
 
-    grid_prompts = grid_prompts or _default_prompts(spec)[:8]
-    rows = {v.name: [img for pr in grid_prompts for img in generate(v.pipe, spec, pr, seed=seed, steps=steps)] for v in variants}
-    image_grid(rows, out_dir / "grid.png", col_labels=[_short(pr) for pr in grid_prompts])
+    grid_prompts = grid_prompts_for(spec, grid_prompts)
+    write_grid({v.name: v.pipe for v in variants}, spec, grid_prompts, out_dir / "grid.png", seed=seed, steps=steps)
     result["images"] = {"grid": "grid.png", "grid_prompts": grid_prompts, "grid_seed": seed}
     write_json(out_dir / "bench.json", result)
     write_reports(result, out_dir)
     log.info("speedup dense/pruned %.3fx (transformer %.3fx) -> %s", result["speedup"], result["speedup_transformer"], out_dir / "bench.json")
     return result
+
+
+def grid_prompts_for(spec, prompts: list[str] | None = None) -> list[str]:
+    """The prompts of the image grid: every one given, else every default evaluation prompt of the model
+    (the ten digits for tiny-sd3, ``prompts/eval.txt`` for hub models); none is dropped."""
+    return list(prompts) if prompts else _default_prompts(spec)
+
+
+def write_grid(pipes: dict[str, Any], spec, prompts: list[str], path: str | os.PathLike, *, seed: int = 0, steps: int | None = None) -> Path:
+    """Generate every prompt with every pipeline (same seed) and save the grid: one row per pipeline, one
+    column per prompt, in the order given (wrapped into bands of :data:`benchmarks.report.GRID_MAX_COLS`)."""
+    from benchmarks.report import image_grid
+    from runtime.pipeline_runner import generate
+
+    rows = {name: [img for pr in prompts for img in generate(pipe, spec, pr, seed=seed, steps=steps)] for name, pipe in pipes.items()}
+    return image_grid(rows, path, col_labels=[_short(pr) for pr in prompts])
 
 
 def _short(prompt: str) -> str:

@@ -108,11 +108,16 @@ def plot(bench: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
-def image_grid(rows: dict[str, Sequence[Any]], path: str | os.PathLike, *, col_labels: Sequence[str] | None = None, cell: int = 96) -> Path:
+GRID_MAX_COLS = 10  # columns per band of the image grid; more prompts wrap into further bands
+
+
+def image_grid(rows: dict[str, Sequence[Any]], path: str | os.PathLike, *, col_labels: Sequence[str] | None = None, cell: int = 96,
+               max_cols: int | None = GRID_MAX_COLS) -> Path:
     """Save a grid: one labelled row per variant (``{label: [PIL images or HxWx3 arrays in [0,1]]}``).
 
-    Every row must have the same number of images (same prompts and seeds); cells are resized to ``cell``
-    pixels with nearest-neighbour so small images stay legible.
+    Every row must have the same number of images (same prompts and seeds), and every image is shown: with
+    more than ``max_cols`` (None: no limit) the columns wrap into bands, each with its column labels and one
+    row per variant. Cells are resized to ``cell`` pixels with nearest-neighbour so small images stay legible.
     """
     import numpy as np
     from PIL import Image, ImageDraw
@@ -124,18 +129,30 @@ def image_grid(rows: dict[str, Sequence[Any]], path: str | os.PathLike, *, col_l
     if len(n) != 1:
         raise ValueError(f"every row needs the same number of images, got {n}")
     ncol = n.pop()
+    if ncol == 0:
+        raise ValueError("the grid has no images")
+    if col_labels is not None and len(col_labels) != ncol:
+        raise ValueError(f"{len(col_labels)} column labels for {ncol} columns")
+    per_band = ncol if not max_cols else min(ncol, max_cols)
+    bands = -(-ncol // per_band)
     label_w, head_h = 70, 14 if col_labels else 0
-    grid = Image.new("RGB", (label_w + ncol * cell, head_h + len(labels) * cell), "white")
+    band_h = head_h + len(labels) * cell
+    grid = Image.new("RGB", (label_w + per_band * cell, bands * band_h), "white")
     draw = ImageDraw.Draw(grid)
-    for c, text in enumerate(col_labels or []):
-        draw.text((label_w + c * cell + 2, 1), str(text)[:16], fill="black")
-    for r, lab in enumerate(labels):
-        draw.text((2, head_h + r * cell + cell // 2 - 5), lab, fill="black")
-        for c, img in enumerate(rows[lab]):
+    for c in range(ncol):
+        band, x = divmod(c, per_band)
+        x0, y0 = label_w + x * cell, band * band_h
+        if col_labels:
+            draw.text((x0 + 2, y0 + 1), str(col_labels[c])[:16], fill="black")
+        for r, lab in enumerate(labels):
+            img = rows[lab][c]
             if not isinstance(img, Image.Image):
                 arr = np.asarray(img)
                 img = Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype("uint8") if arr.dtype != np.uint8 else arr)
-            grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + c * cell, head_h + r * cell))
+            grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (x0, y0 + head_h + r * cell))
+    for band in range(bands):
+        for r, lab in enumerate(labels):
+            draw.text((2, band * band_h + head_h + r * cell + cell // 2 - 5), lab, fill="black")
     path = Path(path)
     with atomic_path(path) as tmp:
         grid.save(tmp, format="PNG")

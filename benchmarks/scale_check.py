@@ -2,10 +2,10 @@
 
 Builds (once) the scale fixture of a family (:mod:`scripts.make_scale_fixture`: the real transformer and VAE
 configs with seeded random weights), then runs every stage that ``python -m pipeline engine`` runs for each
-requested sparsity, with the same arguments (they come from the engine's own stage plan), each in its own
-process so that its peak resident memory is its own. Writes ``scale_check.json`` and ``scale_check.md``:
-per stage its wall time, peak RSS and output size, and per configuration the parity errors, the 2:4 check,
-the engine builds and the benchmark.
+requested sparsity, with the same settings (they come from the engine's own stage plan,
+:func:`pipeline.cmd_engine.plan_stages`), each in its own process so that its peak resident memory is its
+own. Writes ``scale_check.json`` and ``scale_check.md``: per stage its wall time, peak RSS and output size,
+and per configuration the parity errors, the 2:4 check, the engine builds and the benchmark.
 
     python -m benchmarks.scale_check --family sd3-medium --sparsity 2:4,structured:0.3
 
@@ -15,6 +15,7 @@ on a CPU the point is memory and time per stage at the real model size, not imag
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -43,6 +44,32 @@ def _run(argv: list[str], log_file: Path) -> dict[str, Any]:
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "status": proc.returncode}
+
+
+def _run_stage(st, work: Path, log_file: Path) -> dict[str, Any]:
+    """Run one planned ``make engine`` stage through its driver (:func:`pipeline.cmd_engine.run_stage`) in a
+    child process of its own, so that its peak RSS is its own; the child reads the stage's typed settings
+    from a pickle written here."""
+    import pickle
+
+    path = work / f".stage-{st.name}.pkl"
+    path.write_bytes(pickle.dumps(st))
+    try:
+        return _run(["benchmarks.scale_check", "--run-stage", str(path)], log_file)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def run_stage_file(path: str | os.PathLike) -> int:
+    """The child side of :func:`_run_stage`: load the pickled stage and run it."""
+    import pickle
+
+    from pipeline.cmd_engine import run_stage
+
+    st = pickle.loads(Path(path).read_bytes())
+    log.info("stage %s: %s", st.name, st.settings.to_json())
+    run_stage(st)
+    return 0
 
 
 def _du(path: Path) -> int:
@@ -109,13 +136,13 @@ def run(args) -> dict[str, Any]:
                        "--no-quality", "--no-eager", "--threads", str(args.threads)]
         if args.no_engines:
             engine_argv.append("--no-engines")
-        eargs = cmd_engine.parse_stage("engine", engine_argv)
+        eargs = cmd_engine.parse_args(engine_argv)
         cfg = config_dirs(spec, f"{sparsity.id}-{eargs.method}", art)
         dense = config_dirs(spec, "dense", art)
         plan = cmd_engine.plan_stages(eargs, spec, sparsity, cfg, dense, cuda=False, bench_backend="ort")
         for st in plan:
             log.info("[%s] %s", sparsity, st.name)
-            r = _run(["pipeline", *st.argv], log_file)
+            r = _run_stage(st, out, log_file)
             out_dir = Path(st.outputs["dir"])
             row = {"config": str(sparsity), "stage": st.name, **r, "output_bytes": _du(out_dir)}
             wb = _weights_bytes(out_dir) if st.name.startswith("export_") else None
@@ -218,8 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-engines", action="store_true", help="skip the TensorRT-RTX builds")
     ap.add_argument("--artifacts", default=None, help="artifact root (default <out>/artifacts)")
     ap.add_argument("--out", default=None, help="report directory (default artifacts/scale/<family>)")
+    ap.add_argument("--run-stage", default=None, metavar="PICKLE", help=argparse.SUPPRESS)  # the child of one stage
     args = ap.parse_args(argv)
     setup_logging()
+    if args.run_stage:
+        return run_command(lambda: run_stage_file(args.run_stage))
     return run_command(lambda: print(Path(args.out or REPO / "artifacts" / "scale" / args.family) / "scale_check.md") if run(args) else 1)
 
 

@@ -1,7 +1,10 @@
 """``python -m pipeline <command>``: the one CLI that strings the stages together.
 
 Each command lives in its own module ``pipeline/cmd_<name>.py`` exposing ``add_parser(subparsers)``,
-which registers the sub-command and sets ``func`` (``args -> int`` exit status).
+which registers the sub-command and sets ``func`` (``args -> int`` exit status). The stage commands
+(``prune``, ``export``, ``build``) are thin: ``settings_from_args(args)`` turns the options into the stage's
+typed settings, ``validate(args)`` adds every check that needs no weights, and ``run(args)`` calls the stage's
+driver with the settings (``make engine`` builds the same settings directly and calls the same drivers).
 """
 
 from __future__ import annotations

@@ -1,18 +1,21 @@
 """``python -m pipeline engine`` (``make engine``): prune, export, build engines and benchmark, end to end.
 
 Runs stages 1-3 into ``artifacts/<model>/<config-id>/`` (see :mod:`pipeline.artifacts`), each through the
-same code as its own command (``prune``, ``export``, ``build``, ``benchmarks.e2e``). A stage whose output is
-complete and whose inputs are unchanged is reused. The last line printed is the artifact directory.
+driver its own command calls (:func:`pipeline.cmd_prune.run_prune` around :func:`obsdiff.packages.prune`,
+:func:`export.stage.run_export`, :func:`runtime.stage.run_build`, :func:`benchmarks.e2e.run_e2e`), with
+typed settings built here. Every stage's settings are checked before the first stage starts. A stage whose
+output is complete and whose inputs are unchanged is reused. The last line printed is the artifact directory.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, Callable
 
 from common.cli import ArgumentParser, int_at_least, int_range
 from common.errors import UserError
@@ -45,24 +48,17 @@ def add_parser(sub) -> None:
 
 
 class _StageParser(ArgumentParser):
-    """A stage's own parser inside ``make engine``: a bad value is a UserError naming the stage."""
+    """The engine's parser outside the command line: a bad value is a UserError naming the command."""
 
     def error(self, message: str):
         raise UserError(f"{self.prog}: {message}")
 
 
-def parse_stage(name: str, argv: list[str]) -> argparse.Namespace:
-    """Parse ``python -m pipeline <name> argv`` with that command's own parser (same options, same checks)."""
-    module = importlib.import_module(f"pipeline.cmd_{name}")
-    parser = _StageParser(prog=f"python -m pipeline {name}")
-    module.add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args([name, *argv])
-
-
-def _run_stage(args: argparse.Namespace) -> None:
-    status = int(args.func(args) or 0)
-    if status:
-        raise UserError(f"stage {args.command} failed with status {status}")
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """``python -m pipeline engine argv``'s options, parsed by this command's own parser (same checks)."""
+    parser = _StageParser(prog="python -m pipeline engine")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["engine", *argv])
 
 
 def _mtime(path: Path) -> float | None:
@@ -76,66 +72,151 @@ def _cuda() -> bool:
 
 
 @dataclass
-class _Stage:
-    """One stage of ``make engine``: its command's parsed arguments and what it records in the manifest."""
+class Stage:
+    """One stage of ``make engine``: its driver's typed settings (:class:`pipeline.cmd_prune.PruneSettings`,
+    :class:`export.stage.ExportSettings` or :class:`runtime.stage.BuildSettings`), the file whose presence
+    says its output is complete, and what the manifest records about it."""
 
     name: str
     marker: Path  # present once the stage's output is complete
-    argv: list[str]
-    args: argparse.Namespace
+    settings: Any
     inputs: dict
     outputs: dict
 
 
-def _validate_stage(st: _Stage) -> None:
-    """The stage command's own checks that need no weights (each ``cmd_*`` module's ``validate``)."""
-    module = importlib.import_module(f"pipeline.cmd_{st.args.command}")
-    if st.args.command == "build":
-        module.validate(st.args, check_onnx=False)
-    else:
-        module.validate(st.args)
+def _driver(settings) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """``(check, run)`` of the stage whose settings these are: the check needs no weights and no input of
+    an earlier stage; the run is the stage's own driver."""
+    from export.stage import ExportSettings, check_export, run_export
+    from pipeline.cmd_prune import PruneSettings, check_prune, run_prune
+    from runtime.stage import BuildSettings, check_build, run_build
+
+    if isinstance(settings, PruneSettings):
+        return check_prune, run_prune
+    if isinstance(settings, ExportSettings):
+        return check_export, run_export
+    if isinstance(settings, BuildSettings):
+        return partial(check_build, check_onnx=False), run_build  # the ONNX is written by an earlier stage
+    raise TypeError(f"no stage driver for {type(settings).__name__}")
 
 
-def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str) -> list[_Stage]:
-    """Every stage that ``make engine`` will run, parsed and validated before the first one starts.
+def check_stage(st: Stage) -> None:
+    """The stage's checks that need no model weights (run for every stage before the first one starts)."""
+    _driver(st.settings)[0](st.settings)
 
-    A GPU host benchmarking TensorRT engines exports what the engines need (float16, every component) and
-    nothing else; the float32 ONNX Runtime exports are for hosts without a GPU (and ``--backend ort``).
+
+def run_stage(st: Stage) -> None:
+    """Run one stage through its driver; it reuses its output when that is complete and its inputs unchanged."""
+    _driver(st.settings)[1](st.settings)
+
+
+def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str) -> list[Stage]:
+    """Every stage that ``make engine`` will run before the benchmark, with its settings checked.
+
+    args: this command's parsed options (:func:`parse_args`). A GPU host benchmarking TensorRT engines
+    exports what the engines need (float16, every component) and nothing else; the float32 ONNX Runtime
+    exports are for hosts without a GPU (and ``--backend ort``).
     """
-    stages: list[_Stage] = []
+    from export.stage import ExportSettings
+    from obsdiff.patterns import parse_sparsity
+    from pipeline.cmd_prune import DEFAULT_SAMPLES, prune_settings
+    from runtime.stage import BuildSettings
 
-    def add(name: str, marker: Path, command: str, argv: list[str], inputs: dict, outputs: dict) -> None:
-        stages.append(_Stage(name, marker, [command, *argv], parse_stage(command, argv), inputs, outputs))
-
-    fp16_components = "transformer" if not cuda else ",".join(c.name for c in spec.adapter.components)
-    prune_argv = ["--model", args.model, "--sparsity", str(sparsity), "--method", args.method, "--groups", str(args.groups),
-                  "--out", str(cfg.prune)]
-    if args.samples:
-        prune_argv += ["--samples", str(args.samples)]
-    if args.calib_steps:
-        prune_argv += ["--steps", str(args.calib_steps)]
-    add("prune", cfg.prune / "plan.json", "prune", prune_argv, {"model": spec.source}, {"dir": str(cfg.prune)})
+    prune = prune_settings(spec, sparsity, cfg.prune, method=args.method, groups=args.groups, samples=args.samples or DEFAULT_SAMPLES,
+                           steps=args.calib_steps)
+    stages = [Stage("prune", cfg.prune / "plan.json", prune, {"model": spec.source}, {"dir": str(cfg.prune)})]
+    fp16_components = ("transformer",) if not cuda else None  # None: every component
     for which, dirs, pruned in (("dense", dense, None), ("pruned", cfg, cfg.prune)):
-        extra = ["--pruned", str(pruned)] if pruned else []
+        inputs = {"pruned": str(pruned) if pruned else None}
         if bench_backend == "ort":
-            add(f"export_{which}", dirs.export / "export_report.json", "export",
-                ["--model", args.model, "--out", str(dirs.export), "--precision", "fp32", *extra],
-                {"pruned": str(pruned) if pruned else None}, {"dir": str(dirs.export)})
+            stages.append(Stage(f"export_{which}", dirs.export / "export_report.json",
+                                ExportSettings(spec=spec, out=dirs.export, pruned=pruned, precision="fp32"), inputs, {"dir": str(dirs.export)}))
         if args.no_engines:
             continue
-        add(f"export_{which}_fp16", dirs.export_fp16 / "export_report.json", "export",
-            ["--model", args.model, "--out", str(dirs.export_fp16), "--precision", "fp16", "--components", fp16_components,
-             "--parity-batches", "2", *extra],
-            {"pruned": str(pruned) if pruned else None}, {"dir": str(dirs.export_fp16)})
-        build_argv = ["--model", args.model, "--onnx-dir", str(dirs.export_fp16 / "onnx"), "--out", str(dirs.engines),
-                      "--sparsity", str(sparsity) if pruned else "dense", "--opt-level", str(args.opt_level)]
-        if args.triton and which == "pruned":
-            build_argv += ["--triton", args.triton]
-        add(f"engines_{which}", dirs.engines / "transformer", "build", build_argv,
-            {"onnx": str(dirs.export_fp16 / "onnx")}, {"dir": str(dirs.engines)})
+        stages.append(Stage(f"export_{which}_fp16", dirs.export_fp16 / "export_report.json",
+                            ExportSettings(spec=spec, out=dirs.export_fp16, pruned=pruned, precision="fp16", components=fp16_components,
+                                           parity_batches=(2,)),
+                            inputs, {"dir": str(dirs.export_fp16)}))
+        build = BuildSettings(spec=spec, sparsity=sparsity if pruned else parse_sparsity("dense"), onnx_dir=dirs.export_fp16 / "onnx",
+                              out=dirs.engines, opt_level=args.opt_level,
+                              triton=Path(args.triton) if args.triton and which == "pruned" else None)
+        stages.append(Stage(f"engines_{which}", dirs.engines / "transformer", build, {"onnx": str(dirs.export_fp16 / "onnx")},
+                            {"dir": str(dirs.engines)}))
     for st in stages:
-        _validate_stage(st)
+        check_stage(st)
     return stages
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """The end-to-end benchmark of ``make engine`` (:func:`benchmarks.e2e.run_e2e`): dense vs pruned exports
+    (and engines on ``backend="trt"``), written to ``out`` (bench.json, bench.md, bench.png, grid.png)."""
+
+    spec: Any
+    dense_export: Path
+    pruned_export: Path
+    out: Path
+    backend: str
+    provider: str
+    engines: dict[str, Path] | None
+    sparsity: Any
+    runs: int = 10
+    warmup: int = 2
+    threads: int | None = None
+    steps: int | None = None
+    quality: bool = True
+    eager: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"backend": self.backend, "runs": self.runs, "warmup": self.warmup, "steps": self.steps, "quality": self.quality, "eager": self.eager}
+
+
+BENCH_OUTPUTS = ("bench.json", "bench.md", "bench.png", "grid.png")
+
+
+def plan_bench(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str) -> BenchSettings:
+    """The benchmark that ends ``make engine``, checked like the stages (its inputs come later)."""
+    trt = bench_backend == "trt"
+    settings = BenchSettings(
+        spec=spec,
+        dense_export=dense.export_fp16 if trt else dense.export,
+        pruned_export=cfg.export_fp16 if trt else cfg.export,
+        out=cfg.root,
+        backend=bench_backend,
+        provider="cuda" if (cuda and not trt) else "cpu",
+        engines={"dense": dense.engines, "pruned": cfg.engines} if trt else None,
+        sparsity=sparsity,
+        runs=args.runs,
+        warmup=args.warmup,
+        threads=args.threads,
+        steps=args.bench_steps,
+        quality=not args.no_quality,
+        eager=not args.no_eager,
+    )
+    check_bench(settings)
+    return settings
+
+
+def check_bench(settings: BenchSettings) -> None:
+    """The benchmark's checks that need neither its inputs nor a model (outputs writable, values in range)."""
+    from common.io import check_output
+
+    if settings.runs < 1 or settings.warmup < 0:
+        raise UserError(f"runs must be >= 1 and warmup >= 0 (got runs={settings.runs}, warmup={settings.warmup})")
+    for name, v in (("steps", settings.steps), ("threads", settings.threads)):
+        if v is not None and v < 1:
+            raise UserError(f"{name} must be at least 1, got {v}")
+    for name in BENCH_OUTPUTS:
+        check_output(settings.out / name, "file")
+
+
+def run_bench(settings: BenchSettings) -> dict:
+    """Run the benchmark; returns what it writes to ``bench.json``."""
+    from benchmarks.e2e import run_e2e
+
+    return run_e2e(settings.spec, settings.dense_export, settings.pruned_export, settings.out, runs=settings.runs, warmup=settings.warmup,
+                   backend=settings.backend, provider=settings.provider, engines=settings.engines, sparsity=settings.sparsity,
+                   threads=settings.threads, steps=settings.steps, quality=settings.quality, eager=settings.eager)
 
 
 def run(args) -> int:
@@ -160,11 +241,10 @@ def run(args) -> int:
     if bench_backend == "trt" and args.no_engines:
         raise UserError("--no-engines leaves nothing for --backend trt to benchmark; use --backend ort")
     stages = [] if args.only_bench else plan_stages(args, spec, sparsity, cfg, dense, cuda, bench_backend)
+    bench = plan_bench(args, spec, sparsity, cfg, dense, cuda, bench_backend)
     check_output(cfg.manifest, "file")
-    for name in ("bench.json", "bench.md", "bench.png", "grid.png"):
-        check_output(cfg.root / name, "file")
     if args.only_bench:
-        for d in ((cfg.export_fp16, dense.export_fp16) if bench_backend == "trt" else (cfg.export, dense.export)):
+        for d in (bench.pruned_export, bench.dense_export):
             if not (d / "export_report.json").is_file():
                 raise UserError(f"{d} is not complete; run `make engine MODEL={args.model} SPARSITY={sparsity}` first")
     manifest = Manifest(cfg.manifest, {"model": spec.id, "model_source": spec.source, "sparsity": str(sparsity), "method": args.method,
@@ -175,27 +255,20 @@ def run(args) -> int:
         before = _mtime(st.marker)
         t0 = time.perf_counter()
         log.info("== %s ==", st.name)
-        _run_stage(st.args)
+        run_stage(st)
         if not st.marker.exists():
             raise UserError(f"stage {st.name} finished without writing {st.marker}")
         reused = before is not None and _mtime(st.marker) == before
-        manifest.record(st.name, inputs=st.inputs, settings={"argv": st.argv}, outputs=st.outputs,
+        manifest.record(st.name, inputs=st.inputs, settings=st.settings.to_json(), outputs=st.outputs,
                         seconds=time.perf_counter() - t0, reused=reused)
         log.info("%s: %s in %.1f s", st.name, "reused" if reused else "done", time.perf_counter() - t0)
 
-    from benchmarks.e2e import run_e2e
-
     log.info("== bench (%s) ==", bench_backend)
     t0 = time.perf_counter()
-    engines = {"dense": dense.engines, "pruned": cfg.engines} if bench_backend == "trt" else None
-    exports = (dense.export_fp16, cfg.export_fp16) if bench_backend == "trt" else (dense.export, cfg.export)
-    result = run_e2e(spec, *exports, cfg.root, runs=args.runs, warmup=args.warmup, backend=bench_backend,
-                     provider="cuda" if (cuda and bench_backend == "ort") else "cpu", engines=engines, sparsity=sparsity, threads=args.threads,
-                     steps=args.bench_steps, quality=not args.no_quality, eager=not args.no_eager)
-    manifest.record("bench", inputs={"dense": str(exports[0]), "pruned": str(exports[1]), "engines": {k: str(v) for k, v in (engines or {}).items()}},
-                    settings={"backend": bench_backend, "runs": args.runs, "warmup": args.warmup, "steps": args.bench_steps,
-                              "quality": not args.no_quality, "eager": not args.no_eager},
-                    outputs={"bench": str(cfg.bench)}, seconds=time.perf_counter() - t0, reused=False)
+    result = run_bench(bench)
+    manifest.record("bench", inputs={"dense": str(bench.dense_export), "pruned": str(bench.pruned_export),
+                                     "engines": {k: str(v) for k, v in (bench.engines or {}).items()}},
+                    settings=bench.to_json(), outputs={"bench": str(cfg.bench)}, seconds=time.perf_counter() - t0, reused=False)
     manifest.data.update(total_seconds=round(time.perf_counter() - t_all, 1), speedup=result["speedup"])
     manifest.save()
     _summary(result, cfg, dense)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
 from common.cli import float_range, int_at_least
 from common.errors import UserError
@@ -18,41 +20,59 @@ from common.io import check_output, created_dirs
 from common.memory import log_memory, release_to_os
 from families.registry import REPO_ROOT, ModelSpec, load_pipeline, resolve_model
 
+if TYPE_CHECKING:
+    from obsdiff.packages import PruneConfig
+    from obsdiff.patterns import Sparsity
+    from obsdiff.plan import PrunePlan
+
 log = logging.getLogger(__name__)
+
+# Defaults of the command line and of prune_settings(): one place, so `make engine` prunes exactly what
+# `python -m pipeline prune` with the same few options would.
+DEFAULT_GROUPS = 4
+DEFAULT_SAMPLES = 64
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_WEIGHTING, DEFAULT_W_MAX, DEFAULT_W_MIN = "log", 1.2, 0.8
+DEFAULT_BLOCKSIZE = 128
+DEFAULT_PERCDAMP = 0.01
+DEVICE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+OFFLOADS = ("none", "model", "sequential")
 
 
 def add_parser(subparsers) -> None:
+    from obsdiff.packages import METHODS
+
     p = subparsers.add_parser("prune", help="OBS-Diff one-shot pruning of the transformer", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny-sd3", help="registry id or local diffusers directory (default tiny-sd3)")
     p.add_argument("--sparsity", default="2:4", help="2:4, 4:8, unstructured:<ratio>, structured:<ratio> or dense (default 2:4)")
     p.add_argument("--out", default=None, help="output directory (default artifacts/<model>/prune-<sparsity>-<method>)")
-    p.add_argument("--method", default="obs-diff", choices=["obs-diff", "wanda", "magnitude"], help="pruning rule (default obs-diff)")
-    p.add_argument("--groups", type=int_at_least(1), default=4, help="module packages pruned one after another (default 4)")
+    p.add_argument("--method", default="obs-diff", choices=list(METHODS), help="pruning rule (default obs-diff)")
+    p.add_argument("--groups", type=int_at_least(1), default=DEFAULT_GROUPS, help="module packages pruned one after another (default 4)")
     c = p.add_argument_group("calibration")
     c.add_argument("--prompts", default=None, help="prompt file, one per line (default: the model's, prompts/digits.txt for tiny-sd3, prompts/calibration.txt for hub models)")
-    c.add_argument("--samples", type=int_at_least(1), default=64, help="calibration prompts (default 64)")
+    c.add_argument("--samples", type=int_at_least(1), default=DEFAULT_SAMPLES, help="calibration prompts (default 64)")
     c.add_argument("--steps", type=int_at_least(1), default=None,
                    help="sampling steps per trajectory (default: the model's deployed sampler, e.g. 28 for sd3-medium, 20 for tiny-sd3, 4 for sd3.5-large-turbo)")
     c.add_argument("--guidance", type=float_range(0.0), default=None,
                    help="classifier-free guidance scale (default: the model's, e.g. 7.0 for sd3-medium, 4.0 for tiny-sd3; <= 1 runs without CFG, as few-step models do)")
     c.add_argument("--height", type=int_at_least(1), default=None, help="image height in pixels (default: the model's)")
     c.add_argument("--width", type=int_at_least(1), default=None, help="image width in pixels (default: the model's)")
-    c.add_argument("--batch-size", type=int_at_least(1), default=8, help="prompts per pipeline call (default 8; results do not depend on it beyond float rounding)")
+    c.add_argument("--batch-size", type=int_at_least(1), default=DEFAULT_BATCH_SIZE, help="prompts per pipeline call (default 8; results do not depend on it beyond float rounding)")
     c.add_argument("--seed", type=int_at_least(0), default=0, help="base noise seed; prompt i uses seed+i (default 0)")
-    c.add_argument("--weighting", default="log", choices=["log", "linear", "uniform"], help="timestep weights (default log-decrease)")
-    c.add_argument("--w-max", type=float_range(0.0, lo_open=True), default=1.2, help="weight of the first step (default 1.2)")
-    c.add_argument("--w-min", type=float_range(0.0, lo_open=True), default=0.8, help="weight of the last step (default 0.8)")
+    c.add_argument("--weighting", default=DEFAULT_WEIGHTING, choices=["log", "linear", "uniform"], help="timestep weights (default log-decrease)")
+    c.add_argument("--w-max", type=float_range(0.0, lo_open=True), default=DEFAULT_W_MAX, help="weight of the first step (default 1.2)")
+    c.add_argument("--w-min", type=float_range(0.0, lo_open=True), default=DEFAULT_W_MIN, help="weight of the last step (default 0.8)")
     s = p.add_argument_group("solver")
-    s.add_argument("--blocksize", type=int_at_least(1), default=128, help="OBS lazy-update block (default 128)")
-    s.add_argument("--percdamp", type=float_range(0.0, 10.0, lo_open=True, hi_open=True), default=0.01, help="Hessian damping, share of the mean diagonal (default 0.01)")
+    s.add_argument("--blocksize", type=int_at_least(1), default=DEFAULT_BLOCKSIZE, help="OBS lazy-update block (default 128)")
+    s.add_argument("--percdamp", type=float_range(0.0, 10.0, lo_open=True, hi_open=True), default=DEFAULT_PERCDAMP, help="Hessian damping, share of the mean diagonal (default 0.01)")
     s.add_argument("--no-compensate", action="store_true", help="mask only, no OBS weight update")
     s.add_argument("--first-block", type=int_at_least(0), default=0, help="first transformer block to prune (default 0)")
     s.add_argument("--last-block", type=int_at_least(0), default=None, help="last transformer block to prune, inclusive (default: the last)")
-    s.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave layers matching this glob dense (repeatable), e.g. '*.attn.add_q_proj'")
+    s.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave layers matching this glob dense (repeatable), e.g. 'transformer_blocks.3.*'")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
-    r.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="pipeline dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    r.add_argument("--offload", default="none", choices=["none", "model", "sequential"], help="diffusers CPU offload for big models on one GPU (CUDA only)")
+    r.add_argument("--dtype", default="auto", choices=list(DEVICE_DTYPES), help="pipeline dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    r.add_argument("--offload", default="none", choices=list(OFFLOADS), help="diffusers CPU offload for big models on one GPU (CUDA only)")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=run)
 
@@ -65,87 +85,190 @@ def default_out(args: argparse.Namespace, spec: ModelSpec, sparsity) -> Path:
     return Path(args.out) if args.out else REPO_ROOT / "artifacts" / spec.id / f"prune-{sparsity.id}-{args.method}"
 
 
-def build_config(args: argparse.Namespace, spec: ModelSpec):
-    """``(PruneConfig, prompts)`` from parsed CLI arguments (validates everything before any loading).
+@dataclass(frozen=True)
+class PruneSettings:
+    """Stage 1 as this command and ``make engine`` run it: what to prune (``config``, ``prompts``), where
+    (``out``), and on what (``device``: cpu, cuda, cuda:N or auto; ``dtype``: auto = bfloat16 on CUDA,
+    float32 on CPU; ``offload``: diffusers CPU offload, none, model or sequential; CUDA only)."""
 
-    Calibration follows the sampler the model is deployed with: steps and guidance default to the model's
-    registry entry (a guidance <= 1, as for few-step models, samples without the CFG-doubled batch).
+    spec: ModelSpec
+    config: PruneConfig
+    prompts: tuple[str, ...]
+    out: Path
+    device: str = "auto"
+    dtype: str = "auto"
+    offload: str = "none"
+    progress: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as a manifest records them (the plan's own record of what changes the result)."""
+        return {"model": self.spec.id, "out": str(self.out), "sparsity": str(self.config.sparsity), "method": self.config.method,
+                "calibration": self.config.settings(self.prompts), "device": self.device, "dtype": self.dtype, "offload": self.offload}
+
+
+def prune_config(
+    spec: ModelSpec,
+    sparsity: Sparsity,
+    *,
+    method: str = "obs-diff",
+    groups: int = DEFAULT_GROUPS,
+    samples: int = DEFAULT_SAMPLES,
+    steps: int | None = None,
+    guidance: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    weighting: str = DEFAULT_WEIGHTING,
+    w_max: float = DEFAULT_W_MAX,
+    w_min: float = DEFAULT_W_MIN,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    percdamp: float = DEFAULT_PERCDAMP,
+    compensate: bool = True,
+    first_block: int = 0,
+    last_block: int | None = None,
+    skip: Sequence[str] = (),
+) -> PruneConfig:
+    """The :class:`obsdiff.packages.PruneConfig` for ``spec``, checked (nothing is loaded).
+
+    Calibration follows the sampler the model is deployed with: ``steps``/``guidance``/``height``/``width``
+    None take the model's registry entry (a guidance <= 1, as for few-step models, samples without the
+    CFG-doubled batch). The other defaults are the command line's.
     """
-    from obsdiff.packages import CalibrationConfig, PruneConfig, calibration_prompts, read_prompts
-    from obsdiff.patterns import parse_sparsity
+    from obsdiff.packages import CalibrationConfig, PruneConfig
     from obsdiff.timesteps import timestep_weights
 
-    sparsity = parse_sparsity(args.sparsity)
-    steps = spec.steps if args.steps is None else args.steps
-    guidance = spec.guidance if args.guidance is None else args.guidance
-    timestep_weights(steps, args.weighting, args.w_max, args.w_min)  # validates
-    spec.check_image_size(args.height, args.width)
-    if args.last_block is not None and args.last_block < args.first_block:
-        raise UserError(f"--last-block {args.last_block} is before --first-block {args.first_block}")
-    height = args.height or spec.height
-    width = args.width or spec.width
+    for name, value, lo in (("--groups", groups, 1), ("--samples", samples, 1), ("--steps", steps, 1), ("--batch-size", batch_size, 1),
+                            ("--seed", seed, 0), ("--blocksize", blocksize, 1), ("--first-block", first_block, 0), ("--last-block", last_block, 0)):
+        if value is not None and value < lo:
+            raise UserError(f"{name}: must be at least {lo}, got {value}")
+    steps = spec.steps if steps is None else steps
+    guidance = spec.guidance if guidance is None else guidance
+    timestep_weights(steps, weighting, w_max, w_min)  # validates
+    spec.check_image_size(height, width)
+    if last_block is not None and last_block < first_block:
+        raise UserError(f"--last-block {last_block} is before --first-block {first_block}")
     calib = CalibrationConfig(
-        samples=args.samples,
+        samples=samples,
         steps=steps,
         guidance=guidance,
-        height=height,
-        width=width,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        weighting=args.weighting,
-        w_max=args.w_max,
-        w_min=args.w_min,
+        height=height or spec.height,
+        width=width or spec.width,
+        batch_size=batch_size,
+        seed=seed,
+        weighting=weighting,
+        w_max=w_max,
+        w_min=w_min,
         max_sequence_length=spec.max_sequence_length,
     )
-    config = PruneConfig(
+    return PruneConfig(
         sparsity=sparsity,
-        method=args.method,
-        groups=args.groups,
+        method=method,
+        groups=groups,
         calibration=calib,
-        blocksize=args.blocksize,
-        percdamp=args.percdamp,
-        compensate=not args.no_compensate,
-        first_block=args.first_block,
-        last_block=args.last_block,
-        skip=tuple(args.skip),
+        blocksize=blocksize,
+        percdamp=percdamp,
+        compensate=compensate,
+        first_block=first_block,
+        last_block=last_block,
+        skip=tuple(skip),
         family=spec.family,
     )
+
+
+def prune_settings(
+    spec: ModelSpec,
+    sparsity: Sparsity,
+    out: str | Path | None = None,
+    *,
+    prompts_file: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    offload: str = "none",
+    progress: bool = True,
+    **options,
+) -> PruneSettings:
+    """:class:`PruneSettings` from typed values: ``options`` are :func:`prune_config`'s (method, groups,
+    samples, steps, ...). out: default ``artifacts/<model>/prune-<sparsity>-<method>``. prompts_file: one
+    prompt per line (default: the model's). Values are checked; the file system and the device are checked
+    by :func:`check_prune`."""
+    from obsdiff.packages import calibration_prompts, read_prompts
+
+    config = prune_config(spec, sparsity, **options)
+    prompts = calibration_prompts(read_prompts(prompts_file or default_prompts_file(spec)), config.calibration.samples)
+    if out is None:
+        out = REPO_ROOT / "artifacts" / spec.id / f"prune-{sparsity.id}-{config.method}"
+    return PruneSettings(spec=spec, config=config, prompts=tuple(prompts), out=Path(out), device=device, dtype=dtype, offload=offload,
+                         progress=progress)
+
+
+def _config_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(method=args.method, groups=args.groups, samples=args.samples, steps=args.steps, guidance=args.guidance, height=args.height,
+                width=args.width, batch_size=args.batch_size, seed=args.seed, weighting=args.weighting, w_max=args.w_max, w_min=args.w_min,
+                blocksize=args.blocksize, percdamp=args.percdamp, compensate=not args.no_compensate, first_block=args.first_block,
+                last_block=args.last_block, skip=tuple(args.skip))
+
+
+def build_config(args: argparse.Namespace, spec: ModelSpec):
+    """``(PruneConfig, prompts)`` from parsed CLI arguments (validates everything before any loading)."""
+    from obsdiff.packages import calibration_prompts, read_prompts
+    from obsdiff.patterns import parse_sparsity
+
+    config = prune_config(spec, parse_sparsity(args.sparsity), **_config_options(args))
     prompts = calibration_prompts(read_prompts(args.prompts or default_prompts_file(spec)), args.samples)
     return config, prompts
 
 
-def validate(args: argparse.Namespace):
-    """Every check of this command that needs no model weights: ``(spec, config, prompts, out, existing)``
-    (``existing``: the plan already in ``out`` for the same settings, or None).
-
-    ``make engine`` calls it for its prune stage before any stage runs.
-    """
-    from obsdiff.packages import check_existing, is_complete
+def settings_from_args(args: argparse.Namespace) -> PruneSettings:
+    """The parsed options as :class:`PruneSettings` (values checked, the file system and device not yet)."""
+    from obsdiff.patterns import parse_sparsity
 
     spec = resolve_model(args.model)
-    config, prompts = build_config(args, spec)
-    out = default_out(args, spec, config.sparsity)
+    sparsity = parse_sparsity(args.sparsity)
+    return prune_settings(spec, sparsity, default_out(args, spec, sparsity), prompts_file=args.prompts, device=args.device, dtype=args.dtype,
+                          offload=args.offload, progress=not args.no_progress, **_config_options(args))
+
+
+def check_prune(settings: PruneSettings) -> PrunePlan | None:
+    """Every check of stage 1 that needs no model weights; returns the plan already in ``out`` for the same
+    settings (None if there is none). ``make engine`` calls it for its prune stage before any stage runs."""
+    from obsdiff.packages import check_existing, is_complete
+
+    out = Path(settings.out)
     check_output(out, "parent")
-    existing = check_existing(out, spec.id, config, prompts)  # another run's settings in `out`: say so now
+    existing = check_existing(out, settings.spec.id, settings.config, settings.prompts)  # another run's settings in `out`: say so now
     if not is_complete(out, existing):
         check_output(out / "transformer", "dir")
         check_output(out / "plan.json", "file")
-    _device_and_dtype(args)
-    return spec, config, prompts, out, existing
+    _device_and_dtype(settings.device, settings.dtype, settings.offload)
+    return existing
 
 
-def _device_and_dtype(args: argparse.Namespace):
+def validate(args: argparse.Namespace) -> PruneSettings:
+    """Every check of this command that needs no model weights; returns the :class:`PruneSettings`."""
+    settings = settings_from_args(args)
+    check_prune(settings)
+    return settings
+
+
+def _device_and_dtype(device: str, dtype: str, offload: str):
     import torch
 
-    device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device; use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda given but CUDA is not available; use --device cpu")
-    if args.offload != "none" and device.type != "cuda":
-        raise UserError(f"--offload {args.offload} needs a CUDA GPU (it moves weights between CPU and GPU); use --offload none on CPU")
-    name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if offload not in OFFLOADS:
+        raise UserError(f"--offload {offload}: use one of {', '.join(OFFLOADS)}")
+    if offload != "none" and device.type != "cuda":
+        raise UserError(f"--offload {offload} needs a CUDA GPU (it moves weights between CPU and GPU); use --offload none on CPU")
+    if dtype not in DEVICE_DTYPES:
+        raise UserError(f"--dtype {dtype}: use one of {', '.join(DEVICE_DTYPES)}")
+    name = dtype if dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     return device, getattr(torch, name)
 
 
@@ -186,40 +309,49 @@ def check_device_memory(pipe, spec: ModelSpec, config, device, offload: str) -> 
     return {**est, "pipeline_weights": sum(sizes.values()), "on_device": need[offload]}
 
 
-def run(args: argparse.Namespace) -> int:
+def run_prune(settings: PruneSettings) -> PrunePlan | None:
+    """Run stage 1: load the pipeline on its device, then :func:`obsdiff.packages.prune` into
+    ``settings.out``. Returns the plan (the one already in ``out`` when it holds this pruning: nothing is
+    loaded then). A bad input found late (the model cannot load) leaves nothing behind; a crash or Ctrl-C
+    keeps the finished packages for a resume."""
     from obsdiff.distributed import init_from_env, shutdown
     from obsdiff.packages import is_complete, prune
 
-    spec, config, prompts, out, existing = validate(args)
-    device, dtype = _device_and_dtype(args)
+    existing = check_prune(settings)
+    spec, config, out = settings.spec, settings.config, Path(settings.out)
+    device, dtype = _device_and_dtype(settings.device, settings.dtype, settings.offload)
     if is_complete(out, existing):
         log.info("%s already holds this pruning (%s, %s); nothing to do", out, config.sparsity, config.method)
-        return 0
+        return existing
     calib = config.calibration
     log.info("calibration: %d prompts x %d steps, guidance %g%s, %dx%d px", calib.samples, calib.steps, calib.guidance,
              "" if spec.adapter.runs_cfg_batch(calib.guidance) else " (no CFG)", calib.width, calib.height)
 
     ctx = init_from_env(device)
-    # A bad input found late (the model cannot load) leaves nothing behind; a crash or Ctrl-C keeps the
-    # finished packages for a resume.
+    plan = None
     try:
         with created_dirs(out, remove_on=(UserError,)):
             pipe = load_pipeline(spec, dtype=dtype)
             release_to_os()  # loading converts dtypes shard by shard; hand the freed buffers back
             log_memory("prune: pipeline loaded", log)
-            check_device_memory(pipe, spec, config, ctx.device, args.offload)
-            if args.offload == "model":
+            check_device_memory(pipe, spec, config, ctx.device, settings.offload)
+            if settings.offload == "model":
                 pipe.enable_model_cpu_offload(device=ctx.device)
-            elif args.offload == "sequential":
+            elif settings.offload == "sequential":
                 pipe.enable_sequential_cpu_offload(device=ctx.device)
             else:
                 pipe.to(ctx.device)
             t0 = time.perf_counter()
-            plan = prune(pipe, spec.id, prompts, config, out, ctx=ctx, progress=not args.no_progress)
+            plan = prune(pipe, spec.id, list(settings.prompts), config, out, ctx=ctx, progress=settings.progress)
             if ctx.is_main:
                 dens = [v["density"] for v in plan.layers.values()]
                 mean = sum(dens) / len(dens) if dens else 1.0
                 log.info("pruned %d layers (%s, %s), mean density %.3f, in %.1f s -> %s", len(dens), plan.sparsity, plan.method, mean, time.perf_counter() - t0, out)
     finally:
         shutdown(ctx)
+    return plan
+
+
+def run(args: argparse.Namespace) -> int:
+    run_prune(validate(args))
     return 0

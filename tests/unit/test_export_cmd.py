@@ -43,11 +43,12 @@ def test_export_fp16_then_reuse(stage1, tmp_path, caplog):
     lns = [n for n in m.graph.node if n.op_type == "LayerNormalization"]
     assert lns and all(producers[n.input[0]].op_type == "Cast" for n in lns)  # layer norms run in fp32
     model, loaded_plan = load_compact(out / "compact")
-    assert model.transformer_blocks[1].attn.heads == len(plan.blocks[1].keep_heads)
+    block = plan.blocks[1]  # plan v2: kept units per structured group; a group not listed keeps all of them
+    assert model.transformer_blocks[1].attn.heads == len(block.keep.get("attn", range(block.sizes["attn"])))
     assert loaded_plan.sparsity == plan.sparsity
 
     stamp = (out / "export_report.json").stat().st_mtime_ns
-    caplog.set_level(logging.INFO, logger="pipeline.export")
+    caplog.set_level(logging.INFO, logger="export.stage")
     assert main(argv) == 0
     assert "reusing the existing export" in caplog.text
     assert (out / "export_report.json").stat().st_mtime_ns == stamp

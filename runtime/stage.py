@@ -1,0 +1,125 @@
+"""Stage 3's driver: TensorRT / TensorRT-RTX engines from stage 2's ONNX (and an optional Triton repository).
+
+``python -m pipeline build`` parses its options into :class:`BuildSettings` and calls :func:`run_build`;
+``make engine`` builds the settings itself and runs :func:`check_build` before any stage starts. Engines
+whose ONNX and options are unchanged are reused (:func:`runtime.tensorrt.build_engines`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from common.errors import UserError
+from common.io import check_output, created_dirs
+
+if TYPE_CHECKING:
+    from families.registry import ModelSpec
+    from obsdiff.patterns import Sparsity
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "trt", "trtrtx")
+TRITON_KINDS = ("tensorrt_plan", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """What stage 3 builds, from where, and how.
+
+    spec: the model (its export shapes give the profile's batch range). sparsity: the pruned transformer's
+    pattern (2:4 and 4:8 turn on SPARSE_WEIGHTS unless ``sparse_weights`` is False). onnx_dir: stage 2's
+    ``onnx/``. out: engine directory. backend: ``"auto"`` (TensorRT on a GPU host, else TensorRT-RTX),
+    ``"trt"`` or ``"trtrtx"``. components: subset to build (None: every exported component).
+    opt_level: builder optimisation level 0-5. timing_cache: default ``out/timing.cache``. target_cc:
+    TensorRT-RTX compute capabilities (None: this GPU, or the default list). workspace_mib: builder
+    workspace limit (None: the library's). force: rebuild current engines. triton / triton_kind: also write
+    a Triton model repository there (kind default: ``tensorrt_plan`` for TensorRT engines, else
+    ``onnxruntime``).
+    """
+
+    spec: ModelSpec
+    sparsity: Sparsity
+    onnx_dir: Path
+    out: Path
+    backend: str = "auto"
+    components: tuple[str, ...] | None = None
+    opt_level: int = 3
+    timing_cache: Path | None = None
+    target_cc: tuple[str, ...] | None = None
+    workspace_mib: int | None = None
+    sparse_weights: bool = True
+    force: bool = False
+    triton: Path | None = None
+    triton_kind: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as a manifest records them."""
+        opt = lambda v: None if v is None else str(v)  # noqa: E731
+        return {"model": self.spec.id, "sparsity": str(self.sparsity), "onnx_dir": str(self.onnx_dir), "out": str(self.out),
+                "backend": self.backend, "components": list(self.components) if self.components is not None else None,
+                "opt_level": self.opt_level, "timing_cache": opt(self.timing_cache),
+                "target_cc": list(self.target_cc) if self.target_cc is not None else None, "workspace_mib": self.workspace_mib,
+                "sparse_weights": self.sparse_weights, "force": self.force, "triton": opt(self.triton), "triton_kind": self.triton_kind}
+
+
+def check_build(settings: BuildSettings, *, check_onnx: bool = True) -> None:
+    """Every check of stage 3 that needs no engine build (``check_onnx=False``: the ONNX comes later, as in
+    ``make engine``, which checks its build stages before the export has run)."""
+    if settings.backend not in BACKENDS:
+        raise UserError(f"unknown TensorRT backend {settings.backend!r}; use {', '.join(BACKENDS)}")
+    if not 0 <= settings.opt_level <= 5:
+        raise UserError(f"--opt-level: must be between 0 and 5, got {settings.opt_level}")
+    if settings.workspace_mib is not None and settings.workspace_mib < 1:
+        raise UserError(f"--workspace-mib: must be at least 1, got {settings.workspace_mib}")
+    if settings.triton_kind is not None and settings.triton_kind not in TRITON_KINDS:
+        raise UserError(f"unknown Triton backend {settings.triton_kind!r}; use {' or '.join(TRITON_KINDS)}")
+    if check_onnx and not Path(settings.onnx_dir).is_dir():
+        raise UserError(f"ONNX directory {settings.onnx_dir} does not exist; run `python -m pipeline export` first")
+    check_output(settings.out, "parent")
+    if settings.timing_cache:
+        check_output(settings.timing_cache, "file", option="--timing-cache")
+    if settings.triton:
+        check_output(settings.triton, "parent", option="--triton")
+        if settings.triton_kind == "tensorrt_plan" and settings.backend == "trtrtx":
+            raise UserError("--triton-kind tensorrt_plan needs TensorRT engines (Triton cannot run TensorRT-RTX plans): "
+                            "use --backend trt on a GPU host, or --triton-kind onnxruntime")
+
+
+def run_build(settings: BuildSettings) -> dict[str, Path]:
+    """Build (or reuse) one engine per component into ``settings.out/<component>/``; write the Triton
+    repository if asked. Returns ``{component: plan path}``. A failed build leaves no engine directory that
+    this call created."""
+    from runtime.tensorrt import BuildOptions, build_engines, get_backend, manifest_summary
+
+    check_build(settings)
+    out = Path(settings.out)
+    onnx_dir = Path(settings.onnx_dir)
+    sh = settings.spec.shapes
+    options = BuildOptions(
+        batch=(sh.batch_min, sh.batch_opt, sh.batch_max),
+        sparsity=str(settings.sparsity),
+        sparse_weights=None if settings.sparse_weights else False,
+        opt_level=settings.opt_level,
+        timing_cache=str(settings.timing_cache) if settings.timing_cache else str(out / "timing.cache"),
+        target_cc=settings.target_cc,
+        workspace_mib=settings.workspace_mib,
+    )
+    backend = get_backend(settings.backend)
+    components = list(settings.components) if settings.components else None
+    with created_dirs(out):  # a failed build leaves no engine directory that this run created
+        plans = build_engines(onnx_dir, out, options, backend=backend, components=components, force=settings.force)
+    for comp, plan in plans.items():
+        s = manifest_summary(plan)
+        log.info("%-15s %s  %.2f MiB  sparsity %s  sparse_weights=%s  N:M-eligible ONNX weights %s  log: %s eligible / %s sparse",
+                 comp, s["backend"], s["plan_mib"], s["sparsity"], s["sparse_weights"], s["onnx_nm_eligible"], s["log_eligible"], s["log_sparse"])
+    if settings.triton:
+        from runtime.triton import write_model_repository
+
+        kind = settings.triton_kind or ("tensorrt_plan" if backend.name == "trt" else "onnxruntime")
+        files = plans if kind == "tensorrt_plan" else {c: onnx_dir / f"{c}.onnx" for c in plans}
+        write_model_repository(settings.triton, files, kind=kind, batch=options.batch)
+        log.info("Triton model repository (%s): %s", kind, settings.triton)
+    return plans
