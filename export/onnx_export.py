@@ -157,12 +157,15 @@ def export_module(
     opset: int = OPSET,
     fp32_layernorm: bool = False,
     max_batch: int = 64,
+    dynamic_shapes: Callable[[Any], dict[str, dict[int, Any]]] | None = None,
 ) -> Path:
     """Export ``wrapper`` (one of the ``*ForOnnx`` classes) to ``path`` with a dynamic ``batch`` dimension.
 
     example: inputs by name, batch 2 (a batch-1 example would be specialised by ``torch.export``).
     fp32_layernorm: run every float16 ``LayerNormalization`` in float32 (fp16 exports for TensorRT).
     max_batch: upper bound of the symbolic batch dimension (a guard for ``torch.export``, not a profile).
+    dynamic_shapes: given the batch ``Dim``, the dynamic axes of every input (default: the batch on axis 0
+        of every input); e.g. the family adapter's spatial axes for a multi-resolution export.
     """
     import onnx
 
@@ -177,7 +180,7 @@ def export_module(
         raise ValueError("export with a batch >= 2 example: torch.export specialises a size-1 batch")
     path = Path(path)
     dim = torch.export.Dim("batch", min=1, max=max_batch)
-    dynamic_shapes = {n: {0: dim} for n in names}
+    dynamic_shapes = dynamic_shapes(dim) if dynamic_shapes is not None else {n: {0: dim} for n in names}
     wrapper = wrapper.eval()
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -739,8 +742,8 @@ class ParityReference:
 
     path: Path
     output_names: list[str]
-    feeds: dict[int, dict[str, np.ndarray]]
-    outputs: dict[int, list[np.ndarray]]
+    feeds: dict[str, dict[str, np.ndarray]]  # by case label: the batch ("3"), or batch@latent shape ("1@4x8")
+    outputs: dict[str, list[np.ndarray]]
     tolerance: float
     reference: str
 
@@ -751,9 +754,10 @@ class ParityReference:
         half = any(spec["dtype"] in ("float16", "bfloat16") for spec in _io_spec(self.path)[0].values())
         sess = ort_session(self.path, optimize=not half)
         result = Parity(tolerance=self.tolerance, reference=self.reference)
-        for b, feeds in self.feeds.items():
+        for case, feeds in self.feeds.items():
             got = sess.run(self.output_names, feeds)
-            result.batch_errors[b] = {n: rel_error(g, r) for n, g, r in zip(self.output_names, got, self.outputs[b])}
+            result.batch_errors[case] = {n: rel_error(g, r) for n, g, r in zip(self.output_names, got, self.outputs[case])}
+            b = int(case.split("@")[0])
             for n, g in zip(self.output_names, got):
                 assert g.shape[0] == b, f"{n}: ONNX returned batch {g.shape[0]} for input batch {b}"
         del sess
@@ -773,6 +777,8 @@ def export_component(
     parity_batches: Sequence[int] = (1, 3),
     keep_fp32: bool = False,
     in_place: bool = False,
+    dynamic_shapes: Callable[[Any], dict[str, dict[int, Any]]] | None = None,
+    parity_shapes: Sequence[tuple[int, int]] = (),
 ) -> tuple[dict[str, Any], ParityReference | None]:
     """Export one component; returns its summary and the torch side of the parity check (run it with
     :meth:`ParityReference.check` once the torch module is no longer needed, to bound memory).
@@ -784,6 +790,9 @@ def export_component(
         caller gives the module up; at scale a copy would double the memory).
     parity_batches: batch sizes to compare at (empty: no parity check); tolerance :func:`parity_tolerance`.
         The reference is the torch module in float32 arithmetic (:func:`fp32_compute` for half weights).
+    dynamic_shapes: the dynamic axes (see :func:`export_module`); default the batch only.
+    parity_shapes: further latent shapes ``(h, w)`` to compare at, at batch 1 (a multi-resolution export);
+        ``make_inputs`` then takes them as a third argument.
     """
     import copy
 
@@ -796,20 +805,21 @@ def export_component(
     exported.to(dtype)
     ref = None
     if parity_batches:
-        feeds: dict[int, dict[str, np.ndarray]] = {}
-        outputs: dict[int, list[np.ndarray]] = {}
+        feeds: dict[str, dict[str, np.ndarray]] = {}
+        outputs: dict[str, list[np.ndarray]] = {}
+        cases = [(str(b), (b,)) for b in parity_batches] + [(f"1@{h}x{w}", (1, (h, w))) for h, w in parity_shapes]
         # ``wrapper`` is the reference: the float32 original when a converted copy is exported, or, converted
         # in place, its own half weights in float32 arithmetic (the same weights the ONNX holds).
         with torch.no_grad(), fp32_compute(wrapper) as m:
-            for b in parity_batches:
-                inputs = make_inputs(b, dtype)
+            for case, args in cases:
+                inputs = make_inputs(args[0], dtype, *args[1:])
                 out = m(*[v.float() if v.is_floating_point() else v for v in inputs.values()])
-                outputs[b] = [o.detach().float().cpu().numpy() for o in (out if isinstance(out, (tuple, list)) else [out])]
-                feeds[b] = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
+                outputs[case] = [o.detach().float().cpu().numpy() for o in (out if isinstance(out, (tuple, list)) else [out])]
+                feeds[case] = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
         ref_name = "torch fp32" if (eff == "fp32" or exported is not wrapper) else f"torch {eff} weights, fp32 arithmetic"
         ref = ParityReference(Path(path), list(wrapper.output_names), feeds, outputs, parity_tolerance(eff), ref_name)
     t0 = time.perf_counter()
-    export_module(exported, make_inputs(2, dtype), path, fp32_layernorm=(eff == "fp16"))
+    export_module(exported, make_inputs(2, dtype), path, fp32_layernorm=(eff == "fp16"), dynamic_shapes=dynamic_shapes)
     seconds = time.perf_counter() - t0
     if in_place or exported is not wrapper:
         release_weights(exported)
@@ -828,12 +838,15 @@ def export_and_check(
     precision: str = "fp32",
     parity_batches: Sequence[int] = (1, 3),
     keep_fp32: bool = False,
+    dynamic_shapes: Callable[[Any], dict[str, dict[int, Any]]] | None = None,
+    parity_shapes: Sequence[tuple[int, int]] = (),
 ) -> dict[str, Any]:
     """:func:`export_component` (on a converted copy) followed at once by its parity check.
 
     Returns a JSON-ready summary: file, bytes, dtype, I/O, export seconds, parity.
     """
-    summary, ref = export_component(name, wrapper, make_inputs, path, precision=precision, parity_batches=parity_batches, keep_fp32=keep_fp32)
+    summary, ref = export_component(name, wrapper, make_inputs, path, precision=precision, parity_batches=parity_batches, keep_fp32=keep_fp32,
+                                    dynamic_shapes=dynamic_shapes, parity_shapes=parity_shapes)
     if ref is not None:
         summary["parity"] = ref.check(name).to_dict()
     return summary
@@ -845,10 +858,30 @@ def transformer_component(model: nn.Module, *, latent_hw: tuple[int, int], text_
 
     adapter = adapter_for(model)
 
-    def make(batch, dtype):
-        return adapter.transformer_inputs(model, batch, latent_hw, text_seq_len, dtype=dtype, seed=batch)
+    def make(batch, dtype, hw=None):
+        return adapter.transformer_inputs(model, batch, hw or latent_hw, text_seq_len, dtype=dtype, seed=batch)
 
     return adapter.transformer_for_onnx(model.eval()), make
+
+
+def transformer_dynamic_shapes(model: nn.Module, latent_min: tuple[int, int], latent_max: tuple[int, int]):
+    """For :func:`export_component`: the family adapter's dynamic axes over latents ``latent_min..latent_max``
+    (None when they are equal: a one-resolution export keeps static spatial dims, as TensorRT likes best)."""
+    if tuple(latent_min) == tuple(latent_max):
+        return None
+    from families import adapter_for
+
+    adapter = adapter_for(model)
+    return lambda batch: adapter.transformer_dynamic_shapes(model, batch, latent_min, latent_max)
+
+
+def vae_dynamic_shapes(latent_min: tuple[int, int], latent_max: tuple[int, int]):
+    """For :func:`export_component`: the VAE decoder's latent height and width over ``latent_min..latent_max``."""
+    if tuple(latent_min) == tuple(latent_max):
+        return None
+    h = torch.export.Dim("latent_h", min=max(1, latent_min[0]), max=max(2, latent_max[0]))
+    w = torch.export.Dim("latent_w", min=max(1, latent_min[1]), max=max(2, latent_max[1]))
+    return lambda batch: {"latent": {0: batch, 2: h, 3: w}}
 
 
 def clip_component(encoder: nn.Module, *, seq_len: int, pooled: bool = False):
@@ -868,7 +901,7 @@ def t5_component(encoder: nn.Module, *, seq_len: int):
 def vae_decoder_component(vae: nn.Module, *, latent_hw: tuple[int, int]):
     """``(wrapper, make_inputs)`` of ``AutoencoderKL.decode`` (input already ``latents / scaling_factor + shift_factor``)."""
     channels = int(vae.config.latent_channels)
-    return VaeDecoderForOnnx(vae.eval()), lambda b, dt: latent_inputs(channels, b, latent_hw, dtype=dt, seed=b)
+    return VaeDecoderForOnnx(vae.eval()), lambda b, dt, hw=None: latent_inputs(channels, b, hw or latent_hw, dtype=dt, seed=b)
 
 
 def export_transformer(

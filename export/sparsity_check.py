@@ -154,6 +154,13 @@ def infer_shapes(model, input_shapes: dict[str, Iterable[int]]) -> dict[str, lis
             d.Clear()
     inferred = shape_inference.infer_shapes(m, data_prop=True)
     shapes = {v.name: _dims(v) for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    if any(isinstance(d, str) for v in shapes.values() for d in v):
+        # A graph exported with dynamic height/width computes its reshape targets from the input's shape;
+        # ONNX's data propagation gives up on some of those chains, ONNX Runtime's symbolic inference does not.
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(m, auto_merge=True)
+        shapes = {v.name: _dims(v) for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
     for t in model.graph.initializer:
         shapes[t.name] = list(t.dims)
     return shapes

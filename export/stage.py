@@ -35,6 +35,7 @@ from common.memory import log_memory, release_to_os
 
 if TYPE_CHECKING:
     from families.registry import ModelSpec
+    from families.shapes import ServedShapes
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,14 @@ class ExportSettings:
     parity_batches: tuple[int, ...] = (1, 3)
     polygraphy: str = "auto"
     force: bool = False
+    shapes: ServedShapes | None = None
+
+    @property
+    def served(self) -> ServedShapes:
+        """The shapes to serve (default: the registry's resolution and batch range)."""
+        from families.shapes import served_shapes
+
+        return self.shapes if self.shapes is not None else served_shapes(self.spec)
 
     @property
     def component_names(self) -> list[str]:
@@ -76,7 +85,7 @@ class ExportSettings:
         """The settings as a manifest records them."""
         return {"model": self.spec.id, "out": str(self.out), "pruned": str(self.pruned) if self.pruned is not None else None,
                 "precision": self.precision, "components": self.component_names, "parity_batches": list(self.parity_batches),
-                "polygraphy": self.polygraphy, "force": self.force}
+                "polygraphy": self.polygraphy, "force": self.force, "shapes": self.served.to_json()}
 
 
 def resolve_components(spec: ModelSpec, names: Sequence[str] | None) -> list[str]:
@@ -135,15 +144,21 @@ def run_export(settings: ExportSettings) -> dict[str, Any]:
     Checks everything that needs no weights first (:func:`check_export`, :func:`check_pruned`); a failure
     leaves no ``out`` that this call created.
     """
+    from dataclasses import replace
+
+    from families.registry import ExportShapes
+
     t_start = time.perf_counter()
     components = check_export(settings)
-    spec = settings.spec
+    served = settings.served
+    # Below, spec.shapes is the optimisation shape (the first resolution); the others are checked too.
+    spec = replace(settings.spec, shapes=ExportShapes(*served.latent_opt, served.text_seq_len, *served.batch))
     out = Path(settings.out)
     pruned = Path(settings.pruned) if settings.pruned is not None else None
     if pruned is not None:
         check_pruned(pruned)
 
-    inputs = fingerprint(spec, pruned, settings.precision, components)
+    inputs = fingerprint(spec, pruned, settings.precision, components, served)
     report_path = out / REPORT
     if report_path.is_file() and not settings.force:
         try:
@@ -199,14 +214,14 @@ def _model_fingerprint(spec) -> str:
         return "source:" + spec.source
 
 
-def fingerprint(spec, pruned: Path | None, precision: str, components: list[str]) -> dict[str, Any]:
+def fingerprint(spec, pruned: Path | None, precision: str, components: list[str], served: ServedShapes | None = None) -> dict[str, Any]:
     """Everything the output depends on; equal fingerprints mean the existing output can be reused."""
     out: dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "model": spec.id,
         "precision": precision,
         "components": list(components),  # a list, as the JSON report reads back
-        "shapes": dict(spec.shapes.__dict__),
+        "shapes": served.to_json() if served is not None else dict(spec.shapes.__dict__),
         "versions": _versions(),
         "code": _code_hash(),
     }
@@ -268,6 +283,7 @@ def _load_and_export(spec, pruned: Path | None, components, batches, settings: E
         "model": spec.id,
         "precision": settings.precision,
         "shapes": {**spec.shapes.__dict__, "per_step_batch": spec.shapes.batch_opt},
+        "served_shapes": settings.served.to_json(),
         "sparsity": plan.sparsity if plan is not None else "dense",
     }
     results: dict[str, Any] = {}
@@ -278,21 +294,24 @@ def _load_and_export(spec, pruned: Path | None, components, batches, settings: E
         if "transformer" in components:
             results["transformer"] = _export_transformer(spec, plan, holder, batches, settings, out, onnx_dir / "transformer.onnx", report)
         else:
-            _save_transformer(spec, plan, holder, batches, out, report)
+            _save_transformer(spec, plan, holder, batches, out, report, settings.served)
             holder.clear()
         others = [c for c in components if c != "transformer"]
         for name in tqdm(others, desc="export ONNX", unit="component", disable=None if others else True):
-            results[name] = _export_other(spec, name, settings.precision, batches, onnx_dir / f"{name}.onnx")
+            results[name] = _export_other(spec, name, settings.precision, batches, onnx_dir / f"{name}.onnx", settings.served)
         report["components"] = results
     return report
 
 
-def _save_transformer(spec, plan, holder: list, batches, out: Path, report: dict[str, Any]) -> None:
-    """Cut the transformer in ``holder[0]`` in place (structured plans), check the cut, save ``compact/``."""
+def _save_transformer(spec, plan, holder: list, batches, out: Path, report: dict[str, Any], served: ServedShapes) -> None:
+    """Cut the transformer in ``holder[0]`` in place (structured plans), check the cut, save ``compact/``;
+    the FLOP table per served shape (2:4-eligible share and bounds) goes to ``report["transformer"]``."""
     from export.checkpoint import save_compact, verify_compact
     from export.onnx_export import rel_error
-    from export.report import count_parameters, transformer_flops
+    from export.report import count_parameters, shape_table, transformer_flops
     from export.surgery import apply_plan
+    from obsdiff.packages import build_units
+    from obsdiff.patterns import parse_sparsity
 
     transformer = holder[0]
     shapes = spec.shapes
@@ -300,6 +319,10 @@ def _save_transformer(spec, plan, holder: list, batches, out: Path, report: dict
     step_batch = shapes.batch_opt  # transformer batch per denoising step (2 with classifier-free guidance)
     dense_params = count_parameters(transformer)
     dense_flops = transformer_flops(transformer, step_batch, latent_hw, shapes.text_seq_len)
+    # 2:4 can speed up the GEMMs of the layers stage 1 prunes (those of an N:M plan, else all it would prune)
+    pattern = parse_sparsity(plan.sparsity) if plan is not None else None
+    eligible = set(plan.layers) if pattern is not None and pattern.is_semi_structured else {n for u in build_units(transformer) for n in u.layers}
+    table = shape_table(transformer, served.resolutions, vae_scale=served.vae_scale, batch=step_batch, text_seq_len=served.text_seq_len, eligible=eligible)
     is_cut = plan is not None and any(b.is_cut for b in plan.blocks)
     if is_cut:
         # The masked output is taken first and the cut is made in place: masked and compact never coexist.
@@ -320,6 +343,10 @@ def _save_transformer(spec, plan, holder: list, batches, out: Path, report: dict
     verify_compact(out / "compact", transformer)
     log_memory("export: compact checkpoint saved and verified", log)
     compact_flops = transformer_flops(transformer, step_batch, latent_hw, shapes.text_seq_len) if is_cut else dense_flops
+    if is_cut:
+        for row, hw in zip(table, served.resolutions):
+            cg = transformer_flops(transformer, step_batch, served.latent(hw), served.text_seq_len)["gemm"]
+            row.update(structured_gemm_flops=cg, structured_flop_ratio=cg / row["gemm_flops"], bound_structured_transformer=row["gemm_flops"] / cg)
     report["transformer"] = {
         "params_dense": dense_params,
         "params_compact": count_parameters(transformer),
@@ -328,6 +355,7 @@ def _save_transformer(spec, plan, holder: list, batches, out: Path, report: dict
         "flop_ratio": compact_flops["gemm"] / dense_flops["gemm"],
         "compact_bytes": (out / "compact" / "model.safetensors").stat().st_size,
         "compact_dtype": str(next(transformer.parameters()).dtype).removeprefix("torch."),
+        "per_shape": table,
     }
 
 
@@ -337,13 +365,16 @@ def _export_transformer(spec, plan, holder: list, batches, settings: ExportSetti
     Peak memory: the transformer in the export precision (loaded straight in it), plus the graph and one
     tensor at a time while the ONNX is post-processed and checked, or ONNX Runtime's copy during parity.
     """
-    from export.onnx_export import export_component, transformer_component
+    from export.onnx_export import export_component, transformer_component, transformer_dynamic_shapes
 
-    _save_transformer(spec, plan, holder, batches, out, report)
+    served = settings.served
+    _save_transformer(spec, plan, holder, batches, out, report, served)
     compact = holder.pop()
     shapes = spec.shapes
     wrapper, make = transformer_component(compact, latent_hw=(shapes.latent_height, shapes.latent_width), text_seq_len=shapes.text_seq_len)
-    res, parity_ref = export_component("transformer", wrapper, make, path, precision=settings.precision, parity_batches=batches, in_place=True)
+    res, parity_ref = export_component("transformer", wrapper, make, path, precision=settings.precision, parity_batches=batches, in_place=True,
+                                       dynamic_shapes=transformer_dynamic_shapes(compact, served.latent_min, served.latent_max),
+                                       parity_shapes=_other_latents(served) if batches else ())
     report["transformer"].update(_transformer_onnx_checks(path, compact, plan, shapes, shapes.batch_opt, settings.polygraphy, res))
     del wrapper, make, compact
     release_to_os()
@@ -355,9 +386,14 @@ def _export_transformer(spec, plan, holder: list, batches, settings: ExportSetti
     return res
 
 
-def _export_other(spec, name: str, precision: str, batches, path: Path) -> dict[str, Any]:
+def _other_latents(served: ServedShapes) -> list[tuple[int, int]]:
+    """The served latent shapes besides the optimisation one (parity is checked at each, batch 1)."""
+    return [hw for hw in dict.fromkeys(served.latents) if hw != served.latent_opt]
+
+
+def _export_other(spec, name: str, precision: str, batches, path: Path, served: ServedShapes) -> dict[str, Any]:
     """Export a text encoder or the VAE decoder, loaded by itself in the precision it is exported in."""
-    from export.onnx_export import clip_component, export_component, t5_component, torch_dtype, vae_decoder_component
+    from export.onnx_export import clip_component, export_component, t5_component, torch_dtype, vae_decoder_component, vae_dynamic_shapes
     from families.registry import load_component
 
     comp = next(c for c in spec.adapter.components if c.name == name)
@@ -371,7 +407,9 @@ def _export_other(spec, name: str, precision: str, batches, path: Path) -> dict[
         wrapper, make = t5_component(load_component(spec, comp.attr, dtype=dtype), seq_len=int(spec.max_sequence_length))
     else:
         wrapper, make = vae_decoder_component(load_component(spec, comp.attr, dtype=dtype), latent_hw=(shapes.latent_height, shapes.latent_width))
-    res, parity_ref = export_component(name, wrapper, make, path, precision=precision, parity_batches=batches, keep_fp32=keep_fp32, in_place=True)
+    spatial = {} if comp.kind != "vae_decoder" else {"dynamic_shapes": vae_dynamic_shapes(served.latent_min, served.latent_max),
+                                                     "parity_shapes": _other_latents(served) if batches else ()}
+    res, parity_ref = export_component(name, wrapper, make, path, precision=precision, parity_batches=batches, keep_fp32=keep_fp32, in_place=True, **spatial)
     del wrapper, make
     if parity_ref is not None:
         res["parity"] = parity_ref.check(name).to_dict()

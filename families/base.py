@@ -98,6 +98,20 @@ def set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
         setattr(parent, leaf, new)
 
 
+def packed_token_shapes(shapes: dict[str, dict[int, Any]], batch, latent_min, latent_max) -> dict[str, dict[int, Any]]:
+    """Dynamic shapes of Flux-style inputs: the image token count ``(h/2) * (w/2)`` of 2x2-packed latents
+    varies, one dim shared by ``hidden_states`` and ``img_ids`` (axis 1); any aspect ratio with that many
+    tokens runs the same graph. Unchanged when ``latent_min == latent_max`` (one resolution: static)."""
+    if latent_min is None or latent_max is None or tuple(latent_min) == tuple(latent_max):
+        return shapes
+    import torch.export
+
+    lo = (latent_min[0] // 2) * (latent_min[1] // 2)
+    hi = (latent_max[0] // 2) * (latent_max[1] // 2)
+    tokens = torch.export.Dim("image_tokens", min=max(1, lo), max=max(2, hi))
+    return {**shapes, "hidden_states": {0: batch, 1: tokens}, "img_ids": {0: batch, 1: tokens}}
+
+
 class FamilyAdapter:
     """Base class of the per-architecture adapters (see the module docstring). Subclasses set the class
     attributes and implement the methods that raise ``NotImplementedError``."""
@@ -185,6 +199,13 @@ class FamilyAdapter:
         """Input shapes by name (for engine profiles and manifests)."""
         with torch.device("meta"):
             return {k: list(v.shape) for k, v in self.transformer_inputs(model, batch, latent_hw, text_seq_len, device="meta").items()}
+
+    def transformer_dynamic_shapes(self, model: nn.Module, batch, latent_min: tuple[int, int] | None = None,
+                                   latent_max: tuple[int, int] | None = None) -> dict[str, dict[int, Any]]:
+        """``torch.export`` dynamic shapes of the ONNX inputs, by name: ``batch`` (a ``torch.export.Dim``) on
+        axis 0 of every input, and with ``latent_min``/``latent_max`` (VAE latents) the spatial axes over that
+        range (in the multiples the architecture allows). Families override it for the spatial axes."""
+        return {n: {0: batch} for n in self.transformer_for_onnx(model).input_names}
 
     def runtime_transformer(self):
         """The ``torch.nn.Module`` class that stands in for the transformer in the diffusers pipeline; built

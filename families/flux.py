@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from families.base import Component, FamilyAdapter, RuntimeModule, Span, StructuredGroup
+from families.base import Component, FamilyAdapter, RuntimeModule, Span, StructuredGroup, packed_token_shapes
 from families.sd3 import attention_group, check_attention, check_feedforward, feedforward_group, set_attention_heads
 
 
@@ -154,6 +154,11 @@ class FluxAdapter(FamilyAdapter):
         if cfg.guidance_embeds:
             out["guidance"] = (uni(batch, dt=torch.float32) * 5) if device != "meta" else torch.empty(batch, device="meta")  # (B,)
         return out
+
+    def transformer_dynamic_shapes(self, model, batch, latent_min=None, latent_max=None):
+        """The image token count ``(h/2) * (w/2)`` varies (one dim shared by the packed latents and their
+        position ids: any aspect ratio with that many tokens exports the same graph)."""
+        return packed_token_shapes(super().transformer_dynamic_shapes(model, batch), batch, latent_min, latent_max)
 
     def runtime_transformer(self):
         return FluxTransformerRuntime

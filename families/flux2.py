@@ -65,7 +65,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from families.base import Component, FamilyAdapter, RuntimeModule, Span, StructuredGroup
+from families.base import Component, FamilyAdapter, RuntimeModule, Span, StructuredGroup, packed_token_shapes
 from families.sd3 import attention_group, check_attention, set_attention_heads
 
 DOUBLE = "Flux2TransformerBlock"
@@ -266,6 +266,10 @@ class Flux2Adapter(FamilyAdapter):
             out["txt_ids"] = text_ids(text_seq_len).expand(batch, -1, -1).contiguous()  # (B, S_txt, 4)
             out["guidance"] = 1.0 + 4.0 * torch.rand(batch, generator=g)  # (B,) float32 guidance scale
         return {k: out[k] for k in names}
+
+    def transformer_dynamic_shapes(self, model, batch, latent_min=None, latent_max=None):
+        """As Flux.1: the image token count varies, shared by the packed latents and their position ids."""
+        return packed_token_shapes(super().transformer_dynamic_shapes(model, batch), batch, latent_min, latent_max)
 
     def runtime_transformer(self):
         return Flux2TransformerRuntime

@@ -181,6 +181,19 @@ class SD3Adapter(FamilyAdapter):
         out["timestep"] = ts if ts is not None else torch.rand(batch, generator=g) * 1000  # (B,) float32
         return out
 
+    def transformer_dynamic_shapes(self, model, batch, latent_min=None, latent_max=None):
+        """Latent height and width vary in steps of the patch size (the position embedding is cropped to the
+        token grid; at most ``pos_embed_max_size`` tokens per side)."""
+        shapes = super().transformer_dynamic_shapes(model, batch)
+        if latent_min is not None and latent_max is not None and tuple(latent_min) != tuple(latent_max):
+            import torch.export
+
+            p = int(model.config.patch_size)
+            h = torch.export.Dim("tokens_h", min=max(1, latent_min[0] // p), max=max(2, latent_max[0] // p))
+            w = torch.export.Dim("tokens_w", min=max(1, latent_min[1] // p), max=max(2, latent_max[1] // p))
+            shapes["hidden_states"] = {0: batch, 2: p * h, 3: p * w}
+        return shapes
+
     def runtime_transformer(self):
         return SD3TransformerRuntime
 

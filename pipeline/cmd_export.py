@@ -24,6 +24,7 @@ from common.errors import UserError
 
 def add_parser(subparsers) -> None:
     from export.onnx_export import PRECISIONS
+    from families.shapes import add_shape_args
     from export.stage import POLYGRAPHY_MODES
 
     p = subparsers.add_parser(
@@ -40,6 +41,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--parity-batches", default="1,3", help="batch sizes for the ORT-vs-torch checks (default 1,3; '' skips them)")
     p.add_argument("--polygraphy", choices=POLYGRAPHY_MODES, default="auto", help="cross-check 2:4 with polygraphy (auto: models < 256 MB)")
     p.add_argument("--force", action="store_true", help="re-export even if the existing output is up to date")
+    add_shape_args(p)
     p.set_defaults(func=run)
 
 
@@ -71,6 +73,7 @@ def settings_from_args(args: argparse.Namespace):
     """The parsed options as :class:`export.stage.ExportSettings` (values checked, outputs not yet)."""
     from export.stage import ExportSettings
     from families.registry import resolve_model
+    from families.shapes import shapes_from_args
 
     spec = resolve_model(args.model)
     return ExportSettings(
@@ -82,6 +85,7 @@ def settings_from_args(args: argparse.Namespace):
         parity_batches=_parse_batches(args.parity_batches),
         polygraphy=args.polygraphy,
         force=args.force,
+        shapes=shapes_from_args(args, spec),
     )
 
 

@@ -1,0 +1,142 @@
+"""The shapes a deployment serves: image resolutions and the transformer's batch range.
+
+``--resolution 512x512,768x1344`` (or ``--height/--width``) and ``--batch 1:2:4`` become one
+:class:`ServedShapes` at the edge of the program. Stage 2 exports the transformer (and the VAE decoder)
+with dynamic spatial axes when more than one resolution is served, and checks parity at each; stage 3 builds
+an optimisation profile covering them (or one static engine per resolution) and refuses other shapes with one
+line naming the range. The first resolution is the one engines are optimised for (the profile's ``opt``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+from common.errors import UserError
+
+if TYPE_CHECKING:
+    from families.registry import ModelSpec
+
+
+@dataclass(frozen=True)
+class ServedShapes:
+    """Resolutions (pixels, ``(height, width)``; the first is the optimisation target), the transformer's
+    batch range ``(min, opt, max)`` (classifier-free guidance doubles the prompt batch), the text tokens,
+    the VAE factor, and whether engines are built static, one per resolution."""
+
+    resolutions: tuple[tuple[int, int], ...]
+    batch: tuple[int, int, int]
+    text_seq_len: int
+    vae_scale: int
+    static: bool = False
+
+    @property
+    def dynamic_spatial(self) -> bool:
+        """Whether the exported graphs need dynamic height/width (more than one resolution served)."""
+        return len(set(self.resolutions)) > 1
+
+    def latent(self, hw: tuple[int, int]) -> tuple[int, int]:
+        return hw[0] // self.vae_scale, hw[1] // self.vae_scale
+
+    @property
+    def latents(self) -> list[tuple[int, int]]:
+        return [self.latent(r) for r in self.resolutions]
+
+    @property
+    def latent_min(self) -> tuple[int, int]:
+        return min(h for h, _ in self.latents), min(w for _, w in self.latents)
+
+    @property
+    def latent_max(self) -> tuple[int, int]:
+        return max(h for h, _ in self.latents), max(w for _, w in self.latents)
+
+    @property
+    def latent_opt(self) -> tuple[int, int]:
+        return self.latents[0]
+
+    def label(self, hw: tuple[int, int]) -> str:
+        return f"{hw[0]}x{hw[1]}"
+
+    def describe(self) -> str:
+        """``512x512..1024x1024 px, batch 1..4`` (what an out-of-range request is told)."""
+        (h0, w0), (h1, w1) = self.latent_min, self.latent_max
+        s = self.vae_scale
+        px = self.label(self.resolutions[0]) if not self.dynamic_spatial else f"{h0 * s}x{w0 * s}..{h1 * s}x{w1 * s}"
+        return f"{px} px, batch {self.batch[0]}..{self.batch[2]}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"resolutions": [list(r) for r in self.resolutions], "batch": list(self.batch), "text_seq_len": self.text_seq_len,
+                "vae_scale": self.vae_scale, "static": self.static, "dynamic_spatial": self.dynamic_spatial}
+
+
+def parse_resolutions(text: str, *, option: str = "--resolution") -> list[tuple[int, int]]:
+    """``"512x512,768x1344"`` (``HxW``; a single number is square) -> ``[(512, 512), (768, 1344)]``."""
+    out = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        try:
+            h, _, w = part.lower().partition("x")
+            hw = (int(h), int(w or h))
+        except ValueError:
+            raise UserError(f"{option} {text!r}: give HEIGHTxWIDTH in pixels, comma-separated, e.g. 512x512,768x1344") from None
+        out.append(hw)
+    if not out:
+        raise UserError(f"{option} is empty: give HEIGHTxWIDTH in pixels, e.g. 1024x1024")
+    return list(dict.fromkeys(out))
+
+
+def parse_batch_range(text: str, *, option: str = "--batch") -> tuple[int, int, int]:
+    """``"1:2:4"`` (min:opt:max), ``"2"`` (static) or ``"1:4"`` (opt = min) -> ``(min, opt, max)``."""
+    try:
+        parts = [int(p) for p in str(text).split(":")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 3
+    elif len(parts) == 2:
+        parts = [parts[0], parts[0], parts[1]]
+    if len(parts) != 3 or not (1 <= parts[0] <= parts[1] <= parts[2]):
+        raise UserError(f"{option} {text!r}: give MIN:OPT:MAX transformer batch sizes with 1 <= MIN <= OPT <= MAX, e.g. 1:2:4")
+    return parts[0], parts[1], parts[2]
+
+
+def served_shapes(
+    spec: "ModelSpec", resolutions: Sequence[tuple[int, int]] | None = None, batch: tuple[int, int, int] | None = None, *, static: bool = False
+) -> ServedShapes:
+    """The shapes to serve ``spec`` at (default: its registry size and batch range), each checked against
+    what the model can sample (multiples of VAE factor x patch size, within its position embedding)."""
+    sh = spec.shapes
+    res = tuple(resolutions) if resolutions else ((sh.latent_height * spec.vae_scale, sh.latent_width * spec.vae_scale),)
+    for h, w in res:
+        spec.check_image_size(h, w, options=("--resolution height", "--resolution width"))
+    return ServedShapes(res, tuple(batch) if batch else (sh.batch_min, sh.batch_opt, sh.batch_max), sh.text_seq_len, spec.vae_scale, static)
+
+
+def add_shape_args(p, *, static: bool = False) -> None:
+    """``--resolution``/``--height``/``--width`` and ``--batch`` (and with ``static``, ``--static-shapes``)."""
+    p.add_argument("--resolution", default=None, metavar="HxW[,HxW...]",
+                   help="resolutions to serve in pixels, the first one optimised for, e.g. 512x512,768x1344,1024x1024 "
+                        "(default: the model's; more than one exports dynamic height/width)")
+    p.add_argument("--height", type=int, default=None, help="one resolution's height in pixels (with --width; instead of --resolution)")
+    p.add_argument("--width", type=int, default=None, help="one resolution's width in pixels (with --height)")
+    p.add_argument("--batch", default=None, metavar="MIN:OPT:MAX",
+                   help="transformer batch range per denoising step (CFG doubles the prompts), e.g. 1:2:4 (default: the model's)")
+    if static:
+        p.add_argument("--static-shapes", action="store_true",
+                       help="one static engine per resolution (usually faster) instead of one profile covering them")
+
+
+def shapes_from_args(args, spec: "ModelSpec") -> ServedShapes:
+    """The :class:`ServedShapes` of :func:`add_shape_args`' options (one line for a bad value)."""
+    res = None
+    if getattr(args, "resolution", None):
+        if args.height is not None or args.width is not None:
+            raise UserError("give either --resolution or --height/--width, not both")
+        res = parse_resolutions(args.resolution)
+    elif getattr(args, "height", None) is not None or getattr(args, "width", None) is not None:
+        h = args.height if args.height is not None else spec.height
+        w = args.width if args.width is not None else spec.width
+        res = [(h, w)]
+    batch = parse_batch_range(args.batch) if getattr(args, "batch", None) else None
+    return served_shapes(spec, res, batch, static=bool(getattr(args, "static_shapes", False)))
