@@ -212,6 +212,7 @@ def run_e2e(
     grid_prompts: list[str] | None = None,
     base_pipe=None,
     threads: int | None = None,
+    resolutions: list[tuple[int, int]] | None = None,
 ) -> dict[str, Any]:
     """Benchmark dense vs pruned (and PyTorch eager) end to end; write the JSON, Markdown, plot and grid.
 
@@ -224,7 +225,9 @@ def run_e2e(
     ``benchmarks.quality.evaluate`` on each variant with ``quality_seeds``. threads: CPU threads for both
     PyTorch and ONNX Runtime (default: PyTorch's current count, given to ONNX Runtime too, so every variant
     has the same cores; on an oversubscribed machine PyTorch's OpenMP with 2+ threads can be 10-30x slower
-    than with 1, measured on the shared 2-core development box).
+    than with 1, measured on the shared 2-core development box). resolutions: image sizes ``(h, w)`` to
+    time, each in every round (default: the model's); the first one gives the headline numbers, all of them
+    ``per_shape`` (latency and stages per variant, speedups). Each must be one the exports serve.
 
     Returns the dict written to ``out_dir/bench.json``: ``dense``/``pruned``/``eager`` entries with
     ``latency_ms`` {median, p90, mean, min, n}, ``stages_ms``, ``transformer_step_ms``, ``images_per_s``,
@@ -252,6 +255,9 @@ def run_e2e(
     for name in ("bench.json", "bench.md", "bench.png", "grid.png"):
         check_output(Path(out_dir) / name, "file")
     steps = spec.steps if steps is None else steps
+    resolutions = [tuple(r) for r in resolutions] if resolutions else [(spec.height, spec.width)]
+    for export_dir in (dense_export_dir, pruned_export_dir):
+        check_served(export_dir, spec, resolutions)
     prompt = prompt or _default_prompts(spec)[0]
     threads_before = torch.get_num_threads()
     if threads is not None:
@@ -260,13 +266,13 @@ def run_e2e(
         with created_dirs(out_dir) as out_dir:
             return _run(spec, dense_export_dir, pruned_export_dir, out_dir, runs=runs, warmup=warmup, backend=backend, provider=provider,
                         engines=engines, sparsity=sparsity, eager=eager, quality=quality, quality_seeds=quality_seeds, prompt=prompt,
-                        seed=seed, steps=steps, grid_prompts=grid_prompts, base_pipe=base_pipe, cuda=cuda, device=device)
+                        seed=seed, steps=steps, grid_prompts=grid_prompts, base_pipe=base_pipe, cuda=cuda, device=device, resolutions=resolutions)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warmup, backend, provider, engines, sparsity, eager, quality,
-         quality_seeds, prompt, seed, steps, grid_prompts, base_pipe, cuda, device) -> dict[str, Any]:
+         quality_seeds, prompt, seed, steps, grid_prompts, base_pipe, cuda, device, resolutions) -> dict[str, Any]:
     from tqdm import tqdm
 
     from benchmarks.report import write_reports
@@ -293,16 +299,20 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
         variants.append(Variant("eager", base, f"pytorch {torch.__version__} eager ({device})", _torch_bytes(base.transformer), size + _torch_bytes(base.transformer)))
 
     timer = StageTimer(cuda=cuda)
+    per_shape: dict[tuple[int, int], dict[str, list]] = {r: {v.name: [] for v in variants} for r in resolutions}
     for it in tqdm(range(warmup + runs), desc="e2e (interleaved)", unit="round"):
         k = it % len(variants)
-        for v in variants[k:] + variants[:k]:  # rotate the order every round
-            with MemorySampler(cuda) as mem:
-                generate(v.pipe, spec, prompt, seed=seed, steps=steps, timer=timer, output_type="np")
-            ms, calls = timer.collect()
-            if it >= warmup:
-                v.records.append(ms)
-                v.peak_mib = max(v.peak_mib, mem.peak)
-                v.peak_delta_mib = max(v.peak_delta_mib, mem.peak - mem.start)
+        for hw in resolutions:
+            for v in variants[k:] + variants[:k]:  # rotate the order every round
+                with MemorySampler(cuda) as mem:
+                    generate(v.pipe, spec, prompt, seed=seed, steps=steps, timer=timer, output_type="np", height=hw[0], width=hw[1])
+                ms, calls = timer.collect()
+                if it >= warmup:
+                    per_shape[hw][v.name].append(ms)
+                    if hw == resolutions[0]:
+                        v.records.append(ms)
+                    v.peak_mib = max(v.peak_mib, mem.peak)
+                    v.peak_delta_mib = max(v.peak_delta_mib, mem.peak - mem.start)
             if calls.get("transformer") not in (None, steps):
                 log.debug("%s: %s transformer calls for %s steps", v.name, calls.get("transformer"), steps)
 
@@ -316,7 +326,8 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
         "sparsity": str(sparsity) if sparsity is not None else None,
         "backend": backend,
         "provider": provider if backend == "ort" else None,
-        "settings": {"runs": runs, "warmup": warmup, "steps": steps, "guidance": spec.guidance, "height": spec.height, "width": spec.width,
+        "settings": {"runs": runs, "warmup": warmup, "steps": steps, "guidance": spec.guidance, "height": resolutions[0][0], "width": resolutions[0][1],
+                     "resolutions": [list(r) for r in resolutions],
                      "prompt": prompt, "seed": seed, "interleaved": True, "threads": threads, "timer": "cuda events" if cuda else "perf_counter"},
         "device": _device_info(cuda),
     }
@@ -345,6 +356,13 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
     if eager:
         result["speedup_vs_eager"] = result["eager"]["latency_ms"]["median"] / p["latency_ms"]["median"]
     result["note"] = sparsity_note(sparsity, backend, cuda)
+    result["per_shape"] = {}
+    for hw, recs in per_shape.items():
+        row: dict[str, Any] = {v: {"latency_ms": _stats([r.get("total", 0.0) for r in rs]),
+                                   "stages_ms": {s: _stats([r.get(s, 0.0) for r in rs]) for s in STAGES}} for v, rs in recs.items()}
+        row["speedup"] = row["dense"]["latency_ms"]["median"] / row["pruned"]["latency_ms"]["median"]
+        row["speedup_transformer"] = row["dense"]["stages_ms"]["transformer"]["median"] / max(row["pruned"]["stages_ms"]["transformer"]["median"], 1e-9)
+        result["per_shape"][f"{hw[0]}x{hw[1]}"] = row
 
     if quality:
         try:
@@ -362,6 +380,27 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
     write_reports(result, out_dir)
     log.info("speedup dense/pruned %.3fx (transformer %.3fx) -> %s", result["speedup"], result["speedup_transformer"], out_dir / "bench.json")
     return result
+
+
+def check_served(export_dir: str | os.PathLike, spec, resolutions: list[tuple[int, int]]) -> None:
+    """One line, before anything is loaded, when an export cannot run at one of ``resolutions``: a static
+    export serves its one resolution, a dynamic one the box between its smallest and largest latents."""
+    from common.io import read_json
+    from families.shapes import ServedShapes
+
+    report = _onnx_dir(export_dir).parent / "export_report.json"
+    s = read_json(report).get("served_shapes") if report.is_file() else None
+    if not s:
+        return  # an export from before served shapes: the runtime says what does not fit
+    served = ServedShapes(tuple(tuple(r) for r in s["resolutions"]), tuple(s["batch"]), s["text_seq_len"], s["vae_scale"])
+    for hw in resolutions:
+        spec.check_image_size(*hw, options=("--resolution height", "--resolution width"))
+        lat = served.latent(hw)
+        (h0, w0), (h1, w1) = served.latent_min, served.latent_max
+        fits = lat in served.latents if not served.dynamic_spatial else (h0 <= lat[0] <= h1 and w0 <= lat[1] <= w1)
+        if not fits:
+            raise UserError(f"{hw[0]}x{hw[1]} px is outside what {export_dir} serves ({served.describe()}); "
+                            f"re-export with `--resolution` including it")
 
 
 def grid_prompts_for(spec, prompts: list[str] | None = None) -> list[str]:
@@ -418,15 +457,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads for PyTorch and ONNX Runtime (default: PyTorch's)")
     p.add_argument("--no-eager", action="store_true")
     p.add_argument("--no-quality", action="store_true")
+    p.add_argument("--resolution", default=None, metavar="HxW[,HxW...]", help="image sizes to time, each every round (default: the model's)")
     args = p.parse_args(argv)
     setup_logging()
     engines = {k: v for k, v in (("dense", args.dense_engines), ("pruned", args.pruned_engines)) if v}
     res: dict = {}
 
     def body() -> int:
+        from families.shapes import parse_resolutions
+
+        resolutions = parse_resolutions(args.resolution) if args.resolution else None
         res.update(run_e2e(resolve_model(args.model), args.dense, args.pruned, args.out, runs=args.runs, warmup=args.warmup, backend=args.backend,
                            provider=args.provider, engines=engines or None, sparsity=parse_sparsity(args.sparsity) if args.sparsity else None,
-                           eager=not args.no_eager, quality=not args.no_quality, steps=args.steps, threads=args.threads))
+                           eager=not args.no_eager, quality=not args.no_quality, steps=args.steps, threads=args.threads, resolutions=resolutions))
         return 0
 
     status = run_command(body)

@@ -376,6 +376,8 @@ def _export_transformer(spec, plan, holder: list, batches, settings: ExportSetti
                                        dynamic_shapes=transformer_dynamic_shapes(compact, served.latent_min, served.latent_max),
                                        parity_shapes=_other_latents(served) if batches else ())
     report["transformer"].update(_transformer_onnx_checks(path, compact, plan, shapes, shapes.batch_opt, settings.polygraphy, res))
+    adapter = spec.adapter
+    res["profiles"] = _profiles(served, lambda b, hw: adapter.transformer_input_shapes(compact, b, hw, served.text_seq_len))
     del wrapper, make, compact
     release_to_os()
     log_memory("export: torch transformer freed", log)
@@ -384,6 +386,23 @@ def _export_transformer(spec, plan, holder: list, batches, settings: ExportSetti
         if not res["parity"]["ok"]:
             raise RuntimeError(f"transformer: ONNX Runtime output differs from torch: {res['parity']}")
     return res
+
+
+def _profiles(served: ServedShapes, shapes_at) -> dict[str, Any]:
+    """Engine profiles of a component whose input shapes follow the resolution: ``shapes_at(batch, latent_hw)
+    -> {input: shape}``. ``range``: ``{input: [min, opt, max]}`` over the served batch range and resolutions
+    (the box from the smallest to the largest latent height and width); ``per_resolution``: the same for
+    each resolution alone (static engines)."""
+    lo, mid, hi = served.batch
+
+    def box(lat_min, lat_opt, lat_max):
+        a, b, c = shapes_at(lo, lat_min), shapes_at(mid, lat_opt), shapes_at(hi, lat_max)
+        return {k: [list(a[k]), list(b[k]), list(c[k])] for k in b}
+
+    return {
+        "range": box(served.latent_min, served.latent_opt, served.latent_max),
+        "per_resolution": {served.label(r): box(served.latent(r), served.latent(r), served.latent(r)) for r in served.resolutions},
+    }
 
 
 def _other_latents(served: ServedShapes) -> list[tuple[int, int]]:
@@ -410,6 +429,9 @@ def _export_other(spec, name: str, precision: str, batches, path: Path, served: 
     spatial = {} if comp.kind != "vae_decoder" else {"dynamic_shapes": vae_dynamic_shapes(served.latent_min, served.latent_max),
                                                      "parity_shapes": _other_latents(served) if batches else ()}
     res, parity_ref = export_component(name, wrapper, make, path, precision=precision, parity_batches=batches, keep_fp32=keep_fp32, in_place=True, **spatial)
+    if comp.kind == "vae_decoder":
+        channels = int(wrapper.vae.config.latent_channels)
+        res["profiles"] = _profiles(served, lambda b, hw: {"latent": [b, channels, *hw]})
     del wrapper, make
     if parity_ref is not None:
         res["parity"] = parity_ref.check(name).to_dict()

@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-sparse-weights", action="store_true", help="do not set SPARSE_WEIGHTS even for N:M patterns")
     p.add_argument("--force", action="store_true", help="rebuild even when an engine is current")
     p.add_argument("--triton", default=None, metavar="DIR", help="also write a Triton model repository here")
+    p.add_argument("--static-shapes", action="store_true", help="one static engine per resolution the export serves (usually faster) "
+                   "instead of one profile covering them (the resolutions and batch range come from the export: `export --resolution`)")
     p.add_argument("--triton-kind", default=None, choices=list(TRITON_KINDS),
                    help="Triton backend (default: tensorrt_plan for TensorRT engines, onnxruntime otherwise)")
     p.set_defaults(func=run)
@@ -63,6 +65,7 @@ def settings_from_args(args: argparse.Namespace):
         force=args.force,
         triton=Path(args.triton) if args.triton else None,
         triton_kind=args.triton_kind,
+        static_shapes=args.static_shapes,
     )
 
 

@@ -44,6 +44,9 @@ def add_parser(sub) -> None:
     p.add_argument("--only-bench", action="store_true", help="rerun only the benchmark (stages 1-2 must be complete)")
     p.add_argument("--triton", metavar="DIR", default=None, help="also write a Triton model repository to DIR")
     p.add_argument("--artifacts", default=None, help="artifact root (default <repo>/artifacts)")
+    from families.shapes import add_shape_args
+
+    add_shape_args(p, static=True)
     p.set_defaults(func=run)
 
 
@@ -118,9 +121,12 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
     exports are for hosts without a GPU (and ``--backend ort``).
     """
     from export.stage import ExportSettings
+    from families.shapes import shapes_from_args
     from obsdiff.patterns import parse_sparsity
     from pipeline.cmd_prune import DEFAULT_SAMPLES, prune_settings
     from runtime.stage import BuildSettings
+
+    shapes = shapes_from_args(args, spec)  # the resolutions and batch range every export and engine serves
 
     prune = prune_settings(spec, sparsity, cfg.prune, method=args.method, groups=args.groups, samples=args.samples or DEFAULT_SAMPLES,
                            steps=args.calib_steps)
@@ -130,16 +136,17 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
         inputs = {"pruned": str(pruned) if pruned else None}
         if bench_backend == "ort":
             stages.append(Stage(f"export_{which}", dirs.export / "export_report.json",
-                                ExportSettings(spec=spec, out=dirs.export, pruned=pruned, precision="fp32"), inputs, {"dir": str(dirs.export)}))
+                                ExportSettings(spec=spec, out=dirs.export, pruned=pruned, precision="fp32", shapes=shapes), inputs,
+                                {"dir": str(dirs.export)}))
         if args.no_engines:
             continue
         stages.append(Stage(f"export_{which}_fp16", dirs.export_fp16 / "export_report.json",
                             ExportSettings(spec=spec, out=dirs.export_fp16, pruned=pruned, precision="fp16", components=fp16_components,
-                                           parity_batches=(2,)),
+                                           parity_batches=(2,), shapes=shapes),
                             inputs, {"dir": str(dirs.export_fp16)}))
         build = BuildSettings(spec=spec, sparsity=sparsity if pruned else parse_sparsity("dense"), onnx_dir=dirs.export_fp16 / "onnx",
                               out=dirs.engines, opt_level=args.opt_level,
-                              triton=Path(args.triton) if args.triton and which == "pruned" else None)
+                              triton=Path(args.triton) if args.triton and which == "pruned" else None, static_shapes=shapes.static)
         stages.append(Stage(f"engines_{which}", dirs.engines / "transformer", build, {"onnx": str(dirs.export_fp16 / "onnx")},
                             {"dir": str(dirs.engines)}))
     for st in stages:
@@ -166,9 +173,11 @@ class BenchSettings:
     steps: int | None = None
     quality: bool = True
     eager: bool = True
+    resolutions: tuple[tuple[int, int], ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"backend": self.backend, "runs": self.runs, "warmup": self.warmup, "steps": self.steps, "quality": self.quality, "eager": self.eager}
+        return {"backend": self.backend, "runs": self.runs, "warmup": self.warmup, "steps": self.steps, "quality": self.quality, "eager": self.eager,
+                "resolutions": [list(r) for r in self.resolutions] if self.resolutions else None}
 
 
 BENCH_OUTPUTS = ("bench.json", "bench.md", "bench.png", "grid.png")
@@ -176,6 +185,8 @@ BENCH_OUTPUTS = ("bench.json", "bench.md", "bench.png", "grid.png")
 
 def plan_bench(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str) -> BenchSettings:
     """The benchmark that ends ``make engine``, checked like the stages (its inputs come later)."""
+    from families.shapes import shapes_from_args
+
     trt = bench_backend == "trt"
     settings = BenchSettings(
         spec=spec,
@@ -192,6 +203,7 @@ def plan_bench(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str)
         steps=args.bench_steps,
         quality=not args.no_quality,
         eager=not args.no_eager,
+        resolutions=shapes_from_args(args, spec).resolutions,
     )
     check_bench(settings)
     return settings
@@ -216,7 +228,8 @@ def run_bench(settings: BenchSettings) -> dict:
 
     return run_e2e(settings.spec, settings.dense_export, settings.pruned_export, settings.out, runs=settings.runs, warmup=settings.warmup,
                    backend=settings.backend, provider=settings.provider, engines=settings.engines, sparsity=settings.sparsity,
-                   threads=settings.threads, steps=settings.steps, quality=settings.quality, eager=settings.eager)
+                   threads=settings.threads, steps=settings.steps, quality=settings.quality, eager=settings.eager,
+                   resolutions=list(settings.resolutions) if settings.resolutions else None)
 
 
 def run(args) -> int:

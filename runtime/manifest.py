@@ -171,3 +171,37 @@ def check_engine(
     else:
         raise UserError(f"{where}: manifest records neither a GPU nor target compute capabilities; {rebuild_hint}")
     return m
+
+
+def profile_violation(profile: dict[str, list[list[int]]], shapes: dict[str, Any]) -> str | None:
+    """Why ``shapes`` (input name -> shape) fall outside an engine's optimisation ``profile`` (input ->
+    ``[min, opt, max]``), or None when they fit. A batch above the maximum fits: the runner splits it."""
+    for name, shape in shapes.items():
+        if name not in profile:
+            continue
+        mn, _, mx = profile[name]
+        shape = list(shape)
+        if len(shape) != len(mn):
+            return f"input {name} has rank {len(shape)}, the engine takes rank {len(mn)}"
+        for k, (v, lo, hi) in enumerate(zip(shape, mn, mx)):
+            if v < lo or (k > 0 and v > hi):
+                return f"input {name} has shape {shape}, outside the engine's {mn}..{mx}"
+    return None
+
+
+def check_in_profile(manifest: dict[str, Any], shapes: dict[str, Any]) -> None:
+    """One-line :class:`UserError` when ``shapes`` are outside the engine's profile; it names the served
+    range (resolutions and batch, when the manifest records them) and how to widen it."""
+    profile = (manifest.get("profiles") or [{}])[0]
+    why = profile_violation(profile, shapes)
+    if why is None:
+        return
+    served = manifest.get("served")
+    if served:
+        from families.shapes import ServedShapes
+
+        s = ServedShapes(tuple(tuple(r) for r in served["resolutions"]), tuple(served["batch"]), served["text_seq_len"], served["vae_scale"], served.get("static", False))
+        where = f"serves {s.describe()}" if not s.static else f"serves {', '.join(s.label(r) for r in s.resolutions)} px (static), batch {s.batch[0]}..{s.batch[2]}"
+    else:
+        where = "has a fixed profile"
+    raise UserError(f"the {manifest.get('component', 'engine')} engine {where}: {why}; rebuild with `--resolution`/`--batch` covering the request")

@@ -143,16 +143,21 @@ def load_runners(
     elif backend == "trt":
         if engine_dir is None:
             raise UserError("the TensorRT backend needs an engine directory (from `python -m pipeline build`)")
-        from runtime.tensorrt import TrtEngine, find_plan
+        from runtime.tensorrt import EngineSet, TrtEngine, find_plan
 
+        static = sorted(p for p in (Path(engine_dir) / "static").glob("*") if p.is_dir())
         for c in names:
             cdir = Path(engine_dir) / c
+            src = Path(onnx_dir) / f"{c}.onnx" if onnx_dir is not None else None
+            src = src if src is not None and src.is_file() else None
+            if any((d / c).is_dir() for d in static):  # build --static-shapes: one engine per resolution
+                runners[c] = EngineSet({d.name: TrtEngine(find_plan(d / c), onnx_path=src) for d in static if (d / c).is_dir()})
+                continue
             if not cdir.is_dir():
                 if components is not None:
                     raise UserError(f"no engine for {c} in {engine_dir}; run `python -m pipeline build` first")
                 continue
-            src = Path(onnx_dir) / f"{c}.onnx" if onnx_dir is not None else None
-            runners[c] = TrtEngine(find_plan(cdir), onnx_path=src if src is not None and src.is_file() else None)
+            runners[c] = TrtEngine(find_plan(cdir), onnx_path=src)
     else:
         raise UserError(f"unknown runtime backend {backend!r}; use ort or trt")
     if "transformer" not in runners and components is None:

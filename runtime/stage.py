@@ -37,7 +37,9 @@ class BuildSettings:
     TensorRT-RTX compute capabilities (None: this GPU, or the default list). workspace_mib: builder
     workspace limit (None: the library's). force: rebuild current engines. triton / triton_kind: also write
     a Triton model repository there (kind default: ``tensorrt_plan`` for TensorRT engines, else
-    ``onnxruntime``).
+    ``onnxruntime``). static_shapes: one engine per served resolution for the components whose shapes
+    follow it (transformer, VAE decoder), under ``out/static/<H>x<W>/``, instead of one profile covering
+    them all. The served resolutions and batch range come from stage 2's export report.
     """
 
     spec: ModelSpec
@@ -54,6 +56,7 @@ class BuildSettings:
     force: bool = False
     triton: Path | None = None
     triton_kind: str | None = None
+    static_shapes: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The settings as a manifest records them."""
@@ -62,7 +65,8 @@ class BuildSettings:
                 "backend": self.backend, "components": list(self.components) if self.components is not None else None,
                 "opt_level": self.opt_level, "timing_cache": opt(self.timing_cache),
                 "target_cc": list(self.target_cc) if self.target_cc is not None else None, "workspace_mib": self.workspace_mib,
-                "sparse_weights": self.sparse_weights, "force": self.force, "triton": opt(self.triton), "triton_kind": self.triton_kind}
+                "sparse_weights": self.sparse_weights, "force": self.force, "triton": opt(self.triton), "triton_kind": self.triton_kind,
+                "static_shapes": self.static_shapes}
 
 
 def check_build(settings: BuildSettings, *, check_onnx: bool = True) -> None:
@@ -94,12 +98,23 @@ def run_build(settings: BuildSettings) -> dict[str, Path]:
     this call created."""
     from runtime.tensorrt import BuildOptions, build_engines, get_backend, manifest_summary
 
+    from dataclasses import replace
+
+    from common.io import read_json
+
     check_build(settings)
     out = Path(settings.out)
     onnx_dir = Path(settings.onnx_dir)
     sh = settings.spec.shapes
+    # The shapes stage 2 exported for: its report has every component's profile (older reports: none).
+    report_file = onnx_dir.parent / "export_report.json"
+    report = read_json(report_file) if report_file.is_file() else {}
+    served = report.get("served_shapes")
+    comps = report.get("components", {})
+    ranges = {c: v["profiles"]["range"] for c, v in comps.items() if isinstance(v, dict) and v.get("profiles")}
     options = BuildOptions(
-        batch=(sh.batch_min, sh.batch_opt, sh.batch_max),
+        batch=tuple(served["batch"]) if served else (sh.batch_min, sh.batch_opt, sh.batch_max),
+        served=served,
         sparsity=str(settings.sparsity),
         sparse_weights=None if settings.sparse_weights else False,
         opt_level=settings.opt_level,
@@ -110,7 +125,26 @@ def run_build(settings: BuildSettings) -> dict[str, Path]:
     backend = get_backend(settings.backend)
     components = list(settings.components) if settings.components else None
     with created_dirs(out):  # a failed build leaves no engine directory that this run created
-        plans = build_engines(onnx_dir, out, options, backend=backend, components=components, force=settings.force)
+        import shutil
+
+        if settings.static_shapes and served and ranges:
+            names = components or [c for c in comps if (onnx_dir / f"{c}.onnx").is_file()]
+            spatial = [c for c in names if c in ranges]
+            for c in spatial:  # the runner takes static engines where they exist: drop a stale profile engine
+                shutil.rmtree(out / c, ignore_errors=True)
+            plans = build_engines(onnx_dir, out, options, backend=backend, components=[c for c in names if c not in spatial] or None,
+                                  force=settings.force) if len(spatial) < len(names) else {}
+            for res in served["resolutions"]:
+                label = f"{res[0]}x{res[1]}"
+                one = replace(options, served={**served, "resolutions": [res], "static": True})
+                per = {c: comps[c]["profiles"]["per_resolution"][label] for c in spatial}
+                built = build_engines(onnx_dir, out / "static" / label, one, backend=backend, components=spatial, force=settings.force, profiles=per)
+                plans.update({f"{c}@{label}": p for c, p in built.items()})
+        else:
+            for c in (components or ranges):  # static engines of an earlier build would take precedence: drop them
+                for d in (out / "static").glob(f"*/{c}"):
+                    shutil.rmtree(d, ignore_errors=True)
+            plans = build_engines(onnx_dir, out, options, backend=backend, components=components, force=settings.force, profiles=ranges)
     for comp, plan in plans.items():
         s = manifest_summary(plan)
         log.info("%-15s %s  %.2f MiB  sparsity %s  sparse_weights=%s  N:M-eligible ONNX weights %s  log: %s eligible / %s sparse",
@@ -119,7 +153,9 @@ def run_build(settings: BuildSettings) -> dict[str, Path]:
         from runtime.triton import write_model_repository
 
         kind = settings.triton_kind or ("tensorrt_plan" if backend.name == "trt" else "onnxruntime")
-        files = plans if kind == "tensorrt_plan" else {c: onnx_dir / f"{c}.onnx" for c in plans}
+        # one Triton model per engine (static engines: transformer_512x512...); ONNX models accept every shape
+        files = ({c.replace("@", "_"): p for c, p in plans.items()} if kind == "tensorrt_plan"
+                 else {c: onnx_dir / f"{c}.onnx" for c in dict.fromkeys(k.split("@")[0] for k in plans)})
         write_model_repository(settings.triton, files, kind=kind, batch=options.batch)
         log.info("Triton model repository (%s): %s", kind, settings.triton)
     return plans

@@ -38,6 +38,7 @@ from runtime.manifest import (
     MANIFEST_VERSION,
     GpuInfo,
     check_engine,
+    check_in_profile,
     current_gpu,
     engine_stem,
     manifest_path_for,
@@ -222,10 +223,16 @@ class BuildOptions:
     timing_cache: file read before and written after each build (TensorRT; a no-op in TensorRT-RTX).
     target_cc: TensorRT-RTX target compute capabilities (``("8.6", "8.9")`` or ``("SM86",)``); default:
         the current GPU if any, else :data:`RTX_DEFAULT_TARGETS`. workspace_mib: workspace pool limit.
+    profile: the optimisation profile itself, ``{input: [min, opt, max]}`` (stage 2's export report has one
+        per component covering the served resolutions); replaces ``batch``/``dims``.
+    served: the served shapes (:meth:`families.shapes.ServedShapes.to_json`), recorded in the manifest so
+        that a request outside the profile is told the range.
     """
 
     batch: tuple[int, int, int] = (1, 2, 4)
     dims: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    profile: dict[str, list[list[int]]] | None = None
+    served: dict[str, Any] | None = None
     sparsity: str = "dense"
     sparse_weights: bool | None = None
     opt_level: int = 3
@@ -279,6 +286,30 @@ def profile_shapes(onnx_path: str | os.PathLike, batch: tuple[int, int, int], di
                 s.append(int(v))
         prof[inp.name] = shapes
     return prof
+
+
+def expected_profile(onnx_path: str | os.PathLike, options: BuildOptions) -> dict[str, list[list[int]]]:
+    """The profile an engine of ``onnx_path`` is built with: ``options.profile`` (checked against the ONNX's
+    inputs, ranks and static dims) or the one :func:`profile_shapes` derives from the batch range."""
+    if options.profile is None:
+        return profile_shapes(onnx_path, options.batch, options.dims)
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    init_names = {t.name for t in model.graph.initializer}
+    out = {}
+    for inp in model.graph.input:
+        if inp.name in init_names:
+            continue
+        if inp.name not in options.profile:
+            raise UserError(f"{onnx_path}: the profile has no shapes for input {inp.name}; re-export with `python -m pipeline export`")
+        shapes = [list(map(int, s)) for s in options.profile[inp.name]]
+        dims = inp.type.tensor_type.shape.dim
+        for k, d in enumerate(dims):
+            if any(len(s) != len(dims) for s in shapes) or (d.HasField("dim_value") and d.dim_value > 0 and any(s[k] != d.dim_value for s in shapes)):
+                raise UserError(f"{onnx_path}: input {inp.name} profile {shapes} does not fit the ONNX shape; re-export with `python -m pipeline export`")
+        out[inp.name] = shapes
+    return out
 
 
 def _io_signature(onnx_path: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
@@ -373,7 +404,7 @@ def build_engine(
     elif options.timing_cache:
         cache_note = {"path": None, "reused": False, "note": "timing cache is a no-op in TensorRT-RTX"}
 
-    prof_shapes = profile_shapes(onnx_path, options.batch, options.dims)
+    prof_shapes = expected_profile(onnx_path, options)
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         inp = network.get_input(i)
@@ -415,6 +446,7 @@ def build_engine(
         "target_compute_capabilities": targets,
         "io": _io_signature(onnx_path),
         "profiles": [prof_shapes],
+        "served": options.served,
         "sparsity": options.sparsity,
         "builder": {
             "strongly_typed": strongly_typed,
@@ -460,6 +492,7 @@ def engine_is_current(plan: str | os.PathLike, onnx_path: str | os.PathLike, opt
         and b.get("sparse_weights") == options.use_sparse_weights
         and b.get("opt_level") == options.opt_level
         and b.get("batch") == list(options.batch)
+        and m.get("profiles") == [expected_profile(onnx_path, options)]
         and (want_targets is None or m.get("target_compute_capabilities") == want_targets)
     )
 
@@ -472,12 +505,14 @@ def build_engines(
     backend: Backend | str = "auto",
     components: Iterable[str] | None = None,
     force: bool = False,
+    profiles: dict[str, dict[str, list[list[int]]]] | None = None,
 ) -> dict[str, Path]:
     """Build one engine per component ONNX found in ``onnx_dir`` into ``out_dir/<component>/``.
 
     components: names from :data:`COMPONENTS` (default: every one whose ``<name>.onnx`` exists; a named
     one that is missing is an error). An engine whose manifest matches the ONNX and options is reused
-    unless ``force``. Returns ``{component: plan path}``.
+    unless ``force``. profiles: per component, its optimisation profile (see :attr:`BuildOptions.profile`;
+    components not listed get one from the batch range). Returns ``{component: plan path}``.
     """
     from tqdm import tqdm
 
@@ -496,6 +531,10 @@ def build_engines(
         src = onnx_dir / f"{comp}.onnx"
         plan = Path(out_dir) / comp / f"{be.stem}.plan"
         opts = options if comp == "transformer" else _dense_options(options)
+        if profiles and comp in profiles:
+            from dataclasses import replace
+
+            opts = replace(opts, profile=profiles[comp])
         if not force and engine_is_current(plan, src, opts, be):
             log.info("reusing %s (ONNX and options unchanged)", plan)
         else:
@@ -612,6 +651,7 @@ class TrtEngine:
         import torch
 
         keep = []  # keep converted inputs alive until the enqueue has completed
+        check_in_profile(self.manifest, {n: tuple(torch.as_tensor(feeds[n]).shape) for n in self.inputs})
         for name in self.inputs:
             t = torch.as_tensor(feeds[name]).to(self.device, self.dtypes[name]).contiguous()
             keep.append(t)
@@ -640,6 +680,38 @@ class TrtEngine:
     @property
     def size_bytes(self) -> int:
         return int(self.manifest.get("plan_bytes", 0))
+
+
+class EngineSet:
+    """Static engines of one component, one per served resolution (``build --static-shapes``): each call
+    runs the engine whose profile fits the inputs; none fitting is one line naming the resolutions."""
+
+    def __init__(self, engines: dict[str, "TrtEngine"]):
+        if not engines:
+            raise ValueError("an engine set needs at least one engine")
+        self.engines = engines
+        first = next(iter(engines.values()))
+        self.inputs, self.outputs, self.manifest = first.inputs, first.outputs, first.manifest
+
+    def select(self, shapes: dict[str, Any]) -> "TrtEngine":
+        from runtime.manifest import profile_violation
+
+        for engine in self.engines.values():
+            if profile_violation((engine.manifest.get("profiles") or [{}])[0], shapes) is None:
+                return engine
+        comp = self.manifest.get("component", "engine")
+        shown = {n: list(s) for n, s in shapes.items()}
+        raise UserError(f"the static {comp} engines serve {', '.join(self.engines)} px; no engine takes the inputs {shown}; "
+                        f"rebuild with `--resolution` including this size (or without --static-shapes)")
+
+    def __call__(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        return self.select({n: tuple(torch.as_tensor(feeds[n]).shape) for n in self.inputs})(feeds)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(e.size_bytes for e in self.engines.values())
 
 
 def find_plan(component_dir: str | os.PathLike, backend: Backend | None = None) -> Path:
@@ -675,6 +747,7 @@ __all__ = [
     "COMPONENTS",
     "Backend",
     "BuildOptions",
+    "EngineSet",
     "TrtEngine",
     "build_engine",
     "build_engines",
