@@ -76,8 +76,8 @@ def parse_resolutions(text: str, *, option: str = "--resolution") -> list[tuple[
         if not part:
             continue
         try:
-            h, _, w = part.lower().partition("x")
-            hw = (int(h), int(w or h))
+            h, x, w = part.lower().partition("x")
+            hw = (int(h), int(w if x else h))
         except ValueError:
             raise UserError(f"{option} {text!r}: give HEIGHTxWIDTH in pixels, comma-separated, e.g. 512x512,768x1344") from None
         out.append(hw)
