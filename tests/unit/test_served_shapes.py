@@ -180,3 +180,15 @@ def test_benchmark_refuses_a_resolution_the_export_does_not_serve(dynamic_export
     with pytest.raises(UserError, match=r"64x64 px is outside .* \(32x32 px, batch 1..4\)") as e:
         check_served(fake, spec, [(64, 64)])
     assert "\n" not in str(e.value)
+
+
+def test_shape_bounds_benchmark_writes_json_and_table(tmp_path):
+    from benchmarks.shape_bounds import main
+
+    out = tmp_path / "b.json"
+    assert main(["--model", "tiny-sd3", "--resolution", "32x32,64x64", "--structured", "0.3", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [(r["height"], r["width"]) for r in res["rows"]] == [(32, 32), (64, 64)]
+    for r in res["rows"]:
+        assert 1 < r["bound_2of4_transformer"] < 2 and 1 < r["structured"]["0.3"]["bound"] < 2
+    assert "| 32x32 |" in out.with_suffix(".md").read_text()

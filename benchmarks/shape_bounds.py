@@ -1,0 +1,120 @@
+"""What 2:4 and structured pruning can give at each served shape, from FLOPs alone (no weights, any size).
+
+For each resolution: the transformer's GEMM FLOPs per denoising step, the share of them in constant-weight
+GEMMs that 2:4 sparse kernels can run (the block linears stage 1 prunes; not attention's activation x
+activation products, the AdaLN modulations, the embedders or the final projection), the Amdahl bound on the
+transformer's 2:4 speedup with those GEMMs at most 2x faster, and for each structured ratio the FLOP ratio
+of the cut transformer and its bound ``dense / compact``. Everything runs on the ``meta`` device, so an
+SD3-medium or Flux-sized model costs seconds.
+
+    python -m benchmarks.shape_bounds --family sd3-medium --resolution 512x512,768x768,1024x1024
+    python -m benchmarks.shape_bounds --model tiny-sd3 --resolution 32x32,64x64
+
+``--family`` takes the published transformer configs of ``scripts/make_scale_fixture.py``; ``--model`` a
+registry id or a diffusers directory (its ``transformer/config.json``). Writes JSON and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.errors import UserError
+from common.io import atomic_path, write_json
+
+
+def meta_transformer(args) -> tuple[torch.nn.Module, int, int, str]:
+    """``(transformer on meta, vae_scale, text_seq_len, source)`` for ``--family`` or ``--model``."""
+    import diffusers
+
+    from families import adapter_for
+
+    if args.family:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+        from make_scale_fixture import FAMILIES
+
+        if args.family not in FAMILIES:
+            raise UserError(f"unknown --family {args.family!r}; choose from {', '.join(FAMILIES)}")
+        config, cls, vae_scale, text = dict(FAMILIES[args.family]), "SD3Transformer2DModel", 8, 77 + 256
+        source = f"{args.family} (published transformer config)"
+    else:
+        from common.io import read_json
+        from families.registry import resolve_model
+
+        spec = resolve_model(args.model)
+        if not spec.local:
+            raise UserError(f"--model {args.model}: a hub model's config is not cached here; give a local diffusers directory or --family")
+        config = read_json(spec.path / "transformer" / "config.json", what="transformer config")
+        cls, vae_scale, text = config["_class_name"], spec.vae_scale, spec.shapes.text_seq_len
+        source = str(spec.path)
+    adapter_for(cls)  # a family must handle it
+    with torch.device("meta"):
+        model = getattr(diffusers, cls).from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    return model.eval(), vae_scale, text, source
+
+
+def bounds(model, resolutions, *, vae_scale: int, batch: int, text_seq_len: int, ratios: list[float]) -> list[dict[str, Any]]:
+    from export.report import linear_flops, shape_table
+    from export.surgery import apply_plan, structured_plan
+    from obsdiff.packages import build_units
+
+    eligible = {n for u in build_units(model) for n in u.layers}
+    rows = shape_table(model, resolutions, vae_scale=vae_scale, batch=batch, text_seq_len=text_seq_len, eligible=eligible)
+    for r in ratios:
+        with torch.device("meta"):
+            cut = type(model).from_config(model.config)
+        apply_plan(cut, structured_plan(cut, r))
+        for row, (h, w) in zip(rows, resolutions):
+            g = linear_flops(cut, batch, (h // vae_scale, w // vae_scale), text_seq_len)[0]
+            row.setdefault("structured", {})[f"{r:g}"] = {"gemm_flops": g, "flop_ratio": g / row["gemm_flops"], "bound": row["gemm_flops"] / g}
+    return rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    ratios = list(result["rows"][0].get("structured", {})) if result["rows"] else []
+    head = "| resolution | GEMM GFLOPs / step | 2:4-eligible share | 2:4 bound (transformer) |" + "".join(f" structured {r} bound |" for r in ratios)
+    lines = [f"# Speedup bounds per shape: {result['source']}", "",
+             f"Per denoising step at transformer batch {result['batch']} ({result['text_seq_len']} text tokens). Bounds are FLOP-based "
+             "(Amdahl with eligible GEMMs at most 2x for 2:4; dense / compact GEMM FLOPs for structured): no kernel reaches them.", "",
+             head, "|---|---|---|---|" + "---|" * len(ratios)]
+    for r in result["rows"]:
+        cells = "".join(f" {r['structured'][k]['bound']:.3f}x |" for k in ratios)
+        lines.append(f"| {r['height']}x{r['width']} | {r['gemm_flops'] / 1e9:,.1f} | {r['eligible_2of4_share']:.1%} | {r['bound_2of4_transformer']:.3f}x |{cells}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common.cli import ArgumentParser, int_at_least, run_command
+    from families.shapes import parse_resolutions
+
+    p = ArgumentParser(prog="python -m benchmarks.shape_bounds", description=__doc__.splitlines()[0])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--family", help="a published config: sd3-medium, sd3.5-medium, sd3.5-large")
+    g.add_argument("--model", help="registry id or local diffusers directory")
+    p.add_argument("--resolution", default="512x512,768x768,1024x1024", help="HxW list in pixels")
+    p.add_argument("--batch", type=int_at_least(1), default=2, help="transformer batch per step (2: classifier-free guidance)")
+    p.add_argument("--structured", default="0.3", help="structured ratios, comma-separated ('' for none)")
+    p.add_argument("--out", default="artifacts/bench/shape_bounds.json", help="JSON path; the Markdown table goes next to it")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        model, vae_scale, text, source = meta_transformer(args)
+        resolutions = parse_resolutions(args.resolution)
+        ratios = [float(r) for r in args.structured.split(",") if r.strip()]
+        rows = bounds(model, resolutions, vae_scale=vae_scale, batch=args.batch, text_seq_len=text, ratios=ratios)
+        result = {"benchmark": "shape_bounds", "source": source, "batch": args.batch, "text_seq_len": text, "rows": rows}
+        out = Path(args.out)
+        write_json(out, result)
+        with atomic_path(out.with_suffix(".md")) as tmp:
+            tmp.write_text(markdown(result))
+        print(markdown(result))
+        return 0
+
+    return run_command(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
