@@ -38,7 +38,10 @@ def meta_transformer(args) -> tuple[torch.nn.Module, int, int, str]:
 
         if args.family not in FAMILIES:
             raise UserError(f"unknown --family {args.family!r}; choose from {', '.join(FAMILIES)}")
-        config, cls, vae_scale, text = dict(FAMILIES[args.family]), "SD3Transformer2DModel", 8, 77 + 256
+        from families import get_adapter
+
+        sd3 = get_adapter("sd3")  # the published configs are SD3 / SD3.5 transformers
+        config, cls, vae_scale, text = dict(FAMILIES[args.family]), sd3.transformer_class, 8, sd3.text_seq_len
         source = f"{args.family} (published transformer config)"
     else:
         from common.io import read_json
