@@ -9,6 +9,13 @@ dimension. The K axis follows from the node: ``MatMul`` ``Y = X @ W`` with ``W``
 layer names (the exporter names them ``transformer_blocks.0.attn.to_q.weight``), and weighs each GEMM by
 its FLOPs per denoising step at the export shapes (ONNX shape inference with the batch fixed).
 :func:`polygraphy_sparsity` runs ``polygraphy inspect sparsity`` (2:4 only) for an independent cross-check.
+
+A quantized weight (INT8/FP8, :mod:`export.quantize`) reaches its GEMM as ``DequantizeLinear(C, scale[, zero
+point])`` or ``trt::TRT_FP8DequantizeLinear(C, scale)``, possibly through Transposes, where ``C`` is a quantized
+constant (INT8/UINT8/FLOAT8E4M3FN) or ``QuantizeLinear(float constant)`` (ModelOpt's unfolded export). The check
+then runs on the quantized values TensorRT gets (``C`` minus its zero point; an unfolded float weight is
+quantized here as ONNX/TensorRT would), along the K axis carried back through the Transposes. Polygraphy (0.53)
+only examines initializers that feed a GEMM directly: it does not see these weights.
 """
 
 from __future__ import annotations
@@ -63,9 +70,10 @@ class GemmInfo:
     flops: int  # 2 * M * K * N at the shapes given (multiply-adds x 2)
     weight: str | None = None  # initializer name (torch parameter name where the exporter allowed it)
     layer: str | None = None  # torch module name, e.g. transformer_blocks.0.attn.to_q
-    k_axis: int | None = None
-    shape: list[int] | None = None
+    k_axis: int | None = None  # of the initializer (through any Transposes)
+    shape: list[int] | None = None  # of the initializer
     nm: NMResult | None = None
+    quant: str | None = None  # the dequantize op in front of the GEMM (DequantizeLinear / TRT_FP8DequantizeLinear)
 
 
 @dataclass
@@ -132,6 +140,15 @@ def infer_shapes(model, input_shapes: dict[str, Iterable[int]]) -> dict[str, lis
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    # TensorRT's FP8 Q/DQ (domain "trt") are element-wise: an Identity has their shapes, and shape inference
+    # (ONNX's or ONNX Runtime's) then sees through them
+    for node in m.graph.node:
+        if node.op_type in _TRT_QDQ:
+            data = node.input[0]
+            node.domain, node.op_type = "", "Identity"
+            del node.input[:]
+            node.input.append(data)
+            del node.attribute[:]
     # big weights only need their type and dims: turn them into graph inputs (small shape constants stay)
     big = [t for t in m.graph.initializer if int(np.prod(t.dims)) > 4096 or t.data_location == onnx.TensorProto.EXTERNAL]
     for t in big:
@@ -166,13 +183,108 @@ def infer_shapes(model, input_shapes: dict[str, Iterable[int]]) -> dict[str, lis
     return shapes
 
 
+_TRT_QDQ = ("TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear")
+_DQ_OPS = ("DequantizeLinear", "TRT_FP8DequantizeLinear")
+_Q_OPS = ("QuantizeLinear", "TRT_FP8QuantizeLinear")
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A GEMM weight behind a dequantize node: ``dq(source)`` or ``dq(q(source))`` with ``source`` an initializer."""
+
+    source: str  # the initializer
+    k_axis: int  # K along the initializer's axes
+    dq: Any  # the DequantizeLinear / TRT_FP8DequantizeLinear node
+    q: Any = None  # the QuantizeLinear / TRT_FP8QuantizeLinear node of an unfolded float weight, else None
+
+
+def trace_quantized_weight(name: str, k_axis: int, inits, producers) -> QuantizedWeight | None:
+    """Follow a GEMM's weight input ``name`` (K on ``k_axis``) back through Transposes to a dequantize node
+    whose data is a constant, or a quantize node of a constant; None when it is anything else (an activation)."""
+    axis = k_axis
+    node = producers.get(name)
+    while node is not None and node.op_type == "Transpose":
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        axis = perm[axis] if perm else (1 - axis)  # Y = Transpose(X): Y's axis i is X's axis perm[i]
+        node = producers.get(node.input[0])
+    if node is None or node.op_type not in _DQ_OPS:
+        return None
+    data = node.input[0]
+    if data in inits:
+        return QuantizedWeight(data, axis, node)
+    q = producers.get(data)
+    if q is not None and q.op_type in _Q_OPS and q.input[0] in inits:
+        return QuantizedWeight(q.input[0], axis, node, q)
+    return None
+
+
+def _constant(name: str, inits, producers, load_dir: str = "") -> np.ndarray | None:
+    from onnx import numpy_helper
+
+    if not name:
+        return None
+    if name in inits:
+        return numpy_helper.to_array(inits[name], base_dir=load_dir)
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant":
+        a = next((a for a in node.attribute if a.name == "value"), None)
+        if a is not None:
+            return numpy_helper.to_array(a.t)
+    return None
+
+
+def _broadcast(values: np.ndarray, rank: int, axis: int) -> np.ndarray:
+    values = np.asarray(values)
+    if values.size == 1:
+        return values.reshape(())
+    shape = [1] * rank
+    shape[axis % rank] = values.size
+    return values.reshape(shape)
+
+
+def quantized_nonzeros(qw: QuantizedWeight, inits, producers, load_dir: str = "") -> np.ndarray:
+    """Boolean mask of the weights that dequantize to a non-zero value, on the initializer's layout.
+
+    A stored constant: non-zero after subtracting its zero point (FP8 bytes stored as UINT8 read as E4M3). An
+    unfolded float weight: quantized first, as ONNX ``QuantizeLinear`` (round half to even, saturate) or
+    TensorRT's FP8 quantize (saturate to +-448, round to E4M3) would.
+    """
+    import ml_dtypes
+
+    data = _constant(qw.source, inits, producers, load_dir)
+    if qw.q is None:
+        if data.dtype == np.uint8 and qw.dq.op_type == "TRT_FP8DequantizeLinear":
+            data = data.view(ml_dtypes.float8_e4m3fn)
+        if data.dtype.kind in "iu":
+            zp_name = qw.dq.input[2] if len(qw.dq.input) > 2 else ""
+            zp = _constant(zp_name, inits, producers)
+            axis = next((a.i for a in qw.dq.attribute if a.name == "axis"), 1)
+            zp = _broadcast(zp, data.ndim, axis).astype(np.int64) if zp is not None else 0
+            return (data.astype(np.int64) - zp) != 0
+        return data.astype(np.float32) != 0
+    scale = _constant(qw.q.input[1], inits, producers)
+    if scale is None:
+        raise ValueError(f"the scale of {qw.q.name} is not a constant")
+    axis = next((a.i for a in qw.q.attribute if a.name == "axis"), 1)
+    x = data.astype(np.float32) / _broadcast(scale, data.ndim, axis).astype(np.float32)
+    if qw.q.op_type == "TRT_FP8QuantizeLinear":
+        return np.clip(x, -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) != 0
+    zp = _constant(qw.q.input[2] if len(qw.q.input) > 2 else "", inits, producers)
+    info = np.iinfo(zp.dtype if zp is not None else np.int8)
+    zp = _broadcast(zp, data.ndim, axis).astype(np.int64) if zp is not None else 0
+    q = np.clip(np.rint(x).astype(np.int64) + zp, info.min, info.max)
+    return (q - zp) != 0
+
+
 def gemm_table(model, input_shapes: dict[str, Iterable[int]]) -> list[GemmInfo]:
     """Every MatMul/Gemm node with its FLOPs at ``input_shapes`` and its constant weight (if any).
 
-    FLOPs = 2 x (output elements) x K. A node whose shape cannot be inferred raises ``ValueError``.
+    FLOPs = 2 x (output elements) x K. A node whose shape cannot be inferred raises ``ValueError``. A weight
+    behind a dequantize node (see the module docstring) is reported as its initializer, with ``quant`` set.
     """
     shapes = infer_shapes(model, input_shapes)
-    inits = {t.name for t in model.graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
     out = []
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm"):
@@ -184,12 +296,20 @@ def gemm_table(model, input_shapes: dict[str, Iterable[int]]) -> list[GemmInfo]:
         k = a[0] if trans_a else a[-1]
         flops = 2 * int(np.prod(y)) * int(k)
         info = GemmInfo(node=node.name, op=node.op_type, flops=flops)
+        trans_b = next((x.i for x in node.attribute if x.name == "transB"), 0) if node.op_type == "Gemm" else 0
         if node.input[1] in inits and b is not None and len(b) == 2:
-            trans_b = next((x.i for x in node.attribute if x.name == "transB"), 0) if node.op_type == "Gemm" else 0
             info.weight = node.input[1]
             info.k_axis = 1 if trans_b else 0
             info.shape = list(b)
             info.layer = layer_name(node.input[1])
+        elif (qw := trace_quantized_weight(node.input[1], 1 if trans_b else 0, inits, producers)) is not None:
+            dims = list(inits[qw.source].dims)
+            if len(dims) == 2:
+                info.weight = qw.source
+                info.k_axis = qw.k_axis
+                info.shape = dims
+                info.layer = layer_name(qw.source)
+                info.quant = qw.dq.op_type
         out.append(info)
     return out
 
@@ -234,9 +354,17 @@ def check_onnx_sparsity(
     inits = {t.name: t for t in model.graph.initializer}
     report = SparsityReport(pattern=f"{n}:{m}", input_shapes={k: list(v) for k, v in input_shapes.items()})
     report.gemms = gemm_table(model, input_shapes)
-    for g in report.gemms:
-        if g.weight is not None:
+    producers = {o: node for node in model.graph.node for o in node.output}
+    gemm_nodes = [node for node in model.graph.node if node.op_type in ("MatMul", "Gemm")]  # gemm_table's order
+    for g, node in zip(report.gemms, gemm_nodes):
+        if g.weight is None:
+            continue
+        if g.quant is None:
             g.nm = check_nm(numpy_helper.to_array(inits[g.weight], base_dir=load_dir), g.k_axis, n, m)
+        else:  # the quantized values (what TensorRT gets), not the float ones
+            trans_b = next((x.i for x in node.attribute if x.name == "transB"), 0) if node.op_type == "Gemm" else 0
+            qw = trace_quantized_weight(node.input[1], 1 if trans_b else 0, inits, producers)
+            g.nm = check_nm(quantized_nonzeros(qw, inits, producers, load_dir), g.k_axis, n, m)
     expected = [e[: -len(".weight")] if e.endswith(".weight") else e for e in expected_layers]
     report.expected_layers = expected
     by_layer = {g.layer: g for g in report.gemms if g.layer is not None}

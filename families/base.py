@@ -131,6 +131,12 @@ class FamilyAdapter:
     # Defaults for a local directory of this family (the registry derives a spec from its configs).
     max_sequence_length: int = 256  # T5 tokens the pipeline encodes
     text_seq_len: int = 256  # transformer text tokens at that length
+    # Modules kept in higher precision when the transformer is quantized (INT8/FP8, export.quantize): fnmatch
+    # globs on qualified module names (``proj_out``, ``*norm*``); a match keeps that module and every
+    # submodule unquantized. Only Linear/Conv weights and inputs are quantized at all, so the list names the
+    # layers whose error would cost more than they save (embedders, AdaLN modulations, the output layer).
+    # Empty: every Linear/Conv is quantized.
+    quant_exclude: tuple[str, ...] = ()
 
     def latent_patch(self, transformer_config: dict) -> int:
         """VAE latents per token side (the transformer's patch size; Flux packs 2x2 latents per token)."""

@@ -70,6 +70,13 @@ class FluxAdapter(FamilyAdapter):
     )
     max_sequence_length = 512
     text_seq_len = 512  # T5 tokens only (CLIP gives the pooled vector)
+    # Kept in higher precision under INT8/FP8: as ModelOpt's diffusers example for FLUX (filter_func_default:
+    # x_embedder, time_text_embed with its time/guidance/text embedders, context_embedder, norm_out), plus every
+    # AdaLN modulation (``*norm*``: norm1/norm1_context/norm.linear, norm_out; see the SD3 adapter for why) and
+    # the model's final proj_out. The pattern is the top-level name only: a single block's proj_out (pruned by
+    # stage 1, the biggest GEMM of the block) is quantized, unlike ModelOpt's stock configs whose
+    # ``*proj_out.*`` rule would silently keep it in high precision.
+    quant_exclude = ("x_embedder", "time_text_embed", "context_embedder", "*norm*", "proj_out")
 
     def latent_patch(self, transformer_config: dict) -> int:
         return 2  # FluxPipeline packs 2x2 VAE latents into one token

@@ -122,6 +122,14 @@ class SD3Adapter(FamilyAdapter):
     )
     optional_text_encoder = "text_encoder_3"
     text_seq_len = 77 + 256  # CLIP tokens + T5 tokens
+    # Kept in higher precision under INT8/FP8. ModelOpt's diffusers example (filter_func_default) skips the
+    # patch embedder (pos_embed, a Conv2d), time/text embedders, context_embedder and norm_out; ModelOpt's
+    # stock mtq.INT8_DEFAULT_CFG/FP8_DEFAULT_CFG also skip ``*proj_out.*``. Deviation: every AdaLN modulation
+    # (``*norm*``: norm1.linear, norm1_context.linear, norm_out.linear, and the LayerNorms next to them) stays
+    # high precision too: those linears run once per sample on the time embedding (no token dimension,
+    # negligible FLOPs) but their shift/scale/gate multiply every token of the block, and stage 1 leaves them
+    # dense. The top-level proj_out writes the prediction itself, for a small share of the GEMM FLOPs.
+    quant_exclude = ("pos_embed", "time_text_embed", "context_embedder", "*norm*", "proj_out")
 
     def structured_groups(self, block: nn.Module) -> list[StructuredGroup]:
         groups = [attention_group("attn", "attn", block.attn)]
