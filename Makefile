@@ -35,9 +35,10 @@ sheet: setup
 quality: setup
 	$(PY) -m benchmarks.quality --model "$(MODEL)" --json artifacts/$(MODEL)/quality.json
 
-# Re-trains the embedded default model from scratch (not part of `make test`; ~45 min on 2 cores).
+# Re-trains an embedded model from scratch (not part of `make test`): MODEL=tiny-sd3 (the default; ~45 min on
+# 2 cores) or MODEL=tiny-flux (~25 min); the family (sd3 or flux) comes from the name.
 train-tiny: setup
-	$(PY) scripts/train_tiny_sd3.py --out models/tiny-sd3
+	$(PY) scripts/train_tiny.py --family $(patsubst tiny-%,%,$(MODEL)) --out models/$(MODEL)
 
 # Real scale on random weights (not part of `make test`): an SD3-medium-shaped pipeline (2.0B-parameter
 # transformer), then every `make engine` stage on it, each measured (time, peak RSS, sizes, parity, 2:4).

@@ -119,6 +119,25 @@ MODELS: dict[str, ModelSpec] = {
             description="embedded default: a tiny SD3 pipeline trained on scikit-learn's handwritten digits",
         ),
         ModelSpec(
+            id="tiny-flux",
+            source="models/tiny-flux",
+            local=True,
+            family="flux",
+            pipeline_class="FluxPipeline",
+            steps=20,
+            guidance=4.0,  # true classifier-free guidance (no embedded guidance): true_cfg_scale 4 with an empty negative prompt
+            height=32,
+            width=32,
+            max_sequence_length=10,  # FluxPipeline runs T5 without an attention mask: the trained length, not 512
+            shapes=ExportShapes(latent_height=8, latent_width=8, text_seq_len=10),
+            vae_scale=4,
+            patch_size=2,
+            pos_embed_max_size=None,
+            prompts="prompts/digits.txt",
+            quality_metric="digits",
+            description="embedded: a tiny FLUX.1-architecture pipeline (2 double + 4 single blocks) trained on the handwritten digits",
+        ),
+        ModelSpec(
             id="sd3-medium",
             source="stabilityai/stable-diffusion-3-medium-diffusers",
             local=False,

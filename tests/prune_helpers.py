@@ -42,7 +42,7 @@ def output_error(W: torch.Tensor, W_new: torch.Tensor, X: torch.Tensor) -> float
 
 def require_tiny_sd3():
     if not (TINY_SD3 / "model_index.json").is_file():
-        pytest.skip("needs the embedded models/tiny-sd3 pipeline (built by scripts/train_tiny_sd3.py)")
+        pytest.skip("needs the embedded models/tiny-sd3 pipeline (built by scripts/train_tiny.py)")
 
 
 def load_tiny_pipeline():
