@@ -8,7 +8,12 @@ def test_known_families_have_complete_entries():
     assert {"tiny-sd3", "sd3-medium", "sd3.5-medium", "sd3.5-large", "sd3.5-large-turbo", "flux.1-dev", "flux.1-schnell"} <= set(MODELS)
     for spec in MODELS.values():
         assert spec.pipeline_class == spec.adapter.pipeline_class  # every entry names a known family
-        assert spec.head_dim == (128 if spec.family == "flux" else 64)
+        if spec.local:  # the embedded models: the registry agrees with the stored transformer
+            import json
+
+            assert spec.head_dim == json.loads((spec.path / "transformer" / "config.json").read_text())["attention_head_dim"]
+        else:
+            assert spec.head_dim == (128 if spec.family == "flux" else 64)
         assert spec.steps > 0 and spec.height % spec.pixel_multiple == 0
         assert spec.shapes.batch_min <= spec.shapes.batch_opt <= spec.shapes.batch_max
     assert MODELS["sd3-medium"].source == "stabilityai/stable-diffusion-3-medium-diffusers"
