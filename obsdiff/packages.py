@@ -205,6 +205,7 @@ class PruneConfig:
     last_block: int | None = None
     skip: tuple[str, ...] = ()
     max_group_iters: int = 512
+    family: str = "sd3"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -213,8 +214,6 @@ class PruneConfig:
     @property
     def needs_hessian(self) -> bool:
         return self.method != "magnitude"
-
-    family: str = "sd3"  # the model family's adapter (its scope note is recorded in the plan)
 
     def settings(self, prompts: Sequence[str]) -> dict[str, Any]:
         """The plan's ``calibration`` dict: every setting that changes the result, and the prompts' hash."""
