@@ -201,14 +201,21 @@ def runner_pipeline(
     base_pipe=None,
     device: str | None = None,
     threads: int = 0,
+    correction=None,
 ):
     """Load ``spec``'s PyTorch pipeline (or reuse ``base_pipe``) and swap in ORT sessions / TRT engines.
 
     device: where latents and remaining PyTorch modules live (default ``cuda`` for ``trt``, else ``cpu``).
+    correction: a :class:`runtime.qsched.SchedulerCorrection` (or its JSON path) that the new pipeline's scheduler
+    applies (:func:`runtime.qsched.apply_correction`; the base pipeline is left as it was).
     Returns the new pipeline; ``pipe.runners`` holds the runners (for sizes and providers).
     """
     from families.registry import load_pipeline
 
+    if correction is not None:  # a bad file fails before anything is loaded
+        from runtime.qsched import load_correction
+
+        correction = load_correction(correction)
     device = device or ("cuda" if backend == "trt" else "cpu")
     base = base_pipe if base_pipe is not None else load_pipeline(spec)
     if base.device != torch.device(device):
@@ -216,6 +223,10 @@ def runner_pipeline(
     runners = load_runners(backend=backend, onnx_dir=onnx_dir, engine_dir=engine_dir, provider=provider, components=components, threads=threads)
     pipe = with_runners(base, runners, device=device)
     pipe.runners = runners
+    if correction is not None:
+        from runtime.qsched import apply_correction
+
+        apply_correction(pipe, correction)
     return pipe
 
 
