@@ -9,7 +9,7 @@ EXTRAS ?= rtx
 PYTEST_ARGS ?=
 ENGINE_ARGS ?=
 
-.PHONY: setup test engine bench sheet train-tiny quality scale-fixture scale-check clean-artifacts
+.PHONY: setup test engine bench sheet train-tiny quality scale-fixture scale-check clean-artifacts pareto
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,12 @@ engine: setup
 
 bench: setup
 	$(PY) -m pipeline engine --model "$(MODEL)" --sparsity "$(SPARSITY)" --only-bench $(ENGINE_ARGS)
+
+# Latency vs quality over sparsity (dense, 2:4, structured 0.1-0.5) x precision (fp32, int8), end to end on ONNX
+# Runtime (CPU), stages reused from the artifact store: artifacts/$(MODEL)/pareto/pareto.{json,md,png}.
+PARETO_ARGS ?=
+pareto: setup
+	$(PY) -m benchmarks.pareto --model "$(MODEL)" $(PARETO_ARGS)
 
 sheet: setup
 	$(PY) -m pipeline sheet --model "$(MODEL)" --out artifacts/$(MODEL)/digits_sheet.png

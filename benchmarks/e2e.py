@@ -213,6 +213,7 @@ def run_e2e(
     base_pipe=None,
     threads: int | None = None,
     resolutions: list[tuple[int, int]] | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Benchmark dense vs pruned (and PyTorch eager) end to end; write the JSON, Markdown, plot and grid.
 
@@ -228,6 +229,8 @@ def run_e2e(
     than with 1, measured on the shared 2-core development box). resolutions: image sizes ``(h, w)`` to
     time, each in every round (default: the model's); the first one gives the headline numbers, all of them
     ``per_shape`` (latency and stages per variant, speedups). Each must be one the exports serve.
+    precision: the transformer precision of both exports (``fp32``, ``int8``...), recorded (default: the
+    pruned export report's).
 
     Returns the dict written to ``out_dir/bench.json``: ``dense``/``pruned``/``eager`` entries with
     ``latency_ms`` {median, p90, mean, min, n}, ``stages_ms``, ``transformer_step_ms``, ``images_per_s``,
@@ -266,13 +269,14 @@ def run_e2e(
         with created_dirs(out_dir) as out_dir:
             return _run(spec, dense_export_dir, pruned_export_dir, out_dir, runs=runs, warmup=warmup, backend=backend, provider=provider,
                         engines=engines, sparsity=sparsity, eager=eager, quality=quality, quality_seeds=quality_seeds, prompt=prompt,
-                        seed=seed, steps=steps, grid_prompts=grid_prompts, base_pipe=base_pipe, cuda=cuda, device=device, resolutions=resolutions)
+                        seed=seed, steps=steps, grid_prompts=grid_prompts, base_pipe=base_pipe, cuda=cuda, device=device, resolutions=resolutions,
+                        precision=precision or export_precision(pruned_export_dir))
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warmup, backend, provider, engines, sparsity, eager, quality,
-         quality_seeds, prompt, seed, steps, grid_prompts, base_pipe, cuda, device, resolutions) -> dict[str, Any]:
+         quality_seeds, prompt, seed, steps, grid_prompts, base_pipe, cuda, device, resolutions, precision=None) -> dict[str, Any]:
     from tqdm import tqdm
 
     from benchmarks.report import write_reports
@@ -324,6 +328,7 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
     result: dict[str, Any] = {
         "model": spec.id,
         "sparsity": str(sparsity) if sparsity is not None else None,
+        "precision": precision,
         "backend": backend,
         "provider": provider if backend == "ort" else None,
         "settings": {"runs": runs, "warmup": warmup, "steps": steps, "guidance": spec.guidance, "height": resolutions[0][0], "width": resolutions[0][1],
@@ -380,6 +385,14 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
     write_reports(result, out_dir)
     log.info("speedup dense/pruned %.3fx (transformer %.3fx) -> %s", result["speedup"], result["speedup_transformer"], out_dir / "bench.json")
     return result
+
+
+def export_precision(export_dir: str | os.PathLike) -> str | None:
+    """The transformer precision stage 2 recorded for ``export_dir`` (None for an export without a report)."""
+    from common.io import read_json
+
+    report = _onnx_dir(export_dir).parent / "export_report.json"
+    return read_json(report).get("precision") if report.is_file() else None
 
 
 def check_served(export_dir: str | os.PathLike, spec, resolutions: list[tuple[int, int]]) -> None:

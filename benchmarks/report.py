@@ -70,7 +70,7 @@ def markdown_table(bench: dict[str, Any]) -> str:
     if st:
         lines.append("")
         lines.append(
-            f"{bench.get('model')} {bench.get('sparsity')}, {st.get('steps')} steps, {st.get('runs')} timed runs after {st.get('warmup')} warm-up, "
+            f"{bench.get('model')} {bench.get('sparsity')}{', transformer ' + bench['precision'] if bench.get('precision') else ''}, {st.get('steps')} steps, {st.get('runs')} timed runs after {st.get('warmup')} warm-up, "
             f"variants interleaved; {bench.get('device', {}).get('summary', '')}."
         )
     return "\n".join(lines) + "\n"

@@ -5,8 +5,10 @@ Layout of one configuration (``config-id`` = sparsity id + method, e.g. ``2-4-ob
     prune/         stage 1: plan.json, transformer/ (masked, dense shapes)
     export/        stage 2, float32: compact/, onnx/ (every component), export_report.json
     export-fp16/   stage 2, float16 for TensorRT (strongly typed): onnx/transformer.onnx ...
+    export-int8/   stage 2 with an INT8 (Q/DQ) transformer (--precision int8); export-fp8/ likewise
     engines/       stage 3: <component>/engine_<backend><version>.plan + manifest
-    bench.json     the end-to-end benchmark (bench.md, bench.png, grid.png beside it)
+    engines-int8/  stage 3 from export-int8/: <component>/engine_<backend><version>_int8.plan; engines-fp8/ likewise
+    bench.json     the end-to-end benchmark (bench.md, bench.png, grid.png beside it); bench-int8/ for --precision int8
     manifest.json  each stage: inputs, settings, outputs, versions, timings
 
 The dense reference lives in ``artifacts/<model>/dense/`` with the same layout (no prune/), shared by every
@@ -47,6 +49,18 @@ class ConfigDirs:
     @property
     def engines(self) -> Path:
         return self.root / "engines"
+
+    def export_for(self, precision: str) -> Path:
+        """Stage 2's directory for a transformer precision: ``export/`` (fp32), ``export-fp16/``, ``export-int8/``, ..."""
+        return self.export if precision == "fp32" else self.root / f"export-{precision}"
+
+    def engines_for(self, precision: str) -> Path:
+        """Stage 3's directory for engines of a precision: ``engines/`` (float16, the default), ``engines-int8/``, ``engines-fp8/``."""
+        return self.engines if precision in ("fp16", "fp32") else self.root / f"engines-{precision}"
+
+    def bench_dir(self, precision: str = "fp32") -> Path:
+        """Where the end-to-end benchmark of a precision writes: the config directory (fp32) or ``bench-<precision>/``."""
+        return self.root if precision == "fp32" else self.root / f"bench-{precision}"
 
     @property
     def manifest(self) -> Path:

@@ -5,6 +5,11 @@ driver its own command calls (:func:`pipeline.cmd_prune.run_prune` around :func:
 :func:`export.stage.run_export`, :func:`runtime.stage.run_build`, :func:`benchmarks.e2e.run_e2e`), with
 typed settings built here. Every stage's settings are checked before the first stage starts. A stage whose
 output is complete and whose inputs are unchanged is reused. The last line printed is the artifact directory.
+
+``--precision int8`` (or ``fp8``) quantizes the transformer in stage 2 (calibrated on stage 1's trajectories)
+into ``export-int8/`` and builds ``engines-int8/`` from it; on a CPU the benchmark runs the INT8 exports in ONNX
+Runtime and writes ``bench-int8/``. FP8 builds TensorRT-RTX engines for SM89/SM120 and is benchmarked only on
+such a GPU (``--no-bench`` elsewhere).
 """
 
 from __future__ import annotations
@@ -40,6 +45,15 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed warm-up runs (default 2)")
     p.add_argument("--bench-steps", type=int_at_least(1), default=None, help="denoising steps of the timed runs (default: the model's)")
     p.add_argument("--no-quality", action="store_true", help="skip the quality evaluation of each variant")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp8"],
+                   help="the transformer's precision: fp32 (ONNX Runtime; float16 engines), int8 (Q/DQ, calibrated with ModelOpt on "
+                        "stage 1's trajectories; ONNX Runtime and INT8 engines) or fp8 (engines for SM89/SM120 GPUs; ONNX Runtime cannot run "
+                        "it: add --no-bench on a host without such a GPU). Default fp32")
+    p.add_argument("--quant-samples", type=int_at_least(1), default=None,
+                   help="--precision int8/fp8: trajectories to calibrate on, the first of stage 1's (default 8)")
+    p.add_argument("--quant-calls", type=int_at_least(1), default=None,
+                   help="--precision int8/fp8: transformer calls kept for calibration (default 64)")
+    p.add_argument("--no-bench", action="store_true", help="stop after the engine builds (no benchmark)")
     p.add_argument("--no-eager", action="store_true", help="skip the PyTorch eager column")
     p.add_argument("--only-bench", action="store_true", help="rerun only the benchmark (stages 1-2 must be complete)")
     p.add_argument("--triton", metavar="DIR", default=None, help="also write a Triton model repository to DIR")
@@ -127,31 +141,73 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
     from runtime.stage import BuildSettings
 
     shapes = shapes_from_args(args, spec)  # the resolutions and batch range every export and engine serves
+    precision = getattr(args, "precision", "fp32")
 
     prune = prune_settings(spec, sparsity, cfg.prune, method=args.method, groups=args.groups, samples=args.samples or DEFAULT_SAMPLES,
                            steps=args.calib_steps)
     stages = [Stage("prune", cfg.prune / "plan.json", prune, {"model": spec.source}, {"dir": str(cfg.prune)})]
-    fp16_components = ("transformer",) if not cuda else None  # None: every component
+    quant = quant_calibration(args, prune) if precision != "fp32" else None
+    cpu_components = ("transformer",) if not cuda else None  # engines on a host without a GPU: the transformer's only; None: all
     for which, dirs, pruned in (("dense", dense, None), ("pruned", cfg, cfg.prune)):
         inputs = {"pruned": str(pruned) if pruned else None}
-        if bench_backend == "ort":
-            stages.append(Stage(f"export_{which}", dirs.export / "export_report.json",
-                                ExportSettings(spec=spec, out=dirs.export, pruned=pruned, precision="fp32", shapes=shapes), inputs,
-                                {"dir": str(dirs.export)}))
-        if args.no_engines:
-            continue
-        stages.append(Stage(f"export_{which}_fp16", dirs.export_fp16 / "export_report.json",
-                            ExportSettings(spec=spec, out=dirs.export_fp16, pruned=pruned, precision="fp16", components=fp16_components,
-                                           parity_batches=(2,), shapes=shapes),
-                            inputs, {"dir": str(dirs.export_fp16)}))
-        build = BuildSettings(spec=spec, sparsity=sparsity if pruned else parse_sparsity("dense"), onnx_dir=dirs.export_fp16 / "onnx",
-                              out=dirs.engines, opt_level=args.opt_level,
+        if precision == "fp32":
+            if bench_backend == "ort":
+                stages.append(Stage(f"export_{which}", dirs.export / "export_report.json",
+                                    ExportSettings(spec=spec, out=dirs.export, pruned=pruned, precision="fp32", shapes=shapes), inputs,
+                                    {"dir": str(dirs.export)}))
+            if args.no_engines:
+                continue
+            engine_export = dirs.export_fp16
+            stages.append(Stage(f"export_{which}_fp16", dirs.export_fp16 / "export_report.json",
+                                ExportSettings(spec=spec, out=dirs.export_fp16, pruned=pruned, precision="fp16", components=cpu_components,
+                                               parity_batches=(2,), shapes=shapes),
+                                inputs, {"dir": str(dirs.export_fp16)}))
+            engine_components = None
+        else:
+            # one quantized export serves ONNX Runtime and the engines: float32 around INT8 for ONNX Runtime on a
+            # CPU, float16 around it for TensorRT (FP8 runs on GPUs only)
+            engine_export = dirs.export_for(precision)
+            ort_export = precision == "int8" and bench_backend == "ort"
+            if ort_export or not args.no_engines:
+                settings = export_settings(spec, dirs, pruned, precision, shapes, quant,
+                                           components=None if ort_export else cpu_components, others="fp32" if ort_export else "fp16")
+                stages.append(Stage(f"export_{which}_{precision}", engine_export / "export_report.json", settings, inputs, {"dir": str(engine_export)}))
+            if args.no_engines:
+                continue
+            engine_components = cpu_components if ort_export else None
+        engines = dirs.engines_for(precision if precision != "fp32" else "fp16")
+        build = BuildSettings(spec=spec, sparsity=sparsity if pruned else parse_sparsity("dense"), onnx_dir=engine_export / "onnx",
+                              out=engines, opt_level=args.opt_level, components=engine_components,
                               triton=Path(args.triton) if args.triton and which == "pruned" else None, static_shapes=shapes.static)
-        stages.append(Stage(f"engines_{which}", dirs.engines / "transformer", build, {"onnx": str(dirs.export_fp16 / "onnx")},
-                            {"dir": str(dirs.engines)}))
+        suffix = "" if precision == "fp32" else f"_{precision}"
+        stages.append(Stage(f"engines_{which}{suffix}", engines / "transformer", build, {"onnx": str(engine_export / "onnx")},
+                            {"dir": str(engines)}))
     for st in stages:
         check_stage(st)
     return stages
+
+
+def quant_calibration(args, prune):
+    """The INT8/FP8 calibration of ``make engine``: stage 1's prompts (the prune stage's list) and seed, the
+    model's steps (stage 1's ``--calib-steps``) and guidance; ``--quant-samples``/``--quant-calls``."""
+    from export.stage import DEFAULT_QUANT_CALLS, DEFAULT_QUANT_SAMPLES, QuantCalibration
+
+    calib = prune.config.calibration
+    return QuantCalibration(samples=getattr(args, "quant_samples", None) or DEFAULT_QUANT_SAMPLES,
+                            max_calls=getattr(args, "quant_calls", None) or DEFAULT_QUANT_CALLS,
+                            prompts=tuple(prune.prompts), steps=calib.steps, guidance=calib.guidance, seed=calib.seed)
+
+
+def export_settings(spec, dirs, pruned, precision: str, shapes, quant=None, *, components=None, others: str | None = None):
+    """Stage 2's settings for one configuration directory at a transformer precision, as ``make engine`` and
+    ``python -m benchmarks.pareto`` run it (so either reuses what the other exported): ``fp32`` into ``export/``,
+    ``int8``/``fp8`` (with ``quant``, a :class:`export.stage.QuantCalibration`) into ``export-<precision>/``."""
+    from export.stage import ExportSettings
+
+    if precision == "fp32":
+        return ExportSettings(spec=spec, out=dirs.export, pruned=pruned, precision="fp32", shapes=shapes, components=components)
+    return ExportSettings(spec=spec, out=dirs.export_for(precision), pruned=pruned, precision=precision, components=components, shapes=shapes,
+                          calibration=quant, others_precision=others)
 
 
 @dataclass(frozen=True)
@@ -174,10 +230,11 @@ class BenchSettings:
     quality: bool = True
     eager: bool = True
     resolutions: tuple[tuple[int, int], ...] | None = None
+    precision: str = "fp32"
 
     def to_json(self) -> dict[str, Any]:
         return {"backend": self.backend, "runs": self.runs, "warmup": self.warmup, "steps": self.steps, "quality": self.quality, "eager": self.eager,
-                "resolutions": [list(r) for r in self.resolutions] if self.resolutions else None}
+                "resolutions": [list(r) for r in self.resolutions] if self.resolutions else None, "precision": self.precision}
 
 
 BENCH_OUTPUTS = ("bench.json", "bench.md", "bench.png", "grid.png")
@@ -188,14 +245,17 @@ def plan_bench(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str)
     from families.shapes import shapes_from_args
 
     trt = bench_backend == "trt"
+    precision = getattr(args, "precision", "fp32")
+    export_precision = ("fp16" if precision == "fp32" else precision) if trt else precision
+    engine_precision = "fp16" if precision == "fp32" else precision
     settings = BenchSettings(
         spec=spec,
-        dense_export=dense.export_fp16 if trt else dense.export,
-        pruned_export=cfg.export_fp16 if trt else cfg.export,
-        out=cfg.root,
+        dense_export=dense.export_for(export_precision),
+        pruned_export=cfg.export_for(export_precision),
+        out=cfg.bench_dir(precision),
         backend=bench_backend,
         provider="cuda" if (cuda and not trt) else "cpu",
-        engines={"dense": dense.engines, "pruned": cfg.engines} if trt else None,
+        engines={"dense": dense.engines_for(engine_precision), "pruned": cfg.engines_for(engine_precision)} if trt else None,
         sparsity=sparsity,
         runs=args.runs,
         warmup=args.warmup,
@@ -204,6 +264,7 @@ def plan_bench(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str)
         quality=not args.no_quality,
         eager=not args.no_eager,
         resolutions=shapes_from_args(args, spec).resolutions,
+        precision=precision,
     )
     check_bench(settings)
     return settings
@@ -229,7 +290,7 @@ def run_bench(settings: BenchSettings) -> dict:
     return run_e2e(settings.spec, settings.dense_export, settings.pruned_export, settings.out, runs=settings.runs, warmup=settings.warmup,
                    backend=settings.backend, provider=settings.provider, engines=settings.engines, sparsity=settings.sparsity,
                    threads=settings.threads, steps=settings.steps, quality=settings.quality, eager=settings.eager,
-                   resolutions=list(settings.resolutions) if settings.resolutions else None)
+                   resolutions=list(settings.resolutions) if settings.resolutions else None, precision=settings.precision)
 
 
 def run(args) -> int:
@@ -253,15 +314,17 @@ def run(args) -> int:
     # Everything is checked before the first stage starts: a bad option costs seconds, not a prune.
     if bench_backend == "trt" and args.no_engines:
         raise UserError("--no-engines leaves nothing for --backend trt to benchmark; use --backend ort")
+    _check_precision(args, cuda, bench_backend)
     stages = [] if args.only_bench else plan_stages(args, spec, sparsity, cfg, dense, cuda, bench_backend)
-    bench = plan_bench(args, spec, sparsity, cfg, dense, cuda, bench_backend)
+    bench = None if args.no_bench else plan_bench(args, spec, sparsity, cfg, dense, cuda, bench_backend)
     check_output(cfg.manifest, "file")
-    if args.only_bench:
+    if args.only_bench and bench is not None:
         for d in (bench.pruned_export, bench.dense_export):
             if not (d / "export_report.json").is_file():
                 raise UserError(f"{d} is not complete; run `make engine MODEL={args.model} SPARSITY={sparsity}` first")
     manifest = Manifest(cfg.manifest, {"model": spec.id, "model_source": spec.source, "sparsity": str(sparsity), "method": args.method,
                                        "config_dir": str(cfg.root)})
+    precision = args.precision
     t_all = time.perf_counter()
 
     for st in stages:
@@ -276,23 +339,51 @@ def run(args) -> int:
                         seconds=time.perf_counter() - t0, reused=reused)
         log.info("%s: %s in %.1f s", st.name, "reused" if reused else "done", time.perf_counter() - t0)
 
-    log.info("== bench (%s) ==", bench_backend)
+    if bench is None:
+        manifest.data.update(total_seconds=round(time.perf_counter() - t_all, 1))
+        manifest.save()
+        _summary(None, cfg, dense, precision)
+        print(cfg.root)
+        return 0
+    log.info("== bench (%s, %s) ==", bench_backend, precision)
     t0 = time.perf_counter()
     result = run_bench(bench)
-    manifest.record("bench", inputs={"dense": str(bench.dense_export), "pruned": str(bench.pruned_export),
-                                     "engines": {k: str(v) for k, v in (bench.engines or {}).items()}},
-                    settings=bench.to_json(), outputs={"bench": str(cfg.bench)}, seconds=time.perf_counter() - t0, reused=False)
-    manifest.data.update(total_seconds=round(time.perf_counter() - t_all, 1), speedup=result["speedup"])
+    name = "bench" if precision == "fp32" else f"bench_{precision}"
+    manifest.record(name, inputs={"dense": str(bench.dense_export), "pruned": str(bench.pruned_export),
+                                  "engines": {k: str(v) for k, v in (bench.engines or {}).items()}},
+                    settings=bench.to_json(), outputs={"bench": str(bench.out / "bench.json")}, seconds=time.perf_counter() - t0, reused=False)
+    key = "speedup" if precision == "fp32" else f"speedup_{precision}"
+    manifest.data.update(total_seconds=round(time.perf_counter() - t_all, 1), **{key: result["speedup"]})
     manifest.save()
-    _summary(result, cfg, dense)
+    _summary(result, cfg, dense, precision)
     print(cfg.root)
     return 0
 
 
-def _summary(result: dict, cfg, dense) -> None:
+def _check_precision(args, cuda: bool, bench_backend: str) -> None:
+    """One line, before any stage, for a precision this host cannot benchmark or build."""
+    if args.precision == "fp32" and (args.quant_samples is not None or args.quant_calls is not None):
+        raise UserError("--quant-samples/--quant-calls calibrate an INT8/FP8 transformer; add --precision int8 or fp8")
+    if args.precision != "fp8":
+        return
+    if args.no_engines:
+        raise UserError("--precision fp8 runs only as TensorRT engines (ONNX Runtime cannot run FP8 Q/DQ); drop --no-engines")
+    if not args.no_bench and bench_backend == "ort":
+        raise UserError("--precision fp8 cannot be benchmarked with ONNX Runtime (it cannot run TensorRT's FP8 Q/DQ) and this host has no GPU "
+                        "to run FP8 engines: add --no-bench to build the FP8 engines (TensorRT-RTX, for SM89/SM120), or use --precision int8")
+    if cuda and not args.no_bench:
+        import torch
+
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) < (8, 9):
+            raise UserError(f"--precision fp8 needs an Ada or later GPU (compute capability 8.9+); this one is {major}.{minor}: "
+                            "use --precision int8, or add --no-bench to build FP8 engines for SM89/SM120")
+
+
+def _summary(result: dict | None, cfg, dense, precision: str = "fp32") -> None:
     """A short human summary: latency, speedup, quality, sizes, engines."""
-    lines = [f"{'variant':8} {'backend':34} {'median ms':>10} {'p90 ms':>9} {'accuracy':>9} {'FD':>8}"]
-    for name in ("dense", "pruned", "eager"):
+    lines = [f"{'variant':8} {'backend':34} {'median ms':>10} {'p90 ms':>9} {'accuracy':>9} {'FD':>8}"] if result else []
+    for name in ("dense", "pruned", "eager") if result else ():
         r = result.get(name)
         if not r:
             continue
@@ -302,14 +393,19 @@ def _summary(result: dict, cfg, dense) -> None:
         acc_s = "-" if acc is None else f"{acc:.3f}"
         fd_s = "-" if fd is None else f"{fd:.2f}"
         lines.append(f"{name:8} {r['backend'][:34]:34} {r['latency_ms']['median']:10.1f} {r['latency_ms']['p90']:9.1f} {acc_s:>9} {fd_s:>8}")
-    lines.append(f"speedup dense/pruned: {result['speedup']:.3f}x (transformer {result.get('speedup_transformer', float('nan')):.3f}x)")
-    if result.get("note"):
-        lines.append(result["note"])
+    if result:
+        lines.append(f"speedup dense/pruned ({precision}): {result['speedup']:.3f}x (transformer {result.get('speedup_transformer', float('nan')):.3f}x)")
+        if result.get("note"):
+            lines.append(result["note"])
     from runtime.tensorrt import manifest_summary
 
     for which, d in (("dense", dense), ("pruned", cfg)):
-        for plan in sorted(d.engines.glob("*/engine_*.plan")) if d.engines.is_dir() else []:
+        engines = d.engines_for("fp16" if precision == "fp32" else precision)
+        for plan in sorted(engines.glob("*/engine_*.plan")) if engines.is_dir() else []:
             m = manifest_summary(plan)
-            lines.append(f"engine {which}/{plan.parent.name}: {m['backend']}, {m['plan_mib']} MiB, sparse_weights={m['sparse_weights']}, "
-                         f"N:M-eligible ONNX weights {m['onnx_nm_eligible']}, builder log: {m['log_eligible']} eligible / {m['log_sparse']} sparse")
+            quant = (f", {m['quantized_layers']} layers {m['precision']} ({m['quantized_nm_layers']} also N:M)" if m["quantized_layers"] else "")
+            refused = f", targets refused by the builder: {','.join(m['refused_targets'])}" if m.get("refused_targets") else ""
+            lines.append(f"engine {which}/{plan.parent.name}: {m['backend']} {m['precision']}, {m['plan_mib']} MiB, sparse_weights={m['sparse_weights']}, "
+                         f"N:M-eligible ONNX weights {m['onnx_nm_eligible']}{quant}{refused}, "
+                         f"builder log: {m['log_eligible']} eligible / {m['log_sparse']} sparse")
     print("\n".join(lines))

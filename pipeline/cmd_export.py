@@ -7,6 +7,11 @@ Writes, under ``--out``:
 - ``export_report.json``: parameters, GEMM FLOPs per denoising step, file sizes, parity errors, the
   sparse-eligible share of GEMM FLOPs, precision and shapes, and the fingerprint of the inputs.
 
+``--precision int8`` / ``fp8`` quantize the transformer with NVIDIA ModelOpt, calibrated on stage 1's
+trajectories (``--calib-samples`` of its prompts and seeds, its steps and guidance): a Q/DQ ONNX whose pruned
+weights stay zero (the N:M check reads through the DequantizeLinear), INT8 checked in ONNX Runtime against the
+fake-quantized model; the other components stay float32 (int8) or float16 (fp8).
+
 The report is written last and marks the output complete. A rerun whose inputs (hash of ``plan.json`` and
 the transformer weights, model, precision, components, shapes, library versions, this stage's code) are
 unchanged reuses the existing output. ``compact/`` and ``onnx/`` are each replaced atomically. The stage
@@ -19,13 +24,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.cli import int_at_least
 from common.errors import UserError
 
 
 def add_parser(subparsers) -> None:
-    from export.onnx_export import PRECISIONS
+    from export.stage import DEFAULT_QUANT_CALLS, DEFAULT_QUANT_SAMPLES, POLYGRAPHY_MODES, PRECISIONS
     from families.shapes import add_shape_args
-    from export.stage import POLYGRAPHY_MODES
 
     p = subparsers.add_parser(
         "export",
@@ -35,7 +40,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="tiny-sd3", help="registry id or local diffusers directory (default tiny-sd3)")
     p.add_argument("--pruned", type=Path, default=None, help="stage-1 directory (plan.json + transformer/); omitted: export the dense model")
     p.add_argument("--out", type=Path, required=True, help="output directory (may be the stage-1 directory)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 for CPU runtimes, fp16 for TensorRT (default fp32)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="the transformer's: fp32 for CPU runtimes, fp16 for TensorRT, int8 (Q/DQ; ONNX Runtime and TensorRT) or "
+                        "fp8 (TensorRT on SM89/SM120 GPUs), both calibrated with ModelOpt on stage 1's trajectories (default fp32)")
+    p.add_argument("--others-precision", choices=("fp32", "fp16"), default=None,
+                   help="the other components' precision (default: fp32 next to fp32/int8, fp16 next to fp16/fp8)")
+    q = p.add_argument_group("quantization (--precision int8/fp8)")
+    q.add_argument("--calib-samples", type=int_at_least(1), default=DEFAULT_QUANT_SAMPLES,
+                   help=f"trajectories to calibrate on: the first of stage 1's prompts and seeds (default {DEFAULT_QUANT_SAMPLES})")
+    q.add_argument("--calib-calls", type=int_at_least(1), default=DEFAULT_QUANT_CALLS,
+                   help=f"transformer calls kept for calibration, spread over the trajectories (default {DEFAULT_QUANT_CALLS})")
+    q.add_argument("--calib-prompts", type=Path, default=None, help="stage 1's prompt file if it was not the model's (one prompt per line)")
     p.add_argument("--components", default=None, help="comma-separated subset of the model's components, e.g. "
                    "transformer,text_encoder,text_encoder_2,text_encoder_3,vae_decoder for SD3 (default all)")
     p.add_argument("--parity-batches", default="1,3", help="batch sizes for the ORT-vs-torch checks (default 1,3; '' skips them)")
@@ -71,11 +86,19 @@ def _parse_batches(text: str) -> tuple[int, ...]:
 
 def settings_from_args(args: argparse.Namespace):
     """The parsed options as :class:`export.stage.ExportSettings` (values checked, outputs not yet)."""
-    from export.stage import ExportSettings
+    from export.stage import ExportSettings, QuantCalibration
     from families.registry import resolve_model
     from families.shapes import shapes_from_args
 
     spec = resolve_model(args.model)
+    calibration = None
+    if args.precision in ("int8", "fp8"):
+        prompts = None
+        if args.calib_prompts is not None:
+            from obsdiff.packages import read_prompts
+
+            prompts = tuple(read_prompts(args.calib_prompts))
+        calibration = QuantCalibration(samples=args.calib_samples, max_calls=args.calib_calls, prompts=prompts)
     return ExportSettings(
         spec=spec,
         out=Path(args.out),
@@ -86,6 +109,8 @@ def settings_from_args(args: argparse.Namespace):
         polygraphy=args.polygraphy,
         force=args.force,
         shapes=shapes_from_args(args, spec),
+        calibration=calibration,
+        others_precision=args.others_precision,
     )
 
 

@@ -1,9 +1,12 @@
 """Engine manifests: what an engine was built from and for, checked before anything is deserialised.
 
 An engine ``engine_<backend><version>.plan`` has a manifest ``engine_<backend><version>.json`` next to it
-recording the backend and its version, the GPU (name and compute capability) or, for TensorRT-RTX builds,
-the target compute capabilities, the optimisation profile, the sparsity pattern, the sha256 of the source
-ONNX (with its external data) and of the plan, the builder options and the builder's sparsity log lines.
+recording the backend and its version, the precision (``fp32``/``fp16`` from the ONNX's weights, ``int8``/``fp8``
+from its Q/DQ nodes; a quantized engine's name carries it: ``engine_<backend><version>_int8.plan``), the GPU
+(name and compute capability) or, for TensorRT-RTX builds, the target compute capabilities (and the targets
+the builder refused, with its message: FP8 on SM80/SM86), the optimisation profile, the sparsity pattern, the
+sha256 of the source ONNX (with its external data) and of the plan, the builder options, the builder's
+sparsity log lines, and for a quantized engine the quantized layers and those that are also N:M.
 
 :func:`check_engine` compares a manifest with the running backend and GPU and with the files on disk; any
 mismatch raises :class:`~common.errors.UserError` with one line that says to rebuild. It never touches the
@@ -50,9 +53,15 @@ def current_gpu() -> GpuInfo | None:
     return GpuInfo(torch.cuda.get_device_name(idx), f"{major}.{minor}")
 
 
-def engine_stem(backend: str, version: str) -> str:
-    """``engine_<backend><version>`` (``engine_trtrtx1.7.1.116``, ``engine_trt10.13.3.9``)."""
-    return f"engine_{backend}{version}"
+QUANTIZED_PRECISIONS = ("int8", "fp8")
+
+
+def engine_stem(backend: str, version: str, precision: str | None = None) -> str:
+    """``engine_<backend><version>`` (``engine_trtrtx1.7.1.116``, ``engine_trt10.13.3.9``), with ``_int8`` /
+    ``_fp8`` appended for an engine of a quantized ONNX (``engine_trtrtx1.7.1.116_int8``); a float engine's
+    precision is its ONNX's dtype (strongly typed) and the manifest's ``precision``."""
+    stem = f"engine_{backend}{version}"
+    return f"{stem}_{precision}" if precision in QUANTIZED_PRECISIONS else stem
 
 
 def manifest_path_for(plan: str | os.PathLike) -> Path:

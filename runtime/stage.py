@@ -31,7 +31,7 @@ class BuildSettings:
 
     spec: the model (its export shapes give the profile's batch range). sparsity: the pruned transformer's
     pattern (2:4 and 4:8 turn on SPARSE_WEIGHTS unless ``sparse_weights`` is False). onnx_dir: stage 2's
-    ``onnx/``. out: engine directory. backend: ``"auto"`` (TensorRT on a GPU host, else TensorRT-RTX),
+    ``onnx/``; the engines' precision is its ONNX's (an INT8/FP8 export gives ``engine_..._int8.plan``). out: engine directory. backend: ``"auto"`` (TensorRT on a GPU host, else TensorRT-RTX),
     ``"trt"`` or ``"trtrtx"``. components: subset to build (None: every exported component).
     opt_level: builder optimisation level 0-5. timing_cache: default ``out/timing.cache``. target_cc:
     TensorRT-RTX compute capabilities (None: this GPU, or the default list). workspace_mib: builder
@@ -147,8 +147,11 @@ def run_build(settings: BuildSettings) -> dict[str, Path]:
             plans = build_engines(onnx_dir, out, options, backend=backend, components=components, force=settings.force, profiles=ranges)
     for comp, plan in plans.items():
         s = manifest_summary(plan)
-        log.info("%-15s %s  %.2f MiB  sparsity %s  sparse_weights=%s  N:M-eligible ONNX weights %s  log: %s eligible / %s sparse",
-                 comp, s["backend"], s["plan_mib"], s["sparsity"], s["sparse_weights"], s["onnx_nm_eligible"], s["log_eligible"], s["log_sparse"])
+        quant = f"  {s['quantized_layers']} layers {s['precision']} ({s['quantized_nm_layers']} also N:M)" if s["quantized_layers"] else ""
+        refused = f"  targets refused: {','.join(s['refused_targets'])}" if s.get("refused_targets") else ""
+        log.info("%-15s %s %s  %.2f MiB  sparsity %s  sparse_weights=%s  N:M-eligible ONNX weights %s%s%s  log: %s eligible / %s sparse",
+                 comp, s["backend"], s["precision"], s["plan_mib"], s["sparsity"], s["sparse_weights"], s["onnx_nm_eligible"], quant, refused,
+                 s["log_eligible"], s["log_sparse"])
     if settings.triton:
         from runtime.triton import write_model_repository
 

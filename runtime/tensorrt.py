@@ -4,10 +4,14 @@ One code path serves both libraries (:class:`Backend`): ``tensorrt`` (TensorRT 1
 is tuned for the GPU it is built on) and ``tensorrt_rtx`` (TensorRT-RTX, builds ahead of time on a machine
 without a GPU for a list of target compute capabilities and compiles kernels just in time on the GPU that
 runs it). Networks are strongly typed: the precision is the ONNX's (export with ``--precision fp16`` for
-GPUs). N:M plans are built with ``BuilderFlag.SPARSE_WEIGHTS`` so sparse tensor-core kernels can be picked.
+GPUs; ``int8``/``fp8`` give Q/DQ graphs, calibrated in stage 2, so no INT8 calibrator is needed). N:M plans
+are built with ``BuilderFlag.SPARSE_WEIGHTS`` so sparse tensor-core kernels can be picked (also for INT8/FP8
+weights behind a DequantizeLinear: the manifest lists the layers that are both quantized and N:M).
 
 Build: :func:`build_engine` (one ONNX) and :func:`build_engines` (every component of an export directory)
-write ``engine_<backend><version>.plan`` plus a manifest (see :mod:`runtime.manifest`). Load:
+write ``engine_<backend><version>.plan`` (``..._int8.plan``/``..._fp8.plan`` for a quantized ONNX) plus a
+manifest (see :mod:`runtime.manifest`). FP8 needs compute capability 8.9+: TensorRT-RTX refuses SM80/SM86 for
+it; a build for the default portable targets drops those and records the builder's message. Load:
 :class:`TrtEngine` checks the manifest against the running library and GPU, verifies the plan's sha256 on
 the very bytes it then deserialises, and runs on CUDA torch tensors.
 
@@ -36,6 +40,7 @@ from common.io import atomic_path, read_json, sha256_file, write_json
 from families import ADAPTERS
 from runtime.manifest import (
     MANIFEST_VERSION,
+    QUANTIZED_PRECISIONS,
     GpuInfo,
     check_engine,
     check_in_profile,
@@ -103,11 +108,12 @@ def backend_for_manifest(manifest: dict[str, Any]) -> Backend:
     return get_backend(manifest["backend"])
 
 
-def capturing_logger(backend: Backend):
+def capturing_logger(backend: Backend, *, forward: bool = True):
     """An ``ILogger`` of ``backend``'s library that keeps every line (``.lines``: (severity, message)).
 
-    Warnings and errors are forwarded to :mod:`logging`; the full log goes to the engine manifest's
-    sparsity extraction (:func:`parse_sparsity_log`).
+    Warnings and errors are forwarded to :mod:`logging` (``forward=False``: only kept, for a build whose failure
+    is expected and reported otherwise); the full log goes to the engine manifest's sparsity extraction
+    (:func:`parse_sparsity_log`).
     """
     trt = backend.module
 
@@ -118,6 +124,8 @@ def capturing_logger(backend: Backend):
 
         def log(self, severity, msg):  # called from TensorRT's threads: keep it cheap
             self.lines.append((getattr(severity, "name", str(severity)), msg))
+            if not forward:
+                return
             if severity <= trt.ILogger.Severity.ERROR:
                 log.error("%s: %s", backend.name, msg)
             elif severity == trt.ILogger.Severity.WARNING:
@@ -175,20 +183,59 @@ def parse_sparsity_log(lines: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+def onnx_precision(onnx_path: str | os.PathLike) -> str:
+    """The precision of an ONNX as TensorRT builds it strongly typed: ``"fp8"`` (TensorRT's FP8 Q/DQ),
+    ``"int8"`` (``DequantizeLinear`` of INT8/UINT8 constants), else ``"fp16"`` when its floating-point
+    weights are float16 (the majority of their elements), else ``"fp32"``. Reads no weight data."""
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    if ops & {"TRT_FP8DequantizeLinear", "TRT_FP8QuantizeLinear"}:
+        return "fp8"
+    if "DequantizeLinear" in ops:
+        return "int8"
+    sizes: dict[int, int] = {}
+    for t in model.graph.initializer:
+        sizes[t.data_type] = sizes.get(t.data_type, 0) + int(np.prod(t.dims))
+    half = sizes.get(onnx.TensorProto.FLOAT16, 0) + sizes.get(onnx.TensorProto.BFLOAT16, 0)
+    return "fp16" if half > sizes.get(onnx.TensorProto.FLOAT, 0) else "fp32"
+
+
 def onnx_nm_weights(onnx_path: str | os.PathLike, n: int = 2, m: int = 4) -> dict[str, Any]:
     """Which constant MatMul/Gemm/Conv weights of an ONNX satisfy N:M along the reduction (K) dimension.
 
-    This is TensorRT's eligibility condition for sparse kernels. Returns
-    ``{"pattern": "n:m", "eligible": [weight names], "checked": int, "not_eligible": [names]}``.
+    This is TensorRT's eligibility condition for sparse kernels. A quantized weight (``DequantizeLinear`` /
+    ``TRT_FP8DequantizeLinear`` of a constant, possibly through Transposes; :mod:`export.quantize`) is checked
+    on its quantized values, the ones TensorRT gets. Returns ``{"pattern": "n:m", "eligible": [weight names],
+    "checked": int, "not_eligible": [names], "quantized": [names of the weights behind a dequantize node],
+    "quantized_eligible": [those that are also N:M]}``.
     """
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
+    from export.sparsity_check import quantized_nonzeros, trace_quantized_weight
+
     model = onnx.load(str(onnx_path), load_external_data=True)
     inits = {t.name: t for t in model.graph.initializer}
-    eligible, not_eligible = [], []
+    producers = {o: node for node in model.graph.node for o in node.output}
+    eligible, not_eligible, quantized = [], [], []
     for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) >= 2 and node.input[1] not in inits:
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0) if node.op_type == "Gemm" else 0
+            qw = trace_quantized_weight(node.input[1], 1 if trans_b else 0, inits, producers)
+            if qw is None or len(inits[qw.source].dims) != 2:
+                continue
+            nonzero = np.moveaxis(quantized_nonzeros(qw, inits, producers), qw.k_axis, -1)  # (N, K)
+            quantized.append(qw.source)
+            if nonzero.shape[1] % m:
+                not_eligible.append(qw.source)
+                continue
+            groups = nonzero.reshape(nonzero.shape[0], -1, m).sum(-1)  # (N, K/m) non-zeros per group
+            (eligible if bool((groups <= n).all()) else not_eligible).append(qw.source)
+            continue
         if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.input) < 2 or node.input[1] not in inits:
             continue
         w = numpy_helper.to_array(inits[node.input[1]])
@@ -206,7 +253,8 @@ def onnx_nm_weights(onnx_path: str | os.PathLike, n: int = 2, m: int = 4) -> dic
             continue
         groups = (wk.reshape(wk.shape[0], -1, m) != 0).sum(-1)  # (N, K/m) non-zeros per group
         (eligible if bool((groups <= n).all()) else not_eligible).append(node.input[1])
-    return {"pattern": f"{n}:{m}", "eligible": eligible, "not_eligible": not_eligible, "checked": len(eligible) + len(not_eligible)}
+    return {"pattern": f"{n}:{m}", "eligible": eligible, "not_eligible": not_eligible, "checked": len(eligible) + len(not_eligible),
+            "quantized": quantized, "quantized_eligible": [w for w in quantized if w in set(eligible)]}
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -339,21 +387,58 @@ def build_engine(
 ) -> Path:
     """Build an engine from ``onnx_path`` into ``out_dir/engine_<backend><version>.plan`` (+ manifest).
 
+    The precision is the ONNX's (:func:`onnx_precision`); an INT8/FP8 engine is named
+    ``engine_<backend><version>_<precision>.plan``. FP8 needs an Ada or later GPU: when TensorRT-RTX builds for
+    its default portable targets, the ones its builder refuses for FP8 (SM80/SM86: "Cannot compile for
+    target(s) sm80, sm86, because the model contains HW-specific datatypes: fp8_e4m3") are dropped and the
+    manifest records them with the builder's message (``refused_targets``); targets given explicitly are built
+    as given or the build fails.
+
     Returns the plan path. The plan and manifest are written atomically (manifest last). Raises
     :class:`UserError` when the ONNX cannot be parsed or the build fails (the builder's errors in one line).
     """
     options = options or BuildOptions()
     be = backend if isinstance(backend, Backend) else get_backend(backend)
-    trt = be.module
     onnx_path = Path(onnx_path)
-    out_dir = Path(out_dir)
     if not onnx_path.is_file():
         raise UserError(f"missing ONNX {onnx_path}; run `python -m pipeline export` first")
     if options.opt_level is not None and not 0 <= options.opt_level <= 5:
         raise UserError(f"builder optimisation level {options.opt_level} is outside 0-5")
+    precision = onnx_precision(onnx_path)
+    portable = be.is_rtx and not options.target_cc and current_gpu() is None  # the default targets, which may be narrowed
+    try:
+        return _build_engine(onnx_path, Path(out_dir), options, be, component, precision, quiet=portable and precision == "fp8")
+    except _RefusedTargets as refused:
+        if not portable:  # the user's (or this GPU's) targets: build them or fail
+            raise UserError(refused.message) from None
+        kept = [t for t in refused.requested if t not in refused.targets]
+        if not kept:
+            raise UserError(refused.message) from None
+        log.info("%s: %s refuses %s for %s (%s); building for %s", onnx_path.name, be.name, ", ".join(refused.targets), precision,
+                 refused.builder_error, ", ".join(kept))
+        return _build_engine(onnx_path, Path(out_dir), options, be, component, precision, quiet=False, targets=kept,
+                             refused={"targets": refused.targets, "builder": refused.builder_error, "requested": refused.requested})
+
+
+class _RefusedTargets(Exception):
+    """The builder refused some compute capabilities (TensorRT-RTX: FP8 on SM80/SM86)."""
+
+    def __init__(self, message: str, builder_error: str, targets: list[str], requested: list[str]):
+        super().__init__(message)
+        self.message, self.builder_error, self.targets, self.requested = message, builder_error, targets, requested
+
+
+_REFUSED = re.compile(r"Cannot compile for target\(s\) ([\w ,]+?), because", re.IGNORECASE)
+
+
+def _build_engine(onnx_path: Path, out_dir: Path, options: BuildOptions, be: Backend, component: str | None, precision: str, *,
+                  quiet: bool, targets: list[str] | None = None, refused: dict[str, Any] | None = None) -> Path:
+    """One build (see :func:`build_engine`); ``targets`` overrides the TensorRT-RTX targets, ``refused`` goes
+    to the manifest. Raises :class:`_RefusedTargets` when the builder refuses some of the targets."""
+    trt = be.module
     t0 = time.perf_counter()
     onnx_sha = sha256_onnx(onnx_path)
-    lg = capturing_logger(be)
+    lg = capturing_logger(be, forward=not quiet)
     builder = trt.Builder(lg)
     flags = 0
     strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
@@ -375,9 +460,12 @@ def build_engine(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_mib) << 20)
 
     gpu = current_gpu()
-    targets: list[str] = []
+    given_targets = targets
+    targets = []
     if be.is_rtx:
-        if options.target_cc:
+        if given_targets:
+            targets = list(given_targets)
+        elif options.target_cc:
             targets = [_sm_name(c) for c in options.target_cc]
         elif gpu is not None:
             targets = [_sm_name(gpu.compute_capability)]
@@ -414,11 +502,20 @@ def build_engine(
         profile.set_shape(inp.name, mn, op, mx)
     config.add_optimization_profile(profile)
 
-    log.info("building %s engine for %s (%s, sparse_weights=%s, opt level %s)", be.name, onnx_path.name, options.sparsity, sparse, options.opt_level)
+    log.info("building %s %s engine for %s (%s, sparse_weights=%s, opt level %s%s)", be.name, precision, onnx_path.name, options.sparsity, sparse,
+             options.opt_level, f", targets {','.join(targets)}" if targets else "")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         errs = [m for s, m in lg.lines if s in ("ERROR", "INTERNAL_ERROR")]
-        raise UserError(f"{be.name} failed to build {onnx_path.name}: {(errs[-1] if errs else 'see the log above').splitlines()[0]}")
+        first = (errs[-1] if errs else "see the log above").splitlines()[0]
+        message = f"{be.name} failed to build {onnx_path.name}: {first}"
+        hit = _REFUSED.search(first) if be.is_rtx else None
+        if hit:
+            bad = ["SM" + t.strip()[2:] for t in hit.group(1).split(",") if t.strip().lower().startswith("sm")]
+            if precision == "fp8":
+                message += "; FP8 engines need compute capability 8.9 or later: use --target-cc 8.9,12.0"
+            raise _RefusedTargets(message, first, [t for t in targets if t in bad], list(targets))
+        raise UserError(message)
     data = memoryview(serialized)
     build_s = time.perf_counter() - t0
 
@@ -427,13 +524,25 @@ def build_engine(
             tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = out_dir / f"{be.stem}.plan"
+    plan = out_dir / f"{engine_stem(be.name, be.version, precision)}.plan"
     with atomic_path(plan) as tmp:
         tmp.write_bytes(data)
     nm = re.fullmatch(r"\s*(\d+):(\d+)\s*", options.sparsity)
+    nm_weights = onnx_nm_weights(onnx_path, int(nm.group(1)), int(nm.group(2))) if nm else None
+    quantization = None
+    if precision in ("int8", "fp8"):
+        qw = nm_weights if nm_weights is not None else onnx_nm_weights(onnx_path)
+        quantization = {
+            "precision": precision,
+            "quantized_layers": qw["quantized"],
+            # both quantized and N:M: TensorRT can pick sparse INT8/FP8 kernels for these (SPARSE_WEIGHTS on)
+            "quantized_nm_layers": qw["quantized_eligible"] if nm_weights is not None else [],
+            "nm_pattern": nm_weights["pattern"] if nm_weights is not None else None,
+        }
     manifest = {
         "format": MANIFEST_VERSION,
         "component": component or onnx_path.stem,
+        "precision": precision,
         "backend": be.name,
         "backend_version": be.version,
         "plan": plan.name,
@@ -444,6 +553,7 @@ def build_engine(
         "gpu": gpu.to_dict() if (gpu is not None and not be.is_rtx) else None,
         "build_gpu": gpu.to_dict() if gpu is not None else None,
         "target_compute_capabilities": targets,
+        "refused_targets": refused,
         "io": _io_signature(onnx_path),
         "profiles": [prof_shapes],
         "served": options.served,
@@ -457,7 +567,8 @@ def build_engine(
             "batch": list(options.batch),
         },
         "sparsity_log": parse_sparsity_log(lg.text()),
-        "onnx_nm_weights": onnx_nm_weights(onnx_path, int(nm.group(1)), int(nm.group(2))) if nm else None,
+        "onnx_nm_weights": nm_weights,
+        "quantization": quantization,
         "build_seconds": round(build_s, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -529,7 +640,7 @@ def build_engines(
     plans: dict[str, Path] = {}
     for comp in tqdm(names, desc=f"{be.name} engines", unit="engine"):
         src = onnx_dir / f"{comp}.onnx"
-        plan = Path(out_dir) / comp / f"{be.stem}.plan"
+        plan = Path(out_dir) / comp / f"{engine_stem(be.name, be.version, onnx_precision(src))}.plan"
         opts = options if comp == "transformer" else _dense_options(options)
         if profiles and comp in profiles:
             from dataclasses import replace
@@ -714,13 +825,24 @@ class EngineSet:
         return sum(e.size_bytes for e in self.engines.values())
 
 
-def find_plan(component_dir: str | os.PathLike, backend: Backend | None = None) -> Path:
-    """The plan of ``component_dir`` for ``backend`` (default: the running one), or a one-line error."""
+def find_plan(component_dir: str | os.PathLike, backend: Backend | None = None, precision: str | None = None) -> Path:
+    """The plan of ``component_dir`` for ``backend`` (default: the running one), or a one-line error.
+
+    precision: ``"int8"``/``"fp8"`` picks that quantized engine; None takes the float engine, else the one
+    quantized engine of the directory (several: an error naming them)."""
     component_dir = Path(component_dir)
     be = backend or get_backend("auto")
-    plan = component_dir / f"{be.stem}.plan"
+    plan = component_dir / f"{engine_stem(be.name, be.version, precision)}.plan"
     if plan.is_file():
         return plan
+    if precision is None:
+        quantized = [component_dir / f"{engine_stem(be.name, be.version, p)}.plan" for p in QUANTIZED_PRECISIONS]
+        quantized = [p for p in quantized if p.is_file()]
+        if len(quantized) == 1:
+            return quantized[0]
+        if quantized:
+            raise UserError(f"{component_dir} holds {' and '.join(p.name for p in quantized)}; keep one engine per directory "
+                            f"(`make engine` builds each precision into its own engines-<precision>/)")
     others = sorted(p.name for p in component_dir.glob("engine_*.plan"))
     hint = f" (found {', '.join(others)}, built with another version)" if others else ""
     raise UserError(f"no {be.name} {be.version} engine in {component_dir}{hint}; rebuild it with `python -m pipeline build`")
@@ -730,8 +852,13 @@ def manifest_summary(plan: str | os.PathLike) -> dict[str, Any]:
     """A short view of a plan's manifest for reports: backend, size, sparsity, sparse-layer counts."""
     m = read_json(manifest_path_for(plan))
     nm = m.get("onnx_nm_weights") or {}
+    quant = m.get("quantization") or {}
     return {
         "backend": f"{m['backend']} {m['backend_version']}",
+        "precision": m.get("precision"),
+        "quantized_layers": len(quant.get("quantized_layers", [])),
+        "quantized_nm_layers": len(quant.get("quantized_nm_layers", [])),
+        "refused_targets": (m.get("refused_targets") or {}).get("targets"),
         "plan_mib": round(m["plan_bytes"] / 2**20, 2),
         "sparsity": m.get("sparsity"),
         "sparse_weights": m.get("builder", {}).get("sparse_weights"),
@@ -756,6 +883,7 @@ __all__ = [
     "get_backend",
     "manifest_summary",
     "onnx_nm_weights",
+    "onnx_precision",
     "parse_sparsity_log",
     "profile_shapes",
 ]

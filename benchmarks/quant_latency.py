@@ -1,0 +1,252 @@
+"""ONNX Runtime (CPU) latency of INT8 (Q/DQ) vs float32 SD3 transformers: dense, 2:4 and structured.
+
+For each case, three float transformers are built: dense; 2:4 (magnitude, along K, on the layers stage 1 prunes:
+the adapter's unit layers); structured (``--ratio`` of the heads and FFN neurons of every block removed, the
+first ones kept: latency does not depend on which). Each is exported as float32 ONNX and as INT8 Q/DQ ONNX
+(:mod:`export.quantize`: ModelOpt max calibration, weights folded into INT8 constants), and the six sessions are
+timed in one process, interleaved (the order rotates every round), after warm-up. Reported per variant: the
+median latency and the INT8/fp32 ratio (median over rounds of the two measured in the same round), and each
+against the dense float32 transformer.
+
+Calibration: two random input batches (the same numerics as real-sampler calibration; only the scales differ,
+which does not change the work). Cases:
+
+- ``tiny-sd3``: the embedded model's transformer at its registry shapes (batch 2 = one CFG step);
+- ``sd3-medium-width``: a random ``SD3Transformer2DModel`` with SD3-medium's width (24 heads x 64 = 1536,
+  joint_attention_dim 4096, pooled 2048, 16 latent channels) and ``--sd3-blocks`` blocks, at a latent of
+  ``--sd3-latent`` and ``--sd3-text`` text tokens (as :mod:`benchmarks.export_latency`).
+
+What to expect on a CPU: ONNX Runtime runs an INT8 GEMM (``DequantizeLinear`` on both inputs of a MatMul) as an
+integer GEMM (``MatMulIntegerToFloat``, VNNI/AMX where the CPU has them) with a quantize of the activation in
+front; the 2:4 zeros are multiplied like any other weight (no speedup from 2:4 here).
+
+Usage: ``python -m benchmarks.quant_latency [--out artifacts/bench] [--runs 10] [--ratio 0.3]``.
+Writes ``quant_latency.json`` and ``quant_latency.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.export_latency import sd3_medium_width_case, tiny_sd3_case  # noqa: E402
+from common.io import atomic_path, write_json  # noqa: E402
+from export.onnx_export import export_module, onnx_size, ort_session  # noqa: E402
+from export.report import transformer_flops  # noqa: E402
+from export.surgery import apply_plan, structured_plan  # noqa: E402
+from families import adapter_for  # noqa: E402
+
+log = logging.getLogger("benchmarks.quant_latency")
+
+SPARSITIES = ("dense", "2:4", "structured")
+PRECISIONS = ("fp32", "int8")
+
+
+def magnitude_2_4(model) -> list[str]:
+    """2:4 by magnitude along K (each group of 4 input weights keeps its 2 largest) on the layers stage 1
+    prunes (the adapter's unit layers), in place; returns their names."""
+    adapter = adapter_for(model)
+    layers = [f"{prefix}.{name}" for prefix, block in adapter.blocks(model) for _, names in adapter.units(block) for name in names]
+    with torch.no_grad():
+        for name in layers:
+            w = model.get_submodule(name).weight  # (N, K)
+            groups = w.view(w.shape[0], -1, 4)  # (N, K/4, 4)
+            keep = groups.abs().topk(2, dim=-1).indices
+            mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+            groups.mul_(mask)
+    return layers
+
+
+def variants(model, name: str, ratio: float) -> dict[str, Any]:
+    """``{"dense": model, "2:4": copy, "structured": compact copy}`` (float32)."""
+    sparse = copy.deepcopy(model)
+    magnitude_2_4(sparse)
+    compact = apply_plan(copy.deepcopy(model), structured_plan(model, ratio, model_id=name))
+    return {"dense": model, "2:4": sparse, "structured": compact}
+
+
+def export_pair(model, info: dict[str, Any], workdir: Path, tag: str, calib_batches: int = 2) -> dict[str, Path]:
+    """Export ``model`` as float32 ONNX and (a deep copy, fake-quantized with ModelOpt) as INT8 Q/DQ ONNX."""
+    from export.quantize import export_quantized_onnx, quantize_transformer
+
+    adapter = adapter_for(model)
+    latent_hw, text = info["latent_hw"], info["text_seq_len"]
+    fp32 = workdir / f"{tag}-fp32.onnx"
+    export_module(adapter.transformer_for_onnx(model), adapter.transformer_inputs(model, 2, latent_hw, text), fp32)
+    quantized = copy.deepcopy(model)
+    calib = [adapter.transformer_inputs(quantized, info["batch"], latent_hw, text, seed=100 + i) for i in range(calib_batches)]
+    quantize_transformer(quantized, "int8", calib, adapter=adapter)
+    int8 = workdir / f"{tag}-int8.onnx"
+    export_quantized_onnx(quantized, int8, adapter.transformer_inputs(quantized, 2, latent_hw, text, seed=13), adapter=adapter)
+    del quantized
+    return {"fp32": fp32, "int8": int8}
+
+
+def time_rotating(sessions: dict[str, Any], feeds: dict[str, dict], runs: int, warmup: int, min_time: float = 0.0) -> dict[str, list[float]]:
+    """Warm each session up, then time rounds in which every session runs once, the order rotating by one
+    each round (no session always follows the same one); seconds per run. Rounds: at least ``runs``, more
+    for fast models so the timed rounds take about ``min_time`` seconds."""
+    t0 = time.perf_counter()
+    for name, sess in sessions.items():
+        for _ in range(warmup):
+            sess.run(None, feeds[name])
+    per_round = (time.perf_counter() - t0) / max(warmup, 1)
+    runs = max(runs, int(min_time / max(per_round, 1e-6)))
+    names = list(sessions)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in tqdm(range(runs), desc="timing", unit="round", leave=False, disable=None):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            sessions[name].run(None, feeds[name])
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def bench_case(name: str, model, info: dict[str, Any], ratio: float, runs: int, warmup: int, workdir: Path, threads: int | None,
+               min_time: float = 0.0) -> dict[str, Any]:
+    """Build, export and time the six variants of one case; returns its JSON entry."""
+    latent_hw, text, batch = info["latent_hw"], info["text_seq_len"], info["batch"]
+    result: dict[str, Any] = {"case": name, **info, "ratio": ratio, "variants": {}}
+    sessions, feeds = {}, {}
+    dense_flops = transformer_flops(model, batch, latent_hw, text)["gemm"]
+    for sp, m in variants(model, name, ratio).items():
+        t0 = time.perf_counter()
+        paths = export_pair(m, info, workdir, f"{name}-{sp.replace(':', '-')}")
+        inputs = {k: v.numpy() for k, v in adapter_for(m).transformer_inputs(m, batch, latent_hw, text, seed=1).items()}
+        gemm = transformer_flops(m, batch, latent_hw, text)["gemm"]
+        for prec, path in paths.items():
+            key = f"{sp} {prec}"
+            sessions[key] = ort_session(path, threads=threads)
+            feeds[key] = inputs
+            result["variants"][key] = {"sparsity": sp, "precision": prec, "onnx_bytes": onnx_size(path), "gemm_flops": gemm,
+                                       "flop_ratio": gemm / dense_flops}
+        log.info("%s %s: exported fp32 + int8 in %.1f s", name, sp, time.perf_counter() - t0)
+        del m
+    times = time_rotating(sessions, feeds, runs, warmup, min_time)
+    dense = times["dense fp32"]
+    for key, ts in times.items():
+        q1, med, q3 = np.percentile(ts, [25, 50, 75])
+        result["variants"][key].update({"latency_ms_median": 1e3 * med, "latency_ms_iqr": [1e3 * q1, 1e3 * q3], "rounds": len(ts),
+                                        "vs_dense_fp32": statistics.median(t / d for t, d in zip(ts, dense))})
+    for sp in SPARSITIES:
+        fp, i8 = times[f"{sp} fp32"], times[f"{sp} int8"]
+        result["variants"][f"{sp} int8"]["int8_vs_fp32"] = statistics.median(a / b for a, b in zip(i8, fp))
+        log.info("%s %s: int8/fp32 latency %.3f", name, sp, result["variants"][f"{sp} int8"]["int8_vs_fp32"])
+    return result
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        "# ONNX Runtime CPU latency: INT8 (Q/DQ) vs float32 transformer",
+        "",
+        f"Machine: {m['processor']} ({m['cpus']} CPUs{', ' + m['isa'] if m.get('isa') else ''}, ORT threads {m['ort_threads']}); "
+        f"onnxruntime {report['versions']['onnxruntime']}, torch {report['versions']['torch']}, nvidia-modelopt {report['versions']['nvidia-modelopt']}. "
+        f"Six sessions per case, timed interleaved (order rotating each round) for >= {report['runs']} rounds (more for fast cases, "
+        f"~{report['min_time']:g} s of timing) after {report['warmup']} warm-up runs; ratios are medians over rounds of the two latencies "
+        "measured in the same round.",
+        "",
+        "| case | shapes (B, latent, text) | sparsity | GEMM FLOPs vs dense | fp32 ms | INT8 ms | INT8 / fp32 | fp32 vs dense fp32 | INT8 vs dense fp32 | ONNX MiB fp32 / INT8 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in report["cases"]:
+        shp = f"{c['batch']}, {c['latent_hw'][0]}x{c['latent_hw'][1]}, {c['text_seq_len']}"
+        for sp in SPARSITIES:
+            f, q = c["variants"][f"{sp} fp32"], c["variants"][f"{sp} int8"]
+            label = sp if sp != "structured" else f"structured:{c['ratio']:g}"
+            lines.append(
+                f"| {c['case']} | {shp} | {label} | {f['flop_ratio']:.3f} | {f['latency_ms_median']:.2f} | {q['latency_ms_median']:.2f} | "
+                f"**{q['int8_vs_fp32']:.3f}** | {f['vs_dense_fp32']:.3f} | {q['vs_dense_fp32']:.3f} | "
+                f"{f['onnx_bytes'] / 2**20:.1f} / {q['onnx_bytes'] / 2**20:.1f} |"
+            )
+    lines += ["", "Cases: " + "; ".join(f"{c['case']}: {c['source']}" for c in report["cases"]) + "."]
+    lines += ["", "2:4 keeps the dense shapes: ONNX Runtime on a CPU multiplies its zeros like any other weight (sparse tensor cores, "
+              "through TensorRT, are what turn 2:4 into time); structured removes heads and neurons (smaller GEMMs everywhere)."]
+    return "\n".join(lines) + "\n"
+
+
+def _isa() -> str:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return ""
+    return ", ".join(f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=REPO / "artifacts" / "bench", help="output directory (default artifacts/bench)")
+    ap.add_argument("--ratio", type=float, default=0.3, help="structured ratio of heads/neurons removed (default 0.3)")
+    ap.add_argument("--runs", type=int, default=10, help="timed rounds per case (default 10)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--min-time", type=float, default=20.0, help="fast cases get more rounds, about this many seconds of timing (default 20)")
+    ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
+    ap.add_argument("--cases", default="tiny-sd3,sd3-medium-width")
+    ap.add_argument("--sd3-blocks", type=int, default=2, help="blocks of the SD3-medium-width model (default 2; the last one has no text-branch outputs)")
+    ap.add_argument("--sd3-latent", type=int, default=32, help="latent height=width of the SD3-medium-width case (default 32 = 256 px)")
+    ap.add_argument("--sd3-text", type=int, default=333, help="text tokens (77 CLIP + 256 T5 = SD3's default)")
+    ap.add_argument("--sd3-batch", type=int, default=2, help="batch per call (2 = one CFG denoising step)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("modelopt", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    import onnxruntime as ort
+
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in ("tiny-sd3", "sd3-medium-width")]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; choose from tiny-sd3, sd3-medium-width")
+    results = []
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="quant-latency-") as tmp:
+        for case in cases:
+            if case == "tiny-sd3":
+                model, info = tiny_sd3_case()
+            else:
+                model, info = sd3_medium_width_case(args.sd3_blocks, args.sd3_latent, args.sd3_text, args.sd3_batch)
+            info["latent_hw"] = list(info["latent_hw"])
+            results.append(bench_case(case, model, info, args.ratio, args.runs, args.warmup, Path(tmp), args.threads, args.min_time))
+            del model
+    report = {
+        "benchmark": "quant_latency",
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "min_time": args.min_time,
+        "elapsed_s": round(time.perf_counter() - t_all, 1),
+        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "isa": _isa(),
+                    "ort_threads": args.threads or "default"},
+        "versions": {p: metadata.version(p) for p in ("torch", "diffusers", "onnx", "onnxruntime", "nvidia-modelopt")} | {"ort_build": ort.get_device()},
+        "calibration": "2 random input batches per model (max calibration; ModelOpt INT8: weights per output channel, activations per tensor)",
+        "cases": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "quant_latency.json", report)
+    with atomic_path(args.out / "quant_latency.md") as tmp:
+        tmp.write_text(to_markdown(report))
+    log.info("wrote %s and %s", args.out / "quant_latency.json", args.out / "quant_latency.md")
+    log.info("\n%s", to_markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
