@@ -124,11 +124,12 @@ def _torch_bytes(module) -> int:
     return int(sum(p.numel() * p.element_size() for p in module.parameters())) if module is not None else 0
 
 
-def _runner_variant(name: str, spec, base_pipe, *, backend: str, onnx_dir: Path, engine_dir: Path | None, provider: str, threads: int) -> Variant:
+def _runner_variant(name: str, spec, base_pipe, *, backend: str, onnx_dir: Path, engine_dir: Path | None, provider: str, threads: int,
+                    correction=None) -> Variant:
     from runtime.pipeline_runner import runner_pipeline
 
     # Engines are checked against the ONNX their manifest records (the fp16 export), not the fp32 one timed by ORT.
-    pipe = runner_pipeline(spec, backend=backend, onnx_dir=onnx_dir if backend == "ort" else None, engine_dir=engine_dir, provider=provider,
+    pipe = runner_pipeline(spec, backend=backend, onnx_dir=onnx_dir if backend == "ort" else None, engine_dir=engine_dir, provider=provider, correction=correction,
                            base_pipe=base_pipe, threads=threads)
     sizes = {c: int(getattr(r, "size_bytes", 0)) for c, r in pipe.runners.items()}
     # Components left in PyTorch count at their parameter size.
@@ -214,6 +215,7 @@ def run_e2e(
     threads: int | None = None,
     resolutions: list[tuple[int, int]] | None = None,
     precision: str | None = None,
+    correction=None,
 ) -> dict[str, Any]:
     """Benchmark dense vs pruned (and PyTorch eager) end to end; write the JSON, Markdown, plot and grid.
 
@@ -229,6 +231,8 @@ def run_e2e(
     than with 1, measured on the shared 2-core development box). resolutions: image sizes ``(h, w)`` to
     time, each in every round (default: the model's); the first one gives the headline numbers, all of them
     ``per_shape`` (latency and stages per variant, speedups). Each must be one the exports serve.
+    correction: a Q-Sched scheduler correction (:class:`runtime.qsched.SchedulerCorrection` or its JSON file,
+    e.g. ``<config>/qsched/...json``) that the pruned variant's sampler applies.
     precision: the transformer precision of both exports (``fp32``, ``int8``...), recorded (default: the
     pruned export report's).
 
@@ -270,13 +274,13 @@ def run_e2e(
             return _run(spec, dense_export_dir, pruned_export_dir, out_dir, runs=runs, warmup=warmup, backend=backend, provider=provider,
                         engines=engines, sparsity=sparsity, eager=eager, quality=quality, quality_seeds=quality_seeds, prompt=prompt,
                         seed=seed, steps=steps, grid_prompts=grid_prompts, base_pipe=base_pipe, cuda=cuda, device=device, resolutions=resolutions,
-                        precision=precision or export_precision(pruned_export_dir))
+                        precision=precision or export_precision(pruned_export_dir), correction=correction)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warmup, backend, provider, engines, sparsity, eager, quality,
-         quality_seeds, prompt, seed, steps, grid_prompts, base_pipe, cuda, device, resolutions, precision=None) -> dict[str, Any]:
+         quality_seeds, prompt, seed, steps, grid_prompts, base_pipe, cuda, device, resolutions, precision=None, correction=None) -> dict[str, Any]:
     from tqdm import tqdm
 
     from benchmarks.report import write_reports
@@ -296,7 +300,8 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
         eng.setdefault("pruned", pruned_onnx.parent / "engines")
     variants = [
         _runner_variant("dense", spec, base, backend=backend, onnx_dir=dense_onnx, engine_dir=eng.get("dense"), provider=provider, threads=threads),
-        _runner_variant("pruned", spec, base, backend=backend, onnx_dir=pruned_onnx, engine_dir=eng.get("pruned"), provider=provider, threads=threads),
+        _runner_variant("pruned", spec, base, backend=backend, onnx_dir=pruned_onnx, engine_dir=eng.get("pruned"), provider=provider, threads=threads,
+                        correction=correction),
     ]
     if eager:
         size = sum(_torch_bytes(getattr(base, c.attr, None)) for c in spec.adapter.components if c.kind != "transformer")
@@ -332,7 +337,8 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
         "backend": backend,
         "provider": provider if backend == "ort" else None,
         "settings": {"runs": runs, "warmup": warmup, "steps": steps, "guidance": spec.guidance, "height": resolutions[0][0], "width": resolutions[0][1],
-                     "resolutions": [list(r) for r in resolutions],
+                     "resolutions": [list(r) for r in resolutions], "correction": str(correction) if isinstance(correction, (str, Path)) else
+                     (None if correction is None else "given"),
                      "prompt": prompt, "seed": seed, "interleaved": True, "threads": threads, "timer": "cuda events" if cuda else "perf_counter"},
         "device": _device_info(cuda),
     }
@@ -471,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-eager", action="store_true")
     p.add_argument("--no-quality", action="store_true")
     p.add_argument("--resolution", default=None, metavar="HxW[,HxW...]", help="image sizes to time, each every round (default: the model's)")
+    p.add_argument("--correction", default=None, metavar="FILE", help="Q-Sched scheduler correction (runtime.qsched JSON) for the pruned variant")
     args = p.parse_args(argv)
     setup_logging()
     engines = {k: v for k, v in (("dense", args.dense_engines), ("pruned", args.pruned_engines)) if v}
@@ -482,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         resolutions = parse_resolutions(args.resolution) if args.resolution else None
         res.update(run_e2e(resolve_model(args.model), args.dense, args.pruned, args.out, runs=args.runs, warmup=args.warmup, backend=args.backend,
                            provider=args.provider, engines=engines or None, sparsity=parse_sparsity(args.sparsity) if args.sparsity else None,
-                           eager=not args.no_eager, quality=not args.no_quality, steps=args.steps, threads=args.threads, resolutions=resolutions))
+                           eager=not args.no_eager, quality=not args.no_quality, steps=args.steps, threads=args.threads, resolutions=resolutions,
+                           correction=args.correction))
         return 0
 
     status = run_command(body)

@@ -35,11 +35,9 @@ def meta_replica(model: nn.Module) -> nn.Module:
     return replica.eval()
 
 
-def transformer_flops(model: nn.Module, batch: int, latent_hw: tuple[int, int], text_seq_len: int) -> dict[str, Any]:
-    """FLOPs of one transformer call at ``batch`` (2 x multiply-adds), by aten op, from a meta-device run.
-
-    Returns ``{"gemm": int, "conv": int, "total": int, "by_op": {op: int}}``.
-    """
+def _count(model: nn.Module, batch: int, latent_hw: tuple[int, int], text_seq_len: int):
+    """Run ``model``'s family ONNX wrapper once on a meta-device replica under ``FlopCounterMode``; returns
+    ``(counter, wrapper, replica)``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     replica = meta_replica(model)
@@ -49,6 +47,15 @@ def transformer_flops(model: nn.Module, batch: int, latent_hw: tuple[int, int], 
         wrapper = adapter.transformer_for_onnx(replica)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         wrapper(*args)
+    return counter, wrapper, replica
+
+
+def transformer_flops(model: nn.Module, batch: int, latent_hw: tuple[int, int], text_seq_len: int) -> dict[str, Any]:
+    """FLOPs of one transformer call at ``batch`` (2 x multiply-adds), by aten op, from a meta-device run.
+
+    Returns ``{"gemm": int, "conv": int, "total": int, "by_op": {op: int}}``.
+    """
+    counter, _, _ = _count(model, batch, latent_hw, text_seq_len)
     by_op = {str(k).removeprefix("aten."): int(v) for k, v in counter.get_flop_counts()["Global"].items()}
     gemm = sum(v for k, v in by_op.items() if k.startswith(_GEMM_OPS))
     conv = sum(v for k, v in by_op.items() if "conv" in k)
@@ -60,15 +67,7 @@ def linear_flops(model: nn.Module, batch: int, latent_hw: tuple[int, int], text_
 
     Linear names are the module names inside the transformer (``transformer_blocks.0.attn.to_q``).
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    replica = meta_replica(model)
-    adapter = adapter_for(model)
-    with torch.device("meta"):
-        args = tuple(adapter.transformer_inputs(model, batch, latent_hw, text_seq_len, device="meta").values())
-        wrapper = adapter.transformer_for_onnx(replica)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        wrapper(*args)
+    counter, wrapper, replica = _count(model, batch, latent_hw, text_seq_len)
     counts = counter.get_flop_counts()
     gemm = sum(int(v) for k, v in counts["Global"].items() if str(k).removeprefix("aten.").startswith(_GEMM_OPS))
     prefix = f"{type(wrapper).__name__}.model."
