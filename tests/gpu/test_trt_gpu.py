@@ -172,3 +172,32 @@ def test_dynamic_resolution_engine_runs_at_each_served_shape_and_refuses_others(
         assert float(np.abs(got - ref).max() / np.abs(ref).max()) < 2e-2
     with pytest.raises(UserError, match="serves 32x32..64x64 px"):
         engine({**feeds, "hidden_states": torch.randn(2, 4, 24, 24).half()})
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_quantized_2_4_engine_runs_close_to_the_fake_quantized_model(precision, tmp_path):
+    """A 2:4 tiny transformer fake-quantized with ModelOpt, exported with Q/DQ, built with SPARSE_WEIGHTS for
+    this GPU and run: the engine's output stays close to the fake-quantized PyTorch model (FP8 needs SM89+)."""
+    from runtime.manifest import current_gpu
+
+    if precision == "fp8" and float(current_gpu().compute_capability) < 8.9:
+        pytest.skip("FP8 tensor cores need compute capability 8.9 or later")
+    from export.quantize import export_quantized_onnx, quantize_transformer
+    from families import adapter_for
+    from runtime.tensorrt import BuildOptions, TrtEngine, build_engine
+    from tests.export_helpers import make_nm_sparse
+    from tests.factories import tiny_sd3_transformer
+
+    model = tiny_sd3_transformer(num_layers=2, seed=3)
+    make_nm_sparse(model)
+    adapter = adapter_for(model)
+    quantize_transformer(model, precision, [adapter.transformer_inputs(model, 2, (8, 8), 6, seed=s) for s in (11, 12)])
+    path = export_quantized_onnx(model, tmp_path / "transformer.onnx", adapter.transformer_inputs(model, 2, (8, 8), 6, seed=13))
+    plan = build_engine(path, tmp_path / "engine", BuildOptions(batch=(1, 2, 4), sparsity="2:4"), backend=_backend(), component="transformer")
+    engine = TrtEngine(plan, onnx_path=path)
+    feeds = adapter.transformer_inputs(model, 2, (8, 8), 6, seed=21)
+    with torch.no_grad():
+        ref = adapter.transformer_for_onnx(model)(*feeds.values()).float().numpy()
+    got = engine(feeds)["sample"].float().cpu().numpy()
+    assert float(np.abs(got - ref).max() / np.abs(ref).max()) < 5e-2
+    assert engine.manifest["precision"] == precision and engine.manifest["builder"]["sparse_weights"]
