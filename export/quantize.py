@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError
+from export.sparsity_check import quantize_fp8, quantize_int  # the ONNX / TensorRT quantize of a constant
 
 log = logging.getLogger(__name__)
 
@@ -506,36 +507,6 @@ def constant_values(model) -> dict[str, np.ndarray]:
     return out
 
 
-def _per_axis(values: np.ndarray, rank: int, axis: int) -> np.ndarray:
-    """A per-tensor (scalar) or per-axis (1-D) quantization parameter, broadcastable to a rank-``rank`` tensor."""
-    values = np.asarray(values)
-    if values.size == 1:
-        return values.reshape(())
-    shape = [1] * rank
-    shape[axis % rank] = values.size
-    return values.reshape(shape)
-
-
-def quantize_int(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int = 1) -> np.ndarray:
-    """ONNX ``QuantizeLinear`` of a constant: ``saturate(round_half_even(w / scale) + zero_point)`` in the zero
-    point's integer type (int8 without one); ``axis`` applies to a 1-D scale (per channel)."""
-    dtype = np.asarray(zero_point).dtype if zero_point is not None else np.dtype(np.int8)
-    info = np.iinfo(dtype)
-    s = _per_axis(scale, w.ndim, axis).astype(np.float32)
-    zp = _per_axis(zero_point, w.ndim, axis).astype(np.int64) if zero_point is not None else 0
-    q = np.rint(w.astype(np.float32) / s).astype(np.int64) + zp
-    return np.clip(q, info.min, info.max).astype(dtype)
-
-
-def quantize_fp8(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """TensorRT's FP8 quantize of a constant: ``w / scale`` saturated to +-448 and rounded to E4M3
-    (``ml_dtypes.float8_e4m3fn``, round half to even)."""
-    import ml_dtypes
-
-    x = w.astype(np.float32) / np.asarray(scale, dtype=np.float32)
-    return np.clip(x, -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn)
-
-
 def fold_weight_quantizers(model) -> int:
     """Replace every ``Q(float constant W) -> DQ`` by ``DQ(quantized constant)`` (in place); returns the count.
 
@@ -566,7 +537,7 @@ def fold_weight_quantizers(model) -> int:
                 continue
             data = quantize_int(w, scale, consts[zp_name] if zp_name else None, _attr(q, "axis", 1))
         else:
-            data = quantize_fp8(w, scale)
+            data = quantize_fp8(w, scale, _attr(q, "axis", 1))
         inits[q.input[0]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(data), q.input[0]))
         users[0].input[0] = q.input[0]
         drop.append(q)

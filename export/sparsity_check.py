@@ -233,13 +233,34 @@ def _constant(name: str, inits, producers, load_dir: str = "") -> np.ndarray | N
     return None
 
 
-def _broadcast(values: np.ndarray, rank: int, axis: int) -> np.ndarray:
+def per_axis(values: np.ndarray, rank: int, axis: int) -> np.ndarray:
+    """A per-tensor (scalar) or per-axis (1-D) quantization parameter, broadcastable to a rank-``rank`` tensor."""
     values = np.asarray(values)
     if values.size == 1:
         return values.reshape(())
     shape = [1] * rank
     shape[axis % rank] = values.size
     return values.reshape(shape)
+
+
+def quantize_int(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int = 1) -> np.ndarray:
+    """ONNX ``QuantizeLinear`` of a constant: ``saturate(round_half_even(w / scale) + zero_point)`` in the zero
+    point's integer type (int8 without one); ``axis`` applies to a 1-D scale (per channel)."""
+    dtype = np.asarray(zero_point).dtype if zero_point is not None else np.dtype(np.int8)
+    info = np.iinfo(dtype)
+    s = per_axis(scale, w.ndim, axis).astype(np.float32)
+    zp = per_axis(zero_point, w.ndim, axis).astype(np.int64) if zero_point is not None else 0
+    q = np.rint(w.astype(np.float32) / s).astype(np.int64) + zp
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def quantize_fp8(w: np.ndarray, scale: np.ndarray, axis: int = 1) -> np.ndarray:
+    """TensorRT's FP8 quantize of a constant: ``w / scale`` saturated to +-448 and rounded to E4M3
+    (``ml_dtypes.float8_e4m3fn``, round half to even); ``axis`` applies to a 1-D scale."""
+    import ml_dtypes
+
+    x = w.astype(np.float32) / per_axis(scale, w.ndim, axis).astype(np.float32)
+    return np.clip(x, -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn)
 
 
 def quantized_nonzeros(qw: QuantizedWeight, inits, producers, load_dir: str = "") -> np.ndarray:
@@ -259,21 +280,18 @@ def quantized_nonzeros(qw: QuantizedWeight, inits, producers, load_dir: str = ""
             zp_name = qw.dq.input[2] if len(qw.dq.input) > 2 else ""
             zp = _constant(zp_name, inits, producers)
             axis = next((a.i for a in qw.dq.attribute if a.name == "axis"), 1)
-            zp = _broadcast(zp, data.ndim, axis).astype(np.int64) if zp is not None else 0
+            zp = per_axis(zp, data.ndim, axis).astype(np.int64) if zp is not None else 0
             return (data.astype(np.int64) - zp) != 0
         return data.astype(np.float32) != 0
     scale = _constant(qw.q.input[1], inits, producers)
     if scale is None:
         raise ValueError(f"the scale of {qw.q.name} is not a constant")
     axis = next((a.i for a in qw.q.attribute if a.name == "axis"), 1)
-    x = data.astype(np.float32) / _broadcast(scale, data.ndim, axis).astype(np.float32)
     if qw.q.op_type == "TRT_FP8QuantizeLinear":
-        return np.clip(x, -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) != 0
+        return quantize_fp8(data, scale, axis).astype(np.float32) != 0
     zp = _constant(qw.q.input[2] if len(qw.q.input) > 2 else "", inits, producers)
-    info = np.iinfo(zp.dtype if zp is not None else np.int8)
-    zp = _broadcast(zp, data.ndim, axis).astype(np.int64) if zp is not None else 0
-    q = np.clip(np.rint(x).astype(np.int64) + zp, info.min, info.max)
-    return (q - zp) != 0
+    q = quantize_int(data, scale, zp, axis).astype(np.int64)
+    return (q - (per_axis(zp, data.ndim, axis).astype(np.int64) if zp is not None else 0)) != 0
 
 
 def gemm_table(model, input_shapes: dict[str, Iterable[int]]) -> list[GemmInfo]:
