@@ -93,9 +93,9 @@ def sd3_medium_width_case(blocks: int, latent: int, text: int, batch: int) -> tu
 
 
 def time_interleaved(sessions: dict[str, Any], feeds: dict[str, dict], runs: int, warmup: int, min_time: float = 0.0) -> dict[str, list[float]]:
-    """Run each session ``warmup`` times, then rounds alternating the order; seconds per run.
-
-    Rounds: at least ``runs``, more for fast models so the timed rounds take about ``min_time`` seconds.
+    """Run each session ``warmup`` times, then rounds in which every session runs once, the order rotating by
+    one each round (no session always follows the same one; with two sessions the order alternates); seconds
+    per run. Rounds: at least ``runs``, more for fast models so the timed rounds take about ``min_time`` seconds.
     """
     t0 = time.perf_counter()
     for name, sess in sessions.items():
@@ -106,7 +106,8 @@ def time_interleaved(sessions: dict[str, Any], feeds: dict[str, dict], runs: int
     times: dict[str, list[float]] = {n: [] for n in sessions}
     order = list(sessions)
     for r in tqdm(range(runs), desc="timing", unit="round", leave=False, disable=None):
-        for name in order if r % 2 == 0 else order[::-1]:
+        k = r % len(order)
+        for name in order[k:] + order[:k]:
             t0 = time.perf_counter()
             sessions[name].run(None, feeds[name])
             times[name].append(time.perf_counter() - t0)

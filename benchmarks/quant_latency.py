@@ -41,13 +41,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.export_latency import sd3_medium_width_case, tiny_sd3_case  # noqa: E402
+from benchmarks.export_latency import sd3_medium_width_case, time_interleaved, tiny_sd3_case  # noqa: E402
 from common.io import atomic_path, write_json  # noqa: E402
 from export.onnx_export import export_module, onnx_size, ort_session  # noqa: E402
 from export.report import transformer_flops  # noqa: E402
@@ -61,17 +60,17 @@ PRECISIONS = ("fp32", "int8")
 
 
 def magnitude_2_4(model) -> list[str]:
-    """2:4 by magnitude along K (each group of 4 input weights keeps its 2 largest) on the layers stage 1
-    prunes (the adapter's unit layers), in place; returns their names."""
-    adapter = adapter_for(model)
-    layers = [f"{prefix}.{name}" for prefix, block in adapter.blocks(model) for _, names in adapter.units(block) for name in names]
+    """2:4 by magnitude along K (:func:`obsdiff.baselines.magnitude_prune`) on the layers stage 1 prunes, in
+    place; returns their names."""
+    from obsdiff.baselines import magnitude_prune
+    from obsdiff.packages import build_units
+    from obsdiff.patterns import parse_sparsity
+
+    layers = [n for u in build_units(model) for n in u.layers]
     with torch.no_grad():
         for name in layers:
             w = model.get_submodule(name).weight  # (N, K)
-            groups = w.view(w.shape[0], -1, 4)  # (N, K/4, 4)
-            keep = groups.abs().topk(2, dim=-1).indices
-            mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
-            groups.mul_(mask)
+            w.copy_(magnitude_prune(w, None, parse_sparsity("2:4"))[0])
     return layers
 
 
@@ -100,27 +99,6 @@ def export_pair(model, info: dict[str, Any], workdir: Path, tag: str, calib_batc
     return {"fp32": fp32, "int8": int8}
 
 
-def time_rotating(sessions: dict[str, Any], feeds: dict[str, dict], runs: int, warmup: int, min_time: float = 0.0) -> dict[str, list[float]]:
-    """Warm each session up, then time rounds in which every session runs once, the order rotating by one
-    each round (no session always follows the same one); seconds per run. Rounds: at least ``runs``, more
-    for fast models so the timed rounds take about ``min_time`` seconds."""
-    t0 = time.perf_counter()
-    for name, sess in sessions.items():
-        for _ in range(warmup):
-            sess.run(None, feeds[name])
-    per_round = (time.perf_counter() - t0) / max(warmup, 1)
-    runs = max(runs, int(min_time / max(per_round, 1e-6)))
-    names = list(sessions)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in tqdm(range(runs), desc="timing", unit="round", leave=False, disable=None):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            sessions[name].run(None, feeds[name])
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def bench_case(name: str, model, info: dict[str, Any], ratio: float, runs: int, warmup: int, workdir: Path, threads: int | None,
                min_time: float = 0.0) -> dict[str, Any]:
     """Build, export and time the six variants of one case; returns its JSON entry."""
@@ -141,7 +119,7 @@ def bench_case(name: str, model, info: dict[str, Any], ratio: float, runs: int, 
                                        "flop_ratio": gemm / dense_flops}
         log.info("%s %s: exported fp32 + int8 in %.1f s", name, sp, time.perf_counter() - t0)
         del m
-    times = time_rotating(sessions, feeds, runs, warmup, min_time)
+    times = time_interleaved(sessions, feeds, runs, warmup, min_time)
     dense = times["dense fp32"]
     for key, ts in times.items():
         q1, med, q3 = np.percentile(ts, [25, 50, 75])
