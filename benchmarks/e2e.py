@@ -6,7 +6,7 @@ order rotates each iteration, so no variant always runs first after the others).
 end-to-end time and the stages (text encoders, transformer x steps, VAE decode), with CUDA events on a GPU and
 wall-clock on a CPU, then reports median and p90 over the timed runs, images/s, peak memory (process RSS on
 CPU, sampled every 5 ms while the variant runs; CUDA device memory in use on GPU), model/engine size and
-quality (:func:`benchmarks.quality.evaluate`). It writes ``bench.json``, ``bench.md``, ``bench.png`` and
+quality (:func:`evaluation.metrics.evaluate`). It writes ``bench.json``, ``bench.md``, ``bench.png`` and
 ``grid.png`` (dense / pruned / eager images for the same seed, one column for every grid prompt).
 
 Usage::
@@ -225,7 +225,7 @@ def run_e2e(
     ``<export dir>/engines``). sparsity: the pruned plan's :class:`obsdiff.patterns.Sparsity` (or string),
     for the note. runs / warmup: timed and untimed iterations (>= 1 timed). prompt / seed / steps: the timed
     generation (default: the spec's first evaluation prompt, seed 0, the spec's steps). quality: run
-    ``benchmarks.quality.evaluate`` on each variant with ``quality_seeds``. threads: CPU threads for both
+    ``evaluation.metrics.evaluate`` on each variant with ``quality_seeds``. threads: CPU threads for both
     PyTorch and ONNX Runtime (default: PyTorch's current count, given to ONNX Runtime too, so every variant
     has the same cores; on an oversubscribed machine PyTorch's OpenMP with 2+ threads can be 10-30x slower
     than with 1, measured on the shared 2-core development box). resolutions: image sizes ``(h, w)`` to
@@ -377,7 +377,7 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
 
     if quality:
         try:
-            from benchmarks.quality import evaluate
+            from evaluation.metrics import evaluate
         except ImportError as e:
             log.warning("quality evaluator unavailable (%s); bench.json has quality: null", e)
         else:
@@ -446,7 +446,7 @@ def _default_prompts(spec) -> list[str]:
     from families.registry import REPO_ROOT
 
     if spec.quality_metric == "digits":
-        from benchmarks.digits import prompt_for
+        from evaluation.digits import prompt_for
 
         return [prompt_for(d) for d in range(10)]
     f = REPO_ROOT / "prompts" / "eval.txt"

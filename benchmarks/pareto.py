@@ -16,7 +16,7 @@ with the Pareto front marked.
    the VAE: they are never pruned or quantized, so every variant runs the same ONNX Runtime sessions for them.
 2. **One interleaved benchmark.** Every variant (sparsity x precision) is loaded in one process and timed end to
    end on ONNX Runtime (CPU), the order rotating every round, as :mod:`benchmarks.e2e` does for two; then each
-   is scored (:func:`benchmarks.quality.evaluate`: prompt accuracy and Fréchet distance for the embedded digit
+   is scored (:func:`evaluation.metrics.evaluate`: prompt accuracy and Fréchet distance for the embedded digit
    models, CLIP score for hub models when CLIP is cached).
 3. **The report.** ``artifacts/<model>/pareto/``: ``pareto.json``, ``pareto.md`` (one row per variant, the
    front marked) and ``pareto.png`` (latency vs each quality metric, the front drawn as a staircase).
@@ -264,7 +264,7 @@ def bench_grid(spec, points: list[GridPoint], exports: dict[str, Path], shared: 
         out[name] = {**info[name], "latency_ms": _stats(total), "stages_ms": stages, "transformer_step_ms": stages["transformer"]["median"] / steps,
                      "speedup_vs_reference": float(np.median(np.asarray(ref_total) / np.asarray(total))), "quality": None}
     if quality:
-        from benchmarks.quality import evaluate
+        from evaluation.metrics import evaluate
 
         for name in tqdm(names, desc="quality", unit="variant"):
             out[name]["quality"] = evaluate(pipes[name], spec, seeds=tuple(quality_seeds), steps=steps)

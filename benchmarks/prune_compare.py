@@ -6,7 +6,7 @@ calibration, then measured:
 - ``output_rel_error``: transformer output error relative to dense, ``||F_p - F_d|| / ||F_d||`` summed over
   held-out prompts (not used for calibration, other seeds) and every timestep of their dense trajectories
   (the pruned transformer sees exactly the dense model's inputs, so this isolates the pruning error);
-- ``prompt_accuracy`` / ``frechet_distance``: :func:`benchmarks.quality.evaluate` on the pruned pipeline;
+- ``prompt_accuracy`` / ``frechet_distance``: :func:`evaluation.metrics.evaluate` on the pruned pipeline;
 - ``prune_seconds``: wall time of the whole pruning (calibration, solves, checkpoints, save);
 - ``peak_rss_mib``: peak resident memory above the pre-pruning level, sampled at 20 Hz (CPU), or
   ``torch.cuda.max_memory_allocated`` on CUDA.
@@ -135,7 +135,7 @@ def markdown(bench: dict[str, Any]) -> str:
         "",
         f"Device: {bench['device']}. Calibration: {s['samples']} prompts x {s['steps']} steps, guidance {s['guidance']}, "
         f"{s['groups']} module packages, log-decrease timestep weights. Output error over {s['heldout_prompts']} held-out prompts x "
-        f"{s['steps']} timesteps; quality from `benchmarks.quality.evaluate` with seeds {s['quality_seeds']}.",
+        f"{s['steps']} timesteps; quality from `evaluation.metrics.evaluate` with seeds {s['quality_seeds']}.",
         "",
         "| pattern | method | output rel. error | prompt accuracy | Fréchet distance | prune s | peak mem MiB |",
         "|---|---|---|---|---|---|---|",
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8, help="calibration prompts per pipeline call (default 8)")
     ap.add_argument("--groups", type=int, default=4, help="module packages (default 4)")
     ap.add_argument("--heldout", type=int, default=6, help="held-out prompts for the output error (default 6)")
-    ap.add_argument("--quality-seeds", default="0,1,2", help="seeds for benchmarks.quality.evaluate; empty to skip")
+    ap.add_argument("--quality-seeds", default="0,1,2", help="seeds for evaluation.metrics.evaluate; empty to skip")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1: steadiest on a shared 2-core box)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON path; the Markdown table goes next to it (.md)")
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     def quality() -> dict[str, Any] | None:
         if not quality_seeds:
             return None
-        from benchmarks.quality import evaluate
+        from evaluation.metrics import evaluate
 
         q = evaluate(pipe, spec, seeds=quality_seeds)
         return {k: q.get(k) for k in ("prompt_accuracy", "frechet_distance", "n_images", "eval_seconds")}

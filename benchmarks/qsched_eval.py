@@ -9,10 +9,10 @@ compared on the same evaluation set:
 - ``trajectory``: :func:`runtime.qsched.fit_correction`, per-step coefficients fitted to track the dense model's
   trajectory on calibration prompts;
 - ``reference-free``: :func:`runtime.qsched.fit_correction_reference_free`, the paper's ramped coefficients
-  searched to maximise :func:`runtime.qsched.digits_jaq` (no dense model involved).
+  searched to maximise :func:`evaluation.jaq.digits_jaq` (no dense model involved).
 
 Calibration prompts use every training phrasing of the digits with seeds from 1000 (trajectory) and 2000
-(reference-free); the evaluation is :func:`benchmarks.quality.evaluate` (the prompt "a handwritten digit d", seeds
+(reference-free); the evaluation is :func:`evaluation.metrics.evaluate` (the prompt "a handwritten digit d", seeds
 0..S-1) plus the relative error of the final latents against the dense model on one seed per digit (seed 0, a
 subset of the evaluation set). The coefficients are stored with each configuration
 (``<work>/<config-id>/qsched/<precision>-<objective>-<steps>steps.json``).
@@ -49,7 +49,7 @@ CORRECTIONS = ("none", "trajectory", "reference-free")
 
 def calibration_set(n: int, first_seed: int) -> tuple[list[str], list[int]]:
     """``n`` digit prompts cycling through every digit and every training phrasing, seeds ``first_seed + i``."""
-    from benchmarks.digits import TEMPLATES, prompt_for
+    from evaluation.digits import TEMPLATES, prompt_for
 
     prompts = [prompt_for(i % 10, TEMPLATES[(i // 10) % len(TEMPLATES)]) for i in range(n)]
     return prompts, [first_seed + i for i in range(n)]
@@ -87,12 +87,12 @@ def variant_pipe(pipe, transformer):
 
 
 def run(args) -> dict[str, Any]:
-    from benchmarks.quality import evaluate
+    from evaluation.jaq import digits_jaq
+    from evaluation.metrics import evaluate
     from obsdiff.patterns import parse_sparsity
     from runtime.qsched import (
         apply_correction,
         artifact_file,
-        digits_jaq,
         fit_correction,
         fit_correction_reference_free,
         record_trajectory,
@@ -115,7 +115,7 @@ def run(args) -> dict[str, Any]:
     traj_calib = calibration_set(args.calib, 1000)
     rf_calib = calibration_set(args.calib_rf, 2000)
     quant_calib = calibration_set(8, 3000)
-    from benchmarks.digits import prompt_for
+    from evaluation.digits import prompt_for
 
     heldout = ([prompt_for(d) for d in range(10)], [0] * 10)  # seed 0 of every digit: part of the evaluation set
     score_fn = digits_jaq(k=args.k)
@@ -234,7 +234,7 @@ def markdown(bench: dict[str, Any]) -> str:
         f"Device: {bench['device']}. OBS-Diff pruning on {s['prune_samples']} calibration prompts; trajectory fit on "
         f"{s['trajectory_calibration']['n']} prompts, reference-free fit ({s['reference_free_calibration']['score']}, "
         f"{s['reference_free_calibration']['search']} search over {s['reference_free_calibration']['grid']}) on "
-        f"{s['reference_free_calibration']['n']}; evaluation: `benchmarks.quality.evaluate`, seeds {s['eval_seeds']} "
+        f"{s['reference_free_calibration']['n']}; evaluation: `evaluation.metrics.evaluate`, seeds {s['eval_seeds']} "
         f"(10 digits each), guidance {s['guidance']}. Held-out error: {s['heldout_error']}. Fréchet change: relative to the "
         "same variant without correction (negative is better).",
         "",

@@ -24,7 +24,7 @@ def run(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from benchmarks.digits import prompt_for
+    from evaluation.digits import prompt_for
     from common.errors import UserError
     from common.io import atomic_path, check_output
     from benchmarks.pipeline_args import check_pipeline_args, pipeline_from_args, sample, to_uint8

@@ -31,8 +31,8 @@ Two ways to fit the coefficients, both training-free and cheap next to compressi
   1 at the last, ``a_i`` from ``s0`` to 1 (``torch.linspace(m0, 1, N)`` in the authors' search); ``(m0, s0)`` is
   searched on a small grid (coordinate search by default: 2G-1 sampling runs) maximising a score of the
   calibration images. The paper's JAQ score is ``log(CLIP score) + k * CLIP-IQA`` (text-image alignment plus image
-  quality); :func:`clip_jaq` is that score with locally cached CLIP weights. For the embedded ``tiny-sd3``
-  (handwritten digits, no CLIP) :func:`digits_jaq` is its analogue on the committed digit classifier:
+  quality); :func:`evaluation.jaq.clip_jaq` is that score with locally cached CLIP weights. For the embedded ``tiny-sd3``
+  (handwritten digits, no CLIP) :func:`evaluation.jaq.digits_jaq` is its analogue on the committed digit classifier:
   ``mean log p(prompted digit)`` (alignment) ``- k * log FD`` (quality: Fréchet distance of the classifier's
   features to the real digits of the classifier's own training split, not the held-out split the evaluation
   uses). Why: it is the only option when no dense model can run (the paper's motivation: full precision does not
@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 from common.errors import UserError
+from evaluation.jaq import ScoreFn, default_score_fn
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,6 @@ OBJECTIVES = ("identity", "trajectory", "reference-free")
 DEFAULT_GRID = (0.8, 0.9, 1.0, 1.1, 1.2)  # the paper's search range is [0.8, 1.1..1.2]
 DEFAULT_BOUNDS = (0.8, 1.25)  # the trajectory fit's box: about the paper's search range; the last steps hit it (see fit_correction)
 
-ScoreFn = Callable[[np.ndarray, Sequence[str]], float]
 
 
 # --------------------------------------------------------------------------------------------- the coefficients
@@ -554,7 +554,7 @@ def fit_correction_reference_free(
     """Search the paper's ramps ``(m0, s0)`` (see :meth:`SchedulerCorrection.ramp`) maximising ``score_fn``.
 
     No dense model is run. score_fn: ``(images (N, H, W, 3) in [0, 1], prompts) -> float``, higher is better
-    (default: :func:`default_score_fn` for ``spec``: :func:`digits_jaq` for tiny-sd3, :func:`clip_jaq` otherwise).
+    (default: :func:`default_score_fn` for ``spec``: :func:`evaluation.jaq.digits_jaq` for tiny-sd3, :func:`evaluation.jaq.clip_jaq` otherwise).
     grid: candidate values of ``m0`` and ``s0`` (1.0 is always added, so the result never scores below the
     uncorrected sampler on the calibration set). search: ``coordinate`` (``m0`` with ``s0 = 1``, then ``s0`` at the
     best ``m0``: 2G-1 sampling runs) or ``grid`` (all G² pairs, the paper's search).
@@ -601,80 +601,3 @@ def fit_correction_reference_free(
     log.info("reference-free fit (%s, %d steps): m0=%.3f s0=%.3f, score %.4f -> %.4f", name, steps, m0, s0, scores[(1.0, 1.0)], best)
     return SchedulerCorrection.ramp(m0, s0, steps, objective="reference-free", scheduler=scheduler, model=getattr(spec, "id", None),
                                     guidance=guidance, fit=fit)
-
-
-def default_score_fn(spec) -> ScoreFn:
-    """:func:`digits_jaq` for models evaluated on digits (tiny-sd3), :func:`clip_jaq` otherwise."""
-    return digits_jaq() if getattr(spec, "quality_metric", None) == "digits" else clip_jaq()
-
-
-def digits_jaq(k: float = 1.0) -> ScoreFn:
-    """JAQ on the embedded digit classifier: ``mean log p(prompted digit) - k * log FD`` (higher is better).
-
-    Alignment (the paper's log CLIP score): the classifier's log-probability of the digit each prompt names
-    (any training phrasing of :mod:`benchmarks.digits`). Quality (the paper's CLIP-IQA): the Fréchet distance of
-    the classifier's 64-d features of the images to those of the real digits of the *classifier* split (the
-    evaluation's Fréchet distance uses the held-out split), on a log scale so that relative changes count.
-    """
-    from benchmarks.classifier import load_classifier
-    from benchmarks.digits import TEMPLATES, load_split, prompt_for, to_pixels
-    from benchmarks.quality import frechet_distance, images_to_classifier_input
-
-    classifier = load_classifier()
-    digit_of = {prompt_for(d, t): d for t in TEMPLATES for d in range(10)}
-    real, _ = load_split("classifier")
-    with torch.no_grad():
-        real_feats = classifier.features(to_pixels(real)).numpy()
-
-    def score(images: np.ndarray, prompts: Sequence[str]) -> float:
-        unknown = [p for p in prompts if p not in digit_of]
-        if unknown:
-            raise ValueError(f"digits_jaq scores digit prompts only, not {unknown[0]!r}")
-        labels = torch.tensor([digit_of[p] for p in prompts])
-        with torch.no_grad():
-            x = images_to_classifier_input(images)
-            logp = torch.log_softmax(classifier(x), dim=1)[torch.arange(len(labels)), labels]
-            feats = classifier.features(x).numpy()
-        fd = max(frechet_distance(feats, real_feats), 1e-6)
-        return float(logp.mean()) - k * math.log(fd)
-
-    score.name = f"digits-jaq(k={k:g})"
-    return score
-
-
-def clip_jaq(k: float = 2.0, model_name: str | None = None) -> ScoreFn:
-    """The paper's JAQ score with locally cached CLIP weights: ``log(CLIP score) + k * CLIP-IQA``.
-
-    CLIP score: 100 x cosine of image and prompt embeddings (clipped at 0, mean over images); CLIP-IQA: the
-    probability of "Good photo." against "Bad photo." (the ``quality`` prompt pair of CLIP-IQA). k = 2 is the
-    authors' default. One-line :class:`UserError` when the weights are not in the Hugging Face cache.
-    """
-    from benchmarks.quality import CLIP_SCORE_MODEL
-
-    name = model_name or CLIP_SCORE_MODEL
-    try:
-        from transformers import CLIPModel, CLIPProcessor
-
-        model = CLIPModel.from_pretrained(name, local_files_only=True).eval()
-        proc = CLIPProcessor.from_pretrained(name, local_files_only=True)
-    except OSError:
-        raise UserError(f"the reference-free CLIP score needs {name} in the local Hugging Face cache; download it, or fit with "
-                        f"the dense model (runtime.qsched.fit_correction)") from None
-    quality_prompts = ["Good photo.", "Bad photo."]
-
-    def score(images: np.ndarray, prompts: Sequence[str]) -> float:
-        pixels = [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images]
-        clip, iqa = [], []
-        with torch.no_grad():
-            for i in range(0, len(pixels), 8):
-                inputs = proc(text=list(prompts[i : i + 8]) + quality_prompts, images=pixels[i : i + 8], return_tensors="pt", padding=True)
-                out = model(**inputs)
-                img = torch.nn.functional.normalize(out.image_embeds, dim=-1)  # (n, D)
-                txt = torch.nn.functional.normalize(out.text_embeds, dim=-1)  # (n + 2, D)
-                n = img.shape[0]
-                clip.append((100 * (img * txt[:n]).sum(-1)).clamp_min(0))
-                iqa.append(torch.softmax(model.logit_scale.exp() * img @ txt[n:].T, dim=-1)[:, 0])
-        return math.log(max(float(torch.cat(clip).mean()), 1e-6)) + k * float(torch.cat(iqa).mean())
-
-    score.name = f"clip-jaq(k={k:g})"
-    return score

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.classifier import DEFAULT_DIR, DigitClassifier  # noqa: E402
-from benchmarks.digits import load_split, random_shift, to_pixels  # noqa: E402
+from evaluation.classifier import DEFAULT_DIR, DigitClassifier  # noqa: E402
+from evaluation.digits import load_split, random_shift, to_pixels  # noqa: E402
 
 log = logging.getLogger("train_digit_classifier")
 

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.digits import TEMPLATES, WORDS, all_prompts, load_split, random_shift, to_pixels  # noqa: E402
+from evaluation.digits import TEMPLATES, WORDS, all_prompts, load_split, random_shift, to_pixels  # noqa: E402
 from common.io import atomic_path  # noqa: E402
 
 log = logging.getLogger("train_tiny")

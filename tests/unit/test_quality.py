@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from benchmarks.digits import load_split, to_pixels
-from benchmarks.quality import digit_metrics, frechet_distance
+from evaluation.digits import load_split, to_pixels
+from evaluation.metrics import digit_metrics, frechet_distance
 
 
 def _as_rgb(pixels: torch.Tensor) -> np.ndarray:
