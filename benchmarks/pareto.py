@@ -143,8 +143,8 @@ def plan_grid(args, spec, grid: list, precisions: list[str], base: Path) -> Grid
     from obsdiff.patterns import parse_sparsity
     from pipeline.artifacts import config_dirs
     from pipeline.cmd_engine import Stage, check_stage, export_settings, quant_calibration
-    from pipeline.cmd_prune import DEFAULT_SAMPLES as PRUNE_SAMPLES
-    from pipeline.cmd_prune import prune_settings
+    from obsdiff.stage import DEFAULT_SAMPLES as PRUNE_SAMPLES
+    from obsdiff.stage import prune_settings
 
     options = dict(method=args.method, groups=args.groups, samples=args.samples or PRUNE_SAMPLES, steps=args.calib_steps)
     dense = config_dirs(spec, "dense", base)
@@ -181,7 +181,7 @@ def config_id(sparsity, method: str, samples: int, calib_steps: int | None) -> s
     """The configuration directory of one sparsity: ``make engine``'s (``2-4-obs-diff``) when stage 1 runs with
     its default calibration (so each reuses what the other did), else one that names the difference
     (``2-4-obs-diff-s16``), so that two calibrations never meet in one directory."""
-    from pipeline.cmd_prune import DEFAULT_SAMPLES as PRUNE_SAMPLES
+    from obsdiff.stage import DEFAULT_SAMPLES as PRUNE_SAMPLES
 
     cid = f"{sparsity.id}-{method}"
     if samples != PRUNE_SAMPLES:

@@ -61,7 +61,7 @@ def pruned_transformer(spec, pattern: str, config_dir: Path, *, samples: int, de
     Returns ``(transformer, {"seconds": ..., "reused": ...})``."""
     from export.checkpoint import load_any_transformer
     from obsdiff.patterns import parse_sparsity
-    from pipeline.cmd_prune import prune_settings, run_prune
+    from obsdiff.stage import prune_settings, run_prune
 
     settings = prune_settings(spec, parse_sparsity(pattern), config_dir / "prune", samples=samples, device=device, progress=False)
     reused = (config_dir / "prune" / "transformer" / "config.json").is_file()

@@ -15,7 +15,7 @@ from evaluation.metrics import DEFAULT_SEEDS, evaluate
 def main(argv: list[str] | None = None) -> int:
     from common.cli import ArgumentParser, int_at_least, run_command, setup_logging
     from common.io import check_output
-    from benchmarks.pipeline_args import add_pipeline_args, add_sampler_args, pipeline_from_args
+    from pipeline.pipeline_args import add_pipeline_args, add_sampler_args, pipeline_from_args
 
     ap = ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-sd3", help="registry id or local diffusers directory")
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {}
 
     def body() -> int:
-        from benchmarks.pipeline_args import check_pipeline_args
+        from pipeline.pipeline_args import check_pipeline_args
 
         checked = check_pipeline_args(args)
         check_output(args.json, "file", option="--json")

@@ -1,7 +1,7 @@
 """``python -m pipeline engine`` (``make engine``): prune, export, build engines and benchmark, end to end.
 
 Runs stages 1-3 into ``artifacts/<model>/<config-id>/`` (see :mod:`pipeline.artifacts`), each through the
-driver its own command calls (:func:`pipeline.cmd_prune.run_prune` around :func:`obsdiff.packages.prune`,
+driver its own command calls (:func:`obsdiff.stage.run_prune` around :func:`obsdiff.packages.prune`,
 :func:`export.stage.run_export`, :func:`runtime.stage.run_build`, :func:`benchmarks.e2e.run_e2e`), with
 typed settings built here. Every stage's settings are checked before the first stage starts. A stage whose
 output is complete and whose inputs are unchanged is reused. The last line printed is the artifact directory.
@@ -90,7 +90,7 @@ def _cuda() -> bool:
 
 @dataclass
 class Stage:
-    """One stage of ``make engine``: its driver's typed settings (:class:`pipeline.cmd_prune.PruneSettings`,
+    """One stage of ``make engine``: its driver's typed settings (:class:`obsdiff.stage.PruneSettings`,
     :class:`export.stage.ExportSettings` or :class:`runtime.stage.BuildSettings`), the file whose presence
     says its output is complete, and what the manifest records about it."""
 
@@ -105,7 +105,7 @@ def _driver(settings) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
     """``(check, run)`` of the stage whose settings these are: the check needs no weights and no input of
     an earlier stage; the run is the stage's own driver."""
     from export.stage import ExportSettings, check_export, run_export
-    from pipeline.cmd_prune import PruneSettings, check_prune, run_prune
+    from obsdiff.stage import PruneSettings, check_prune, run_prune
     from runtime.stage import BuildSettings, check_build, run_build
 
     if isinstance(settings, PruneSettings):
@@ -137,7 +137,7 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
     from export.stage import ExportSettings
     from families.shapes import shapes_from_args
     from obsdiff.patterns import parse_sparsity
-    from pipeline.cmd_prune import DEFAULT_SAMPLES, prune_settings
+    from obsdiff.stage import DEFAULT_SAMPLES, prune_settings
     from runtime.stage import BuildSettings
 
     shapes = shapes_from_args(args, spec)  # the resolutions and batch range every export and engine serves

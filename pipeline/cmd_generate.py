@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from common.cli import int_at_least, nonempty
-from benchmarks.pipeline_args import add_pipeline_args, add_sampler_args
+from pipeline.pipeline_args import add_pipeline_args, add_sampler_args
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def run(args) -> int:
     from PIL import Image
 
     from common.io import atomic_path, check_output
-    from benchmarks.pipeline_args import check_pipeline_args, pipeline_from_args, sample, to_uint8
+    from pipeline.pipeline_args import check_pipeline_args, pipeline_from_args, sample, to_uint8
 
     checked = check_pipeline_args(args)
     check_output(args.out, "file")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from common.cli import int_range
-from benchmarks.pipeline_args import add_pipeline_args
+from pipeline.pipeline_args import add_pipeline_args
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def run(args) -> int:
     from evaluation.digits import prompt_for
     from common.errors import UserError
     from common.io import atomic_path, check_output
-    from benchmarks.pipeline_args import check_pipeline_args, pipeline_from_args, sample, to_uint8
+    from pipeline.pipeline_args import check_pipeline_args, pipeline_from_args, sample, to_uint8
 
     checked = check_pipeline_args(args)
     spec = checked[0]

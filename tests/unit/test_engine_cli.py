@@ -79,7 +79,7 @@ def test_engine_stage_settings_equal_the_stage_commands(tmp_path):
     """The settings `make engine` builds are exactly those of the stage commands with the same options, so a
     stage output made by a command (or by an earlier `make engine`) is reused."""
     from export.stage import ExportSettings
-    from pipeline.cmd_prune import PruneSettings
+    from obsdiff.stage import PruneSettings
     from runtime.stage import BuildSettings
 
     args, cfg, dense, stages = _plan(tmp_path, "--samples", "2", "--calib-steps", "4", "--opt-level", "1", "--triton", str(tmp_path / "tr"))

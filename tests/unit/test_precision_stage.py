@@ -18,7 +18,7 @@ from common.errors import UserError
 def stage1(tmp_path_factory):
     """A real stage-1 directory of tiny-sd3 at 2:4 (magnitude: no Hessians, seconds), calibrated on 3 prompts x 3 steps."""
     from obsdiff.patterns import parse_sparsity
-    from pipeline.cmd_prune import prune_settings, run_prune
+    from obsdiff.stage import prune_settings, run_prune
     from tests.runtime_fixtures import tiny_sd3
 
     spec, _ = tiny_sd3()

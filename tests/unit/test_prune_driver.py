@@ -294,7 +294,7 @@ def test_a_gpu_too_small_for_pruning_is_one_line_before_calibration(monkeypatch)
     for a GPU (the check only reads torch.cuda.mem_get_info)."""
     from obsdiff.packages import PruneConfig
     from obsdiff.patterns import parse_sparsity
-    from pipeline.cmd_prune import check_device_memory
+    from obsdiff.stage import check_device_memory
     from families.registry import resolve_model
 
     pipe = load_tiny_pipeline()

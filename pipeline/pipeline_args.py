@@ -6,7 +6,7 @@ from pathlib import Path
 
 from common.cli import float_range, int_at_least
 from families.registry import ModelSpec
-from families.sampling import sample, to_uint8  # noqa: F401  (re-exported for the commands)
+from families.sampling import sample, to_uint8  # noqa: F401  (for the commands)
 
 
 TRANSFORMER_HELP = ("use this transformer instead of the model's: a `prune` output directory (or its transformer/), "
