@@ -58,6 +58,19 @@ def magnitude_prune(W: torch.Tensor, H: torch.Tensor | None, sparsity: Sparsity,
     return _prune_by_score(W, W.detach().float().abs(), sparsity, per_row=False)
 
 
+def magnitude_prune_model(model: torch.nn.Module, sparsity: Sparsity) -> list[str]:
+    """Prune every layer stage 1 prunes (the family adapter's units) by magnitude, in place, with no Hessian:
+    the timing stand-in for a stage-1 plan. Returns the layer names (qualified inside ``model``)."""
+    from obsdiff.packages import build_units
+
+    layers = [n for u in build_units(model) for n in u.layers]
+    with torch.no_grad():
+        for name in layers:
+            w = model.get_submodule(name).weight  # (N, K)
+            w.copy_(magnitude_prune(w, None, sparsity)[0])
+    return layers
+
+
 def wanda_prune(W: torch.Tensor, H: torch.Tensor, sparsity: Sparsity, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero the smallest ``|W_ij| * ||X_j||`` (per output row for unstructured, per M-group for N:M)."""
     norms = torch.sqrt(torch.diagonal(H.float()).clamp_min(0)).to(W.device)  # (cols,)

@@ -1,0 +1,176 @@
+"""The torch backend's CPU-side logic: precisions, hardware refusals, which layers reach the 2:4 kernels (and why
+the others do not), torchao's INT8 conversion on CPU, and the dry-run report. The kernels themselves run in
+tests/gpu/test_torch_backend_gpu.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from common.errors import UserError
+from obsdiff.baselines import magnitude_prune_model
+from obsdiff.patterns import parse_sparsity
+from runtime import torch_backend as tb
+from runtime.manifest import GpuInfo
+from tests.factories import tiny_sd3_transformer, tiny_transformer_inputs
+
+pytest.importorskip("torchao")
+
+H100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
+L4 = GpuInfo("NVIDIA L4", "8.9")
+A10 = GpuInfo("NVIDIA A10", "8.6")
+T4 = GpuInfo("Tesla T4", "7.5")
+
+
+def _plan(layers):
+    from obsdiff.plan import PrunePlan
+
+    return PrunePlan(model="tiny", sparsity="2:4", method="magnitude", head_dim=16, num_layers=0, blocks=[],
+                     layers={n: {"density": 0.5} for n in layers})
+
+
+@pytest.fixture(scope="module")
+def pruned():
+    """A tiny SD3 transformer (hidden 64, FFN 256) pruned 2:4 by magnitude, and its plan."""
+    model = tiny_sd3_transformer(num_layers=2, num_heads=4, head_dim=16)
+    layers = magnitude_prune_model(model, parse_sparsity("2:4"))
+    return model, _plan(layers)
+
+
+def test_precisions_parse_once():
+    assert tb.parse_precision("FP8").quant == "fp8"
+    assert tb.parse_precision("bf16").dtype == torch.bfloat16
+    with pytest.raises(UserError, match="use one of: bf16, fp16, int8, fp8"):
+        tb.parse_precision("fp4")
+    with pytest.raises(UserError, match="unknown sparse backend"):
+        tb.TorchSettings(sparse_backend="magic")
+
+
+@pytest.mark.parametrize("gpu, precision, sparse, kernels, message", [
+    (None, "bf16", False, True, "CUDA is not available"),
+    (T4, "fp16", True, True, "sparse tensor cores .compute capability 8.0"),
+    (A10, "fp8", False, True, "fp8 needs compute capability 8.9"),
+    (L4, "fp8", True, True, "FP8 \\+ 2:4 runs on torchao's CUTLASS kernel for compute capability 9.0"),
+    (T4, "bf16", False, True, "bf16 needs compute capability 8.0 or newer .* use --precision fp16"),
+])
+def test_hardware_refusals_are_one_line(gpu, precision, sparse, kernels, message):
+    settings = tb.TorchSettings(precision=tb.parse_precision(precision), sparse_kernels=kernels)
+    with pytest.raises(UserError, match=message) as e:
+        tb.check_hardware(settings, sparse, gpu)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("gpu, precision, sparse, kernels", [
+    (T4, "fp16", True, False),  # --no-sparse-kernels: 2:4 weights as dense GEMMs
+    (T4, "fp16", False, True),
+    (A10, "bf16", True, True),
+    (A10, "int8", True, True),
+    (L4, "fp8", False, True),
+    (L4, "fp8", True, False),
+    (H100, "fp8", True, True),
+])
+def test_hardware_accepts(gpu, precision, sparse, kernels):
+    tb.check_hardware(tb.TorchSettings(precision=tb.parse_precision(precision), sparse_kernels=kernels), sparse, gpu)
+
+
+def test_sparse_backend_resolution():
+    assert tb.resolve_sparse_backend("auto", True) == "cusparselt"
+    assert tb.resolve_sparse_backend("auto", False) == "cutlass"
+    assert tb.resolve_sparse_backend("cutlass", True) == "cutlass"
+    with pytest.raises(UserError, match="no cuSPARSELt"):
+        tb.resolve_sparse_backend("cusparselt", False)
+
+
+def test_two_four_check_is_exact():
+    w = torch.zeros(8, 16)
+    w[:, 0::4] = 1.0
+    w[:, 1::4] = -2.0
+    assert tb.two_four_violation(w) is None
+    w[3, 6] = 0.5  # a third non-zero in one group
+    assert "1 of 32 groups of 4 hold more than 2 non-zeros" in tb.two_four_violation(w)
+    assert "not a multiple of 4" in tb.two_four_violation(torch.zeros(8, 18))
+
+
+def test_shape_rules_are_pytorchs_own():
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    r = SparseSemiStructuredTensorCUTLASS._DTYPE_SHAPE_CONSTRAINTS[torch.bfloat16]
+    assert tb.semi_structured_shape_violation((r.sparse_min_rows, r.sparse_min_cols), torch.bfloat16, "cutlass") is None
+    why = tb.semi_structured_shape_violation((r.sparse_min_rows, r.sparse_min_cols // 2), torch.bfloat16, "cutlass")
+    assert f"CUTLASS bfloat16 needs both at least and multiples of {r.sparse_min_rows}x{r.sparse_min_cols}" in why
+    assert "take no float32 weights" in tb.semi_structured_shape_violation((64, 64), torch.float32, "cusparselt")
+    c = SparseSemiStructuredTensorCUSPARSELT._DTYPE_SHAPE_CONSTRAINTS[torch.float16]
+    assert tb.semi_structured_shape_violation((c.sparse_min_rows * 3, c.sparse_min_cols * 5), torch.float16, "cusparselt") is None
+
+
+def test_choose_layers_bf16(pruned):
+    model, plan = pruned
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    choice = tb.choose_layers(m, plan, tb.TorchSettings(), sparse=True, sparse_backend="cusparselt")
+    assert sorted(choice.sparse) == sorted(plan.layers) and not choice.refused and not choice.quantized
+    assert choice.kernel == "cusparselt"
+    # CUTLASS wants in_features >= 64 for bf16: the 64-wide layers pass, and every refusal says why
+    cutlass = tb.choose_layers(m, plan, tb.TorchSettings(sparse_backend="cutlass"), sparse=True, sparse_backend="cutlass")
+    assert set(cutlass.sparse) | set(cutlass.refused) == set(plan.layers)
+    assert all("CUTLASS bfloat16" in why for why in cutlass.refused.values())
+
+
+def test_choose_layers_refuses_what_is_not_2_4(pruned):
+    model, plan = pruned
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    name = next(iter(plan.layers))
+    with torch.no_grad():
+        m.get_submodule(name).weight.fill_(1.0)  # a plan layer whose weights are not 2:4 (a stale plan)
+    extra = _plan(list(plan.layers) + ["transformer_blocks.0.no_such_layer"])
+    choice = tb.choose_layers(m, extra, tb.TorchSettings(), sparse=True)
+    assert "not 2:4 along the input dimension" in choice.refused[name]
+    assert choice.refused["transformer_blocks.0.no_such_layer"] == "not an nn.Linear of this model"
+    assert len(choice.sparse) == len(plan.layers) - 1
+    none = tb.choose_layers(m, plan, tb.TorchSettings(sparse_kernels=False), sparse=True)
+    assert not none.sparse and any("--no-sparse-kernels" in n for n in none.notes)
+
+
+def test_choose_layers_fp8_and_int8(pruned):
+    model, plan = pruned
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    fp8 = tb.choose_layers(m, plan, tb.TorchSettings(precision=tb.PRECISIONS["fp8"]), sparse=True)
+    assert fp8.kernel == tb.FP8_SPARSE_KERNEL and sorted(fp8.sparse) == sorted(plan.layers)
+    assert not set(fp8.sparse) & set(fp8.quantized)
+    # the family adapter's quant_exclude (embedders, AdaLN, proj_out) stays bf16, with the reason
+    assert "proj_out" in fp8.high_precision and "quant_exclude" in fp8.high_precision["proj_out"]
+    assert not any(n in fp8.quantized for n in fp8.high_precision)
+    # context_embedder reads joint_attention_dim=32 -> fine; a 24-wide pooled projection is not a multiple of 16
+    int8 = tb.choose_layers(m, plan, tb.TorchSettings(precision=tb.PRECISIONS["int8"]), sparse=True)
+    assert not int8.sparse and set(int8.refused) == set(plan.layers) and int8.kernel is None
+    assert all("INT8 + 2:4" in why for why in int8.refused.values())
+    assert set(plan.layers) <= set(int8.quantized)
+
+
+def test_int8_conversion_on_cpu_matches_bf16(pruned):
+    """torchao's INT8 dynamic quantization runs on CPU too: the converted transformer stays close to bf16."""
+    model, plan = pruned
+    ref = copy.deepcopy(model).to(torch.bfloat16)
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    settings = tb.TorchSettings(precision=tb.PRECISIONS["int8"], compile=False)
+    done = tb.convert(m, tb.choose_layers(m, plan, settings, sparse=True), settings)
+    assert len(done.quantized) >= len(plan.layers) and not done.sparse
+    assert type(m.get_submodule(next(iter(plan.layers))).weight).__name__ == "Int8Tensor"
+    assert tb.weight_bytes(m) < tb.weight_bytes(ref)
+    inputs = [t.to(torch.bfloat16) for t in tiny_transformer_inputs(m)]
+    with torch.no_grad():
+        want = ref(*inputs, return_dict=False)[0].float()
+        got = m(*inputs, return_dict=False)[0].float()
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 0.05, rel  # INT8 per-token x per-channel on a 2-block model: ~1e-2
+
+
+def test_dry_run_report(pruned):
+    model, plan = pruned
+    m, report = tb.prepare_transformer(copy.deepcopy(model), plan, tb.TorchSettings(), sparse=True, device="cpu", apply=False)
+    assert report["converted"] is False and report["compiled"] is False
+    assert report["layers"]["sparse_layers"] == len(plan.layers)
+    assert any("dry run" in n for n in report["layers"]["notes"])
+    assert next(m.parameters()).dtype == torch.bfloat16
+    assert tb.layers_by_kind(plan.layers)["transformer_blocks.attn.to_q"] == 2
