@@ -35,12 +35,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 from common.io import atomic_path, write_json  # noqa: E402
-from export.onnx_export import export_module, onnx_size, ort_session, transformer_inputs  # noqa: E402
+from common.paths import REPO_ROOT  # noqa: E402
+from export.dynamo_export import export_module  # noqa: E402
+from export.onnx_files import onnx_size  # noqa: E402
+from export.parity import ort_session  # noqa: E402
 from families import adapter_for  # noqa: E402
 from export.report import count_parameters, transformer_flops  # noqa: E402
 from export.surgery import apply_plan, structured_plan  # noqa: E402
@@ -66,7 +65,7 @@ def tiny_sd3_case() -> tuple[Any, dict[str, Any]]:
     path = spec.path / "transformer"
     if (path / "config.json").is_file():
         model = sd3_class.from_pretrained(str(path), torch_dtype=torch.float32)
-        source = str(path.relative_to(REPO))
+        source = str(path.relative_to(REPO_ROOT))
     else:
         torch.manual_seed(0)
         model = sd3_class(
@@ -125,12 +124,12 @@ def bench_case(
     sessions, feeds = {}, {}
     for vname, m in variants.items():
         path = workdir / f"{name}-{vname}.onnx"
-        ex = transformer_inputs(m, 2, latent_hw, text)
+        ex = adapter_for(m).transformer_inputs(m, 2, latent_hw, text)
         export_module(adapter_for(m).transformer_for_onnx(m), ex, path)
         flops = transformer_flops(m, batch, latent_hw, text)
         result[vname] = {"params": count_parameters(m)["total"], "gemm_flops": flops["gemm"], "total_flops": flops["total"], "onnx_bytes": onnx_size(path)}
         sessions[vname] = ort_session(path, threads=threads)
-        feeds[vname] = {k: v.numpy() for k, v in transformer_inputs(m, batch, latent_hw, text, seed=1).items()}
+        feeds[vname] = {k: v.numpy() for k, v in adapter_for(m).transformer_inputs(m, batch, latent_hw, text, seed=1).items()}
     times = time_interleaved(sessions, feeds, runs, warmup, min_time)
     for vname, ts in times.items():
         q1, med, q3 = np.percentile(ts, [25, 50, 75])
@@ -181,7 +180,7 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=REPO / "artifacts" / "bench", help="output directory (default artifacts/bench)")
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "artifacts" / "bench", help="output directory (default artifacts/bench)")
     ap.add_argument("--ratio", type=float, default=0.3, help="structured ratio of heads/neurons removed (default 0.3)")
     ap.add_argument("--runs", type=int, default=10, help="timed rounds per case (default 10)")
     ap.add_argument("--warmup", type=int, default=2)

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from common.io import atomic_path, write_json
-from families.registry import REPO_ROOT, load_pipeline, resolve_model
+from common.paths import REPO_ROOT
+from families.registry import load_pipeline, resolve_model
 
 log = logging.getLogger(__name__)
 

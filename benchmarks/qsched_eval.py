@@ -38,7 +38,8 @@ from typing import Any
 import torch
 
 from common.io import atomic_path, write_json
-from families.registry import REPO_ROOT, load_pipeline, resolve_model
+from common.paths import REPO_ROOT
+from families.registry import load_pipeline, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ def pruned_transformer(spec, pattern: str, config_dir: Path, *, samples: int, de
 
 def quantized(transformer, pipe, spec, precision: str, calib: tuple[list[str], list[int]]):
     """A fake-quantized copy of ``transformer`` (ModelOpt, max calibration on the real sampler's inputs)."""
-    from export.quantize import quantize_transformer, record_calibration_inputs
+    from export.calibration import record_calibration_inputs
+    from export.quantize import quantize_transformer
 
     pv = variant_pipe(pipe, transformer)
     inputs = record_calibration_inputs(pv, spec, calib[0], calib[1], max_calls=32)

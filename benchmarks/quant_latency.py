@@ -3,7 +3,7 @@
 For each case, three float transformers are built: dense; 2:4 (magnitude, along K, on the layers stage 1 prunes:
 the adapter's unit layers); structured (``--ratio`` of the heads and FFN neurons of every block removed, the
 first ones kept: latency does not depend on which). Each is exported as float32 ONNX and as INT8 Q/DQ ONNX
-(:mod:`export.quantize`: ModelOpt max calibration, weights folded into INT8 constants), and the six sessions are
+(:mod:`export.quantize`, :mod:`export.qdq_export`: ModelOpt max calibration, weights folded into INT8 constants), and the six sessions are
 timed in one process, interleaved (the order rotates every round), after warm-up. Reported per variant: the
 median latency and the INT8/fp32 ratio (median over rounds of the two measured in the same round), and each
 against the dense float32 transformer.
@@ -42,13 +42,12 @@ from typing import Any
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 from benchmarks.export_latency import sd3_medium_width_case, time_interleaved, tiny_sd3_case  # noqa: E402
 from common.io import atomic_path, write_json  # noqa: E402
-from export.onnx_export import export_module, onnx_size, ort_session  # noqa: E402
+from common.paths import REPO_ROOT  # noqa: E402
+from export.dynamo_export import export_module  # noqa: E402
+from export.onnx_files import onnx_size  # noqa: E402
+from export.parity import ort_session  # noqa: E402
 from export.report import transformer_flops  # noqa: E402
 from export.surgery import apply_plan, structured_plan  # noqa: E402
 from families import adapter_for  # noqa: E402
@@ -84,7 +83,8 @@ def variants(model, name: str, ratio: float) -> dict[str, Any]:
 
 def export_pair(model, info: dict[str, Any], workdir: Path, tag: str, calib_batches: int = 2) -> dict[str, Path]:
     """Export ``model`` as float32 ONNX and (a deep copy, fake-quantized with ModelOpt) as INT8 Q/DQ ONNX."""
-    from export.quantize import export_quantized_onnx, quantize_transformer
+    from export.qdq_export import export_quantized_onnx
+    from export.quantize import quantize_transformer
 
     adapter = adapter_for(model)
     latent_hw, text = info["latent_hw"], info["text_seq_len"]
@@ -172,7 +172,7 @@ def _isa() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=REPO / "artifacts" / "bench", help="output directory (default artifacts/bench)")
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "artifacts" / "bench", help="output directory (default artifacts/bench)")
     ap.add_argument("--ratio", type=float, default=0.3, help="structured ratio of heads/neurons removed (default 0.3)")
     ap.add_argument("--runs", type=int, default=10, help="timed rounds per case (default 10)")
     ap.add_argument("--warmup", type=int, default=2)

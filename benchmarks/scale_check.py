@@ -27,20 +27,20 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
+from common.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(argv: list[str], log_file: Path) -> dict[str, Any]:
     """Run ``python -m <argv>`` in a child process; its wall time, exit status and peak RSS (``wait4``)."""
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), "PYTHONPATH": str(REPO_ROOT)}
     t0 = time.perf_counter()
     with open(log_file, "ab") as fh:
         fh.write(f"\n$ python -m {' '.join(argv)}\n".encode())
         fh.flush()
-        proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "status": proc.returncode}
@@ -113,8 +113,8 @@ def run(args) -> dict[str, Any]:
     from pipeline.artifacts import config_dirs
     from families.registry import resolve_model
 
-    fixture = Path(args.fixture or REPO / "artifacts" / "fixtures" / args.family)
-    out = Path(args.out or REPO / "artifacts" / "scale" / args.family)
+    fixture = Path(args.fixture or REPO_ROOT / "artifacts" / "fixtures" / args.family)
+    out = Path(args.out or REPO_ROOT / "artifacts" / "scale" / args.family)
     art = Path(args.artifacts or out / "artifacts")
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / "scale_check.log"
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if args.run_stage:
         return run_command(lambda: run_stage_file(args.run_stage))
-    return run_command(lambda: print(Path(args.out or REPO / "artifacts" / "scale" / args.family) / "scale_check.md") if run(args) else 1)
+    return run_command(lambda: print(Path(args.out or REPO_ROOT / "artifacts" / "scale" / args.family) / "scale_check.md") if run(args) else 1)
 
 
 if __name__ == "__main__":

@@ -44,13 +44,13 @@ from typing import Any, Callable
 import torch
 
 from common.io import atomic_path, write_json
+from common.paths import REPO_ROOT
 from obsdiff.baselines import magnitude_prune
 from obsdiff.patterns import parse_sparsity
 from obsdiff.solvers import inverse_cholesky_upper, obs_prune, obs_prune_groups
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "artifacts" / "bench" / "solver_speed.json"
 SHAPES = [(1536, 1536), (6144, 1536), (1536, 6144)]
 PATTERNS = ["2:4", "4:8", "unstructured:0.5", "structured:0.3"]

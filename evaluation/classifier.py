@@ -15,8 +15,9 @@ import torch
 import torch.nn as nn
 
 from common.errors import UserError
+from common.paths import REPO_ROOT
 
-DEFAULT_DIR = Path(__file__).resolve().parents[1] / "models" / "digit-classifier"
+DEFAULT_DIR = REPO_ROOT / "models" / "digit-classifier"
 
 
 class DigitClassifier(nn.Module):

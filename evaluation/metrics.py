@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.paths import REPO_ROOT
 from evaluation.classifier import load_classifier
 from evaluation.digits import load_split, prompt_for, to_pixels
 from families.registry import ModelSpec
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SEEDS = tuple(range(8))
 CLIP_SCORE_MODEL = "openai/clip-vit-large-patch14"
-EVAL_PROMPTS = Path(__file__).resolve().parents[1] / "prompts" / "eval.txt"
+EVAL_PROMPTS = REPO_ROOT / "prompts" / "eval.txt"
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 from common.errors import UserError
 from common.io import read_json
+from common.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from common.errors import UserError
 from common.io import check_output, created_dirs
 from common.memory import log_memory, release_to_os
-from families.registry import REPO_ROOT, ModelSpec, load_pipeline
+from common.paths import REPO_ROOT
+from families.registry import ModelSpec, load_pipeline
 from obsdiff.solvers import DEFAULT_BLOCKSIZE, DEFAULT_PERCDAMP
 
 if TYPE_CHECKING:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from common.io import read_json, write_json
-from families.registry import REPO_ROOT, ModelSpec
+from common.paths import REPO_ROOT
+from families.registry import ModelSpec
 
 ARTIFACTS = REPO_ROOT / "artifacts"
 
