@@ -61,16 +61,10 @@ PRECISIONS = ("fp32", "int8")
 def magnitude_2_4(model) -> list[str]:
     """2:4 by magnitude along K (:func:`obsdiff.baselines.magnitude_prune`) on the layers stage 1 prunes, in
     place; returns their names."""
-    from obsdiff.baselines import magnitude_prune
-    from obsdiff.packages import build_units
+    from obsdiff.baselines import magnitude_prune_model
     from obsdiff.patterns import parse_sparsity
 
-    layers = [n for u in build_units(model) for n in u.layers]
-    with torch.no_grad():
-        for name in layers:
-            w = model.get_submodule(name).weight  # (N, K)
-            w.copy_(magnitude_prune(w, None, parse_sparsity("2:4"))[0])
-    return layers
+    return magnitude_prune_model(model, parse_sparsity("2:4"))
 
 
 def variants(model, name: str, ratio: float) -> dict[str, Any]:
