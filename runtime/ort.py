@@ -1,6 +1,6 @@
 """ONNX Runtime sessions for the exported components (CPU by default, CUDA execution provider where available).
 
-:class:`OrtModel` wraps one ``InferenceSession`` behind the same call as :class:`runtime.tensorrt.TrtEngine`:
+:class:`OrtModel` wraps one ``InferenceSession`` behind the same call as :class:`runtime.trt.engine.TrtEngine`:
 ``{input name: tensor} -> {output name: torch tensor}``, casting inputs to the dtypes the ONNX declares.
 Sessions never spin idle threads (``session.intra_op.allow_spinning=0``): spinning burns the cores the
 rest of the pipeline (scheduler, PyTorch components) needs and makes interleaved benchmarks noisy.
@@ -13,21 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from common.dtypes import from_onnx_type
 from common.errors import UserError
 
 log = logging.getLogger(__name__)
-
-_NP_DTYPES = {
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(double)": "float64",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-    "tensor(bool)": "bool",
-    "tensor(uint8)": "uint8",
-    "tensor(int8)": "int8",
-}
-
 
 def available_providers() -> list[str]:
     import onnxruntime as ort
@@ -92,7 +81,7 @@ class OrtModel:
         self.session = make_session(self.path, provider=provider, intra_op_threads=intra_op_threads)
         self.providers = self.session.get_providers()
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
-        self.inputs = {i.name: _NP_DTYPES.get(i.type, "float32") for i in self.session.get_inputs()}
+        self.inputs = {i.name: from_onnx_type(i.type) for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
         self._out_shapes = {o.name: o.shape for o in self.session.get_outputs()}
         self._in_shapes = {i.name: i.shape for i in self.session.get_inputs()}
@@ -141,7 +130,7 @@ class OrtModel:
             if all(isinstance(s, int) or s in dims for s in shape):
                 # Output dtype: the ONNX's; for our exports outputs share the first float input's dtype.
                 o_type = next(o.type for o in self.session.get_outputs() if o.name == name)
-                dt = getattr(torch, _NP_DTYPES.get(o_type, "float32"))
+                dt = getattr(torch, from_onnx_type(o_type))
                 buf = torch.empty([s if isinstance(s, int) else dims[s] for s in shape], dtype=dt, device=keep[0].device)
                 binding.bind_output(name, "cuda", buf.device.index or 0, np.dtype(str(dt).split(".")[1]), tuple(buf.shape), buf.data_ptr())
                 outs[name] = buf

@@ -19,26 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from common.dtypes import TRITON_TYPES
 from common.errors import UserError
 from common.io import atomic_path, read_json
 
 log = logging.getLogger(__name__)
-
-TRITON_TYPES = {
-    "bool": "TYPE_BOOL",
-    "uint8": "TYPE_UINT8",
-    "int8": "TYPE_INT8",
-    "int16": "TYPE_INT16",
-    "int32": "TYPE_INT32",
-    "int64": "TYPE_INT64",
-    "float16": "TYPE_FP16",
-    "float": "TYPE_FP32",
-    "float32": "TYPE_FP32",
-    "double": "TYPE_FP64",
-    "float64": "TYPE_FP64",
-    "bfloat16": "TYPE_BF16",
-}
-
 
 @dataclass(frozen=True)
 class TensorSpec:
