@@ -397,7 +397,7 @@ def _summary(result: dict | None, cfg, dense, precision: str = "fp32") -> None:
         lines.append(f"speedup dense/pruned ({precision}): {result['speedup']:.3f}x (transformer {result.get('speedup_transformer', float('nan')):.3f}x)")
         if result.get("note"):
             lines.append(result["note"])
-    from runtime.tensorrt import manifest_summary
+    from runtime.manifest import manifest_summary
 
     for which, d in (("dense", dense), ("pruned", cfg)):
         engines = d.engines_for("fp16" if precision == "fp32" else precision)

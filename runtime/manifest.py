@@ -214,3 +214,25 @@ def check_in_profile(manifest: dict[str, Any], shapes: dict[str, Any]) -> None:
     else:
         where = "has a fixed profile"
     raise UserError(f"the {manifest.get('component', 'engine')} engine {where}: {why}; rebuild with `--resolution`/`--batch` covering the request")
+
+
+def manifest_summary(plan: str | os.PathLike) -> dict[str, Any]:
+    """A short view of a plan's manifest for reports: backend, size, sparsity, sparse-layer counts."""
+    m = read_json(manifest_path_for(plan))
+    nm = m.get("onnx_nm_weights") or {}
+    quant = m.get("quantization") or {}
+    return {
+        "backend": f"{m['backend']} {m['backend_version']}",
+        "precision": m.get("precision"),
+        "quantized_layers": len(quant.get("quantized_layers", [])),
+        "quantized_nm_layers": len(quant.get("quantized_nm_layers", [])),
+        "refused_targets": (m.get("refused_targets") or {}).get("targets"),
+        "plan_mib": round(m["plan_bytes"] / 2**20, 2),
+        "sparsity": m.get("sparsity"),
+        "sparse_weights": m.get("builder", {}).get("sparse_weights"),
+        "log_eligible": len(m.get("sparsity_log", {}).get("eligible", [])),
+        "log_sparse": len(m.get("sparsity_log", {}).get("sparse", [])),
+        "onnx_nm_eligible": len(nm.get("eligible", [])),
+        "targets": m.get("target_compute_capabilities"),
+        "build_seconds": m.get("build_seconds"),
+    }

@@ -4,7 +4,7 @@ The pipeline object is diffusers' own: tokenizers, scheduler, latents (from the 
 guidance and image post-processing are unchanged, so images are comparable with the PyTorch pipeline
 for the same prompt and seed. Only the networks are swapped, for small ``torch.nn.Module`` adapters that
 expose what the pipeline reads (``config``, ``dtype``, ``device``, the call signature and output layout)
-and call an :class:`runtime.ort.OrtModel` or :class:`runtime.tensorrt.TrtEngine`:
+and call an :class:`runtime.ort.OrtModel` or :class:`runtime.trt.engine.TrtEngine`:
 
 - the transformer: the family adapter's runtime module (:meth:`families.base.FamilyAdapter.runtime_transformer`),
   with the diffusers transformer's call signature
@@ -120,7 +120,7 @@ def load_runners(
     """Runners for the exported components.
 
     backend ``"ort"``: an :class:`~runtime.ort.OrtModel` per ``onnx_dir/<component>.onnx`` (``provider``
-    cpu/cuda/auto, ``threads`` intra-op threads, 0 = one per core). backend ``"trt"``: a :class:`~runtime.tensorrt.TrtEngine` per ``engine_dir/<component>/``
+    cpu/cuda/auto, ``threads`` intra-op threads, 0 = one per core). backend ``"trt"``: a :class:`~runtime.trt.engine.TrtEngine` per ``engine_dir/<component>/``
     plan of the installed TensorRT(-RTX), checked against ``onnx_dir/<component>.onnx`` when given.
     components: default every component found; a named missing one is an error.
     """
@@ -143,7 +143,8 @@ def load_runners(
     elif backend == "trt":
         if engine_dir is None:
             raise UserError("the TensorRT backend needs an engine directory (from `python -m pipeline build`)")
-        from runtime.tensorrt import EngineSet, TrtEngine, find_plan
+        from runtime.trt.engine import EngineSet, TrtEngine
+        from runtime.trt.plans import find_plan
 
         static = sorted(p for p in (Path(engine_dir) / "static").glob("*") if p.is_dir())
         for c in names:

@@ -2,7 +2,7 @@
 
 ``python -m pipeline build`` parses its options into :class:`BuildSettings` and calls :func:`run_build`;
 ``make engine`` builds the settings itself and runs :func:`check_build` before any stage starts. Engines
-whose ONNX and options are unchanged are reused (:func:`runtime.tensorrt.build_engines`).
+whose ONNX and options are unchanged are reused (:func:`runtime.trt.build.build_engines`).
 """
 
 from __future__ import annotations
@@ -96,7 +96,10 @@ def run_build(settings: BuildSettings) -> dict[str, Path]:
     """Build (or reuse) one engine per component into ``settings.out/<component>/``; write the Triton
     repository if asked. Returns ``{component: plan path}``. A failed build leaves no engine directory that
     this call created."""
-    from runtime.tensorrt import BuildOptions, build_engines, get_backend, manifest_summary
+    from runtime.manifest import manifest_summary
+    from runtime.trt.backend import get_backend
+    from runtime.trt.build import build_engines
+    from runtime.trt.options import BuildOptions
 
     from dataclasses import replace
 

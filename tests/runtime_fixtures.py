@@ -104,7 +104,8 @@ def component_exports() -> Path:
 
 @lru_cache(maxsize=1)
 def _rtx_engine() -> Path:
-    from runtime.tensorrt import BuildOptions, build_engine
+    from runtime.trt.build import build_engine
+    from runtime.trt.options import BuildOptions
 
     spec, _ = tiny_sd3()
     onnx_dir, _, _ = pruned_export()

@@ -25,7 +25,7 @@ pytestmark = [
 def _backend():
     from common.errors import UserError
     from runtime.manifest import current_gpu
-    from runtime.tensorrt import RTX_DEFAULT_TARGETS, get_backend
+    from runtime.trt.backend import RTX_DEFAULT_TARGETS, get_backend
 
     try:
         be = get_backend("auto")
@@ -47,7 +47,8 @@ def _fp16_engine():
     import copy
 
     from export import onnx_export as ox
-    from runtime.tensorrt import BuildOptions, build_engine
+    from runtime.trt.build import build_engine
+    from runtime.trt.options import BuildOptions
 
     spec, pipe = fx.tiny_sd3()
     _, pruned, _ = fx.pruned_export()
@@ -75,7 +76,7 @@ def test_engine_loads_through_checks_and_matches_fp32_onnx():
     from export.onnx_export import parity_tolerance, rel_error
     from runtime.manifest import current_gpu
     from runtime.ort import OrtModel
-    from runtime.tensorrt import TrtEngine
+    from runtime.trt.engine import TrtEngine
 
     spec, _ = fx.tiny_sd3()
     onnx16, plan = _fp16_engine()
@@ -101,7 +102,7 @@ def test_polygraphy_engine_vs_onnxruntime_parity():
     from polygraphy.comparator import Comparator, CompareFunc
 
     from runtime.manifest import check_engine, current_gpu
-    from runtime.tensorrt import get_backend
+    from runtime.trt.backend import get_backend
 
     spec, _ = fx.tiny_sd3()
     onnx16, plan = _fp16_engine()
@@ -127,7 +128,7 @@ def test_cuda_event_stage_timer():
 
 def test_pipeline_on_engine_close_to_pytorch():
     from runtime.pipeline_runner import generate, with_runners
-    from runtime.tensorrt import TrtEngine
+    from runtime.trt.engine import TrtEngine
 
     spec, pipe = fx.tiny_sd3()
     onnx16, plan = _fp16_engine()
@@ -151,7 +152,8 @@ def test_dynamic_resolution_engine_runs_at_each_served_shape_and_refuses_others(
     runs with parity against ONNX Runtime (fp32 reference), and 96x96 is refused with one line."""
     from common.errors import UserError
     from pipeline.__main__ import main
-    from runtime.tensorrt import TrtEngine, find_plan
+    from runtime.trt.engine import TrtEngine
+    from runtime.trt.plans import find_plan
 
     out = tmp_path / "export"
     assert main(["export", "--model", "tiny-sd3", "--out", str(out), "--components", "transformer", "--precision", "fp16",
@@ -184,7 +186,9 @@ def test_quantized_2_4_engine_runs_close_to_the_fake_quantized_model(precision, 
         pytest.skip("FP8 tensor cores need compute capability 8.9 or later")
     from export.quantize import export_quantized_onnx, quantize_transformer
     from families import adapter_for
-    from runtime.tensorrt import BuildOptions, TrtEngine, build_engine
+    from runtime.trt.build import build_engine
+    from runtime.trt.engine import TrtEngine
+    from runtime.trt.options import BuildOptions
     from tests.export_helpers import make_nm_sparse
     from tests.factories import tiny_sd3_transformer
 

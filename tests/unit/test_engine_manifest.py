@@ -47,7 +47,7 @@ def test_missing_manifest(tmp_path):
 
 
 def test_plan_hash_mismatch_is_never_deserialised(tmp_path):
-    from runtime.tensorrt import TrtEngine
+    from runtime.trt.engine import TrtEngine
 
     plan = fx.copy_engine(tmp_path)
     data = bytearray(plan.read_bytes())

@@ -125,7 +125,11 @@ def test_quantized_export_settings_are_checked(stage1, tmp_path):
 def test_int8_engine_name_and_manifest_carry_the_precision(stage1, int8_export, tmp_path):
     pytest.importorskip("tensorrt_rtx")
     from runtime.manifest import manifest_path_for
-    from runtime.tensorrt import BuildOptions, build_engines, find_plan, get_backend, manifest_summary
+    from runtime.manifest import manifest_summary
+    from runtime.trt.backend import get_backend
+    from runtime.trt.build import build_engines
+    from runtime.trt.options import BuildOptions
+    from runtime.trt.plans import find_plan
 
     _, _, plan, _ = stage1
     settings, _ = int8_export
@@ -160,7 +164,10 @@ def fp8_onnx(tmp_path_factory):
 def test_fp8_engine_drops_and_records_the_targets_the_builder_refuses(fp8_onnx, tmp_path):
     pytest.importorskip("tensorrt_rtx")
     from runtime.manifest import current_gpu, manifest_path_for
-    from runtime.tensorrt import BuildOptions, build_engine, get_backend, onnx_precision
+    from runtime.trt.backend import get_backend
+    from runtime.trt.build import build_engine
+    from runtime.trt.onnx_inspect import onnx_precision
+    from runtime.trt.options import BuildOptions
 
     if current_gpu() is not None:
         pytest.skip("the default targets are this GPU's on a GPU host")

@@ -214,7 +214,8 @@ def test_fp8_export_has_trt_fp8_qdq_and_keeps_2_4(quantized):
 def test_tensorrt_rtx_builds_fp8_for_ada_and_later_and_refuses_ampere(quantized, tmp_path):
     """TensorRT-RTX 1.7 builds without a GPU: FP8 for SM89/SM120; for SM86 Myelin refuses (no FP8 there)."""
     pytest.importorskip("tensorrt_rtx")
-    from runtime.tensorrt import BuildOptions, build_engine
+    from runtime.trt.build import build_engine
+    from runtime.trt.options import BuildOptions
 
     _, _, fp8, _ = quantized("sd3", "fp8")
     plan = build_engine(fp8, tmp_path / "fp8", BuildOptions(batch=(1, 2, 4), sparsity="2:4", target_cc=("8.9", "12.0")), backend="trtrtx")

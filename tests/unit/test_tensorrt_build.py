@@ -42,7 +42,9 @@ def test_rtx_engine_from_pruned_tiny_sd3_transformer():
 
 
 def test_dense_onnx_has_no_nm_weights_and_dense_build_has_no_sparse_flag(tmp_path):
-    from runtime.tensorrt import BuildOptions, build_engine, onnx_nm_weights
+    from runtime.trt.build import build_engine
+    from runtime.trt.onnx_inspect import onnx_nm_weights
+    from runtime.trt.options import BuildOptions
 
     path = fx.component_exports() / "text_encoder.onnx"  # a dense CLIP text encoder
     nm = onnx_nm_weights(path)
@@ -54,7 +56,8 @@ def test_dense_onnx_has_no_nm_weights_and_dense_build_has_no_sparse_flag(tmp_pat
 
 
 def test_build_engines_reuses_current_engine_and_rebuilds_on_option_change(tmp_path):
-    from runtime.tensorrt import BuildOptions, build_engines
+    from runtime.trt.build import build_engines
+    from runtime.trt.options import BuildOptions
 
     src = tmp_path / "onnx"
     src.mkdir()
@@ -73,7 +76,7 @@ def test_build_engines_reuses_current_engine_and_rebuilds_on_option_change(tmp_p
 
 
 def test_parse_sparsity_log_trt_and_rtx_formats():
-    from runtime.tensorrt import parse_sparsity_log
+    from runtime.trt.builder_log import parse_sparsity_log
 
     trt10 = [
         "[I] (Sparsity) Layers eligible for sparse math: blocks.0.ff.net.0.proj, blocks.0.ff.net.2",
@@ -90,7 +93,9 @@ def test_parse_sparsity_log_trt_and_rtx_formats():
 
 
 def test_bad_target_cc_and_backend_are_one_line_errors(tmp_path):
-    from runtime.tensorrt import BuildOptions, build_engine, get_backend
+    from runtime.trt.backend import get_backend
+    from runtime.trt.build import build_engine
+    from runtime.trt.options import BuildOptions
 
     onnx_dir, _, _ = fx.pruned_export()
     with pytest.raises(UserError, match=r"cannot target SM99; supported: .*SM86"):

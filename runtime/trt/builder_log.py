@@ -1,0 +1,84 @@
+"""The builder's log: a TensorRT logger that keeps every line, and the sparsity report parsed from it."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Iterable
+
+from runtime.trt.backend import Backend
+
+log = logging.getLogger(__name__)
+
+
+def capturing_logger(backend: Backend, *, forward: bool = True):
+    """An ``ILogger`` of ``backend``'s library that keeps every line (``.lines``: (severity, message)).
+
+    Warnings and errors are forwarded to :mod:`logging` (``forward=False``: only kept, for a build whose failure
+    is expected and reported otherwise); the full log goes to the engine manifest's sparsity extraction
+    (:func:`parse_sparsity_log`).
+    """
+    trt = backend.module
+
+    class _CapturingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.lines: list[tuple[str, str]] = []
+
+        def log(self, severity, msg):  # called from TensorRT's threads: keep it cheap
+            self.lines.append((getattr(severity, "name", str(severity)), msg))
+            if not forward:
+                return
+            if severity <= trt.ILogger.Severity.ERROR:
+                log.error("%s: %s", backend.name, msg)
+            elif severity == trt.ILogger.Severity.WARNING:
+                log.warning("%s: %s", backend.name, msg)
+
+        def text(self) -> list[str]:
+            return [m for _, m in self.lines]
+
+    return _CapturingLogger()
+
+
+_SPARSE_HEAD = re.compile(
+    r"(Layers eligible for sparse math|picked sparse implementation|layer\(s\) eligible to use sparse tactics|"
+    r"layer\(s\) using sparse tactics|\(Sparsity\))",
+    re.IGNORECASE,
+)
+
+
+def parse_sparsity_log(lines: Iterable[str]) -> dict[str, Any]:
+    """Extract TensorRT's sparsity report from builder log lines.
+
+    TensorRT 8-10 logs ``(Sparsity) Layers eligible for sparse math: a, b`` and
+    ``(Sparsity) TRT inference plan picked sparse implementation for layers: b``; TensorRT-RTX logs
+    ``N layer(s) eligible to use sparse tactics:`` / ``N layer(s) using sparse tactics:`` followed by names.
+    Returns ``{"lines": [...], "eligible": [names], "sparse": [names]}`` (names in log order, deduplicated).
+    """
+    lines = [ln.rstrip() for text in lines for ln in str(text).splitlines()]
+    out: dict[str, Any] = {"lines": [], "eligible": [], "sparse": []}
+    i = 0
+    while i < len(lines):
+        ln = lines[i]
+        if not _SPARSE_HEAD.search(ln):
+            i += 1
+            continue
+        out["lines"].append(ln)
+        low = ln.lower()
+        key = "eligible" if "eligible" in low else ("sparse" if ("picked sparse" in low or "using sparse" in low) else None)
+        names: list[str] = []
+        if ":" in ln:
+            tail = ln.split(":", 1)[1] if "(Sparsity)" not in ln else ln.rsplit(":", 1)[1]
+            names += [n.strip() for n in tail.split(",") if n.strip()]
+        # RTX style lists one name per following (indented) line.
+        j = i + 1
+        while j < len(lines) and lines[j][:1] in (" ", "\t", "-") and lines[j].strip():
+            out["lines"].append(lines[j])
+            names.append(lines[j].strip().lstrip("-").strip())
+            j += 1
+        if key:
+            for n in names:
+                if n not in out[key]:
+                    out[key].append(n)
+        i = j
+    return out
