@@ -27,7 +27,6 @@ import statistics
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from tqdm import tqdm
 
 from common.io import atomic_path, write_json  # noqa: E402
 from common.paths import REPO_ROOT  # noqa: E402
+from common.versions import library_versions  # noqa: E402
 from export.dynamo_export import export_module  # noqa: E402
 from export.onnx_files import onnx_size  # noqa: E402
 from export.parity import ort_session  # noqa: E402
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "min_time": args.min_time,
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "ort_threads": args.threads or "default"},
-        "versions": {p: metadata.version(p) for p in ("torch", "diffusers", "onnx", "onnxruntime")} | {"ort_build": ort.get_device()},
+        "versions": library_versions(("torch", "diffusers", "onnx", "onnxruntime")) | {"ort_build": ort.get_device()},
         "cases": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ import argparse
 import copy
 import logging
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -34,6 +33,7 @@ import torch
 
 from common.io import atomic_path, write_json
 from common.paths import REPO_ROOT
+from common.versions import device_description, module_versions
 from families.registry import load_pipeline, resolve_model
 
 log = logging.getLogger(__name__)
@@ -115,18 +115,6 @@ def output_rel_error(transformer, records: list[tuple]) -> float:
             num += float(((out.float().cpu() - ref.float()) ** 2).sum())
             den += float((ref.float() ** 2).sum())
     return (num / den) ** 0.5
-
-
-def _versions() -> dict[str, str]:
-    import diffusers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__}
-
-
-def _device_info(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
 def markdown(bench: dict[str, Any]) -> str:
@@ -251,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = {
         "benchmark": "prune_compare",
         "model": spec.id,
-        "device": _device_info(device),
-        "versions": _versions(),
+        "device": device_description(device),
+        "versions": module_versions(("torch", "diffusers")),
         "settings": {
             "samples": args.samples, "steps": steps, "guidance": guidance, "batch_size": args.batch_size, "groups": args.groups,
             "heldout_prompts": len(heldout), "heldout_calls": len(records), "quality_seeds": list(quality_seeds),

@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,6 +37,7 @@ import torch
 
 from common.io import atomic_path, write_json
 from common.paths import REPO_ROOT
+from common.versions import cpu_description, module_versions
 from families.registry import load_pipeline, resolve_model
 
 log = logging.getLogger(__name__)
@@ -194,8 +193,8 @@ def run(args) -> dict[str, Any]:
     return {
         "benchmark": "qsched_eval",
         "model": spec.id,
-        "device": f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-        "versions": _versions(),
+        "device": cpu_description(),
+        "versions": module_versions(("torch", "diffusers")),
         "settings": {
             "patterns": patterns, "precisions": precisions, "steps": steps_list, "guidance": spec.guidance,
             "prune_samples": args.prune_samples, "prune_method": "obs-diff",
@@ -220,12 +219,6 @@ def _summary(corr) -> dict[str, Any]:
         out.update(shrink=corr.fit["shrink"], calibration_error=corr.fit["calibration_error"]["corrected"]["final"],
                    calibration_error_uncorrected=corr.fit["calibration_error"]["uncorrected"]["final"])
     return out
-
-
-def _versions() -> dict[str, str]:
-    import diffusers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
 def markdown(bench: dict[str, Any]) -> str:

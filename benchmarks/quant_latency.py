@@ -35,7 +35,6 @@ import statistics
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ import torch
 from benchmarks.export_latency import sd3_medium_width_case, time_interleaved, tiny_sd3_case  # noqa: E402
 from common.io import atomic_path, write_json  # noqa: E402
 from common.paths import REPO_ROOT  # noqa: E402
+from common.versions import library_versions  # noqa: E402
 from export.dynamo_export import export_module  # noqa: E402
 from export.onnx_files import onnx_size  # noqa: E402
 from export.parity import ort_session  # noqa: E402
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(time.perf_counter() - t_all, 1),
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "isa": _isa(),
                     "ort_threads": args.threads or "default"},
-        "versions": {p: metadata.version(p) for p in ("torch", "diffusers", "onnx", "onnxruntime", "nvidia-modelopt")} | {"ort_build": ort.get_device()},
+        "versions": library_versions(("torch", "diffusers", "onnx", "onnxruntime", "nvidia-modelopt")) | {"ort_build": ort.get_device()},
         "calibration": "2 random input batches per model (max calibration; ModelOpt INT8: weights per output channel, activations per tensor)",
         "cases": results,
     }

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ import torch
 
 from common.io import atomic_path, write_json
 from common.paths import REPO_ROOT
+from common.versions import device_description, module_versions
 from obsdiff.baselines import magnitude_prune
 from obsdiff.patterns import parse_sparsity
 from obsdiff.solvers import inverse_cholesky_upper, obs_prune, obs_prune_groups
@@ -358,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = {shape_map[s]: c for s, c in SD3_MEDIUM_LAYERS.items()}
     bench: dict[str, Any] = {
         "benchmark": "solver_speed",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "device": device_description(device),
+        "versions": module_versions(("torch",)),
         "settings": {"repeats": args.repeats, "percdamp": args.percdamp, "blocksize": 128, "head_dim": HEAD_DIM, "scale": args.scale, "threads": torch.get_num_threads()},
         "reference": "SparseGPT fasterprune (IST-DASLab/sparsegpt algorithm, written out in benchmarks/solver_speed.py)",
         "sd3_medium_2of4": whole_model_2of4(shapes, counts, repeats=args.repeats, percdamp=args.percdamp, device=device),

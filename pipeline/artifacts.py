@@ -18,7 +18,6 @@ fingerprints its inputs); the manifest records what happened.
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 from common.io import read_json, write_json
 from common.paths import REPO_ROOT
+from common.versions import library_versions
 from families.registry import ModelSpec
 
 ARTIFACTS = REPO_ROOT / "artifacts"
@@ -80,17 +80,12 @@ def config_dirs(spec: ModelSpec, config_id: str, base: Path = ARTIFACTS) -> Conf
     return ConfigDirs(model_dir(spec, base) / config_id)
 
 
-def versions() -> dict[str, str]:
-    """Versions of the libraries whose behaviour the artifacts depend on."""
-    import importlib.metadata as md
+VERSIONED = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "tensorrt", "tensorrt-rtx", "polygraphy")
 
-    out = {"python": platform.python_version()}
-    for name in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "tensorrt", "tensorrt-rtx", "polygraphy"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour the artifacts depend on (:data:`VERSIONED`, those installed)."""
+    return library_versions(VERSIONED, absent=None)
 
 
 class Manifest:
