@@ -1,11 +1,11 @@
 # Every target shares one environment: the first `make <target>` on a fresh clone creates .venv
-# and installs torch (pinned, CPU wheel) first, then the project with its TensorRT-RTX extra.
+# and installs torch (pinned, CPU wheel) first, then the project with its TensorRT-RTX and torchao extras.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= tiny-sd3
 SPARSITY ?= 2:4
-EXTRAS ?= rtx
+EXTRAS ?= rtx,torch-gpu
 PYTEST_ARGS ?=
 ENGINE_ARGS ?=
 

@@ -281,6 +281,7 @@ def choose_layers(model: nn.Module, plan, settings: TorchSettings, *, sparse: bo
         else:
             candidates = sparse_candidates(model, plan)
     if p.quant == "int8" and candidates:
+        require_torchao()
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig
 
         if not any("packing" in f or "layout" in f for f in getattr(Int8DynamicActivationInt8WeightConfig, "__dataclass_fields__", {})):
@@ -324,6 +325,16 @@ def choose_layers(model: nn.Module, plan, settings: TorchSettings, *, sparse: bo
 # --------------------------------------------------------------------------------------------------------
 
 
+def require_torchao():
+    """torchao, or a one-line :class:`UserError` saying how to install it."""
+    try:
+        import torchao
+    except ImportError:
+        raise UserError("the torch backend needs torchao: `pip install -e '.[torch-gpu]'` (an offline GPU host: "
+                        "`make gpu-wheels` on a connected machine, then `make gpu-check WHEELS=DIR`)") from None
+    return torchao
+
+
 def _torchao_version() -> str:
     from common.versions import library_versions
 
@@ -338,6 +349,7 @@ def _first_line(e: BaseException) -> str:
 def torchao_configs(settings: TorchSettings) -> tuple[Any | None, Any | None]:
     """``(config for the 2:4 layers, config for the dense quantized layers)`` from torchao (None: nothing)."""
     p = settings.precision
+    require_torchao()
     if p.quant is None:
         from torchao.sparsity.sparse_api import SemiSparseWeightConfig
 
@@ -359,6 +371,7 @@ def convert(model: nn.Module, choice: LayerChoice, settings: TorchSettings) -> L
     """Apply ``choice`` to ``model`` (on its GPU, in place), one layer at a time through torchao's
     ``sparsify_``/``quantize_``; a layer the library refuses stays as it was and is recorded with the
     library's message. Returns the choice as done."""
+    require_torchao()
     from torchao.quantization import quantize_
     from torchao.sparsity.sparse_api import sparsify_
 

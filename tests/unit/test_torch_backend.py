@@ -16,7 +16,7 @@ from runtime import torch_backend as tb
 from runtime.manifest import GpuInfo
 from tests.factories import tiny_sd3_transformer, tiny_transformer_inputs
 
-pytest.importorskip("torchao")
+TORCHAO = "needs torchao (`make setup` installs it: the torch-gpu extra)"
 
 H100 = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
 L4 = GpuInfo("NVIDIA L4", "8.9")
@@ -133,6 +133,7 @@ def test_choose_layers_refuses_what_is_not_2_4(pruned):
 
 
 def test_choose_layers_fp8_and_int8(pruned):
+    pytest.importorskip("torchao", reason=TORCHAO)
     model, plan = pruned
     m = copy.deepcopy(model).to(torch.bfloat16)
     fp8 = tb.choose_layers(m, plan, tb.TorchSettings(precision=tb.PRECISIONS["fp8"]), sparse=True)
@@ -150,6 +151,7 @@ def test_choose_layers_fp8_and_int8(pruned):
 
 def test_int8_conversion_on_cpu_matches_bf16(pruned):
     """torchao's INT8 dynamic quantization runs on CPU too: the converted transformer stays close to bf16."""
+    pytest.importorskip("torchao", reason=TORCHAO)
     model, plan = pruned
     ref = copy.deepcopy(model).to(torch.bfloat16)
     m = copy.deepcopy(model).to(torch.bfloat16)
@@ -174,3 +176,82 @@ def test_dry_run_report(pruned):
     assert any("dry run" in n for n in report["layers"]["notes"])
     assert next(m.parameters()).dtype == torch.bfloat16
     assert tb.layers_by_kind(plan.layers)["transformer_blocks.attn.to_q"] == 2
+
+
+# ------------------------------------------------------------------------------------------ package manifest
+
+
+def _fake_package(tmp_path, gpu=H100):
+    """A package file and its manifest (the checks hash the file; they never load it)."""
+    from runtime import torch_package as tp
+
+    d = tmp_path / "torch"
+    d.mkdir()
+    pkg = d / tp.PACKAGE
+    pkg.write_bytes(b"aoti package bytes")
+    tp.write_manifest(d, package=pkg, gpu=gpu, report={"settings": {"precision": "bf16"}},
+                      inputs={"hidden_states": torch.zeros(2, 16, 8, 8, dtype=torch.bfloat16)}, source_sha256="abc",
+                      versions={"python": "3.12", "torch": "2.11.0", "torchao": "0.18.0", "diffusers": "0.42.1"})
+    return pkg
+
+
+RUNNING = {"python": "3.12", "torch": "2.11.0", "torchao": "0.18.0", "diffusers": "0.42.1"}
+
+
+def test_package_manifest_accepts_its_own(tmp_path):
+    from runtime import torch_package as tp
+
+    m = tp.check_package(_fake_package(tmp_path), gpu=H100, versions=RUNNING)
+    assert m["inputs"]["hidden_states"] == {"shape": [2, 16, 8, 8], "dtype": "bfloat16"}
+    assert m["backend"] == "torch" and m["gpu"]["compute_capability"] == "9.0"
+
+
+@pytest.mark.parametrize("change, message", [
+    ("bytes", "does not match the sha256 in its manifest"),
+    ("torch", "was compiled with torch 2.11.0 but this is torch 2.12.0"),
+    ("torchao", "was compiled with torchao 0.18.0 but this is torchao absent"),
+    ("gpu", "was compiled for NVIDIA H100 80GB HBM3 .compute 9.0. but this GPU is NVIDIA L4 .compute 8.9."),
+    ("no-gpu", "none is visible"),
+    ("no-manifest", "has no manifest"),
+    ("missing", "does not exist"),
+])
+def test_package_mismatch_is_one_line(tmp_path, change, message):
+    from runtime import torch_package as tp
+
+    pkg = _fake_package(tmp_path)
+    versions, gpu = dict(RUNNING), H100
+    if change == "bytes":
+        pkg.write_bytes(b"aoti package bytes, truncated")
+    elif change in ("torch", "torchao"):
+        versions[change] = {"torch": "2.12.0", "torchao": "absent"}[change]
+    elif change == "gpu":
+        gpu = L4
+    elif change == "no-gpu":
+        gpu = None
+    elif change == "no-manifest":
+        (pkg.parent / tp.MANIFEST).unlink()
+    elif change == "missing":
+        pkg.unlink()
+    with pytest.raises(UserError, match=message) as e:
+        tp.check_package(pkg, gpu=gpu, versions=versions)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_aoti_package_round_trip_on_cpu(tmp_path):
+    """torch.export + AOTInductor package the dense bf16 transformer on CPU (minutes: a C++ build), and the
+    loaded package gives the module's output."""
+    from runtime import torch_package as tp
+
+    m = tiny_sd3_transformer(num_layers=1).to(torch.bfloat16)
+    h, c, p, t = [x.to(torch.bfloat16) if x.is_floating_point() and x.dim() > 1 else x for x in tiny_transformer_inputs(m)]
+    inputs = dict(hidden_states=h, encoder_hidden_states=c, pooled_projections=p, timestep=t)
+    res = tp.package_transformer(m, inputs, tmp_path / "torch", gpu=H100, report={})
+    assert res.reason is None and res.path.is_file()
+    manifest = tp.check_package(res.path, gpu=H100)
+    assert manifest["versions"]["torch"] == torch.__version__
+    loaded = torch._inductor.aoti_load_package(str(res.path))
+    with torch.no_grad():
+        want = m(**inputs, return_dict=False)[0]
+    got = loaded(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
