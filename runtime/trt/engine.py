@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from common.dtypes import from_tensorrt, torch_dtype
 from common.errors import UserError
 from common.io import atomic_path, read_json
 from runtime.manifest import GpuInfo, check_engine, check_in_profile, current_gpu, manifest_path_for
@@ -15,17 +16,6 @@ from runtime.trt.backend import BACKEND_MODULES, get_backend
 from runtime.trt.builder_log import capturing_logger
 
 log = logging.getLogger(__name__)
-
-_TORCH_DTYPES = {
-    "FLOAT": "float32",
-    "HALF": "float16",
-    "BF16": "bfloat16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "INT8": "int8",
-    "UINT8": "uint8",
-    "BOOL": "bool",
-}
 
 
 class TrtEngine:
@@ -88,7 +78,7 @@ class TrtEngine:
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
             (self.inputs if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else self.outputs).append(name)
-        self.dtypes = {n: getattr(torch, _TORCH_DTYPES[self.engine.get_tensor_dtype(n).name]) for n in self.inputs + self.outputs}
+        self.dtypes = {n: torch_dtype(from_tensorrt(self.engine.get_tensor_dtype(n).name)) for n in self.inputs + self.outputs}
         self.device = torch.device("cuda", torch.cuda.current_device())
 
     @property
