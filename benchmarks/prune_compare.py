@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from typing import Any
 import torch
 
 from common.io import atomic_path, write_json
+from common.memory import PeakMemory
 from common.paths import REPO_ROOT
 from common.versions import device_description, module_versions
 from families.registry import load_pipeline, resolve_model
@@ -39,42 +38,6 @@ from families.registry import load_pipeline, resolve_model
 log = logging.getLogger(__name__)
 
 DEFAULT_OUT = REPO_ROOT / "artifacts" / "bench" / "prune_compare.json"
-
-
-class PeakRSS:
-    """Samples this process's resident set size (``/proc/self/statm``) in a thread; ``peak_mib`` is the
-    maximum seen above the level at start."""
-
-    def __init__(self, period_s: float = 0.05):
-        self.period_s = period_s
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            return 0
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            self.peak = max(self.peak, self._rss())
-
-    def __enter__(self) -> "PeakRSS":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def peak_mib(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 def record_dense_trajectories(pipe, spec, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> list[tuple]:
@@ -213,10 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.perf_counter()
-                with PeakRSS() as mem:
+                with PeakMemory(interval_s=0.05) as mem:
                     prune(pipe, spec.id, prompts, config, out, progress=False)
                 seconds = time.perf_counter() - t0
-                peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else mem.peak_mib
+                peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else mem.rise_mib
                 err = output_rel_error(pipe.transformer, records)
                 q = quality() or {}
                 log.info("%s %s: output rel. error %.4f, %.1f s, accuracy %s", pattern, method, err, seconds, q.get("prompt_accuracy"))
