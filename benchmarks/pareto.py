@@ -6,8 +6,8 @@ with the Pareto front marked.
 1. **Stages, reused.** For every sparsity of ``--grid`` (default dense, 2:4 and structured 0.1 to 0.5), stage 1
    prunes into a configuration directory of the artifact store and stage 2 exports the transformer there in
    every precision of ``--precisions`` (default fp32 and int8: ``export/``, ``export-int8/``), with the very
-   settings ``make engine`` uses (:func:`pipeline.cmd_engine.export_settings`,
-   :func:`pipeline.cmd_engine.quant_calibration`). The directory is ``make engine``'s
+   settings ``make engine`` uses (:func:`pipeline.engine.export_settings`,
+   :func:`pipeline.engine.quant_calibration`). The directory is ``make engine``'s
    (``artifacts/<model>/<sparsity>-<method>/``) when stage 1 runs with its calibration (``--samples 64``), else
    one naming the difference (``...-s16`` for the default ``--samples 16``: a small calibration keeps the whole
    grid within minutes on a CPU); the dense directory is shared. A stage whose
@@ -15,7 +15,7 @@ with the Pareto front marked.
    components serves a transformer-only request. Only the dense float32 export carries the text encoders and
    the VAE: they are never pruned or quantized, so every variant runs the same ONNX Runtime sessions for them.
 2. **One interleaved benchmark.** Every variant (sparsity x precision) is loaded in one process and timed end to
-   end on ONNX Runtime (CPU), the order rotating every round, as :mod:`benchmarks.e2e` does for two; then each
+   end on ONNX Runtime (CPU), the order rotating every round, as :mod:`measure.e2e` does for two; then each
    is scored (:func:`evaluation.metrics.evaluate`: prompt accuracy and Fréchet distance for the embedded digit
    models, CLIP score for hub models when CLIP is cached).
 3. **The report.** ``artifacts/<model>/pareto/``: ``pareto.json``, ``pareto.md`` (one row per variant, the
@@ -107,7 +107,7 @@ class GridPoint:
 class GridPlan:
     """The stages that make every variant's export, and where each variant's ONNX lives."""
 
-    stages: list = field(default_factory=list)  # pipeline.cmd_engine.Stage
+    stages: list = field(default_factory=list)  # pipeline.engine.Stage
     exports: dict[str, Path] = field(default_factory=dict)  # variant name -> export directory
     shared: Path | None = None  # the dense float32 export: text encoders and VAE for every variant
 
@@ -142,7 +142,7 @@ def plan_grid(args, spec, grid: list, precisions: list[str], base: Path) -> Grid
     """The prune and export stages of the grid (``make engine``'s settings and directories), every one checked."""
     from obsdiff.patterns import parse_sparsity
     from pipeline.artifacts import config_dirs
-    from pipeline.cmd_engine import Stage, check_stage, export_settings, quant_calibration
+    from pipeline.engine import Stage, check_stage, export_settings, quant_calibration
     from obsdiff.stage import DEFAULT_SAMPLES as PRUNE_SAMPLES
     from obsdiff.stage import prune_settings
 
@@ -194,7 +194,7 @@ def config_id(sparsity, method: str, samples: int, calib_steps: int | None) -> s
 def run_stages(stages: list) -> list[dict[str, Any]]:
     """Run (or reuse) every stage in order; returns ``[{stage, seconds, reused}]``."""
     from common.errors import UserError
-    from pipeline.cmd_engine import run_stage
+    from pipeline.engine import run_stage
 
     done = []
     for st in stages:
@@ -224,7 +224,7 @@ def bench_grid(spec, points: list[GridPoint], exports: dict[str, Path], shared: 
     import torch
     from tqdm import tqdm
 
-    from benchmarks.e2e import STAGES, _default_prompts, _stats
+    from measure.e2e import STAGES, default_prompts, stats
     from common.io import read_json
     from families.registry import load_pipeline
     from runtime.pipeline_runner import StageTimer, generate, load_runners, with_runners
@@ -243,7 +243,7 @@ def bench_grid(spec, points: list[GridPoint], exports: dict[str, Path], shared: 
                         "transformer_onnx_mib": round(report["components"]["transformer"]["bytes"] / 2**20, 2),
                         "gemm_flop_ratio": tr.get("flop_ratio"), "sparse_eligible_share": (tr.get("sparsity_check") or {}).get("sparse_eligible_share"),
                         "quantized_nm_layers": len((report.get("quantization") or {}).get("quantized_nm_layers", []))}
-    prompt = _default_prompts(spec)[0]
+    prompt = default_prompts(spec)[0]
     steps = steps or spec.steps
     timer = StageTimer(cuda=False)
     names = list(pipes)
@@ -260,8 +260,8 @@ def bench_grid(spec, points: list[GridPoint], exports: dict[str, Path], shared: 
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         total = [r["total"] for r in records[name]]
-        stages = {s: _stats([r.get(s, 0.0) for r in records[name]]) for s in STAGES}
-        out[name] = {**info[name], "latency_ms": _stats(total), "stages_ms": stages, "transformer_step_ms": stages["transformer"]["median"] / steps,
+        stages = {s: stats([r.get(s, 0.0) for r in records[name]]) for s in STAGES}
+        out[name] = {**info[name], "latency_ms": stats(total), "stages_ms": stages, "transformer_step_ms": stages["transformer"]["median"] / steps,
                      "speedup_vs_reference": float(np.median(np.asarray(ref_total) / np.asarray(total))), "quality": None}
     if quality:
         from evaluation.metrics import evaluate
@@ -393,7 +393,7 @@ def run_pareto(args) -> dict[str, Any]:
 
     import torch
 
-    from benchmarks.e2e import _device_info
+    from measure.e2e import device_info
     from common.errors import UserError
     from common.io import atomic_path, check_output, created_dirs, write_json
     from families.registry import resolve_model
@@ -432,7 +432,7 @@ def run_pareto(args) -> dict[str, Any]:
                 "prune_samples": args.samples,
                 "config_dirs": {n: str(d.parent) for n, d in plan.exports.items()},
                 "settings": settings,
-                "device": {**_device_info(False), "python": platform.python_version()},
+                "device": {**device_info(False), "python": platform.python_version()},
                 "stages": stages,
                 "variants": variants,
                 "fronts": fronts(variants),

@@ -3,7 +3,7 @@
 Builds (once) the scale fixture of a family (:mod:`scripts.make_scale_fixture`: the real transformer and VAE
 configs with seeded random weights), then runs every stage that ``python -m pipeline engine`` runs for each
 requested sparsity, with the same settings (they come from the engine's own stage plan,
-:func:`pipeline.cmd_engine.plan_stages`), each in its own process so that its peak resident memory is its
+:func:`pipeline.engine.plan_stages`), each in its own process so that its peak resident memory is its
 own. Writes ``scale_check.json`` and ``scale_check.md``: per stage its wall time, peak RSS and output size,
 and per configuration the parity errors, the 2:4 check, the engine builds and the benchmark.
 
@@ -47,7 +47,7 @@ def _run(argv: list[str], log_file: Path) -> dict[str, Any]:
 
 
 def _run_stage(st, work: Path, log_file: Path) -> dict[str, Any]:
-    """Run one planned ``make engine`` stage through its driver (:func:`pipeline.cmd_engine.run_stage`) in a
+    """Run one planned ``make engine`` stage through its driver (:func:`pipeline.engine.run_stage`) in a
     child process of its own, so that its peak RSS is its own; the child reads the stage's typed settings
     from a pickle written here."""
     import pickle
@@ -64,7 +64,7 @@ def run_stage_file(path: str | os.PathLike) -> int:
     """The child side of :func:`_run_stage`: load the pickled stage and run it."""
     import pickle
 
-    from pipeline.cmd_engine import run_stage
+    from pipeline.engine import run_stage
 
     st = pickle.loads(Path(path).read_bytes())
     log.info("stage %s: %s", st.name, st.settings.to_json())
@@ -109,7 +109,7 @@ def _summarise_export(export_dir: Path) -> dict[str, Any]:
 
 def run(args) -> dict[str, Any]:
     from obsdiff.patterns import parse_sparsity
-    from pipeline import cmd_engine
+    from pipeline import engine
     from pipeline.artifacts import config_dirs
     from families.registry import resolve_model
 
@@ -136,10 +136,10 @@ def run(args) -> dict[str, Any]:
                        "--no-quality", "--no-eager", "--threads", str(args.threads)]
         if args.no_engines:
             engine_argv.append("--no-engines")
-        eargs = cmd_engine.parse_args(engine_argv)
+        eargs = engine.parse_args(engine_argv)
         cfg = config_dirs(spec, f"{sparsity.id}-{eargs.method}", art)
         dense = config_dirs(spec, "dense", art)
-        plan = cmd_engine.plan_stages(eargs, spec, sparsity, cfg, dense, cuda=False, bench_backend="ort")
+        plan = engine.plan_stages(eargs, spec, sparsity, cfg, dense, cuda=False, bench_backend="ort")
         for st in plan:
             log.info("[%s] %s", sparsity, st.name)
             r = _run_stage(st, out, log_file)

@@ -53,14 +53,14 @@ def test_engine_runs_end_to_end_and_reuses_stages(tmp_path):
 def _plan(tmp_path, *argv, cuda=False, backend="ort"):
     from families.registry import resolve_model
     from obsdiff.patterns import parse_sparsity
-    from pipeline import cmd_engine
+    from pipeline import engine
     from pipeline.artifacts import config_dirs
 
-    args = cmd_engine.parse_args(["--artifacts", str(tmp_path / "art"), *argv])
+    args = engine.parse_args(["--artifacts", str(tmp_path / "art"), *argv])
     spec, sparsity = resolve_model(args.model), parse_sparsity(args.sparsity)
     cfg = config_dirs(spec, f"{sparsity.id}-{args.method}", tmp_path / "art")
     dense = config_dirs(spec, "dense", tmp_path / "art")
-    return args, cfg, dense, cmd_engine.plan_stages(args, spec, sparsity, cfg, dense, cuda=cuda, bench_backend=backend)
+    return args, cfg, dense, engine.plan_stages(args, spec, sparsity, cfg, dense, cuda=cuda, bench_backend=backend)
 
 
 def _command_settings(name: str, argv: list[str]):
@@ -111,15 +111,15 @@ def test_gpu_plan_exports_every_component_in_fp16_and_no_fp32(tmp_path):
 
 def test_a_bad_value_in_the_last_stage_stops_before_the_first(tmp_path, monkeypatch):
     from common.errors import UserError
-    from pipeline import cmd_engine
+    from pipeline import engine
 
     ran = []
-    monkeypatch.setattr(cmd_engine, "run_stage", lambda st: ran.append(st.name))
-    monkeypatch.setattr(cmd_engine, "run_bench", lambda b: ran.append("bench"))
+    monkeypatch.setattr(engine, "run_stage", lambda st: ran.append(st.name))
+    monkeypatch.setattr(engine, "run_bench", lambda b: ran.append("bench"))
     (tmp_path / "afile").write_text("not a directory")
-    args = cmd_engine.parse_args(["--artifacts", str(tmp_path / "art"), "--triton", str(tmp_path / "afile")])
+    args = engine.parse_args(["--artifacts", str(tmp_path / "art"), "--triton", str(tmp_path / "afile")])
     with pytest.raises(UserError, match="--triton: .*not a directory"):
-        cmd_engine.run(args)
+        engine.run_engine(args)
     assert ran == [] and not (tmp_path / "art").exists()
 
 
@@ -132,7 +132,7 @@ def _fake_result():
 def test_engine_calls_the_stage_drivers_in_order_and_records_reuse(tmp_path, monkeypatch, capsys):
     """The orchestration alone (stage checks and drivers replaced): every check before the first run, order,
     markers, manifest settings, reuse on rerun, summary."""
-    from pipeline import cmd_engine
+    from pipeline import engine
 
     calls = []
 
@@ -142,14 +142,14 @@ def test_engine_calls_the_stage_drivers_in_order_and_records_reuse(tmp_path, mon
             st.marker.parent.mkdir(parents=True, exist_ok=True)
             st.marker.write_text("{}")
 
-    monkeypatch.setattr(cmd_engine, "check_stage", lambda st: calls.append(("check", st.name)))
-    monkeypatch.setattr(cmd_engine, "run_stage", fake_stage)
-    monkeypatch.setattr(cmd_engine, "run_bench", lambda b: calls.append(("run", "bench")) or _fake_result())
-    args = cmd_engine.parse_args(["--artifacts", str(tmp_path / "art"), "--no-engines", "--backend", "ort", "--samples", "2"])
+    monkeypatch.setattr(engine, "check_stage", lambda st: calls.append(("check", st.name)))
+    monkeypatch.setattr(engine, "run_stage", fake_stage)
+    monkeypatch.setattr(engine, "run_bench", lambda b: calls.append(("run", "bench")) or _fake_result())
+    args = engine.parse_args(["--artifacts", str(tmp_path / "art"), "--no-engines", "--backend", "ort", "--samples", "2"])
     names = ["prune", "export_dense", "export_pruned"]
     for rerun in (False, True):
         calls.clear()
-        assert cmd_engine.run(args) == 0
+        assert engine.run_engine(args) == 0
         assert calls == [("check", n) for n in names] + [("run", n) for n in [*names, "bench"]]
         root = tmp_path / "art" / "tiny-sd3" / "2-4-obs-diff"
         assert capsys.readouterr().out.strip().splitlines()[-1] == str(root)
@@ -167,8 +167,8 @@ def test_bench_grid_shows_every_prompt(tmp_path, monkeypatch):
     from PIL import Image
 
     import runtime.pipeline_runner as runner
-    from benchmarks import e2e
-    from benchmarks.report import GRID_MAX_COLS
+    from measure import e2e
+    from measure.report import GRID_MAX_COLS
     from families.registry import resolve_model
 
     spec = resolve_model("tiny-sd3")

@@ -56,7 +56,8 @@ def test_unavailable_provider_is_a_user_error():
 
 def test_pipeline_on_ort_matches_pytorch_pipeline_same_seed():
     from families.sd3 import SD3TransformerRuntime as TransformerAdapter
-    from runtime.pipeline_runner import ClipAdapter, StageTimer, VaeDecoderAdapter, generate, runner_pipeline
+    from families.components import ClipAdapter, VaeDecoderAdapter
+    from runtime.pipeline_runner import StageTimer, generate, runner_pipeline
 
     spec, pipe = fx.tiny_sd3()
     onnx_dir = fx.component_exports()
@@ -87,7 +88,7 @@ def test_pipeline_on_ort_matches_pytorch_pipeline_same_seed():
 def test_e2e_benchmark_program_writes_json_table_plot_grid(tmp_path):
     from PIL import Image
 
-    from benchmarks.e2e import run_e2e
+    from measure.e2e import run_e2e
 
     spec, pipe = fx.tiny_sd3()
     onnx_dir = fx.component_exports()

@@ -71,7 +71,7 @@ def test_grid_plan_uses_make_engines_export_settings(tmp_path):
     from families.registry import resolve_model
     from obsdiff.patterns import parse_sparsity
     from pipeline.artifacts import config_dirs
-    from pipeline.cmd_engine import parse_args, plan_stages
+    from pipeline.engine import parse_args, plan_stages
 
     spec = resolve_model("tiny-sd3")
     args = _args("--grid", "dense,2:4,structured:0.3", "--samples", "64", "--precisions", "fp32,int8,fp8")

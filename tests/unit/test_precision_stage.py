@@ -85,7 +85,9 @@ def test_int8_export_report_onnx_and_reuse(stage1, int8_export, caplog):
 
 
 def test_fingerprint_follows_precision_and_calibration(stage1):
-    from export.stage import QuantCalibration, covers, fingerprint, resolve_calibration
+    from export.calibration import resolve_calibration
+    from export.fingerprint import covers, fingerprint
+    from export.stage import QuantCalibration
 
     spec, pruned, _, prune = stage1
     calib = resolve_calibration(spec, pruned, QuantCalibration(samples=2, max_calls=6))
@@ -147,7 +149,8 @@ def test_int8_engine_name_and_manifest_carry_the_precision(stage1, int8_export, 
 
 @pytest.fixture(scope="module")
 def fp8_onnx(tmp_path_factory):
-    from export.quantize import export_quantized_onnx, quantize_transformer
+    from export.qdq_export import export_quantized_onnx
+    from export.quantize import quantize_transformer
     from families import adapter_for
     from tests.export_helpers import make_nm_sparse
     from tests.factories import tiny_sd3_transformer
@@ -218,13 +221,13 @@ def test_make_engine_int8_plans_quantized_exports_and_engines(tmp_path):
 
 
 def test_make_engine_fp8_needs_a_gpu_bench_or_no_bench(tmp_path):
-    from pipeline import cmd_engine
+    from pipeline import engine
 
-    args = cmd_engine.parse_args(["--artifacts", str(tmp_path / "art"), "--precision", "fp8"])
+    args = engine.parse_args(["--artifacts", str(tmp_path / "art"), "--precision", "fp8"])
     with pytest.raises(UserError, match="--no-bench"):
-        cmd_engine._check_precision(args, cuda=False, bench_backend="ort")
+        engine.check_precision(args, cuda=False, bench_backend="ort")
     with pytest.raises(UserError, match="--precision int8 or fp8"):
-        cmd_engine._check_precision(cmd_engine.parse_args(["--quant-samples", "2"]), cuda=False, bench_backend="ort")
+        engine.check_precision(engine.parse_args(["--quant-samples", "2"]), cuda=False, bench_backend="ort")
     _, cfg, _, stages = _plan(tmp_path, "--precision", "fp8", "--no-bench")
     assert [s.name for s in stages] == ["prune", "export_dense_fp8", "engines_dense_fp8", "export_pruned_fp8", "engines_pruned_fp8"]
     ex = stages[3].settings
@@ -240,15 +243,16 @@ def test_int8_parity_passes_the_int8_graph_and_fails_a_float_one(tmp_path):
 
     import torch
 
-    from export.quantize import export_quantized_onnx, quantize_transformer
-    from export.stage import INT8_RMS_RATIO, _int8_parity, _onnx_weights, _parity_cases
+    from export.int8_parity import INT8_RMS_RATIO, onnx_weights, parity_cases, rms_parity
+    from export.qdq_export import export_quantized_onnx
+    from export.quantize import quantize_transformer
     from families import adapter_for
     from tests.export_helpers import exported_sparse_dense
 
     model, _, float_onnx, _ = exported_sparse_dense()  # float32 ONNX of a 2:4 tiny SD3 transformer
     adapter = adapter_for(model)
     calls = [adapter.transformer_inputs(model, 2, (8, 8), 6, seed=s) for s in (21, 22, 23)]
-    cases = _parity_cases(calls, (1, 3))
+    cases = parity_cases(calls, (1, 3))
     wrapper_f = adapter.transformer_for_onnx(model)
     with torch.no_grad():
         float_out = {k: wrapper_f(*inp.values()).float().numpy() for k, inp in cases.items()}
@@ -256,9 +260,9 @@ def test_int8_parity_passes_the_int8_graph_and_fails_a_float_one(tmp_path):
     quantize_transformer(quantized, "int8", [adapter.transformer_inputs(model, 2, (8, 8), 6, seed=s) for s in (11, 12)])
     int8_onnx = export_quantized_onnx(quantized, tmp_path / "transformer.onnx", adapter.transformer_inputs(model, 2, (8, 8), 6, seed=13))
     wrapper_q = adapter.transformer_for_onnx(quantized)
-    with _onnx_weights(quantized, int8_onnx) as weights:
-        good = _int8_parity(int8_onnx, wrapper_q, cases, float_out)
-        bad = _int8_parity(float_onnx, wrapper_q, cases, float_out)
+    with onnx_weights(quantized, int8_onnx) as weights:
+        good = rms_parity(int8_onnx, wrapper_q, cases, float_out)
+        bad = rms_parity(float_onnx, wrapper_q, cases, float_out)
     assert weights["layers"] > 0 and quantized.transformer_blocks[0].attn.to_q.weight_quantizer.is_enabled  # restored
     assert good["ok"] and good["median_rms_ratio"] < INT8_RMS_RATIO / 2, good["median_rms_ratio"]
     assert not bad["ok"] and bad["median_rms_ratio"] > 0.9 and "closer to the float model" in bad["why"]

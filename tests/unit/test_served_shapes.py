@@ -61,7 +61,7 @@ def test_one_export_runs_at_every_served_resolution_with_parity(dynamic_export):
     # and ONNX Runtime really takes a fourth size inside the range, with the right output shape
     import numpy as np
 
-    from export.onnx_export import ort_session
+    from export.parity import ort_session
 
     sess = ort_session(out / "onnx" / "transformer.onnx")
     feeds = {i.name: np.random.rand(*[1 if not isinstance(d, int) else d for d in i.shape]).astype(np.float32) for i in sess.get_inputs()}
@@ -164,7 +164,7 @@ def test_triton_declares_the_dynamic_dims(built):
 
 
 def test_benchmark_refuses_a_resolution_the_export_does_not_serve(dynamic_export, tmp_path):
-    from benchmarks.e2e import check_served
+    from measure.e2e import check_served
 
     out, _ = dynamic_export
     spec = resolve_model("tiny-sd3")

@@ -1,6 +1,6 @@
 """Turn a benchmark JSON into a Markdown table, a PNG plot and a PNG image grid (matplotlib Agg, Pillow).
 
-Input is the dict :func:`benchmarks.e2e.run_e2e` writes to ``bench.json``: variant entries (``dense``,
+Input is the dict :func:`measure.e2e.run_e2e` writes to ``bench.json``: variant entries (``dense``,
 ``pruned``, optionally ``eager``) each with ``latency_ms`` {median, p90}, ``stages_ms`` {stage: {median,
 p90}}, ``images_per_s``, ``peak_memory_mib``, ``size_mib`` and ``quality``; plus ``speedup``.
 """

@@ -1,0 +1,453 @@
+"""End-to-end measurement (:func:`run_e2e`): dense vs pruned pipeline (ONNX Runtime on CPU, TensorRT engines on GPU), with
+PyTorch eager as a third column, all in one process with the variants interleaved.
+
+For each of ``warmup + runs`` iterations every variant generates the same prompt with the same seed (the
+order rotates each iteration, so no variant always runs first after the others). Per variant it records the
+end-to-end time and the stages (text encoders, transformer x steps, VAE decode), with CUDA events on a GPU and
+wall-clock on a CPU, then reports median and p90 over the timed runs, images/s, peak memory (process RSS on
+CPU, sampled every 5 ms while the variant runs; CUDA device memory in use on GPU), model/engine size and
+quality (:func:`evaluation.metrics.evaluate`). It writes ``bench.json``, ``bench.md``, ``bench.png`` and
+``grid.png`` (dense / pruned / eager images for the same seed, one column for every grid prompt).
+
+``make engine`` calls it for its benchmark stage; ``python -m benchmarks.e2e`` is its command line.
+
+A semi-structured (2:4, 4:8) transformer has the dense one's shapes: on a CPU, ONNX Runtime multiplies the
+zeros like any other number, so no speedup is expected; sparse tensor cores (Ampere and later, through
+TensorRT's SPARSE_WEIGHTS) are what turns 2:4 into time. Structured plans remove heads and neurons and are
+faster everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.errors import UserError
+from common.io import write_json
+
+log = logging.getLogger(__name__)
+
+STAGES = ("text_encoders", "transformer", "vae_decode")
+
+
+@dataclass
+class Variant:
+    """A pipeline to time: ``name`` (dense/pruned/eager), the pipeline, and what to report about it."""
+
+    name: str
+    pipe: Any
+    backend: str
+    transformer_bytes: int
+    total_bytes: int
+    records: list[dict[str, float]] = field(default_factory=list)
+    peak_mib: float = 0.0
+    peak_delta_mib: float = 0.0
+
+
+class MemorySampler:
+    """Peak memory while a block runs: process RSS (CPU) or device memory in use (CUDA), in MiB."""
+
+    def __init__(self, cuda: bool, interval_s: float = 0.005):
+        self.cuda, self.interval = cuda, interval_s
+        self.peak = 0.0
+        self._stop = threading.Event()
+
+    def _now(self) -> float:
+        if self.cuda:
+            free, total = torch.cuda.mem_get_info()
+            return (total - free) / 2**20
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except OSError:  # not Linux: peak RSS so far
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._now())
+
+    def __enter__(self):
+        self.peak = self.start = self._now()
+        self._stop.clear()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._now())
+
+
+def _onnx_dir(export_dir: str | os.PathLike) -> Path:
+    d = Path(export_dir)
+    if (d / "onnx").is_dir():
+        d = d / "onnx"
+    if not (d / "transformer.onnx").is_file():
+        raise UserError(f"no transformer.onnx under {export_dir}; run `python -m pipeline export` first")
+    return d
+
+
+def _free_replaced_modules(base, *onnx_dirs: Path) -> None:
+    """Free the PyTorch weights of every module that each variant runs from ONNX instead (the runners read
+    only the module's config and dtype). Without the eager column nothing else uses them, and at SD3-medium
+    size they are 9 GiB beside two 8 GiB ONNX Runtime sessions."""
+    from export.dynamo_export import release_weights
+    from families import adapter_for
+
+    for c in adapter_for(base.transformer).components:
+        comp, attr = c.name, c.attr
+        module = getattr(base, attr, None)
+        if module is not None and all((d / f"{comp}.onnx").is_file() for d in onnx_dirs):
+            release_weights(module)
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "mean": float(a.mean()), "min": float(a.min()), "n": int(a.size)}
+
+
+def _torch_bytes(module) -> int:
+    return int(sum(p.numel() * p.element_size() for p in module.parameters())) if module is not None else 0
+
+
+def _runner_variant(name: str, spec, base_pipe, *, backend: str, onnx_dir: Path, engine_dir: Path | None, provider: str, threads: int,
+                    correction=None) -> Variant:
+    from runtime.pipeline_runner import runner_pipeline
+
+    # Engines are checked against the ONNX their manifest records (the fp16 export), not the fp32 one timed by ORT.
+    pipe = runner_pipeline(spec, backend=backend, onnx_dir=onnx_dir if backend == "ort" else None, engine_dir=engine_dir, provider=provider, correction=correction,
+                           base_pipe=base_pipe, threads=threads)
+    sizes = {c: int(getattr(r, "size_bytes", 0)) for c, r in pipe.runners.items()}
+    # Components left in PyTorch count at their parameter size.
+    from families import adapter_for
+
+    for c in adapter_for(base_pipe.transformer).components:
+        if c.name not in sizes:
+            sizes[c.name] = _torch_bytes(getattr(base_pipe, c.attr, None))
+    tr = pipe.runners["transformer"]
+    if backend == "ort":
+        import onnxruntime as ort
+
+        label = f"onnxruntime {ort.__version__} {tr.providers[0]}"
+    else:
+        label = f"{tr.backend.name} {tr.backend.version}"
+    return Variant(name, pipe, label, sizes["transformer"], sum(sizes.values()))
+
+
+def device_info(cuda: bool) -> dict[str, Any]:
+    import diffusers
+    import onnxruntime as ort
+
+    info: dict[str, Any] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "onnxruntime": ort.__version__,
+    }
+    for mod in ("tensorrt", "tensorrt_rtx"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    if cuda:
+        info["gpu"] = torch.cuda.get_device_name()
+        info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        info["summary"] = f"{info['gpu']} (compute {info['compute_capability']})"
+    else:
+        info["summary"] = f"CPU {info['cpu']}, {info['cpu_count']} cores, torch {torch.get_num_threads()} threads"
+    return info
+
+
+def sparsity_note(sparsity, backend: str, cuda: bool) -> str:
+    """What speedup to expect from this pattern on this backend (reported with the numbers)."""
+    if sparsity is None:
+        return ""
+    if sparsity.kind == "nm":
+        if backend == "ort" or not cuda:
+            return (f"{sparsity} keeps the dense shapes; ONNX Runtime on a CPU multiplies the zeros like any other weight, "
+                    f"so no speedup is expected here: {sparsity} needs sparse tensor cores (NVIDIA Ampere or later, "
+                    f"TensorRT with SPARSE_WEIGHTS, fp16/int8)")
+        return f"{sparsity} runs on sparse tensor cores where TensorRT picked sparse kernels (see the engine manifest)"
+    if sparsity.kind == "unstructured":
+        return f"{sparsity} zeros are scattered: neither ONNX Runtime nor TensorRT skips them, so no speedup is expected"
+    if sparsity.kind == "structured":
+        return f"{sparsity} removes attention heads and FFN neurons: smaller matrices, a speedup on every backend"
+    return ""
+
+
+def run_e2e(
+    spec,
+    dense_export_dir: str | os.PathLike,
+    pruned_export_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    runs: int = 10,
+    warmup: int = 2,
+    backend: str = "ort",
+    provider: str = "cpu",
+    engines: dict[str, str | os.PathLike] | None = None,
+    sparsity=None,
+    eager: bool = True,
+    quality: bool = True,
+    quality_seeds: tuple[int, ...] = (0, 1, 2),
+    prompt: str | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    grid_prompts: list[str] | None = None,
+    base_pipe=None,
+    threads: int | None = None,
+    resolutions: list[tuple[int, int]] | None = None,
+    precision: str | None = None,
+    correction=None,
+) -> dict[str, Any]:
+    """Benchmark dense vs pruned (and PyTorch eager) end to end; write the JSON, Markdown, plot and grid.
+
+    spec: a :class:`families.registry.ModelSpec`. dense_export_dir / pruned_export_dir: stage 2 outputs (or
+    their ``onnx/``). backend: ``"ort"`` (sessions on ``provider``) or ``"trt"`` (engines from
+    ``engines={"dense": dir, "pruned": dir}``, each with ``<component>/engine_*.plan``; default
+    ``<export dir>/engines``). sparsity: the pruned plan's :class:`obsdiff.patterns.Sparsity` (or string),
+    for the note. runs / warmup: timed and untimed iterations (>= 1 timed). prompt / seed / steps: the timed
+    generation (default: the spec's first evaluation prompt, seed 0, the spec's steps). quality: run
+    ``evaluation.metrics.evaluate`` on each variant with ``quality_seeds``. threads: CPU threads for both
+    PyTorch and ONNX Runtime (default: PyTorch's current count, given to ONNX Runtime too, so every variant
+    has the same cores; on an oversubscribed machine PyTorch's OpenMP with 2+ threads can be 10-30x slower
+    than with 1, measured on the shared 2-core development box). resolutions: image sizes ``(h, w)`` to
+    time, each in every round (default: the model's); the first one gives the headline numbers, all of them
+    ``per_shape`` (latency and stages per variant, speedups). Each must be one the exports serve.
+    correction: a Q-Sched scheduler correction (:class:`runtime.qsched.correction.SchedulerCorrection` or its JSON file,
+    e.g. ``<config>/qsched/...json``) that the pruned variant's sampler applies.
+    precision: the transformer precision of both exports (``fp32``, ``int8``...), recorded (default: the
+    pruned export report's).
+
+    Returns the dict written to ``out_dir/bench.json``: ``dense``/``pruned``/``eager`` entries with
+    ``latency_ms`` {median, p90, mean, min, n}, ``stages_ms``, ``transformer_step_ms``, ``images_per_s``,
+    ``peak_memory_mib``, ``size_mib``, ``backend``, ``quality``; and ``speedup`` (dense / pruned median).
+    """
+    from obsdiff.patterns import Sparsity, parse_sparsity
+
+    from common.io import check_output, created_dirs
+
+    if runs < 1 or warmup < 0:
+        raise UserError(f"runs must be >= 1 and warmup >= 0 (got runs={runs}, warmup={warmup})")
+    if steps is not None and steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps}")
+    if threads is not None and threads < 1:
+        raise UserError(f"threads must be at least 1, got {threads}")
+    if isinstance(sparsity, str):
+        sparsity = parse_sparsity(sparsity)
+    assert sparsity is None or isinstance(sparsity, Sparsity)
+    cuda = backend == "trt" or provider == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise UserError(f"backend {backend}/{provider} needs a CUDA GPU and none is visible; use --backend ort --provider cpu")
+    device = "cuda" if cuda else "cpu"
+    for export_dir in (dense_export_dir, pruned_export_dir):  # inputs first: nothing is created for a bad one
+        _onnx_dir(export_dir)
+    for name in ("bench.json", "bench.md", "bench.png", "grid.png"):
+        check_output(Path(out_dir) / name, "file")
+    steps = spec.steps if steps is None else steps
+    resolutions = [tuple(r) for r in resolutions] if resolutions else [(spec.height, spec.width)]
+    for export_dir in (dense_export_dir, pruned_export_dir):
+        check_served(export_dir, spec, resolutions)
+    prompt = prompt or default_prompts(spec)[0]
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        with created_dirs(out_dir) as out_dir:
+            return _run(spec, dense_export_dir, pruned_export_dir, out_dir, runs=runs, warmup=warmup, backend=backend, provider=provider,
+                        engines=engines, sparsity=sparsity, eager=eager, quality=quality, quality_seeds=quality_seeds, prompt=prompt,
+                        seed=seed, steps=steps, grid_prompts=grid_prompts, base_pipe=base_pipe, cuda=cuda, device=device, resolutions=resolutions,
+                        precision=precision or export_precision(pruned_export_dir), correction=correction)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warmup, backend, provider, engines, sparsity, eager, quality,
+         quality_seeds, prompt, seed, steps, grid_prompts, base_pipe, cuda, device, resolutions, precision=None, correction=None) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from measure.report import write_reports
+    from families.registry import load_pipeline
+    from runtime.pipeline_runner import StageTimer, generate
+
+    threads = torch.get_num_threads()
+
+    base = base_pipe if base_pipe is not None else load_pipeline(spec)
+    base = base.to(device)
+    dense_onnx, pruned_onnx = _onnx_dir(dense_export_dir), _onnx_dir(pruned_export_dir)
+    if not eager and base_pipe is None and backend == "ort":
+        _free_replaced_modules(base, dense_onnx, pruned_onnx)
+    eng = {k: Path(v) for k, v in (engines or {}).items()}
+    if backend == "trt":
+        eng.setdefault("dense", dense_onnx.parent / "engines")
+        eng.setdefault("pruned", pruned_onnx.parent / "engines")
+    variants = [
+        _runner_variant("dense", spec, base, backend=backend, onnx_dir=dense_onnx, engine_dir=eng.get("dense"), provider=provider, threads=threads),
+        _runner_variant("pruned", spec, base, backend=backend, onnx_dir=pruned_onnx, engine_dir=eng.get("pruned"), provider=provider, threads=threads,
+                        correction=correction),
+    ]
+    if eager:
+        size = sum(_torch_bytes(getattr(base, c.attr, None)) for c in spec.adapter.components if c.kind != "transformer")
+        variants.append(Variant("eager", base, f"pytorch {torch.__version__} eager ({device})", _torch_bytes(base.transformer), size + _torch_bytes(base.transformer)))
+
+    timer = StageTimer(cuda=cuda)
+    per_shape: dict[tuple[int, int], dict[str, list]] = {r: {v.name: [] for v in variants} for r in resolutions}
+    for it in tqdm(range(warmup + runs), desc="e2e (interleaved)", unit="round"):
+        k = it % len(variants)
+        for hw in resolutions:
+            for v in variants[k:] + variants[:k]:  # rotate the order every round
+                with MemorySampler(cuda) as mem:
+                    generate(v.pipe, spec, prompt, seed=seed, steps=steps, timer=timer, output_type="np", height=hw[0], width=hw[1])
+                ms, calls = timer.collect()
+                if it >= warmup:
+                    per_shape[hw][v.name].append(ms)
+                    if hw == resolutions[0]:
+                        v.records.append(ms)
+                    v.peak_mib = max(v.peak_mib, mem.peak)
+                    v.peak_delta_mib = max(v.peak_delta_mib, mem.peak - mem.start)
+            if calls.get("transformer") not in (None, steps):
+                log.debug("%s: %s transformer calls for %s steps", v.name, calls.get("transformer"), steps)
+
+    for v in variants:  # TensorRT-RTX: keep the JIT-compiled kernels for the next run
+        for r in getattr(v.pipe, "runners", {}).values():
+            if hasattr(r, "save_runtime_cache"):
+                r.save_runtime_cache()
+
+    result: dict[str, Any] = {
+        "model": spec.id,
+        "sparsity": str(sparsity) if sparsity is not None else None,
+        "precision": precision,
+        "backend": backend,
+        "provider": provider if backend == "ort" else None,
+        "settings": {"runs": runs, "warmup": warmup, "steps": steps, "guidance": spec.guidance, "height": resolutions[0][0], "width": resolutions[0][1],
+                     "resolutions": [list(r) for r in resolutions], "correction": str(correction) if isinstance(correction, (str, Path)) else
+                     (None if correction is None else "given"),
+                     "prompt": prompt, "seed": seed, "interleaved": True, "threads": threads, "timer": "cuda events" if cuda else "perf_counter"},
+        "device": device_info(cuda),
+    }
+    for v in variants:
+        total = [r.get("total", 0.0) for r in v.records]
+        stages = {s: stats([r.get(s, 0.0) for r in v.records]) for s in STAGES}
+        med = stats(total)
+        result[v.name] = {
+            "backend": v.backend,
+            "latency_ms": med,
+            "stages_ms": stages,
+            "transformer_step_ms": stages["transformer"]["median"] / steps,
+            "images_per_s": 1000.0 / med["median"] if med["median"] > 0 else None,
+            "peak_memory_mib": round(v.peak_mib, 1),
+            "peak_memory_delta_mib": round(v.peak_delta_mib, 1),  # growth during its own runs (activations, workspaces)
+            "memory_kind": "cuda device memory in use (all variants loaded)" if cuda else "process RSS (all variants loaded)",
+            "size_mib": {"transformer": round(v.transformer_bytes / 2**20, 3), "total": round(v.total_bytes / 2**20, 3)},
+            "quality": None,
+        }
+    d, p = result["dense"], result["pruned"]
+    result["speedup"] = d["latency_ms"]["median"] / p["latency_ms"]["median"]
+    result["speedup_transformer"] = d["stages_ms"]["transformer"]["median"] / max(p["stages_ms"]["transformer"]["median"], 1e-9)
+    dense_t = [r["total"] for r in variants[0].records]
+    pruned_t = [r["total"] for r in variants[1].records]
+    result["speedup_paired"] = float(np.median(np.asarray(dense_t) / np.asarray(pruned_t)))
+    if eager:
+        result["speedup_vs_eager"] = result["eager"]["latency_ms"]["median"] / p["latency_ms"]["median"]
+    result["note"] = sparsity_note(sparsity, backend, cuda)
+    result["per_shape"] = {}
+    for hw, recs in per_shape.items():
+        row: dict[str, Any] = {v: {"latency_ms": stats([r.get("total", 0.0) for r in rs]),
+                                   "stages_ms": {s: stats([r.get(s, 0.0) for r in rs]) for s in STAGES}} for v, rs in recs.items()}
+        row["speedup"] = row["dense"]["latency_ms"]["median"] / row["pruned"]["latency_ms"]["median"]
+        row["speedup_transformer"] = row["dense"]["stages_ms"]["transformer"]["median"] / max(row["pruned"]["stages_ms"]["transformer"]["median"], 1e-9)
+        result["per_shape"][f"{hw[0]}x{hw[1]}"] = row
+
+    if quality:
+        try:
+            from evaluation.metrics import evaluate
+        except ImportError as e:
+            log.warning("quality evaluator unavailable (%s); bench.json has quality: null", e)
+        else:
+            for v in tqdm(variants, desc="quality", unit="variant"):
+                result[v.name]["quality"] = evaluate(v.pipe, spec, seeds=tuple(quality_seeds), steps=steps)
+
+    grid_prompts = grid_prompts_for(spec, grid_prompts)
+    write_grid({v.name: v.pipe for v in variants}, spec, grid_prompts, out_dir / "grid.png", seed=seed, steps=steps)
+    result["images"] = {"grid": "grid.png", "grid_prompts": grid_prompts, "grid_seed": seed}
+    write_json(out_dir / "bench.json", result)
+    write_reports(result, out_dir)
+    log.info("speedup dense/pruned %.3fx (transformer %.3fx) -> %s", result["speedup"], result["speedup_transformer"], out_dir / "bench.json")
+    return result
+
+
+def export_precision(export_dir: str | os.PathLike) -> str | None:
+    """The transformer precision stage 2 recorded for ``export_dir`` (None for an export without a report)."""
+    from common.io import read_json
+
+    report = _onnx_dir(export_dir).parent / "export_report.json"
+    return read_json(report).get("precision") if report.is_file() else None
+
+
+def check_served(export_dir: str | os.PathLike, spec, resolutions: list[tuple[int, int]]) -> None:
+    """One line, before anything is loaded, when an export cannot run at one of ``resolutions``: a static
+    export serves its one resolution, a dynamic one the box between its smallest and largest latents."""
+    from common.io import read_json
+    from families.shapes import ServedShapes
+
+    report = _onnx_dir(export_dir).parent / "export_report.json"
+    s = read_json(report).get("served_shapes") if report.is_file() else None
+    if not s:
+        return  # an export from before served shapes: the runtime says what does not fit
+    served = ServedShapes(tuple(tuple(r) for r in s["resolutions"]), tuple(s["batch"]), s["text_seq_len"], s["vae_scale"])
+    for hw in resolutions:
+        spec.check_image_size(*hw, options=("--resolution height", "--resolution width"))
+        lat = served.latent(hw)
+        (h0, w0), (h1, w1) = served.latent_min, served.latent_max
+        fits = lat in served.latents if not served.dynamic_spatial else (h0 <= lat[0] <= h1 and w0 <= lat[1] <= w1)
+        if not fits:
+            raise UserError(f"{hw[0]}x{hw[1]} px is outside what {export_dir} serves ({served.describe()}); "
+                            f"re-export with `--resolution` including it")
+
+
+def grid_prompts_for(spec, prompts: list[str] | None = None) -> list[str]:
+    """The prompts of the image grid: every one given, else every default evaluation prompt of the model
+    (the ten digits for tiny-sd3, ``prompts/eval.txt`` for hub models); none is dropped."""
+    return list(prompts) if prompts else default_prompts(spec)
+
+
+def write_grid(pipes: dict[str, Any], spec, prompts: list[str], path: str | os.PathLike, *, seed: int = 0, steps: int | None = None) -> Path:
+    """Generate every prompt with every pipeline (same seed) and save the grid: one row per pipeline, one
+    column per prompt, in the order given (wrapped into bands of :data:`benchmarks.report.GRID_MAX_COLS`)."""
+    from measure.report import image_grid
+    from runtime.pipeline_runner import generate
+
+    rows = {name: [img for pr in prompts for img in generate(pipe, spec, pr, seed=seed, steps=steps)] for name, pipe in pipes.items()}
+    return image_grid(rows, path, col_labels=[_short(pr) for pr in prompts])
+
+
+def _short(prompt: str) -> str:
+    return prompt.split()[-1] if len(prompt) > 16 else prompt
+
+
+def default_prompts(spec) -> list[str]:
+    from families.registry import REPO_ROOT
+
+    if spec.quality_metric == "digits":
+        from evaluation.digits import prompt_for
+
+        return [prompt_for(d) for d in range(10)]
+    f = REPO_ROOT / "prompts" / "eval.txt"
+    if f.is_file():
+        return [p for p in f.read_text().splitlines() if p.strip()]
+    return ["a photo of an astronaut riding a horse on the moon", "a red bicycle leaning on a brick wall", "a bowl of ramen, studio lighting", "a lighthouse at dusk, oil painting"]
