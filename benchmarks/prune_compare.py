@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from common.io import atomic_path, write_json
 from common.memory import PeakMemory
 from common.paths import REPO_ROOT
+from common.report import write_report
 from common.versions import device_description, module_versions
 from families.registry import load_pipeline, resolve_model
 
@@ -214,9 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "checks": {"obs_diff_lowest_error_at_every_pattern": lowest_everywhere},
     }
     out_json = Path(args.out)
-    write_json(out_json, bench)
-    with atomic_path(out_json.with_suffix(".md")) as tmp:
-        tmp.write_text(markdown(bench))
+    write_report(out_json, bench, markdown(bench))
     print(markdown(bench))
     return 0 if lowest_everywhere else 1
 

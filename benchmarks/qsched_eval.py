@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from common.io import atomic_path, write_json
 from common.paths import REPO_ROOT
+from common.report import write_report
 from common.versions import cpu_description, module_versions
 from families.registry import load_pipeline, resolve_model
 
@@ -293,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output(args.out, "file")
         result.update(run(args))
         out = Path(args.out)
-        write_json(out, result)
-        with atomic_path(out.with_suffix(".md")) as tmp:
-            tmp.write_text(markdown(result))
+        write_report(out, result, markdown(result))
         return 0
 
     status = run_command(body)

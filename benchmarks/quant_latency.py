@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from benchmarks.export_latency import sd3_medium_width_case, time_interleaved, tiny_sd3_case  # noqa: E402
-from common.io import atomic_path, write_json  # noqa: E402
 from common.paths import REPO_ROOT  # noqa: E402
+from common.report import write_report  # noqa: E402
 from common.versions import library_versions  # noqa: E402
 from export.dynamo_export import export_module  # noqa: E402
 from export.onnx_files import onnx_size  # noqa: E402
@@ -212,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "quant_latency.json", report)
-    with atomic_path(args.out / "quant_latency.md") as tmp:
-        tmp.write_text(to_markdown(report))
+    write_report(args.out / "quant_latency.json", report, to_markdown(report))
     log.info("wrote %s and %s", args.out / "quant_latency.json", args.out / "quant_latency.md")
     log.info("\n%s", to_markdown(report))
     return 0

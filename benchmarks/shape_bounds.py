@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from common.errors import UserError
-from common.io import atomic_path, write_json
+from common.report import write_report
 
 
 def meta_transformer(args) -> tuple[torch.nn.Module, int, int, str]:
@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = bounds(model, resolutions, vae_scale=vae_scale, batch=args.batch, text_seq_len=text, ratios=ratios)
         result = {"benchmark": "shape_bounds", "source": source, "batch": args.batch, "text_seq_len": text, "rows": rows}
         out = Path(args.out)
-        write_json(out, result)
-        with atomic_path(out.with_suffix(".md")) as tmp:
-            tmp.write_text(markdown(result))
+        write_report(out, result, markdown(result))
         print(markdown(result))
         return 0
 

@@ -42,8 +42,8 @@ from typing import Any, Callable
 
 import torch
 
-from common.io import atomic_path, write_json
 from common.paths import REPO_ROOT
+from common.report import write_report
 from common.versions import device_description, module_versions
 from obsdiff.baselines import magnitude_prune
 from obsdiff.patterns import parse_sparsity
@@ -372,9 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         bench["modelopt_notes"] = "create_sgpt_mask supports N:M only and returns a mask; its weights here are the masked originals (no OBS update)"
         bench["results"] = pattern_sweep(shapes, patterns, repeats=args.repeats, percdamp=args.percdamp, device=device, sgpt=sgpt)
     out = Path(args.out)
-    write_json(out, bench)
-    with atomic_path(out.with_suffix(".md")) as tmp:
-        tmp.write_text(markdown(bench))
+    write_report(out, bench, markdown(bench))
     sys.stdout.write(markdown(bench))
     return 0
 
