@@ -10,7 +10,7 @@ SD3-medium or Flux-sized model costs seconds.
     python -m benchmarks.shape_bounds --family sd3-medium --resolution 512x512,768x768,1024x1024
     python -m benchmarks.shape_bounds --model tiny-sd3 --resolution 32x32,64x64
 
-``--family`` takes the published transformer configs of ``scripts/make_scale_fixture.py``; ``--model`` a
+``--family`` takes a published transformer config the family adapters carry; ``--model`` a
 registry id or a diffusers directory (its ``transformer/config.json``). Writes JSON and a Markdown table.
 """
 
@@ -33,15 +33,10 @@ def meta_transformer(args) -> tuple[torch.nn.Module, int, int, str]:
     from families import adapter_for
 
     if args.family:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-        from make_scale_fixture import FAMILIES
+        from families import published_config
 
-        if args.family not in FAMILIES:
-            raise UserError(f"unknown --family {args.family!r}; choose from {', '.join(FAMILIES)}")
-        from families import get_adapter
-
-        sd3 = get_adapter("sd3")  # the published configs are SD3 / SD3.5 transformers
-        config, cls, vae_scale, text = dict(FAMILIES[args.family]), sd3.transformer_class, 8, sd3.text_seq_len
+        adapter, config = published_config(args.family)
+        cls, vae_scale, text = adapter.transformer_class, 8, adapter.text_seq_len
         source = f"{args.family} (published transformer config)"
     else:
         from common.io import read_json
@@ -95,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = ArgumentParser(prog="python -m benchmarks.shape_bounds", description=__doc__.splitlines()[0])
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--family", help="a published config: sd3-medium, sd3.5-medium, sd3.5-large")
+    g.add_argument("--family", help="a published config (families.published_configs: sd3-medium, sd3.5-medium, sd3.5-large, flux.1-dev, ...)")
     g.add_argument("--model", help="registry id or local diffusers directory")
     p.add_argument("--resolution", default="512x512,768x768,1024x1024", help="HxW list in pixels")
     p.add_argument("--batch", type=int_at_least(1), default=2, help="transformer batch per step (2: classifier-free guidance)")

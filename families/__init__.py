@@ -24,6 +24,20 @@ def get_adapter(name: str) -> FamilyAdapter:
     return ADAPTERS[name]
 
 
+def published_configs() -> dict[str, tuple[FamilyAdapter, dict[str, Any]]]:
+    """Every published transformer config the adapters carry, by name (``sd3-medium``, ``flux.1-dev``, ...):
+    ``{name: (adapter, config)}``; configs are diffusers ``from_config`` keyword arguments without ``sample_size``."""
+    return {name: (a, dict(cfg)) for a in ADAPTERS.values() for name, cfg in a.published_configs.items()}
+
+
+def published_config(name: str) -> tuple[FamilyAdapter, dict[str, Any]]:
+    """``(adapter, config)`` of one published transformer config; one-line :class:`UserError` for an unknown name."""
+    known = published_configs()
+    if name not in known:
+        raise UserError(f"unknown published config {name!r}; choose from {', '.join(sorted(known))}")
+    return known[name]
+
+
 def adapter_for(model: Any) -> FamilyAdapter:
     """The adapter of a transformer module, class or class name; one-line :class:`UserError` otherwise."""
     cls = model if isinstance(model, str) else (model.__name__ if isinstance(model, type) else type(model).__name__)

@@ -1,29 +1,19 @@
-"""The adapter interface: everything a stage needs to know about one transformer architecture.
-
-Stages never name a layer of a particular architecture (``to_add_out``, ``proj_mlp``...): they ask the
-family adapter of the transformer at hand (:func:`families.adapter_for`). An adapter answers
-
-- **blocks**: the blocks in order (``("transformer_blocks.0", module)``...), and in each block the prunable
-  ``nn.Linear`` layers as *units* (parallel layers that see the same kind of input; they form the module
-  packages of stage 1) and the layers that receive the very same input tensor (one Hessian);
-- **structured groups** (:class:`StructuredGroup`): which input columns of which output layers make up a head
-  or an FFN neuron, possibly a column *range* of a fused projection, and which rows of which input layers
-  produce those channels; after a cut, the bookkeeping to fix (``attn.heads``...) and the invariants;
-- **calibration and sampling**: the initial noise in the pipeline's latent layout and the pipeline call's
-  guidance arguments;
-- **export**: the ONNX wrapper of the transformer, its example inputs and I/O names, the other components
-  (text encoders, VAE decoder) and, for stage 3, the runtime module that stands in for the transformer.
-
-Adapters import diffusers and torch only; no stage package (``obsdiff``, ``export``, ``runtime``...).
-"""
+"""The adapter interface (:class:`FamilyAdapter`): everything a stage needs to know about one transformer
+architecture (blocks and their prunable units, structured groups and their fix-up, calibration noise and
+guidance, the transformer's ONNX wrapper, inputs and runtime module, the exported components), plus the
+structured-group types, module lookup helpers and the base of the stage-3 runtime modules. Design notes:
+``docs/families.md``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from families.components import Component
 
 
 @dataclass(frozen=True)
@@ -66,16 +56,6 @@ class StructuredGroup:
     @property
     def width(self) -> int:
         return self.size * self.unit
-
-
-@dataclass(frozen=True)
-class Component:
-    """An exported component: its ONNX/engine name, the pipeline attribute it replaces, and its kind
-    (``transformer``, ``clip_projection``, ``clip_pooled``, ``t5``, ``vae_decoder``)."""
-
-    name: str
-    attr: str
-    kind: str
 
 
 def get_module(root: nn.Module, dotted: str) -> nn.Module | None:
@@ -125,7 +105,7 @@ class FamilyAdapter:
     # Layers that receive the very same input tensor (names inside a block): one Hessian for all.
     shared_inputs: tuple[tuple[str, ...], ...] = ()
     scope_note: str = ""
-    components: tuple[Component, ...] = ()
+    components: tuple[Component, ...] = ()  # families.components: one description per exported component
     # The text encoder a deployment may drop (pipeline attribute), e.g. SD3's T5.
     optional_text_encoder: str | None = None
     # Defaults for a local directory of this family (the registry derives a spec from its configs).
@@ -137,6 +117,10 @@ class FamilyAdapter:
     # layers whose error would cost more than they save (embedders, AdaLN modulations, the output layer).
     # Empty: every Linear/Conv is quantized.
     quant_exclude: tuple[str, ...] = ()
+    # Transformer configs as published with the hub checkpoints (``transformer/config.json`` minus
+    # ``sample_size``), by registry id: random-weight stand-ins of the real shapes, built without a download.
+    published_configs: dict[str, dict[str, Any]] = {}
+    published_vae_config: dict[str, Any] | None = None  # the family's hub VAE config, where one is carried
 
     def latent_patch(self, transformer_config: dict) -> int:
         """VAE latents per token side (the transformer's patch size; Flux packs 2x2 latents per token)."""
@@ -216,6 +200,11 @@ class FamilyAdapter:
     def runtime_transformer(self):
         """The ``torch.nn.Module`` class that stands in for the transformer in the diffusers pipeline; built
         as ``cls(runner, config, dtype, device)`` with ``runner(dict of inputs) -> {"sample": ...}``."""
+        raise NotImplementedError
+
+    def tiny_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` (a published one) shrunk to a model of the same layout that runs in seconds on a CPU
+        (one block of each kind, two small heads): dry runs of the GPU programs."""
         raise NotImplementedError
 
 

@@ -1,25 +1,6 @@
-"""Stable Diffusion 3 / 3.5 (``SD3Transformer2DModel``, MMDiT): the adapter.
-
-Blocks are ``JointTransformerBlock``s (``transformer_blocks``). Units, in order:
-
-==============  ==============================================================================
-unit kind       layers (names inside the block)
-==============  ==============================================================================
-``attn_in``     ``attn.to_q/to_k/to_v`` + ``attn.add_q_proj/add_k_proj/add_v_proj``
-``attn_out``    ``attn.to_out.0`` + ``attn.to_add_out`` (absent in the last, ``context_pre_only`` block)
-``attn2_in``    ``attn2.to_q/to_k/to_v`` (SD3.5 dual-attention blocks only)
-``attn2_out``   ``attn2.to_out.0``
-``ff_in``       ``ff.net.0.proj`` + ``ff_context.net.0.proj``
-``ff_out``      ``ff.net.2`` + ``ff_context.net.2``
-==============  ==============================================================================
-
-Structured groups: ``attn`` (heads shared by the image and text branches: columns of ``to_out.0`` and
-``to_add_out``, rows of q/k/v and add_q/k/v), ``attn2`` (SD3.5's image-only second attention), ``ff`` and
-``ff_context`` (FFN neurons: columns of ``net.2``, rows of ``net.0.proj``). diffusers'
-``JointAttnProcessor2_0`` computes ``head_dim = key.shape[-1] // attn.heads`` at run time, so the cut must
-update ``attn.heads`` (a stale value silently changes the model). The per-head q/k RMS norms act on one
-head's channels with weights shared by all heads; they need no slicing.
-"""
+"""Stable Diffusion 3 / 3.5 (``SD3Transformer2DModel``, MMDiT): the adapter (units, structured groups and
+their fix-up, sampling, export inputs, runtime module) and the attention/FFN group helpers Flux reuses.
+Unit table and design notes: ``docs/families.md``."""
 
 from __future__ import annotations
 
@@ -28,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from families.base import Component, FamilyAdapter, RuntimeModule, Span, StructuredGroup, get_module
+from families.base import FamilyAdapter, RuntimeModule, Span, StructuredGroup, get_module
+from families.components import ClipProjection, T5Encoder, TransformerComponent, VaeDecoder
 
 _QKV = ("to_q", "to_k", "to_v")
 # Version-1 plans and compact descriptions (SD3 only, before the adapters) named the groups by field.
@@ -92,6 +74,32 @@ def check_feedforward(ff: nn.Module, dim: int, where: str) -> None:
     assert ff.net[2].out_features == dim, f"{where}: residual width changed"
 
 
+# Transformer configs as published with the hub checkpoints (transformer/config.json), minus sample_size.
+PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd3-medium": dict(
+        patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192,
+        dual_attention_layers=(), qk_norm=None,
+    ),
+    "sd3.5-medium": dict(
+        patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+    ),
+    "sd3.5-large": dict(
+        patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64, num_attention_heads=38,
+        joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
+        dual_attention_layers=(), qk_norm="rms_norm",
+    ),
+}
+# The SD3 VAE (vae/config.json of every SD3 / SD3.5 checkpoint).
+PUBLISHED_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32, sample_size=1024,
+    scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+)
+
+
 class SD3Adapter(FamilyAdapter):
     name = "sd3"
     transformer_class = "SD3Transformer2DModel"
@@ -114,11 +122,11 @@ class SD3Adapter(FamilyAdapter):
         "and proj_out stay dense"
     )
     components = (
-        Component("transformer", "transformer", "transformer"),
-        Component("text_encoder", "text_encoder", "clip_projection"),
-        Component("text_encoder_2", "text_encoder_2", "clip_projection"),
-        Component("text_encoder_3", "text_encoder_3", "t5"),
-        Component("vae_decoder", "vae", "vae_decoder"),
+        TransformerComponent("transformer", "transformer"),
+        ClipProjection("text_encoder", "text_encoder"),
+        ClipProjection("text_encoder_2", "text_encoder_2"),
+        T5Encoder("text_encoder_3", "text_encoder_3"),
+        VaeDecoder("vae_decoder", "vae"),
     )
     optional_text_encoder = "text_encoder_3"
     text_seq_len = 77 + 256  # CLIP tokens + T5 tokens
@@ -130,6 +138,8 @@ class SD3Adapter(FamilyAdapter):
     # negligible FLOPs) but their shift/scale/gate multiply every token of the block, and stage 1 leaves them
     # dense. The top-level proj_out writes the prediction itself, for a small share of the GEMM FLOPs.
     quant_exclude = ("pos_embed", "time_text_embed", "context_embedder", "*norm*", "proj_out")
+    published_configs = PUBLISHED_CONFIGS
+    published_vae_config = PUBLISHED_VAE_CONFIG
 
     def structured_groups(self, block: nn.Module) -> list[StructuredGroup]:
         groups = [attention_group("attn", "attn", block.attn)]
@@ -204,6 +214,12 @@ class SD3Adapter(FamilyAdapter):
 
     def runtime_transformer(self):
         return SD3TransformerRuntime
+
+    def tiny_config(self, config):
+        heads, head_dim = 2, 32
+        dual = (0,) if config.get("dual_attention_layers") else ()
+        return {**config, "num_layers": 1, "num_attention_heads": heads, "attention_head_dim": head_dim, "joint_attention_dim": 64,
+                "caption_projection_dim": heads * head_dim, "pooled_projection_dim": 32, "pos_embed_max_size": 16, "dual_attention_layers": dual}
 
 
 class SD3TransformerForOnnx(nn.Module):

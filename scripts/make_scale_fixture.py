@@ -30,33 +30,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.io import atomic_path  # noqa: E402
+from families import get_adapter  # noqa: E402
 
 log = logging.getLogger("make_scale_fixture")
 
-# Transformer configs as published with the hub checkpoints (transformer/config.json), minus sample_size.
-FAMILIES = {
-    "sd3-medium": dict(
-        patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192,
-        dual_attention_layers=(), qk_norm=None,
-    ),
-    "sd3.5-medium": dict(
-        patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
-        dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
-    ),
-    "sd3.5-large": dict(
-        patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64, num_attention_heads=38,
-        joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
-        dual_attention_layers=(), qk_norm="rms_norm",
-    ),
-}
-# The SD3 VAE (vae/config.json of every SD3 / SD3.5 checkpoint).
-SD3_VAE = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32, sample_size=1024,
-    scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
-)
+# Transformer and VAE configs as published with the hub checkpoints, from the SD3 family adapter.
+FAMILIES = get_adapter("sd3").published_configs
+SD3_VAE = get_adapter("sd3").published_vae_config
 CLIP_LEN = 77
 TOKENIZERS = Path(__file__).resolve().parents[1] / "models" / "tiny-sd3"
 
