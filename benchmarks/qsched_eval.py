@@ -6,9 +6,9 @@ transformer in PyTorch), at each step count (the model's default and a few-step 
 compared on the same evaluation set:
 
 - ``none``: the compressed model with the stock scheduler;
-- ``trajectory``: :func:`runtime.qsched.fit_correction`, per-step coefficients fitted to track the dense model's
+- ``trajectory``: :func:`runtime.qsched.trajectory_fit.fit_correction`, per-step coefficients fitted to track the dense model's
   trajectory on calibration prompts;
-- ``reference-free``: :func:`runtime.qsched.fit_correction_reference_free`, the paper's ramped coefficients
+- ``reference-free``: :func:`runtime.qsched.reference_free_fit.fit_correction_reference_free`, the paper's ramped coefficients
   searched to maximise :func:`evaluation.jaq.digits_jaq` (no dense model involved).
 
 Calibration prompts use every training phrasing of the digits with seeds from 1000 (trajectory) and 2000
@@ -91,14 +91,10 @@ def run(args) -> dict[str, Any]:
     from evaluation.jaq import digits_jaq
     from evaluation.metrics import evaluate
     from obsdiff.patterns import parse_sparsity
-    from runtime.qsched import (
-        apply_correction,
-        artifact_file,
-        fit_correction,
-        fit_correction_reference_free,
-        record_trajectory,
-        trajectory_error,
-    )
+    from runtime.qsched.apply import apply_correction
+    from runtime.qsched.correction import artifact_file
+    from runtime.qsched.reference_free_fit import fit_correction_reference_free
+    from runtime.qsched.trajectory_fit import fit_correction, record_trajectory, trajectory_error
 
     t_start = time.perf_counter()
     spec = resolve_model(args.model)

@@ -207,14 +207,14 @@ def runner_pipeline(
     """Load ``spec``'s PyTorch pipeline (or reuse ``base_pipe``) and swap in ORT sessions / TRT engines.
 
     device: where latents and remaining PyTorch modules live (default ``cuda`` for ``trt``, else ``cpu``).
-    correction: a :class:`runtime.qsched.SchedulerCorrection` (or its JSON path) that the new pipeline's scheduler
-    applies (:func:`runtime.qsched.apply_correction`; the base pipeline is left as it was).
+    correction: a :class:`runtime.qsched.correction.SchedulerCorrection` (or its JSON path) that the new pipeline's scheduler
+    applies (:func:`runtime.qsched.apply.apply_correction`; the base pipeline is left as it was).
     Returns the new pipeline; ``pipe.runners`` holds the runners (for sizes and providers).
     """
     from families.registry import load_pipeline
 
     if correction is not None:  # a bad file fails before anything is loaded
-        from runtime.qsched import load_correction
+        from runtime.qsched.correction import load_correction
 
         correction = load_correction(correction)
     device = device or ("cuda" if backend == "trt" else "cpu")
@@ -225,7 +225,7 @@ def runner_pipeline(
     pipe = with_runners(base, runners, device=device)
     pipe.runners = runners
     if correction is not None:
-        from runtime.qsched import apply_correction
+        from runtime.qsched.apply import apply_correction
 
         apply_correction(pipe, correction)
     return pipe

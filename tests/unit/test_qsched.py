@@ -10,16 +10,10 @@ import pytest
 import torch
 
 from common.errors import UserError
-from runtime.qsched import (
-    SchedulerCorrection,
-    apply_correction,
-    artifact_file,
-    correction_of,
-    fit_correction,
-    fit_correction_reference_free,
-    record_trajectory,
-    trajectory_error,
-)
+from runtime.qsched.apply import apply_correction, correction_of
+from runtime.qsched.correction import SchedulerCorrection, artifact_file
+from runtime.qsched.reference_free_fit import fit_correction_reference_free
+from runtime.qsched.trajectory_fit import fit_correction, record_trajectory, trajectory_error
 from tests import runtime_fixtures as fx
 
 STEPS = 4
