@@ -1,30 +1,6 @@
-"""Flux.1 (``FluxTransformer2DModel``): the adapter.
-
-Blocks: ``transformer_blocks`` (double-stream ``FluxTransformerBlock``s, joint attention like SD3's) then
-``single_transformer_blocks`` (``FluxSingleTransformerBlock``s). Units, in order:
-
-=========================  =======================================================================
-block / unit kind          layers (names inside the block)
-=========================  =======================================================================
-double ``attn_in``         ``attn.to_q/to_k/to_v`` + ``attn.add_q_proj/add_k_proj/add_v_proj``
-double ``attn_out``        ``attn.to_out.0`` + ``attn.to_add_out``
-double ``ff_in``/``ff_out``  ``ff.net.0.proj`` + ``ff_context.net.0.proj`` / ``ff.net.2`` + ``ff_context.net.2``
-single ``attn_in``         ``attn.to_q/to_k/to_v`` + ``proj_mlp`` (all four read the same normed input)
-single ``out``             ``proj_out``
-=========================  =======================================================================
-
-Structured groups. Double blocks as SD3 (``attn``, ``ff``, ``ff_context``). A single block's ``proj_out``
-takes ``concat(attention output, MLP output)``: a head (group ``attn``) is ``head_dim`` rows of each of
-``to_q/k/v`` plus ``head_dim`` columns in the attention part of ``proj_out`` (columns ``[0, heads*head_dim)``);
-a neuron (group ``mlp``) is one row of ``proj_mlp`` plus one column in the MLP part of ``proj_out``
-(columns from ``heads*head_dim`` on). Stage 1 removes the heads first, then the neurons with the removed
-head columns frozen. The per-head q/k RMS norms need no slicing.
-
-Calibration and sampling follow ``FluxPipeline``: packed latents (2x2 patches of the VAE latents as tokens),
-``img_ids``/``txt_ids`` position ids, guidance as an embedded input when the model has ``guidance_embeds``
-(FLUX.1-dev), none for FLUX.1-schnell, and true classifier-free guidance (``true_cfg_scale`` with an empty
-negative prompt) for a model without embedded guidance run at a scale above 1 (the embedded ``tiny-flux``).
-"""
+"""Flux.1 (``FluxTransformer2DModel``): the adapter (double- and single-stream units, structured groups,
+packed-latent sampling and guidance, export inputs, runtime module). Unit table and design notes:
+``docs/families.md``."""
 
 from __future__ import annotations
 
@@ -33,8 +9,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from families.base import Component, FamilyAdapter, RuntimeModule, Span, StructuredGroup, packed_token_shapes
+from families.base import FamilyAdapter, RuntimeModule, Span, StructuredGroup, packed_token_shapes
+from families.components import ClipPooled, T5Encoder, TransformerComponent, VaeDecoder
 from families.sd3 import attention_group, check_attention, check_feedforward, feedforward_group, set_attention_heads
+
+
+# Transformer configs as published with the hub checkpoints (transformer/config.json).
+PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
+    "flux.1-dev": dict(
+        patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+    ),
+    "flux.1-schnell": dict(
+        patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
+    ),
+}
 
 
 class FluxAdapter(FamilyAdapter):
@@ -63,10 +53,10 @@ class FluxAdapter(FamilyAdapter):
         "(norm*.linear), embedders (x/context/time/guidance) and the final proj_out stay dense"
     )
     components = (
-        Component("transformer", "transformer", "transformer"),
-        Component("text_encoder", "text_encoder", "clip_pooled"),
-        Component("text_encoder_2", "text_encoder_2", "t5"),
-        Component("vae_decoder", "vae", "vae_decoder"),
+        TransformerComponent("transformer", "transformer"),
+        ClipPooled("text_encoder", "text_encoder"),
+        T5Encoder("text_encoder_2", "text_encoder_2"),
+        VaeDecoder("vae_decoder", "vae"),
     )
     max_sequence_length = 512
     text_seq_len = 512  # T5 tokens only (CLIP gives the pooled vector)
@@ -77,6 +67,7 @@ class FluxAdapter(FamilyAdapter):
     # stage 1, the biggest GEMM of the block) is quantized, unlike ModelOpt's stock configs whose
     # ``*proj_out.*`` rule would silently keep it in high precision.
     quant_exclude = ("x_embedder", "time_text_embed", "context_embedder", "*norm*", "proj_out")
+    published_configs = PUBLISHED_CONFIGS
 
     def latent_patch(self, transformer_config: dict) -> int:
         return 2  # FluxPipeline packs 2x2 VAE latents into one token
@@ -169,6 +160,11 @@ class FluxAdapter(FamilyAdapter):
 
     def runtime_transformer(self):
         return FluxTransformerRuntime
+
+    def tiny_config(self, config):
+        heads, head_dim = 2, 32
+        return {**config, "num_layers": 1, "num_single_layers": 1, "num_attention_heads": heads, "attention_head_dim": head_dim,
+                "joint_attention_dim": 64, "pooled_projection_dim": 32, "axes_dims_rope": (8, 12, 12)}
 
 
 def _image_ids(batch: int, h: int, w: int, device=None) -> torch.Tensor:

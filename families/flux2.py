@@ -1,62 +1,7 @@
-"""FLUX.2 (``Flux2Transformer2DModel``): the adapter.
-
-Blocks: the double-stream ``Flux2TransformerBlock``s (``transformer_blocks``), then the single-stream
-``Flux2SingleTransformerBlock``s (``single_transformer_blocks``). Every linear is bias-free in the released
-configs (``bias=False`` throughout); the slicing below keeps a bias where one exists all the same.
-
-Units, in order (names inside the block):
-
-================  ================  ===================================================================
-block kind        unit kind         layers
-================  ================  ===================================================================
-double-stream     ``attn_in``       ``attn.to_q/to_k/to_v`` + ``attn.add_q_proj/add_k_proj/add_v_proj``
-double-stream     ``attn_out``      ``attn.to_out.0`` + ``attn.to_add_out``
-double-stream     ``ff_in``         ``ff.linear_in`` + ``ff_context.linear_in`` (SwiGLU gate and up, fused)
-double-stream     ``ff_out``        ``ff.linear_out`` + ``ff_context.linear_out``
-single-stream     ``qkv_mlp_in``    ``attn.to_qkv_mlp_proj`` (q, k, v, MLP gate, MLP up: one linear)
-single-stream     ``attn_mlp_out``  ``attn.to_out`` (attention output and MLP down: one linear)
-================  ================  ===================================================================
-
-Layers fed the same tensor (one Hessian): q/k/v of the image stream, add_q/k/v of the text stream. The
-single block's fused projection is one linear, so it needs no sharing.
-
-Structured groups, as :class:`~families.base.Span` s (``I = heads * head_dim``, ``F`` the FFN width, ``M`` the
-single block's MLP width; rows are ``axis 0``, columns ``axis 1``):
-
-- double ``attn`` (heads, unit ``head_dim``): rows of ``attn.to_q/to_k/to_v`` and ``attn.add_q/k/v_proj``
-  @0; columns of ``attn.to_out.0`` and ``attn.to_add_out`` @0.
-- double ``ff`` / ``ff_context`` (neurons, unit 1): rows of ``<ff>.linear_in`` @F (up) and @0 (gate);
-  columns of ``<ff>.linear_out`` @0.
-- single ``attn`` (heads, unit ``head_dim``): rows of ``attn.to_qkv_mlp_proj`` @2I (v), @I (k), @0 (q);
-  columns of ``attn.to_out`` @0.
-- single ``mlp`` (neurons, unit 1): rows of ``attn.to_qkv_mlp_proj`` @3I+M (up), @3I (gate); columns of
-  ``attn.to_out`` @I.
-
-A SwiGLU neuron ``j`` is two rows of the fused ``[gate; up]`` projection (``j`` and ``F + j``; diffusers'
-``Flux2SwiGLU`` splits its input in halves at run time) and one column of the down projection. Heads come
-before neurons in every block, so stage 1 solves the single block's heads first and its MLP columns of
-``to_out`` with the removed head columns frozen, and stage 2 cuts the heads first and re-reads the MLP
-group's offsets (``3I'``, ``I'``) at the new head count.
-
-Spans of one layer inside one group are listed in *descending* offset order: :func:`export.surgery.cut_group`
-slices span by span with offsets taken at the group's pre-cut shape, so cutting the higher range first keeps
-the lower range's offsets valid.
-
-Bookkeeping after a cut (``set_group_size``): double-block attention ``attn.heads`` and ``attn.inner_dim``
-(diffusers' ``Flux2AttnProcessor`` unflattens by the fixed ``attn.head_dim``, so a stale head count would not
-change the output, but the module would lie about itself); single block ``attn.heads``, ``attn.inner_dim``
-and ``attn.mlp_hidden_dim``: ``Flux2ParallelSelfAttnProcessor`` splits the fused projection *proportionally*,
-``out * 3*inner_dim // (3*inner_dim + 2*mlp_hidden_dim)``, so a stale value silently moves the q/k/v|MLP
-boundary instead of failing. The tensor-parallel block layouts diffusers stores on the fused linears
-(``_tp_packed_col_blocks``, ``_tp_packed_row_blocks``) are rewritten too, since the cut builds new linears.
-
-Pipeline: ``Flux2Pipeline`` (guidance-distilled: ``guidance_scale`` is an embedded input, the transformer
-never sees a classifier-free-guidance batch). Its text encoder is Mistral Small 3.1
-(``Mistral3ForConditionalGeneration``, hidden states of layers 10/20/30 stacked), which no export kind covers,
-and its VAE (``AutoencoderKLFlux2``) decodes after a batch-norm de-normalisation and an un-patchify done in
-the pipeline; so only the transformer is listed as an exported component. ``Flux2KleinPipeline`` runs the same transformer
-class with a Qwen3 encoder, ``guidance_embeds=False`` and true CFG: not covered by these defaults.
-"""
+"""FLUX.2 (``Flux2TransformerBlock`` double-stream and ``Flux2SingleTransformerBlock`` single-stream blocks of
+``Flux2Transformer2DModel``): the adapter (units, structured groups inside fused projections and their
+bookkeeping, sampling, export inputs, runtime module). Only the transformer is exported. Unit table, span
+order and design notes: ``docs/families.md``."""
 
 from __future__ import annotations
 
@@ -65,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from families.base import Component, FamilyAdapter, RuntimeModule, Span, StructuredGroup, packed_token_shapes
+from families.base import FamilyAdapter, RuntimeModule, Span, StructuredGroup, packed_token_shapes
+from families.components import TransformerComponent
 from families.sd3 import attention_group, check_attention, set_attention_heads
 
 DOUBLE = "Flux2TransformerBlock"
@@ -169,7 +115,7 @@ class Flux2Adapter(FamilyAdapter):
         "embedders, x/context embedders and proj_out stay dense"
     )
     # Mistral-3 text encoder and the Flux.2 VAE have no export kind yet: see the module docstring.
-    components = (Component("transformer", "transformer", "transformer"),)
+    components = (TransformerComponent("transformer", "transformer"),)
     optional_text_encoder = None
     max_sequence_length = 512  # Flux2Pipeline's default: Mistral tokens per prompt
     text_seq_len = 512  # the transformer sees every encoded token (no pooled vector)

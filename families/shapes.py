@@ -54,6 +54,27 @@ class ServedShapes:
     def latent_opt(self) -> tuple[int, int]:
         return self.latents[0]
 
+    @property
+    def other_latents(self) -> list[tuple[int, int]]:
+        """The served latent shapes besides the optimisation one (export parity is checked at each, batch 1)."""
+        return [hw for hw in dict.fromkeys(self.latents) if hw != self.latent_opt]
+
+    def profiles(self, shapes_at) -> dict[str, Any]:
+        """Engine profiles of a component whose input shapes follow the resolution: ``shapes_at(batch, latent_hw)
+        -> {input: shape}``. ``range``: ``{input: [min, opt, max]}`` over the batch range and resolutions (the
+        box from the smallest to the largest latent height and width); ``per_resolution``: the same for each
+        resolution alone (static engines)."""
+        lo, mid, hi = self.batch
+
+        def box(lat_min, lat_opt, lat_max):
+            a, b, c = shapes_at(lo, lat_min), shapes_at(mid, lat_opt), shapes_at(hi, lat_max)
+            return {k: [list(a[k]), list(b[k]), list(c[k])] for k in b}
+
+        return {
+            "range": box(self.latent_min, self.latent_opt, self.latent_max),
+            "per_resolution": {self.label(r): box(self.latent(r), self.latent(r), self.latent(r)) for r in self.resolutions},
+        }
+
     def label(self, hw: tuple[int, int]) -> str:
         return f"{hw[0]}x{hw[1]}"
 
