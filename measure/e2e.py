@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +31,11 @@ import torch
 
 from common.errors import UserError
 from common.io import write_json
+from common.memory import PeakMemory
+from common.versions import device_info
+from runtime.pipeline_runner import STAGES
 
 log = logging.getLogger(__name__)
-
-STAGES = ("text_encoders", "transformer", "vae_decode")
 
 
 @dataclass
@@ -51,43 +50,6 @@ class Variant:
     records: list[dict[str, float]] = field(default_factory=list)
     peak_mib: float = 0.0
     peak_delta_mib: float = 0.0
-
-
-class MemorySampler:
-    """Peak memory while a block runs: process RSS (CPU) or device memory in use (CUDA), in MiB."""
-
-    def __init__(self, cuda: bool, interval_s: float = 0.005):
-        self.cuda, self.interval = cuda, interval_s
-        self.peak = 0.0
-        self._stop = threading.Event()
-
-    def _now(self) -> float:
-        if self.cuda:
-            free, total = torch.cuda.mem_get_info()
-            return (total - free) / 2**20
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        except OSError:  # not Linux: peak RSS so far
-            import resource
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    def _loop(self):
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._now())
-
-    def __enter__(self):
-        self.peak = self.start = self._now()
-        self._stop.clear()
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self._now())
 
 
 def _onnx_dir(export_dir: str | os.PathLike) -> Path:
@@ -144,33 +106,6 @@ def _runner_variant(name: str, spec, base_pipe, *, backend: str, onnx_dir: Path,
     else:
         label = f"{tr.backend.name} {tr.backend.version}"
     return Variant(name, pipe, label, sizes["transformer"], sum(sizes.values()))
-
-
-def device_info(cuda: bool) -> dict[str, Any]:
-    import diffusers
-    import onnxruntime as ort
-
-    info: dict[str, Any] = {
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "onnxruntime": ort.__version__,
-    }
-    for mod in ("tensorrt", "tensorrt_rtx"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            pass
-    if cuda:
-        info["gpu"] = torch.cuda.get_device_name()
-        info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-        info["summary"] = f"{info['gpu']} (compute {info['compute_capability']})"
-    else:
-        info["summary"] = f"CPU {info['cpu']}, {info['cpu_count']} cores, torch {torch.get_num_threads()} threads"
-    return info
 
 
 def sparsity_note(sparsity, backend: str, cuda: bool) -> str:
@@ -311,15 +246,15 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
         k = it % len(variants)
         for hw in resolutions:
             for v in variants[k:] + variants[:k]:  # rotate the order every round
-                with MemorySampler(cuda) as mem:
+                with PeakMemory(cuda=cuda) as mem:
                     generate(v.pipe, spec, prompt, seed=seed, steps=steps, timer=timer, output_type="np", height=hw[0], width=hw[1])
                 ms, calls = timer.collect()
                 if it >= warmup:
                     per_shape[hw][v.name].append(ms)
                     if hw == resolutions[0]:
                         v.records.append(ms)
-                    v.peak_mib = max(v.peak_mib, mem.peak)
-                    v.peak_delta_mib = max(v.peak_delta_mib, mem.peak - mem.start)
+                    v.peak_mib = max(v.peak_mib, mem.peak_mib)
+                    v.peak_delta_mib = max(v.peak_delta_mib, mem.rise_mib)
             if calls.get("transformer") not in (None, steps):
                 log.debug("%s: %s transformer calls for %s steps", v.name, calls.get("transformer"), steps)
 
@@ -441,13 +376,13 @@ def _short(prompt: str) -> str:
 
 
 def default_prompts(spec) -> list[str]:
-    from families.registry import REPO_ROOT
-
     if spec.quality_metric == "digits":
         from evaluation.digits import prompt_for
 
         return [prompt_for(d) for d in range(10)]
-    f = REPO_ROOT / "prompts" / "eval.txt"
+    from evaluation.metrics import EVAL_PROMPTS
+
+    f = EVAL_PROMPTS
     if f.is_file():
         return [p for p in f.read_text().splitlines() if p.strip()]
     return ["a photo of an astronaut riding a horse on the moon", "a red bicycle leaning on a brick wall", "a bowl of ramen, studio lighting", "a lighthouse at dusk, oil painting"]
