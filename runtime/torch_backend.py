@@ -281,11 +281,9 @@ def choose_layers(model: nn.Module, plan, settings: TorchSettings, *, sparse: bo
         else:
             candidates = sparse_candidates(model, plan)
     if p.quant == "int8" and candidates:
-        require_torchao()
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig
-
-        if not any("packing" in f or "layout" in f for f in getattr(Int8DynamicActivationInt8WeightConfig, "__dataclass_fields__", {})):
-            note = f"INT8 + 2:4: torchao {_torchao_version()} has no sparse INT8 weight format; the 2:4 layers run as dense INT8"
+        why = int8_sparse_unavailable()
+        if why:
+            note = f"{why}; the 2:4 layers run as dense INT8"
             choice.notes.append(note)
             for name in candidates:
                 choice.refused[name] = note
@@ -333,6 +331,27 @@ def require_torchao():
         raise UserError("the torch backend needs torchao: `pip install -e '.[torch-gpu]'` (an offline GPU host: "
                         "`make gpu-wheels` on a connected machine, then `make gpu-check WHEELS=DIR`)") from None
     return torchao
+
+
+def int8_sparse_unavailable() -> str | None:
+    """Why the installed torchao cannot run INT8 + 2:4 (None if it can: its INT8 config has a packing or layout
+    option, which torchao 0.18 does not have)."""
+    require_torchao()
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    if any("packing" in f or "layout" in f for f in getattr(Int8DynamicActivationInt8WeightConfig, "__dataclass_fields__", {})):
+        return None
+    return f"INT8 + 2:4: torchao {_torchao_version()} has no sparse INT8 weight format (Int8DynamicActivationInt8WeightConfig has no packing option)"
+
+
+def fp8_sparse_kernel_loaded() -> bool:
+    """Whether torchao's FP8 + 2:4 CUTLASS kernel has a CUDA implementation in this process (its ``.so`` loads
+    only with a CUDA build of torch >= 2.11; the op's schema is registered either way)."""
+    try:
+        require_torchao()
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("torchao::rowwise_scaled_linear_sparse_cutlass_f8f8", "CUDA"))
+    except (UserError, RuntimeError):
+        return False
 
 
 def _torchao_version() -> str:
