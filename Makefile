@@ -9,7 +9,7 @@ EXTRAS ?= rtx,torch-gpu
 PYTEST_ARGS ?=
 ENGINE_ARGS ?=
 
-.PHONY: setup test engine bench sheet train-tiny quality scale-fixture scale-check clean-artifacts pareto
+.PHONY: setup test engine bench sheet train-tiny quality scale-fixture scale-check clean-artifacts pareto gpu-check gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -56,6 +56,27 @@ scale-fixture: setup
 
 scale-check: setup
 	$(PY) -m benchmarks.scale_check --family "$(FAMILY)" $(SCALE_ARGS)
+
+# The GPU check (benchmarks/gpu_check.py, about 7 minutes on one GPU): on a CUDA host that has nothing but a CUDA
+# build of PyTorch it runs with that host's python3 (GPU_PY; no .venv), installing diffusers and torchao from WHEELS
+# when they are missing. JSON + Markdown into OUT, rewritten after every phase. DRY_RUN=1: the same program here, on
+# the CPU, with tiny configs (tens of seconds).
+OUT ?= artifacts/gpu-check
+WHEELS ?= .whl/gpu
+GPU_PY ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check: $(if $(DRY_RUN),setup)
+	$(if $(DRY_RUN),$(PY),$(GPU_PY)) -m benchmarks.gpu_check --out "$(OUT)" --wheels "$(WHEELS)" $(if $(DRY_RUN),--dry-run) $(GPU_CHECK_ARGS)
+
+# The wheels `make gpu-check` needs on an offline CUDA host with Python $(GPU_PYTHON) on x86-64: this .venv's diffusers
+# and torchao (abi3, with its SM90 kernels) and importlib_metadata, about 9 MB, into WHEELS (not committed: carry it).
+GPU_PYTHON ?= 3.12
+gpu-wheels: setup
+	mkdir -p "$(WHEELS)"
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d "$(WHEELS)" $$($(PY) -c "import importlib.metadata as m; print(' '.join(f'{n}=={m.version(n)}' for n in ('diffusers', 'torchao', 'importlib_metadata')))")
+	@du -sh "$(WHEELS)"
 
 clean-artifacts:
 	rm -rf artifacts
