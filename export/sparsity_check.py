@@ -1,22 +1,7 @@
-"""After export: is N:M sparsity still visible to TensorRT, and how many GEMM FLOPs can use it?
-
-TensorRT's sparse tactics apply to a GEMM (``MatMul``/``Gemm``, or a convolution) whose weight is a build-time
-constant with at most N non-zeros in every group of M consecutive weights along the reduction (K)
-dimension. The K axis follows from the node: ``MatMul`` ``Y = X @ W`` with ``W`` ``[K, N]`` -> axis 0;
-``Gemm`` with ``transB=1`` (``W`` ``[N, K]``) -> axis 1, ``transB=0`` -> axis 0.
-
-:func:`check_onnx_sparsity` checks every constant GEMM weight exactly, maps initializer names back to torch
-layer names (the exporter names them ``transformer_blocks.0.attn.to_q.weight``), and weighs each GEMM by
-its FLOPs per denoising step at the export shapes (ONNX shape inference with the batch fixed).
-:func:`polygraphy_sparsity` runs ``polygraphy inspect sparsity`` (2:4 only) for an independent cross-check.
-
-A quantized weight (INT8/FP8, :mod:`export.quantize`) reaches its GEMM as ``DequantizeLinear(C, scale[, zero
-point])`` or ``trt::TRT_FP8DequantizeLinear(C, scale)``, possibly through Transposes, where ``C`` is a quantized
-constant (INT8/UINT8/FLOAT8E4M3FN) or ``QuantizeLinear(float constant)`` (ModelOpt's unfolded export). The check
-then runs on the quantized values TensorRT gets (``C`` minus its zero point; an unfolded float weight is
-quantized here as ONNX/TensorRT would), along the K axis carried back through the Transposes. Polygraphy (0.53)
-only examines initializers that feed a GEMM directly: it does not see these weights.
-"""
+"""The N:M checker of an exported graph: every constant GEMM weight (also an INT8/FP8 weight behind its
+DequantizeLinear) checked along its reduction axis, mapped back to torch layer names and weighed by its FLOPs
+per denoising step (:func:`check_onnx_sparsity`); the ONNX/TensorRT quantize of a constant; and
+``polygraphy inspect sparsity`` as an independent cross-check. Design notes: ``docs/export.md``."""
 
 from __future__ import annotations
 
@@ -218,7 +203,8 @@ def trace_quantized_weight(name: str, k_axis: int, inits, producers) -> Quantize
     return None
 
 
-def _constant(name: str, inits, producers, load_dir: str = "") -> np.ndarray | None:
+def constant_value(name: str, inits, producers, load_dir: str = "") -> np.ndarray | None:
+    """The value of a constant tensor ``name`` (an initializer, read from ``load_dir`` when external, or a ``Constant`` node), or None."""
     from onnx import numpy_helper
 
     if not name:
@@ -272,24 +258,24 @@ def quantized_nonzeros(qw: QuantizedWeight, inits, producers, load_dir: str = ""
     """
     import ml_dtypes
 
-    data = _constant(qw.source, inits, producers, load_dir)
+    data = constant_value(qw.source, inits, producers, load_dir)
     if qw.q is None:
         if data.dtype == np.uint8 and qw.dq.op_type == "TRT_FP8DequantizeLinear":
             data = data.view(ml_dtypes.float8_e4m3fn)
         if data.dtype.kind in "iu":
             zp_name = qw.dq.input[2] if len(qw.dq.input) > 2 else ""
-            zp = _constant(zp_name, inits, producers)
+            zp = constant_value(zp_name, inits, producers)
             axis = next((a.i for a in qw.dq.attribute if a.name == "axis"), 1)
             zp = per_axis(zp, data.ndim, axis).astype(np.int64) if zp is not None else 0
             return (data.astype(np.int64) - zp) != 0
         return data.astype(np.float32) != 0
-    scale = _constant(qw.q.input[1], inits, producers)
+    scale = constant_value(qw.q.input[1], inits, producers)
     if scale is None:
         raise ValueError(f"the scale of {qw.q.name} is not a constant")
     axis = next((a.i for a in qw.q.attribute if a.name == "axis"), 1)
     if qw.q.op_type == "TRT_FP8QuantizeLinear":
         return quantize_fp8(data, scale, axis).astype(np.float32) != 0
-    zp = _constant(qw.q.input[2] if len(qw.q.input) > 2 else "", inits, producers)
+    zp = constant_value(qw.q.input[2] if len(qw.q.input) > 2 else "", inits, producers)
     q = quantize_int(data, scale, zp, axis).astype(np.int64)
     return (q - (per_axis(zp, data.ndim, axis).astype(np.int64) if zp is not None else 0)) != 0
 

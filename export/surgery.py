@@ -1,17 +1,6 @@
-"""Physically remove pruned attention heads and FFN neurons from a transformer of any supported family.
-
-Stage 1 leaves a *masked* transformer: same shapes as the dense one, with the input columns of the layers
-that consume a removed head or neuron zeroed (SD3: ``to_out.0``, ``to_add_out``, ``ff.net.2``...; Flux's
-single blocks: a column range of ``proj_out``). Those heads and neurons contribute nothing, so cutting them
-out (the rows that produce their channels, the columns that consume them) gives the same function with
-fewer parameters and FLOPs.
-
-What a head or a neuron is comes from the family adapter (:meth:`families.base.FamilyAdapter.structured_groups`:
-row and column spans, possibly inside a fused projection). The work is done in small functions that slice
-one ``nn.Linear`` at a time, followed by the adapter's explicit fix-up of the block's bookkeeping
-(``attn.heads``...) and its asserted invariants: diffusers computes ``head_dim`` from ``attn.heads`` at run
-time, so a stale value would silently change the model instead of failing.
-"""
+"""Physical removal of pruned attention heads and FFN neurons from a transformer of any supported family:
+small functions that slice one ``nn.Linear`` at a time along the family adapter's spans, then the adapter's
+fix-up of the block's bookkeeping and its invariants. Design notes: ``docs/export.md``."""
 
 from __future__ import annotations
 

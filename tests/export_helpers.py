@@ -48,6 +48,38 @@ def make_nm_sparse(model, n: int = 2, m: int = 4, prefix: str = "transformer_blo
     return names
 
 
+# ---- one component exported and checked at once (stage 2 splits the two to bound memory; tests need not) ---
+
+
+def export_and_check(component, module, path, *, latent_hw=None, seq_len=None, precision: str = "fp32", parity_batches=(1, 3)) -> dict:
+    """Export ``module`` as the family's ``component`` (:class:`families.components.Component`) to ``path`` on a
+    converted copy, then run its ONNX Runtime parity check; returns the summary with ``parity``."""
+    from export.dynamo_export import export_component
+
+    wrapper = component.wrapper(module)
+    make = component.example_inputs(module, latent_hw=latent_hw, seq_len=seq_len)
+    summary, ref = export_component(component.name, wrapper, make, path, precision=precision, parity_batches=parity_batches,
+                                    keep_fp32=component.keep_fp32)
+    if ref is not None:
+        summary["parity"] = ref.check(component.name).to_dict()
+    return summary
+
+
+def family_component(family_or_model, name: str):
+    """The component ``name`` of a family (adapter name such as ``"sd3"``, or a transformer of that family)."""
+    from families import adapter_for, get_adapter
+    from families.components import find_component
+
+    adapter = get_adapter(family_or_model) if isinstance(family_or_model, str) else adapter_for(family_or_model)
+    return find_component(adapter, name)
+
+
+def export_transformer(model, path, *, latent_hw, text_seq_len, precision: str = "fp32", parity_batches=(1, 3)) -> dict:
+    """Export a transformer of any family (dense or compact) to ``path``; see :func:`export_and_check`."""
+    return export_and_check(family_component(model, "transformer"), model, path, latent_hw=latent_hw, seq_len=text_seq_len,
+                            precision=precision, parity_batches=parity_batches)
+
+
 # ---- cached exports shared by several test modules (one torch.onnx.export costs ~15 s here) ------------
 
 import functools  # noqa: E402
@@ -65,8 +97,6 @@ def _tmpdir() -> Path:
 @functools.lru_cache(maxsize=None)
 def exported_sparse_dense():
     """(model, 2:4 layer names, onnx path): a dense-shaped tiny SD3 transformer with 2:4 block linears, fp32."""
-    from export.onnx_export import export_transformer
-
     model = tiny_sd3_transformer(num_layers=2, seed=3)
     layers = make_nm_sparse(model)
     path = _tmpdir() / "transformer.onnx"
@@ -77,8 +107,6 @@ def exported_sparse_dense():
 @functools.lru_cache(maxsize=None)
 def exported_compact():
     """(plan, masked, compact, onnx path, summary): SD3.5-style dual-attention tiny model at structured 0.3, fp32."""
-    from export.onnx_export import export_transformer
-
     plan, masked, compact = masked_and_compact(ratio=0.3, num_layers=2, dual_attention_layers=(0,), qk_norm="rms_norm")
     path = _tmpdir() / "transformer.onnx"
     summary = export_transformer(compact, path, latent_hw=EXPORT_LATENT, text_seq_len=EXPORT_TEXT, parity_batches=(1, 3))

@@ -1,6 +1,6 @@
 """Shared, lazily built inputs for the runtime tests: one 2:4-pruned tiny-sd3 export per test session.
 
-Exports go through stage 2's real exporter (:mod:`export.onnx_export`) and are cached for the session in a
+Exports go through stage 2's real exporter (:mod:`export.dynamo_export`) and are cached for the session in a
 temporary directory (removed at exit), so the TensorRT-RTX, manifest, ONNX Runtime and Triton tests share
 them instead of each paying for an export.
 """
@@ -65,14 +65,14 @@ def _pipe():
 
 @lru_cache(maxsize=1)
 def _pruned_export() -> tuple[Path, torch.nn.Module, tuple[str, ...]]:
-    from export import onnx_export as ox
+    from tests.export_helpers import export_transformer
 
     spec, pipe = tiny_sd3()
     transformer = copy.deepcopy(pipe.transformer)
     pruned = prune_2_4_(transformer.transformer_blocks)
     onnx_dir = workdir() / "pruned" / "onnx"
     sh = spec.shapes
-    ox.export_transformer(transformer, onnx_dir / "transformer.onnx", latent_hw=(sh.latent_height, sh.latent_width), text_seq_len=sh.text_seq_len, parity_batches=())
+    export_transformer(transformer, onnx_dir / "transformer.onnx", latent_hw=(sh.latent_height, sh.latent_width), text_seq_len=sh.text_seq_len, parity_batches=())
     return onnx_dir, transformer, tuple(f"transformer_blocks.{n}" for n in pruned)
 
 
@@ -85,13 +85,15 @@ def pruned_export() -> tuple[Path, torch.nn.Module, tuple[str, ...]]:
 
 @lru_cache(maxsize=1)
 def _components() -> Path:
-    from export import onnx_export as ox
+    from tests.export_helpers import export_and_check, family_component
 
     spec, pipe = tiny_sd3()
     onnx_dir, _, _ = pruned_export()
     sh = spec.shapes
-    ox.export_clip(pipe.text_encoder, onnx_dir / "text_encoder.onnx", seq_len=pipe.tokenizer.model_max_length, parity_batches=())
-    ox.export_vae_decoder(pipe.vae, onnx_dir / "vae_decoder.onnx", latent_hw=(sh.latent_height, sh.latent_width), parity_batches=())
+    export_and_check(family_component(spec.adapter.name, "text_encoder"), pipe.text_encoder, onnx_dir / "text_encoder.onnx",
+                     seq_len=pipe.tokenizer.model_max_length, parity_batches=())
+    export_and_check(family_component(spec.adapter.name, "vae_decoder"), pipe.vae, onnx_dir / "vae_decoder.onnx",
+                     latent_hw=(sh.latent_height, sh.latent_width), parity_batches=())
     return onnx_dir
 
 

@@ -46,7 +46,7 @@ def _fp16_engine():
     """fp16 export of the 2:4-pruned tiny-sd3 transformer and its engine (SPARSE_WEIGHTS)."""
     import copy
 
-    from export import onnx_export as ox
+    from tests.export_helpers import export_transformer
     from runtime.trt.build import build_engine
     from runtime.trt.options import BuildOptions
 
@@ -54,8 +54,8 @@ def _fp16_engine():
     _, pruned, _ = fx.pruned_export()
     sh = spec.shapes
     onnx16 = fx.workdir() / "fp16" / "onnx" / "transformer.onnx"
-    ox.export_transformer(copy.deepcopy(pruned), onnx16, latent_hw=(sh.latent_height, sh.latent_width), text_seq_len=sh.text_seq_len,
-                          precision="fp16", parity_batches=())
+    export_transformer(copy.deepcopy(pruned), onnx16, latent_hw=(sh.latent_height, sh.latent_width), text_seq_len=sh.text_seq_len,
+                       precision="fp16", parity_batches=())
     opts = BuildOptions(batch=(sh.batch_min, sh.batch_opt, sh.batch_max), sparsity="2:4", timing_cache=str(fx.workdir() / "timing.cache"))
     plan = build_engine(onnx16, fx.workdir() / "fp16" / "engines" / "transformer", opts, backend=_backend(), component="transformer")
     return onnx16, plan
@@ -73,7 +73,7 @@ def _feeds(spec, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def test_engine_loads_through_checks_and_matches_fp32_onnx():
-    from export.onnx_export import parity_tolerance, rel_error
+    from export.parity import parity_tolerance, rel_error
     from runtime.manifest import current_gpu
     from runtime.ort import OrtModel
     from runtime.trt.engine import TrtEngine
@@ -115,7 +115,7 @@ def test_polygraphy_engine_vs_onnxruntime_parity():
 
 
 def test_cuda_event_stage_timer():
-    from runtime.pipeline_runner import StageTimer
+    from runtime.stage_timer import StageTimer
 
     timer = StageTimer(cuda=True)
     a = torch.randn(2048, 2048, device="cuda")
@@ -161,7 +161,7 @@ def test_dynamic_resolution_engine_runs_at_each_served_shape_and_refuses_others(
     be = _backend()
     assert main(["build", "--onnx-dir", str(out / "onnx"), "--model", "tiny-sd3", "--backend", be.name]) == 0
     engine = TrtEngine(find_plan(out / "engines" / "transformer", be), onnx_path=out / "onnx" / "transformer.onnx")
-    from export.onnx_export import ort_session
+    from export.parity import ort_session
 
     sess = ort_session(out / "onnx" / "transformer.onnx", optimize=False)
     for h, w in ((8, 8), (16, 16), (8, 16)):
@@ -184,7 +184,8 @@ def test_quantized_2_4_engine_runs_close_to_the_fake_quantized_model(precision, 
 
     if precision == "fp8" and float(current_gpu().compute_capability) < 8.9:
         pytest.skip("FP8 tensor cores need compute capability 8.9 or later")
-    from export.quantize import export_quantized_onnx, quantize_transformer
+    from export.qdq_export import export_quantized_onnx
+    from export.quantize import quantize_transformer
     from families import adapter_for
     from runtime.trt.build import build_engine
     from runtime.trt.engine import TrtEngine

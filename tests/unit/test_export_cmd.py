@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from export.checkpoint import load_compact
-from export.onnx_export import FP16_TOLERANCE
+from export.parity import FP16_TOLERANCE
 from export.surgery import structured_plan
 from pipeline.__main__ import main
 from tests.export_helpers import masked_and_compact, write_stage1_dir

@@ -23,7 +23,7 @@ import json, sys, torch
 from common.memory import peak_rss_bytes, rss_bytes
 from diffusers import SD3Transformer2DModel
 from pipeline.__main__ import main
-import export.onnx_export, onnx, onnxruntime  # imports are the baseline, not the export
+import export.dynamo_export, onnx, onnxruntime  # imports are the baseline, not the export
 out, model_dir, precision = sys.argv[1], sys.argv[2], sys.argv[3]
 base = rss_bytes()
 status = main(["export", "--model", model_dir, "--out", out, "--precision", precision, "--components", "transformer", "--parity-batches", "1"])

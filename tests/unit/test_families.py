@@ -159,12 +159,11 @@ def test_flux_stage_1_2_4_prunes_every_block_linear(flux_pruned):
 def test_flux_onnx_export_has_parity_and_keeps_2_4(flux_pruned, tmp_path):
     import onnx
 
-    from export.onnx_export import export_and_check, transformer_component
     from export.sparsity_check import check_onnx_sparsity
+    from tests.export_helpers import export_and_check, family_component
 
     plan, model = flux_pruned["2:4"]
-    wrapper, make = transformer_component(model, latent_hw=(8, 8), text_seq_len=10)
-    res = export_and_check("transformer", wrapper, make, tmp_path / "t.onnx", parity_batches=(1, 3))
+    res = export_and_check(family_component(model, "transformer"), model, tmp_path / "t.onnx", latent_hw=(8, 8), seq_len=10, parity_batches=(1, 3))
     assert res["parity"]["ok"], res["parity"]
     assert list(res["inputs"]) == ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids"]
     shapes = adapter_for(model).transformer_input_shapes(model, 2, (8, 8), 10)

@@ -297,10 +297,10 @@ def test_compact_checkpoint_round_trip(compact_from_stage1, adapter, tmp_path):
 
 
 def test_onnx_parity_of_the_compact_model(compact_from_stage1, tmp_path):
-    from export.onnx_export import export_and_check, transformer_component
+    from tests.export_helpers import export_and_check, family_component
 
     compact, _ = compact_from_stage1
-    res = export_and_check("transformer", *transformer_component(compact, latent_hw=LATENT, text_seq_len=TEXT), tmp_path / "transformer.onnx", parity_batches=(1, 2))
+    res = export_and_check(family_component(compact, "transformer"), compact, tmp_path / "transformer.onnx", latent_hw=LATENT, seq_len=TEXT, parity_batches=(1, 2))
     assert res["parity"]["ok"], res["parity"]
     assert res["inputs"]["img_ids"] == {"dtype": "int64", "shape": ["batch", 16, 4]}
     assert res["inputs"]["timestep"]["dtype"] == res["inputs"]["guidance"]["dtype"] == "float32"
@@ -309,12 +309,13 @@ def test_onnx_parity_of_the_compact_model(compact_from_stage1, tmp_path):
 def test_onnx_of_the_two_four_model_keeps_the_pattern(stage1, adapter, tmp_path):
     import onnx
 
-    from export.onnx_export import export_and_check, missing_linear_weights, transformer_component
     from export.sparsity_check import check_onnx_sparsity
+    from export.transformer_checks import missing_linear_weights
+    from tests.export_helpers import export_and_check, family_component
 
     _, pruned, plan = stage1("2:4")
     path = tmp_path / "transformer.onnx"
-    res = export_and_check("transformer", *transformer_component(pruned, latent_hw=LATENT, text_seq_len=TEXT), path, parity_batches=(2,))
+    res = export_and_check(family_component(pruned, "transformer"), pruned, path, latent_hw=LATENT, seq_len=TEXT, parity_batches=(2,))
     assert res["parity"]["ok"], res["parity"]
     assert missing_linear_weights(onnx.load(str(path), load_external_data=False), pruned) == []
     shapes = adapter.transformer_input_shapes(pruned, 2, LATENT, TEXT)

@@ -6,20 +6,16 @@ import onnx
 import pytest
 import torch
 
-from export.onnx_export import (
-    FP32_TOLERANCE,
-    MAX_IR_VERSION,
-    OPSET,
-    check_parity,
-    export_clip,
-    export_t5,
-    export_vae_decoder,
-    linear_weight_layout,
-    missing_linear_weights,
-    ort_session,
-    transformer_inputs,
-)
-from tests.export_helpers import EXPORT_LATENT, EXPORT_TEXT, exported_compact, exported_sparse_dense, rel_err, run
+from export.dynamo_export import OPSET
+from export.onnx_files import MAX_IR_VERSION
+from export.parity import FP32_TOLERANCE, check_parity, ort_session
+from export.transformer_checks import linear_weight_layout, missing_linear_weights
+from families import adapter_for
+from tests.export_helpers import EXPORT_LATENT, EXPORT_TEXT, export_and_check, exported_compact, exported_sparse_dense, family_component, rel_err, run
+
+
+def transformer_inputs(model, batch, latent_hw, text_seq_len, *, seed=0):
+    return adapter_for(model).transformer_inputs(model, batch, latent_hw, text_seq_len, seed=seed)
 
 
 def _check_graph(path, model):
@@ -95,11 +91,8 @@ def test_text_encoders_and_vae_decoder(tmp_path):
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4, layers_per_block=1,
     ).eval()
-    results = {
-        "text_encoder": export_clip(clip, tmp_path / "text_encoder.onnx", seq_len=10),
-        "text_encoder_3": export_t5(t5, tmp_path / "text_encoder_3.onnx", seq_len=10),
-        "vae_decoder": export_vae_decoder(vae, tmp_path / "vae_decoder.onnx", latent_hw=(8, 8)),
-    }
+    modules = {"text_encoder": (clip, {"seq_len": 10}), "text_encoder_3": (t5, {"seq_len": 10}), "vae_decoder": (vae, {"latent_hw": (8, 8)})}
+    results = {name: export_and_check(family_component("sd3", name), module, tmp_path / f"{name}.onnx", **kw) for name, (module, kw) in modules.items()}
     for name, res in results.items():
         assert res["parity"]["ok"], (name, res["parity"])
         assert set(res["parity"]["per_batch"]) == {"1", "3"}
@@ -116,7 +109,7 @@ def test_weight_transpose_is_folded_into_the_initializer():
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.onnx_export import cleanup, fold_weight_transposes
+    from export.graph_passes import cleanup, fold_weight_transposes
 
     w = np.arange(12, dtype=np.float32).reshape(3, 4)  # torch layout (N=3, K=4)
     graph = helper.make_graph(

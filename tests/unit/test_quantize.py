@@ -1,4 +1,4 @@
-"""INT8/FP8 on top of 2:4 sparsity (ModelOpt fake quantization on CPU, export.quantize).
+"""INT8/FP8 on top of 2:4 sparsity (ModelOpt fake quantization on CPU: export.quantize, export.qdq_export, export.int8_parity).
 
 Pruned zeros survive quantization into the ONNX initializers, the N:M checker reads the weights behind
 DequantizeLinear (and fails on a broken group), the INT8 ONNX matches the fake-quantized model in ONNX Runtime,
@@ -18,20 +18,11 @@ import torch
 from onnx import numpy_helper
 
 from common.errors import UserError
-from export.quantize import (
-    INT8_TOLERANCE,
-    enabled_quantizers,
-    excluded_modules,
-    export_quantized_onnx,
-    int8_parity,
-    parse_precision,
-    quant_config,
-    quantize_transformer,
-    quantized_op_counts,
-    record_calibration_inputs,
-    check_quantized_zeros,
-)
-from export.onnx_export import ort_session
+from export.calibration import record_calibration_inputs
+from export.int8_parity import INT8_TOLERANCE, int8_parity
+from export.parity import ort_session
+from export.qdq_export import export_quantized_onnx, quantized_op_counts
+from export.quantize import check_quantized_zeros, enabled_quantizers, excluded_modules, parse_precision, quant_config, quantize_transformer
 from export.sparsity_check import check_onnx_sparsity
 from families import adapter_for
 from tests.export_helpers import make_nm_sparse

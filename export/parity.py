@@ -1,0 +1,183 @@
+"""ONNX Runtime parity: a CPU session, the relative error, the comparison of an ONNX model with its torch
+reference at several batches (:func:`check_parity`, :class:`Parity`), the torch side computed before the
+export so that torch and ONNX Runtime never hold the weights at once (:class:`ParityReference`), float32
+arithmetic over half weights (:func:`fp32_compute`) and the tolerances per precision."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.memory import log_memory
+from export.onnx_files import io_spec
+
+log = logging.getLogger(__name__)
+
+FP32_TOLERANCE = 1e-4
+# float16 ONNX vs the float32 torch model, relative to the output's scale: fp16's unit roundoff is
+# 2^-11 ~ 4.9e-4 per rounding of weights and activations; it compounds over blocks. 1e-2 is ~20 roundoffs,
+# i.e. loose enough for a 24-block SD3 (tiny-sd3 measures ~5e-4) yet tight enough to catch a real error
+# (a wrong cast, an overflow to inf, or a dropped layer-norm each give errors >= 5e-2).
+FP16_TOLERANCE = 1e-2
+
+
+def parity_tolerance(precision: str) -> float:
+    """The ONNX-vs-torch tolerance of an export precision (``fp32`` or ``fp16``)."""
+    return FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
+
+
+def ort_session(path: str | os.PathLike, *, threads: int | None = None, optimize: bool = True):
+    """A CPU ``InferenceSession`` that does not spin idle threads (the machine is shared).
+
+    optimize: ONNX Runtime's graph optimisations (default on; off runs the graph exactly as exported).
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def rel_error(a: np.ndarray, ref: np.ndarray) -> float:
+    """max |a - ref| / max |ref| (error relative to the output's scale, float64)."""
+    a = np.asarray(a, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    scale = max(float(np.abs(ref).max()), 1e-30)
+    return float(np.abs(a - ref).max() / scale)
+
+
+@dataclass
+class Parity:
+    """Result of comparing an ONNX model with its torch reference on random inputs."""
+
+    batch_errors: dict[int, dict[str, float]] = field(default_factory=dict)  # batch -> output -> rel. error
+    tolerance: float = 1e-4
+    reference: str = "torch fp32"
+
+    @property
+    def max_error(self) -> float:
+        return max((e for d in self.batch_errors.values() for e in d.values()), default=0.0)
+
+    @property
+    def ok(self) -> bool:
+        return all(np.isfinite(e) and e <= self.tolerance for d in self.batch_errors.values() for e in d.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "tolerance": self.tolerance,
+            "max_rel_error": self.max_error,
+            "ok": self.ok,
+            "per_batch": {str(b): d for b, d in self.batch_errors.items()},
+        }
+
+
+def check_parity(
+    path: str | os.PathLike,
+    reference: Callable[[dict[str, torch.Tensor]], Sequence[torch.Tensor]],
+    make_inputs: Callable[[int], dict[str, torch.Tensor]],
+    output_names: Sequence[str],
+    *,
+    batches: Sequence[int] = (1, 3),
+    tolerance: float = 1e-4,
+    reference_name: str = "torch fp32",
+    session=None,
+) -> Parity:
+    """Run ``path`` in ONNX Runtime (CPU) and ``reference`` on the same inputs at each batch size.
+
+    make_inputs(batch) gives the ONNX inputs (numpy-convertible tensors, in the ONNX dtypes);
+    reference(inputs) returns the outputs in ``output_names`` order. Error: :func:`rel_error`.
+    """
+    sess = session or ort_session(path)
+    result = Parity(tolerance=tolerance, reference=reference_name)
+    for b in batches:
+        inputs = make_inputs(b)
+        feeds = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
+        got = sess.run(list(output_names), feeds)
+        with torch.no_grad():
+            ref = reference(inputs)
+        result.batch_errors[b] = {name: rel_error(g, r.detach().float().cpu().numpy()) for name, g, r in zip(output_names, got, ref)}
+        for name, g in zip(output_names, got):
+            assert g.shape[0] == b, f"{name}: ONNX returned batch {g.shape[0]} for input batch {b}"
+    return result
+
+
+@contextlib.contextmanager
+def fp32_compute(module: nn.Module) -> Iterator[nn.Module]:
+    """Run a float16 (or bfloat16) ``module`` with float32 arithmetic, one layer's weights at a time.
+
+    Every submodule that owns parameters is cast to float32 just before it runs and back right after (the
+    round trip is exact), and floating inputs are upcast: the float32 reference of a half-precision export
+    without a float32 copy of the whole model. A float32 module runs unchanged.
+    """
+    low = {p.dtype for p in module.parameters()} & {torch.float16, torch.bfloat16}
+    if not low:
+        yield module
+        return
+    (original,) = low
+
+    def before(m, args, kwargs):
+        m.to(torch.float32)
+        up = lambda v: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
+        return tuple(up(a) for a in args), {k: up(v) for k, v in kwargs.items()}
+
+    def after(m, _args, _out):
+        m.to(original)
+
+    handles = []
+    for m in module.modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            handles.append(m.register_forward_pre_hook(before, with_kwargs=True))
+            handles.append(m.register_forward_hook(after))
+    try:
+        yield module
+    finally:
+        for h in handles:
+            h.remove()
+        module.to(original)
+
+
+@dataclass
+class ParityReference:
+    """Torch outputs at each parity batch, computed before the export so that the torch module can be freed
+    before ONNX Runtime loads the exported model (the two never share memory); :meth:`check` runs ORT."""
+
+    path: Path
+    output_names: list[str]
+    feeds: dict[str, dict[str, np.ndarray]]  # by case label: the batch ("3"), or batch@latent shape ("1@4x8")
+    outputs: dict[str, list[np.ndarray]]
+    tolerance: float
+    reference: str
+
+    def check(self, name: str = "") -> Parity:
+        # ONNX Runtime's CPU kernels are float32: for a half-precision model it inserts Casts, and its constant
+        # folding would turn them into a float32 copy of every weight (measured: 8.3 GiB of session memory for
+        # a 3.9 GiB float16 SD3-medium transformer, 0.04 GiB without). The graph is checked as exported.
+        half = any(spec["dtype"] in ("float16", "bfloat16") for spec in io_spec(self.path)[0].values())
+        sess = ort_session(self.path, optimize=not half)
+        result = Parity(tolerance=self.tolerance, reference=self.reference)
+        for case, feeds in self.feeds.items():
+            got = sess.run(self.output_names, feeds)
+            result.batch_errors[case] = {n: rel_error(g, r) for n, g, r in zip(self.output_names, got, self.outputs[case])}
+            b = int(case.split("@")[0])
+            for n, g in zip(self.output_names, got):
+                assert g.shape[0] == b, f"{n}: ONNX returned batch {g.shape[0]} for input batch {b}"
+        del sess
+        log.info("%s: ORT vs %s max rel. error %.2e (tolerance %.0e, batches %s)", name or self.path.name, self.reference,
+                 result.max_error, result.tolerance, list(self.feeds))
+        log_memory(f"{self.path.name}: parity checked")
+        return result
