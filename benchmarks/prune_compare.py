@@ -34,6 +34,7 @@ from common.paths import REPO_ROOT
 from common.report import write_report
 from common.versions import device_description, module_versions
 from families.registry import load_pipeline, resolve_model
+from families.sampling import sample, transformer_calls
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +43,10 @@ DEFAULT_OUT = REPO_ROOT / "artifacts" / "bench" / "prune_compare.json"
 
 def record_dense_trajectories(pipe, spec, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> list[tuple]:
     """Run the dense pipeline and keep every transformer call's inputs and output (CPU tensors)."""
-    records: list[tuple] = []
-
-    def capture(module, args, kwargs, output):
-        # every tensor the pipeline passed (SD3: latents, text, pooled, timestep; Flux also ids and guidance)
-        ins = {k: v.detach().cpu() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-        out = output[0] if isinstance(output, tuple) else output.sample
-        records.append((ins, out.detach().cpu()))
-
-    handle = pipe.transformer.register_forward_hook(capture, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            pipe(
-                prompt=prompts,
-                num_inference_steps=steps,
-                height=spec.height,
-                width=spec.width,
-                max_sequence_length=spec.max_sequence_length,
-                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                output_type="latent",
-                **spec.adapter.guidance_kwargs(pipe, guidance, len(prompts)),
-            )
-    finally:
-        handle.remove()
-    return records
+    with transformer_calls(pipe.transformer, outputs=True, to_cpu=True) as calls:
+        sample(pipe, spec, prompts, seeds, steps=steps, guidance=guidance, batch_size=len(prompts), output_type="latent")
+    # every tensor the pipeline passed (SD3: latents, text, pooled, timestep; Flux also ids and guidance)
+    return [({k: v for k, v in c.inputs.items() if isinstance(v, torch.Tensor)}, c.output) for c in calls]
 
 
 def output_rel_error(transformer, records: list[tuple]) -> float:

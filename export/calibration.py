@@ -6,7 +6,6 @@ wrapper."""
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -17,6 +16,7 @@ from torch import nn
 
 from export.int8_parity import PARITY_TRAJECTORIES
 from families.registry import REPO_ROOT
+from families.sampling import sample, transformer_calls
 
 if TYPE_CHECKING:
     from export.stage import QuantCalibration
@@ -86,33 +86,15 @@ def record_calibration_inputs(
     model = pipe.transformer
     names = list(adapter.transformer_for_onnx(model).input_names)
     reference = _reference_inputs(adapter, model)
-    signature = inspect.signature(model.forward)
     n = len(prompts)
     quotas = [max_calls // n + (1 if i < max_calls % n else 0) for i in range(n)]
     kept: list[dict[str, torch.Tensor]] = []
     for prompt, seed, quota in zip(prompts, seeds, quotas):
         if quota == 0:
             continue
-        calls: list[dict[str, torch.Tensor]] = []
-
-        def capture(module, args, kwargs):
-            calls.append(onnx_feeds(signature.bind_partial(*args, **kwargs).arguments, names, reference))
-
-        handle = model.register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                pipe(
-                    prompt=[prompt],
-                    num_inference_steps=steps,
-                    height=spec.height,
-                    width=spec.width,
-                    max_sequence_length=spec.max_sequence_length,
-                    generator=[torch.Generator("cpu").manual_seed(int(seed))],
-                    output_type="latent",
-                    **adapter.guidance_kwargs(pipe, guidance, 1),
-                )
-        finally:
-            handle.remove()
+        with transformer_calls(model) as calls:
+            sample(pipe, spec, [prompt], [seed], steps=steps, guidance=guidance, output_type="latent")
+        calls = [onnx_feeds(c.inputs, names, reference) for c in calls]
         kept += _spread(calls, quota)
     log.info("recorded %d transformer calls for calibration (%d prompts x %d steps)", len(kept), n, steps)
     return kept

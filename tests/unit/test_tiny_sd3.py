@@ -47,3 +47,26 @@ def test_runs_without_t5(tiny_spec):
     assert pipe.text_encoder_3 is None
     images = sample(pipe, tiny_spec, ["a handwritten digit 4"], [0], steps=4)
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_one_way_prompts_become_images(tiny_pipe, tiny_spec):
+    """The runner's generate and sample are one path: the same (prompt, seed) gives the same image in any batch,
+    and `steps=0` is an error, not the model's default."""
+    import pytest
+
+    from common.errors import UserError
+    from families.sampling import transformer_calls
+    from runtime.pipeline_runner import generate
+
+    prompts = ["a handwritten digit 2", "a handwritten digit 5"]
+    via_sample = sample(tiny_pipe, tiny_spec, prompts, [11, 11], steps=3)
+    via_runner = generate(tiny_pipe, tiny_spec, prompts, seed=11, steps=3, output_type="np")
+    alone = generate(tiny_pipe, tiny_spec, prompts[1], seed=11, steps=3, output_type="np")
+    np.testing.assert_allclose(via_runner, via_sample, atol=1e-5)
+    np.testing.assert_allclose(alone[0], via_sample[1], atol=1e-4)
+    with pytest.raises(UserError, match="steps must be at least 1"):
+        generate(tiny_pipe, tiny_spec, prompts, seed=0, steps=0)
+    with transformer_calls(tiny_pipe.transformer, outputs=True, to_cpu=True) as calls:
+        sample(tiny_pipe, tiny_spec, prompts[:1], [0], steps=2, output_type="latent")
+    assert len(calls) == 2  # one call per step (CFG doubles the batch, not the calls)
+    assert calls[0].inputs["hidden_states"].shape[0] == 2 and calls[0].output.shape == calls[0].inputs["hidden_states"].shape
