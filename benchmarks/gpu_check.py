@@ -346,10 +346,10 @@ def _error(e: BaseException) -> str:
 
 
 def check_model(model_id: str, res: Results, *, device: str, gpu, dry_run: bool, deadline: float, rounds: int,
-                compile_mode: str | None, compile_estimate_s: float, do_compile: bool) -> None:
+                compile_mode: str | None, compile_scope: str, compile_estimate_s: float, do_compile: bool) -> None:
     import torch
 
-    from runtime.torch_backend import int8_sparse_unavailable, layers_by_kind
+    from runtime.torch_backend import TorchSettings, compile_transformer, int8_sparse_unavailable, layers_by_kind
 
     entry: dict[str, Any] = {"variants": {}, "unavailable": {}, "compiled": [], "not_compiled": {}}
     res.data["models"][model_id] = entry
@@ -402,6 +402,8 @@ def check_model(model_id: str, res: Results, *, device: str, gpu, dry_run: bool,
 
     compiled: dict[str, Any] = {}
     estimate = compile_estimate_s
+    how = TorchSettings(compile_mode=compile_mode, compile_scope=compile_scope)
+    entry["compile"] = {"mode": compile_mode, "scope": compile_scope}
     for name in COMPILE_ORDER:
         if name not in modules:
             continue
@@ -413,7 +415,7 @@ def check_model(model_id: str, res: Results, *, device: str, gpu, dry_run: bool,
             continue
         t = time.monotonic()
         try:
-            cm = torch.compile(modules[name], mode=compile_mode)
+            cm = compile_transformer(modules[name], how)  # in place: its eager times are taken
             call(cm, inputs)
             call(cm, inputs)
             _sync(device)
@@ -541,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int_at_least(1), default=None, help="timed rounds per phase (default 10; 2 in a dry run)")
     p.add_argument("--no-compile", action="store_true", help="time eager only")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default PyTorch's; max-autotune compiles for minutes)")
+    p.add_argument("--compile-scope", default="blocks", choices=("blocks", "model"),
+                   help="blocks: regional compilation, one compile per block kind (default); model: one graph")
     p.add_argument("--compile-estimate-s", type=float_range(1.0), default=60.0, help="assumed time of the first compile, for the budget (default 60)")
     args = p.parse_args(argv)
     setup_logging()
@@ -566,6 +570,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dry_run and not torch.cuda.is_available():
             raise UserError("no CUDA GPU visible (torch.cuda.is_available() is False): run on a GPU host, or add --dry-run (DRY_RUN=1)")
         device = "cpu" if args.dry_run else "cuda"
+        # six variants recompile each block kind six times or more: above dynamo's default limit of 8 per code
+        # object, later variants would silently run eager
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 64)
         gpu = None if args.dry_run else current_gpu()
         res = Results(out, {"_t0": t0, "dry_run": args.dry_run, "budget_s": args.budget_s, "wheels": installed,
                             "environment": environment(device), "tests": None, "models": {}, "notes": []})
@@ -580,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
             share = (deadline - time.monotonic()) / (len(models) - i)
             try:
                 check_model(m, res, device=device, gpu=gpu, dry_run=args.dry_run, deadline=time.monotonic() + share, rounds=rounds,
-                            compile_mode=args.compile_mode, compile_estimate_s=args.compile_estimate_s,
+                            compile_mode=args.compile_mode, compile_scope=args.compile_scope, compile_estimate_s=args.compile_estimate_s,
                             do_compile=not (args.no_compile or args.dry_run))
             except torch.cuda.OutOfMemoryError:
                 res.data["notes"].append(f"{m}: out of GPU memory building the dense model")

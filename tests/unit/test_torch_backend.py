@@ -255,3 +255,18 @@ def test_aoti_package_round_trip_on_cpu(tmp_path):
         want = m(**inputs, return_dict=False)[0]
     got = loaded(**inputs, return_dict=False)[0]
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+def test_compile_scopes(pruned):
+    """Regional compilation wraps every block of the family adapter in place (the compile itself happens at the
+    first call, timed on the GPU); the whole-model scope wraps the transformer."""
+    from families import adapter_for
+
+    model, _ = pruned
+    m = tb.compile_transformer(copy.deepcopy(model), tb.TorchSettings())
+    blocks = adapter_for(m).blocks(m)
+    assert blocks and all(b._compiled_call_impl is not None for _, b in blocks) and m._compiled_call_impl is None
+    whole = tb.compile_transformer(copy.deepcopy(model), tb.TorchSettings(compile_scope="model"))
+    assert whole._compiled_call_impl is not None and hasattr(whole, "config")
+    with pytest.raises(UserError, match="unknown compile scope"):
+        tb.TorchSettings(compile_scope="layers")
