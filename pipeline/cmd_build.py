@@ -19,6 +19,7 @@ from common.cli import cc_list, int_at_least, int_range
 
 def add_parser(sub) -> None:
     from runtime.stage import BACKENDS, TRITON_KINDS
+    from runtime.torch_backend import add_torch_arguments
 
     p = sub.add_parser("build", help="build TensorRT/TensorRT-RTX engines from exported ONNX", description=__doc__.splitlines()[0])
     p.add_argument("--onnx-dir", required=True, help="stage 2's onnx/ directory (<component>.onnx files)")
@@ -38,6 +39,7 @@ def add_parser(sub) -> None:
                    "instead of one profile covering them (the resolutions and batch range come from the export: `export --resolution`)")
     p.add_argument("--triton-kind", default=None, choices=list(TRITON_KINDS),
                    help="Triton backend (default: tensorrt_plan for TensorRT engines, onnxruntime otherwise)")
+    add_torch_arguments(p)  # --backend torch: the compact checkpoint on this GPU (--no-sparse-weights: 2:4 as dense GEMMs)
     p.set_defaults(func=run)
 
 
@@ -46,6 +48,7 @@ def settings_from_args(args: argparse.Namespace):
     from families.registry import resolve_model
     from obsdiff.patterns import parse_sparsity
     from runtime.stage import BuildSettings
+    from runtime.torch_backend import torch_settings_from_args
 
     sparsity = parse_sparsity(args.sparsity)
     spec = resolve_model(args.model)
@@ -66,6 +69,7 @@ def settings_from_args(args: argparse.Namespace):
         triton=Path(args.triton) if args.triton else None,
         triton_kind=args.triton_kind,
         static_shapes=args.static_shapes,
+        torch_settings=torch_settings_from_args(args, sparse_kernels=not args.no_sparse_weights) if args.backend == "torch" else None,
     )
 
 

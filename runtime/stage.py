@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "trt", "trtrtx")
+BACKENDS = ("auto", "trt", "trtrtx", "torch")  # torch: runtime.torch_stage (PyTorch + torchao on a CUDA GPU)
 TRITON_KINDS = ("tensorrt_plan", "onnxruntime")
 
 
@@ -57,6 +57,7 @@ class BuildSettings:
     triton: Path | None = None
     triton_kind: str | None = None
     static_shapes: bool = False
+    torch_settings: Any = None  # backend "torch": a runtime.torch_backend.TorchSettings (None: its defaults)
 
     def to_json(self) -> dict[str, Any]:
         """The settings as a manifest records them."""
@@ -66,7 +67,7 @@ class BuildSettings:
                 "opt_level": self.opt_level, "timing_cache": opt(self.timing_cache),
                 "target_cc": list(self.target_cc) if self.target_cc is not None else None, "workspace_mib": self.workspace_mib,
                 "sparse_weights": self.sparse_weights, "force": self.force, "triton": opt(self.triton), "triton_kind": self.triton_kind,
-                "static_shapes": self.static_shapes}
+                "static_shapes": self.static_shapes, "torch": self.torch_settings.to_json() if self.torch_settings else None}
 
 
 def check_build(settings: BuildSettings, *, check_onnx: bool = True) -> None:
@@ -74,6 +75,16 @@ def check_build(settings: BuildSettings, *, check_onnx: bool = True) -> None:
     ``make engine``, which checks its build stages before the export has run)."""
     if settings.backend not in BACKENDS:
         raise UserError(f"unknown TensorRT backend {settings.backend!r}; use {', '.join(BACKENDS)}")
+    if settings.backend == "torch":  # no engines: the compact checkpoint converted on this GPU
+        from runtime.manifest import current_gpu
+        from runtime.torch_backend import TorchSettings
+        from runtime.torch_stage import check_torch_build
+
+        if settings.triton:
+            raise UserError("--triton: a Triton repository serves TensorRT engines or ONNX, not --backend torch")
+        check_torch_build(settings.sparsity, settings.onnx_dir, settings.torch_settings or TorchSettings(), gpu=current_gpu(), check_input=check_onnx)
+        check_output(settings.out, "parent")
+        return
     if not 0 <= settings.opt_level <= 5:
         raise UserError(f"--opt-level: must be between 0 and 5, got {settings.opt_level}")
     if settings.workspace_mib is not None and settings.workspace_mib < 1:
@@ -106,6 +117,11 @@ def run_build(settings: BuildSettings) -> dict[str, Path]:
     from common.io import read_json
 
     check_build(settings)
+    if settings.backend == "torch":
+        from runtime.torch_backend import TorchSettings
+        from runtime.torch_stage import run_torch_build
+
+        return {"transformer": run_torch_build(settings.spec, settings.sparsity, settings.onnx_dir, settings.out, settings.torch_settings or TorchSettings())}
     out = Path(settings.out)
     onnx_dir = Path(settings.onnx_dir)
     sh = settings.spec.shapes

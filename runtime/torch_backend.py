@@ -131,7 +131,7 @@ def check_hardware(settings: TorchSettings, sparse: bool, gpu) -> None:
     p = settings.precision
     if gpu is None:
         raise UserError("--backend torch runs on an NVIDIA GPU and CUDA is not available here "
-                        "(torch.cuda.is_available() is False); run it on a GPU host, or use --backend ort")
+                        "(torch.cuda.is_available() is False); run it on a GPU host, or use the ONNX Runtime or TensorRT-RTX backends")
     cc = parse_capability(gpu.compute_capability)
     where = f"this GPU ({gpu.name}) is compute {cc[0]}.{cc[1]}"
     if cc < p.min_cc:
@@ -483,3 +483,18 @@ def layers_by_kind(names: Iterable[str]) -> dict[str, int]:
         key = ".".join(p for p in n.split(".") if not p.isdigit())
         out[key] = out.get(key, 0) + 1
     return out
+
+
+def add_torch_arguments(p) -> None:
+    """The torch backend's options on an argparse parser (``build``, ``benchmarks.e2e``, ``make engine``)."""
+    p.add_argument("--torch-precision", default="bf16", choices=list(PRECISIONS),
+                   help="--backend torch: bf16/fp16 (2:4 on cuSPARSELt or CUTLASS), int8 or fp8 through torchao (default bf16)")
+    p.add_argument("--sparse-backend", default="auto", choices=list(SPARSE_BACKENDS),
+                   help="--backend torch: 2:4 kernels for bf16/fp16 (default auto: cuSPARSELt when PyTorch has it)")
+    p.add_argument("--no-compile", action="store_true", help="--backend torch: run eager (default: torch.compile, per block)")
+
+
+def torch_settings_from_args(args, *, sparse_kernels: bool = True) -> TorchSettings:
+    """:class:`TorchSettings` from :func:`add_torch_arguments`'s options."""
+    return TorchSettings(precision=parse_precision(args.torch_precision), sparse_kernels=sparse_kernels,
+                         sparse_backend=args.sparse_backend, compile=not args.no_compile)

@@ -270,3 +270,38 @@ def test_compile_scopes(pruned):
     assert whole._compiled_call_impl is not None and hasattr(whole, "config")
     with pytest.raises(UserError, match="unknown compile scope"):
         tb.TorchSettings(compile_scope="layers")
+
+
+# ------------------------------------------------------------------------------------------- stage wiring
+
+
+def test_build_backend_torch_without_a_gpu_is_one_line(tmp_path, capsys):
+    from pipeline.__main__ import main
+
+    status = main(["build", "--onnx-dir", str(tmp_path / "export" / "onnx"), "--backend", "torch", "--sparsity", "2:4", "--torch-precision", "fp8"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert status == 2 and len(err) == 1 and "CUDA is not available" in err[0]
+    assert not (tmp_path / "export").exists()
+
+
+def test_build_settings_carry_the_torch_settings(tmp_path):
+    import argparse
+
+    from pipeline import cmd_build
+
+    p = argparse.ArgumentParser()
+    cmd_build.add_parser(p.add_subparsers())
+    args = p.parse_args(["build", "--onnx-dir", str(tmp_path / "onnx"), "--backend", "torch", "--sparsity", "2:4",
+                         "--torch-precision", "int8", "--no-compile", "--no-sparse-weights"])
+    s = cmd_build.settings_from_args(args)
+    assert s.torch_settings == tb.TorchSettings(precision=tb.PRECISIONS["int8"], sparse_kernels=False, compile=False)
+    assert s.to_json()["torch"]["precision"] == "int8"
+
+
+@pytest.mark.parametrize("gpu, message", [(T4, "sparse tensor cores"), (H100, "no compact checkpoint at")])
+def test_torch_build_checks_gpu_then_checkpoint(tmp_path, gpu, message):
+    from runtime.torch_stage import check_torch_build
+
+    with pytest.raises(UserError, match=message):
+        check_torch_build(parse_sparsity("2:4"), tmp_path / "export" / "onnx", tb.TorchSettings(precision=tb.PRECISIONS["fp16"]), gpu=gpu)
+    check_torch_build(parse_sparsity("2:4"), tmp_path / "export" / "onnx", tb.TorchSettings(), gpu=H100, check_input=False)
