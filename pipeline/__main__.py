@@ -14,7 +14,7 @@ import sys
 
 from common.cli import ArgumentParser, run_command, setup_logging
 
-COMMANDS = ["generate", "sheet", "prune", "export", "build", "engine"]
+COMMANDS = ["generate", "sheet", "prune", "export", "build", "engine", "serve", "client"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,16 +69,20 @@ def model_config_text(
     max_queue_delay_us: int = 100,
     instance_kind: str = "KIND_GPU",
     instance_count: int = 1,
+    dynamic_batching: bool = True,
+    parameters: dict[str, str] | None = None,
 ) -> str:
     """The ``config.pbtxt`` text (protobuf text format of Triton's ``ModelConfig``).
 
-    kind: ``"tensorrt_plan"`` or ``"onnxruntime"``. max_batch_size: largest batch (0 disables Triton
-    batching; then dims keep their batch dim). preferred_batch_sizes: dynamic batcher targets.
+    kind: ``"tensorrt_plan"``, ``"onnxruntime"`` or ``"python"`` (a Python-backend model). max_batch_size:
+    largest batch (0 disables Triton batching; then dims keep their batch dim). preferred_batch_sizes: dynamic
+    batcher targets; dynamic_batching False leaves the batcher out (each request runs as it came).
+    parameters: the config's string ``parameters`` (a Python model reads them at initialisation).
     """
-    if kind not in ("tensorrt_plan", "onnxruntime"):
-        raise UserError(f"unknown Triton backend {kind!r}; use tensorrt_plan or onnxruntime")
+    if kind not in ("tensorrt_plan", "onnxruntime", "python"):
+        raise UserError(f"unknown Triton backend {kind!r}; use tensorrt_plan, onnxruntime or python")
     lines = [f'name: "{name}"']
-    lines.append('platform: "tensorrt_plan"' if kind == "tensorrt_plan" else 'backend: "onnxruntime"')
+    lines.append('platform: "tensorrt_plan"' if kind == "tensorrt_plan" else f'backend: "{kind}"')
     lines.append(f"max_batch_size: {int(max_batch_size)}")
 
     def tensor_block(section: str, t: TensorSpec) -> list[str]:
@@ -97,7 +101,7 @@ def model_config_text(
         lines += tensor_block("input", t)
     for t in outputs:
         lines += tensor_block("output", t)
-    if max_batch_size > 0:
+    if max_batch_size > 0 and dynamic_batching:
         pref = sorted({int(b) for b in preferred_batch_sizes if 0 < int(b) <= max_batch_size})
         lines.append("dynamic_batching {")
         if pref:
@@ -105,6 +109,8 @@ def model_config_text(
         lines.append(f"  max_queue_delay_microseconds: {int(max_queue_delay_us)}")
         lines.append("}")
     lines += ["instance_group [", "  {", f"    count: {int(instance_count)}", f"    kind: {instance_kind}", "  }", "]"]
+    for key, value in (parameters or {}).items():
+        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"
 
 
