@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dense", required=True, help="dense export dir (stage 2 output or its onnx/)")
     p.add_argument("--pruned", required=True, help="pruned export dir")
     p.add_argument("--out", required=True, help="directory for bench.json, bench.md, bench.png and grid.png")
-    p.add_argument("--backend", default="ort", choices=["ort", "trt"])
+    p.add_argument("--backend", default="ort", choices=["ort", "trt", "torch"], help="torch: the compact checkpoints on this GPU (runtime.torch_backend)")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--dense-engines", default=None)
     p.add_argument("--pruned-engines", default=None)
@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-quality", action="store_true")
     p.add_argument("--resolution", default=None, metavar="HxW[,HxW...]", help="image sizes to time, each every round (default: the model's)")
     p.add_argument("--correction", default=None, metavar="FILE", help="Q-Sched scheduler correction (runtime.qsched JSON) for the pruned variant")
+    from runtime.torch_backend import add_torch_arguments, torch_settings_from_args
+
+    add_torch_arguments(p)
+    p.add_argument("--no-sparse-kernels", action="store_true", help="--backend torch: run the 2:4 weights as dense GEMMs")
     args = p.parse_args(argv)
     setup_logging()
     engines = {k: v for k, v in (("dense", args.dense_engines), ("pruned", args.pruned_engines)) if v}
@@ -47,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         res.update(run_e2e(resolve_model(args.model), args.dense, args.pruned, args.out, runs=args.runs, warmup=args.warmup, backend=args.backend,
                            provider=args.provider, engines=engines or None, sparsity=parse_sparsity(args.sparsity) if args.sparsity else None,
                            eager=not args.no_eager, quality=not args.no_quality, steps=args.steps, threads=args.threads, resolutions=resolutions,
-                           correction=args.correction))
+                           correction=args.correction,
+                           torch_settings=torch_settings_from_args(args, sparse_kernels=not args.no_sparse_kernels) if args.backend == "torch" else None))
         return 0
 
     status = run_command(body)

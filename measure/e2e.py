@@ -50,6 +50,7 @@ class Variant:
     records: list[dict[str, float]] = field(default_factory=list)
     peak_mib: float = 0.0
     peak_delta_mib: float = 0.0
+    report: dict[str, Any] | None = None  # --backend torch: what converted (runtime.torch_backend)
 
 
 def _onnx_dir(export_dir: str | os.PathLike) -> Path:
@@ -108,6 +109,24 @@ def _runner_variant(name: str, spec, base_pipe, *, backend: str, onnx_dir: Path,
     return Variant(name, pipe, label, sizes["transformer"], sum(sizes.values()))
 
 
+def _torch_variants(base, dense_export_dir, pruned_export_dir, settings, sparsity, correction) -> list[Variant]:
+    """Dense and pruned pipelines with their transformers on this GPU through the torch backend (one bf16/fp16
+    copy of the other components shared by both)."""
+    from runtime.torch_backend import TorchSettings, weight_bytes
+    from runtime.torch_stage import torch_components, torch_pipeline
+
+    settings = settings or TorchSettings()
+    shared = torch_components(base, settings.precision.dtype)
+    others = sum(_torch_bytes(m) for k, m in shared.items() if isinstance(m, torch.nn.Module) and k != "transformer")
+    out = []
+    for name, export_dir, sp, corr in (("dense", dense_export_dir, None, None), ("pruned", pruned_export_dir, sparsity, correction)):
+        pipe, report = torch_pipeline(base, export_dir, settings, sparsity=sp, components=shared, correction=corr)
+        size = weight_bytes(pipe.transformer)
+        label = f"pytorch {torch.__version__} {settings.precision.name}{' compiled' if settings.compile else ''} ({report['layers']['kernel'] or 'dense'} kernels)"
+        out.append(Variant(name, pipe, label, size, size + others, report=report))
+    return out
+
+
 def sparsity_note(sparsity, backend: str, cuda: bool) -> str:
     """What speedup to expect from this pattern on this backend (reported with the numbers)."""
     if sparsity is None:
@@ -117,6 +136,8 @@ def sparsity_note(sparsity, backend: str, cuda: bool) -> str:
             return (f"{sparsity} keeps the dense shapes; ONNX Runtime on a CPU multiplies the zeros like any other weight, "
                     f"so no speedup is expected here: {sparsity} needs sparse tensor cores (NVIDIA Ampere or later, "
                     f"TensorRT with SPARSE_WEIGHTS, fp16/int8)")
+        if backend == "torch":
+            return f"{sparsity} runs on PyTorch's semi-structured kernels for the layers listed in torch_backend (the others stay dense, with the reason)"
         return f"{sparsity} runs on sparse tensor cores where TensorRT picked sparse kernels (see the engine manifest)"
     if sparsity.kind == "unstructured":
         return f"{sparsity} zeros are scattered: neither ONNX Runtime nor TensorRT skips them, so no speedup is expected"
@@ -149,6 +170,7 @@ def run_e2e(
     resolutions: list[tuple[int, int]] | None = None,
     precision: str | None = None,
     correction=None,
+    torch_settings=None,
 ) -> dict[str, Any]:
     """Benchmark dense vs pruned (and PyTorch eager) end to end; write the JSON, Markdown, plot and grid.
 
@@ -164,6 +186,8 @@ def run_e2e(
     than with 1, measured on the shared 2-core development box). resolutions: image sizes ``(h, w)`` to
     time, each in every round (default: the model's); the first one gives the headline numbers, all of them
     ``per_shape`` (latency and stages per variant, speedups). Each must be one the exports serve.
+    torch_settings: ``backend="torch"`` (stage 2's compact checkpoints on this GPU through
+    :mod:`runtime.torch_backend`): its :class:`~runtime.torch_backend.TorchSettings` (default bf16, compiled).
     correction: a Q-Sched scheduler correction (:class:`runtime.qsched.correction.SchedulerCorrection` or its JSON file,
     e.g. ``<config>/qsched/...json``) that the pruned variant's sampler applies.
     precision: the transformer precision of both exports (``fp32``, ``int8``...), recorded (default: the
@@ -186,12 +210,19 @@ def run_e2e(
     if isinstance(sparsity, str):
         sparsity = parse_sparsity(sparsity)
     assert sparsity is None or isinstance(sparsity, Sparsity)
-    cuda = backend == "trt" or provider == "cuda"
+    cuda = backend in ("trt", "torch") or provider == "cuda"
     if cuda and not torch.cuda.is_available():
         raise UserError(f"backend {backend}/{provider} needs a CUDA GPU and none is visible; use --backend ort --provider cpu")
     device = "cuda" if cuda else "cpu"
     for export_dir in (dense_export_dir, pruned_export_dir):  # inputs first: nothing is created for a bad one
         _onnx_dir(export_dir)
+    if backend == "torch":
+        from runtime.manifest import current_gpu
+        from runtime.torch_backend import TorchSettings
+        from runtime.torch_stage import check_torch_build
+
+        for export_dir, sp in ((dense_export_dir, None), (pruned_export_dir, sparsity)):
+            check_torch_build(sp, export_dir, torch_settings or TorchSettings(), gpu=current_gpu())
     for name in ("bench.json", "bench.md", "bench.png", "grid.png"):
         check_output(Path(out_dir) / name, "file")
     steps = spec.steps if steps is None else steps
@@ -207,13 +238,14 @@ def run_e2e(
             return _run(spec, dense_export_dir, pruned_export_dir, out_dir, runs=runs, warmup=warmup, backend=backend, provider=provider,
                         engines=engines, sparsity=sparsity, eager=eager, quality=quality, quality_seeds=quality_seeds, prompt=prompt,
                         seed=seed, steps=steps, grid_prompts=grid_prompts, base_pipe=base_pipe, cuda=cuda, device=device, resolutions=resolutions,
-                        precision=precision or export_precision(pruned_export_dir), correction=correction)
+                        precision=precision or export_precision(pruned_export_dir), correction=correction, torch_settings=torch_settings)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warmup, backend, provider, engines, sparsity, eager, quality,
-         quality_seeds, prompt, seed, steps, grid_prompts, base_pipe, cuda, device, resolutions, precision=None, correction=None) -> dict[str, Any]:
+         quality_seeds, prompt, seed, steps, grid_prompts, base_pipe, cuda, device, resolutions, precision=None, correction=None,
+         torch_settings=None) -> dict[str, Any]:
     from tqdm import tqdm
 
     from measure.report import write_reports
@@ -231,11 +263,14 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
     if backend == "trt":
         eng.setdefault("dense", dense_onnx.parent / "engines")
         eng.setdefault("pruned", pruned_onnx.parent / "engines")
-    variants = [
-        _runner_variant("dense", spec, base, backend=backend, onnx_dir=dense_onnx, engine_dir=eng.get("dense"), provider=provider, threads=threads),
-        _runner_variant("pruned", spec, base, backend=backend, onnx_dir=pruned_onnx, engine_dir=eng.get("pruned"), provider=provider, threads=threads,
-                        correction=correction),
-    ]
+    if backend == "torch":  # the compact checkpoints on this GPU through runtime.torch_backend
+        variants = _torch_variants(base, dense_export_dir, pruned_export_dir, torch_settings, sparsity, correction)
+    else:
+        variants = [
+            _runner_variant("dense", spec, base, backend=backend, onnx_dir=dense_onnx, engine_dir=eng.get("dense"), provider=provider, threads=threads),
+            _runner_variant("pruned", spec, base, backend=backend, onnx_dir=pruned_onnx, engine_dir=eng.get("pruned"), provider=provider, threads=threads,
+                            correction=correction),
+        ]
     if eager:
         size = sum(_torch_bytes(getattr(base, c.attr, None)) for c in spec.adapter.components if c.kind != "transformer")
         variants.append(Variant("eager", base, f"pytorch {torch.__version__} eager ({device})", _torch_bytes(base.transformer), size + _torch_bytes(base.transformer)))
@@ -269,6 +304,7 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
         "precision": precision,
         "backend": backend,
         "provider": provider if backend == "ort" else None,
+        "torch_backend": {v.name: v.report for v in variants if v.report} or None,
         "settings": {"runs": runs, "warmup": warmup, "steps": steps, "guidance": spec.guidance, "height": resolutions[0][0], "width": resolutions[0][1],
                      "resolutions": [list(r) for r in resolutions], "correction": str(correction) if isinstance(correction, (str, Path)) else
                      (None if correction is None else "given"),

@@ -103,9 +103,13 @@ def torch_components(base_pipe, dtype: torch.dtype, device: str = "cuda") -> dic
     return comps
 
 
-def torch_pipeline(base_pipe, export_dir: str | os.PathLike, settings, *, sparsity, components: dict[str, Any] | None = None, gpu=None):
+def torch_pipeline(base_pipe, export_dir: str | os.PathLike, settings, *, sparsity, components: dict[str, Any] | None = None, gpu=None,
+                   correction=None):
     """``(pipeline, report)``: ``base_pipe``'s class with stage 2's transformer converted by the torch backend
-    (compiled per ``settings``) and ``components`` (default: :func:`torch_components` of ``base_pipe``)."""
+    (compiled per ``settings``), ``components`` (default: :func:`torch_components` of ``base_pipe``) and its own
+    copy of the scheduler, to which ``correction`` (a Q-Sched correction or its file) is applied."""
+    import copy
+
     from runtime.manifest import current_gpu
     from runtime.torch_backend import prepare_transformer
 
@@ -115,4 +119,10 @@ def torch_pipeline(base_pipe, export_dir: str | os.PathLike, settings, *, sparsi
     model, report = prepare_transformer(model, plan, settings, sparse=is_2_4(sparsity), gpu=gpu)
     comps = dict(components if components is not None else torch_components(base_pipe, settings.precision.dtype))
     comps["transformer"] = model
-    return type(base_pipe)(**comps), report
+    comps["scheduler"] = copy.deepcopy(comps["scheduler"])
+    pipe = type(base_pipe)(**comps)
+    if correction is not None:
+        from runtime.qsched.apply import apply_correction
+
+        apply_correction(pipe, correction)
+    return pipe, report
