@@ -33,7 +33,7 @@ from common.errors import UserError
 from common.io import write_json
 from common.memory import PeakMemory
 from common.versions import device_info
-from runtime.pipeline_runner import STAGES
+from runtime.stage_timer import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,8 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
 
     from measure.report import write_reports
     from families.registry import load_pipeline
-    from runtime.pipeline_runner import StageTimer, generate
+    from runtime.pipeline_runner import generate
+    from runtime.stage_timer import StageTimer
 
     threads = torch.get_num_threads()
 

@@ -57,7 +57,8 @@ def test_unavailable_provider_is_a_user_error():
 def test_pipeline_on_ort_matches_pytorch_pipeline_same_seed():
     from families.sd3 import SD3TransformerRuntime as TransformerAdapter
     from families.components import ClipAdapter, VaeDecoderAdapter
-    from runtime.pipeline_runner import StageTimer, generate, runner_pipeline
+    from runtime.pipeline_runner import generate, runner_pipeline
+    from runtime.stage_timer import StageTimer
 
     spec, pipe = fx.tiny_sd3()
     onnx_dir = fx.component_exports()
