@@ -38,8 +38,9 @@ def add_engine_args(p) -> None:
     p.add_argument("--samples", type=int_at_least(1), default=None, help="calibration prompts (default: the prune command's, 64)")
     p.add_argument("--calib-steps", type=int_at_least(1), default=None, help="calibration denoising steps (default: the model's sampling steps)")
     p.add_argument("--groups", type=int_at_least(1), default=4, help="module packages (default 4)")
-    p.add_argument("--backend", default="auto", choices=["auto", "ort", "trt"],
-                   help="benchmark backend: trt engines on a GPU host, ONNX Runtime otherwise (auto)")
+    p.add_argument("--backend", default="auto", choices=["auto", "ort", "trt", "torch"],
+                   help="benchmark backend: trt engines on a GPU host, ONNX Runtime otherwise (auto); torch: the compact "
+                        "checkpoints on the GPU with PyTorch's 2:4 kernels and torchao (no engines)")
     p.add_argument("--opt-level", type=int_range(0, 5), default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
     p.add_argument("--no-engines", action="store_true", help="skip the TensorRT / TensorRT-RTX engine builds")
     p.add_argument("--runs", type=int_at_least(1), default=10, help="timed benchmark runs (default 10)")
@@ -61,6 +62,9 @@ def add_engine_args(p) -> None:
     p.add_argument("--triton", metavar="DIR", default=None, help="also write a Triton model repository to DIR")
     p.add_argument("--artifacts", default=None, help="artifact root (default <repo>/artifacts)")
     add_shape_args(p, static=True)
+    from runtime.torch_backend import add_torch_arguments
+
+    add_torch_arguments(p)
 
 
 class _StageParser(ArgumentParser):
@@ -150,11 +154,11 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
     for which, dirs, pruned in (("dense", dense, None), ("pruned", cfg, cfg.prune)):
         inputs = {"pruned": str(pruned) if pruned else None}
         if precision == "fp32":
-            if bench_backend == "ort":
+            if bench_backend in ("ort", "torch"):  # torch: the float32 export's compact checkpoint
                 stages.append(Stage(f"export_{which}", dirs.export / "export_report.json",
                                     ExportSettings(spec=spec, out=dirs.export, pruned=pruned, precision="fp32", shapes=shapes), inputs,
                                     {"dir": str(dirs.export)}))
-            if args.no_engines:
+            if args.no_engines or bench_backend == "torch":
                 continue
             engine_export = dirs.export_fp16
             stages.append(Stage(f"export_{which}_fp16", dirs.export_fp16 / "export_report.json",
@@ -230,10 +234,12 @@ class BenchSettings:
     eager: bool = True
     resolutions: tuple[tuple[int, int], ...] | None = None
     precision: str = "fp32"
+    torch_settings: Any = None  # backend "torch": runtime.torch_backend.TorchSettings
 
     def to_json(self) -> dict[str, Any]:
         return {"backend": self.backend, "runs": self.runs, "warmup": self.warmup, "steps": self.steps, "quality": self.quality, "eager": self.eager,
-                "resolutions": [list(r) for r in self.resolutions] if self.resolutions else None, "precision": self.precision}
+                "resolutions": [list(r) for r in self.resolutions] if self.resolutions else None, "precision": self.precision,
+                "torch": self.torch_settings.to_json() if self.torch_settings else None}
 
 
 BENCH_OUTPUTS = ("bench.json", "bench.md", "bench.png", "grid.png")
@@ -242,6 +248,7 @@ BENCH_OUTPUTS = ("bench.json", "bench.md", "bench.png", "grid.png")
 def plan_bench(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str) -> BenchSettings:
     """The benchmark that ends ``make engine``, checked like the stages (its inputs come later)."""
     from families.shapes import shapes_from_args
+    from runtime.torch_backend import torch_settings_from_args
 
     trt = bench_backend == "trt"
     precision = getattr(args, "precision", "fp32")
@@ -264,6 +271,7 @@ def plan_bench(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str)
         eager=not args.no_eager,
         resolutions=shapes_from_args(args, spec).resolutions,
         precision=precision,
+        torch_settings=torch_settings_from_args(args) if bench_backend == "torch" else None,
     )
     check_bench(settings)
     return settings
@@ -289,7 +297,8 @@ def run_bench(settings: BenchSettings) -> dict:
     return run_e2e(settings.spec, settings.dense_export, settings.pruned_export, settings.out, runs=settings.runs, warmup=settings.warmup,
                    backend=settings.backend, provider=settings.provider, engines=settings.engines, sparsity=settings.sparsity,
                    threads=settings.threads, steps=settings.steps, quality=settings.quality, eager=settings.eager,
-                   resolutions=list(settings.resolutions) if settings.resolutions else None, precision=settings.precision)
+                   resolutions=list(settings.resolutions) if settings.resolutions else None, precision=settings.precision,
+                   torch_settings=settings.torch_settings)
 
 
 def run_engine(args) -> int:
@@ -314,6 +323,14 @@ def run_engine(args) -> int:
     # Everything is checked before the first stage starts: a bad option costs seconds, not a prune.
     if bench_backend == "trt" and args.no_engines:
         raise UserError("--no-engines leaves nothing for --backend trt to benchmark; use --backend ort")
+    if bench_backend == "torch":  # the GPU, the plan and the torch precision, before any stage
+        from runtime.manifest import current_gpu
+        from runtime.torch_backend import torch_settings_from_args
+        from runtime.torch_stage import check_torch_build
+
+        if args.precision != "fp32":
+            raise UserError(f"--precision {args.precision} quantizes the ONNX exports; with --backend torch use --torch-precision {args.precision}")
+        check_torch_build(sparsity, cfg.export_for("fp32"), torch_settings_from_args(args), gpu=current_gpu(), check_input=False)
     check_precision(args, cuda, bench_backend)
     stages = [] if args.only_bench else plan_stages(args, spec, sparsity, cfg, dense, cuda, bench_backend)
     bench = None if args.no_bench else plan_bench(args, spec, sparsity, cfg, dense, cuda, bench_backend)

@@ -305,3 +305,30 @@ def test_torch_build_checks_gpu_then_checkpoint(tmp_path, gpu, message):
     with pytest.raises(UserError, match=message):
         check_torch_build(parse_sparsity("2:4"), tmp_path / "export" / "onnx", tb.TorchSettings(precision=tb.PRECISIONS["fp16"]), gpu=gpu)
     check_torch_build(parse_sparsity("2:4"), tmp_path / "export" / "onnx", tb.TorchSettings(), gpu=H100, check_input=False)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "CUDA is not available"),
+    (["--precision", "int8"], "with --backend torch use --torch-precision int8"),
+])
+def test_make_engine_backend_torch_refuses_before_any_stage(tmp_path, capsys, extra, message):
+    from pipeline.__main__ import main
+
+    status = main(["engine", "--backend", "torch", "--artifacts", str(tmp_path / "art"), *extra])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert status == 2 and len(err) == 1 and message in err[0]
+    assert not (tmp_path / "art").exists()
+
+
+def test_make_engine_torch_plans_float_exports_and_no_engines(tmp_path):
+    from families.registry import resolve_model
+    from pipeline.artifacts import config_dirs
+    from pipeline.engine import parse_args, plan_bench, plan_stages
+
+    args = parse_args(["--backend", "torch", "--torch-precision", "fp8", "--artifacts", str(tmp_path)])
+    spec, sparsity = resolve_model("tiny-sd3"), parse_sparsity("2:4")
+    cfg, dense = config_dirs(spec, "2-4-obs-diff", tmp_path), config_dirs(spec, "dense", tmp_path)
+    assert [st.name for st in plan_stages(args, spec, sparsity, cfg, dense, True, "torch")] == ["prune", "export_dense", "export_pruned"]
+    bench = plan_bench(args, spec, sparsity, cfg, dense, True, "torch")
+    assert bench.engines is None and bench.pruned_export == cfg.export_for("fp32")
+    assert bench.torch_settings == tb.TorchSettings(precision=tb.PRECISIONS["fp8"]) and bench.to_json()["torch"]["precision"] == "fp8"
