@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError
+from common.input_files import check_input_tree
 from common.io import atomic_path, read_json, sha256_file
 from export.surgery import BlockShape, block_shapes, cut_to_shapes
 from obsdiff.plan import PrunePlan
@@ -132,9 +133,9 @@ def _check_plan_vs_shapes(plan: PrunePlan, shapes: list[BlockShape], what: str) 
 def _shapes_from(desc: dict[str, Any]) -> list[BlockShape]:
     """Block shapes of a description (version 1: SD3's named fields; None sizes mean "no such group")."""
     if desc.get("format") == _V1_FORMAT:
-        from families.sd3 import V1_COMPACT_SIZES
+        from families import get_adapter
 
-        return [BlockShape(b["index"], {name: b[f] for f, name in V1_COMPACT_SIZES.items() if b.get(f) is not None}) for b in desc["blocks"]]
+        return [BlockShape(b["index"], {name: b[f] for f, name in get_adapter("sd3").v1_compact_sizes.items() if b.get(f) is not None}) for b in desc["blocks"]]
     return [BlockShape(b["index"], dict(b["sizes"])) for b in desc["blocks"]]
 
 
@@ -218,6 +219,7 @@ def find_transformer_dir(path: str | os.PathLike, *, option: str = "--transforme
         raise UserError(f"{option} {path} is not a directory; give a prune or export output directory")
     for candidate in (path, path / "compact", path / "transformer"):
         if (candidate / DESCRIPTION).is_file() or (candidate / "config.json").is_file():
+            check_input_tree(candidate, fix="rerun the stage that wrote it (`python -m pipeline prune` or `export`)")
             return candidate
     if (path / "plan.json").is_file():
         raise UserError(f"{option} {path} holds a plan but no transformer/ (an unfinished prune); rerun `python -m pipeline prune`")

@@ -140,6 +140,8 @@ class SD3Adapter(FamilyAdapter):
     quant_exclude = ("pos_embed", "time_text_embed", "context_embedder", "*norm*", "proj_out")
     published_configs = PUBLISHED_CONFIGS
     published_vae_config = PUBLISHED_VAE_CONFIG
+    v1_plan_fields = V1_PLAN_FIELDS  # version-1 plans and compact checkpoints were SD3-only: their field names
+    v1_compact_sizes = V1_COMPACT_SIZES
 
     def structured_groups(self, block: nn.Module) -> list[StructuredGroup]:
         groups = [attention_group("attn", "attn", block.attn)]

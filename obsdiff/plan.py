@@ -38,9 +38,9 @@ class BlockPlan:
     def from_v1(cls, d: dict[str, Any]) -> "BlockPlan":
         """A version-1 block (``num_heads``, ``ff_dim``, ``keep_heads``...) as version 2 (version 1 was SD3-only;
         the SD3 adapter maps its field names to group names)."""
-        from families.sd3 import V1_PLAN_FIELDS
+        from families import get_adapter
 
-        keep = {name: d[f] for f, name in V1_PLAN_FIELDS.items() if d.get(f) is not None}
+        keep = {name: d[f] for f, name in get_adapter("sd3").v1_plan_fields.items() if d.get(f) is not None}
         return cls(index=d["index"], sizes={"attn": d["num_heads"], "ff": d["ff_dim"]}, keep=keep)
 
 

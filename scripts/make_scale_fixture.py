@@ -35,8 +35,9 @@ from families import get_adapter  # noqa: E402
 log = logging.getLogger("make_scale_fixture")
 
 # Transformer and VAE configs as published with the hub checkpoints, from the SD3 family adapter.
-FAMILIES = get_adapter("sd3").published_configs
-SD3_VAE = get_adapter("sd3").published_vae_config
+sd3 = get_adapter("sd3")
+FAMILIES = sd3.published_configs
+SD3_VAE = sd3.published_vae_config
 CLIP_LEN = 77
 TOKENIZERS = Path(__file__).resolve().parents[1] / "models" / "tiny-sd3"
 
@@ -51,7 +52,8 @@ def _randomise_zero_init(module: torch.nn.Module, generator: torch.Generator) ->
 
 
 def build(family: str, out: Path, *, sample_size: int, t5_layers: int, seed: int) -> dict:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    import diffusers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
     g = torch.Generator().manual_seed(seed)
@@ -70,7 +72,7 @@ def build(family: str, out: Path, *, sample_size: int, t5_layers: int, seed: int
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)  # build in float16: a 2B-parameter model never exists in float32 here
     try:
-        transformer = SD3Transformer2DModel(sample_size=sample_size, **FAMILIES[family])
+        transformer = getattr(diffusers, sd3.transformer_class)(sample_size=sample_size, **FAMILIES[family])
         _randomise_zero_init(transformer, g)
         text_encoder_3 = T5EncoderModel(T5Config(
             vocab_size=len(t5_tok), d_model=4096, d_kv=64, d_ff=10240, num_layers=t5_layers, num_heads=64,
@@ -79,7 +81,7 @@ def build(family: str, out: Path, *, sample_size: int, t5_layers: int, seed: int
     finally:
         torch.set_default_dtype(previous)
     vae = AutoencoderKL(**SD3_VAE).to(torch.float16)
-    pipe = StableDiffusion3Pipeline(
+    pipe = getattr(diffusers, sd3.pipeline_class)(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), vae=vae,
         text_encoder=clip(768, 12).to(torch.float16), tokenizer=clip_tok,
         text_encoder_2=clip(1280, 20).to(torch.float16), tokenizer_2=copy.deepcopy(clip_tok),

@@ -46,7 +46,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.digits import TEMPLATES, WORDS, all_prompts, load_split, random_shift, to_pixels  # noqa: E402
-from common.io import atomic_path  # noqa: E402
+from common.io import atomic_path, writing_repository_models  # noqa: E402
 
 log = logging.getLogger("train_tiny")
 
@@ -133,6 +133,15 @@ def build_vae():
     )
 
 
+
+def diffusers_class(family: str, kind: str):
+    """The diffusers class the family's adapter names (``transformer_class`` or ``pipeline_class``)."""
+    import diffusers
+
+    from families import get_adapter
+
+    return getattr(diffusers, getattr(get_adapter(family), kind))
+
 class SD3Family:
     """``StableDiffusion3Pipeline``: two CLIP encoders with projection + T5, ``SD3Transformer2DModel``."""
 
@@ -153,18 +162,14 @@ class SD3Family:
         )
 
     def transformer(self):
-        from diffusers import SD3Transformer2DModel
-
-        return SD3Transformer2DModel(
+        return diffusers_class("sd3", "transformer_class")(
             sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=64, num_attention_heads=4,
             joint_attention_dim=128, caption_projection_dim=256, pooled_projection_dim=128, out_channels=4,
             pos_embed_max_size=8,
         )
 
     def pipeline(self, **components):
-        from diffusers import StableDiffusion3Pipeline
-
-        return StableDiffusion3Pipeline(**components)
+        return diffusers_class("sd3", "pipeline_class")(**components)
 
     @torch.no_grad()
     def encode(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -205,20 +210,16 @@ class FluxFamily:
         return dict(text_encoder=text_encoder, tokenizer=clip_tok, text_encoder_2=build_t5(t5_tok), tokenizer_2=t5_tok)
 
     def transformer(self):
-        from diffusers import FluxTransformer2DModel
-
         d = self.head_dim
         rope = (d // 4, 3 * d // 8, 3 * d // 8)  # (t, y, x) axes, as Flux's (16, 56, 56) for 128
-        return FluxTransformer2DModel(
+        return diffusers_class("flux", "transformer_class")(
             patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=d,
             num_attention_heads=4, joint_attention_dim=128, pooled_projection_dim=64, guidance_embeds=False,
             axes_dims_rope=rope,
         )
 
     def pipeline(self, **components):
-        from diffusers import FluxPipeline
-
-        return FluxPipeline(**components)
+        return diffusers_class("flux", "pipeline_class")(**components)
 
     @torch.no_grad()
     def encode(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe.register_modules(transformer=ema)
 
     out = Path(args.out)
-    with atomic_path(out) as tmp:
+    with writing_repository_models(), atomic_path(out) as tmp:  # this script builds the embedded models
         pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     log.info("saved %s (%.1f MB) in %.0f s", out, size / 1e6, time.time() - t0)

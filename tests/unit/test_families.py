@@ -200,13 +200,43 @@ def _code_names(path: Path) -> set[str]:
     return found & ARCH_NAMES
 
 
+def _arch_names() -> set[str]:
+    """The fixed list plus what the adapters themselves name: their transformer classes and adapter modules."""
+    return ARCH_NAMES | {a.transformer_class for a in ADAPTERS.values()}
+
+
+def _outside_families() -> list[Path]:
+    return sorted(f for pkg in ("common", "evaluation", "obsdiff", "export", "runtime", "measure", "pipeline", "benchmarks", "scripts")
+                  for f in (ROOT / pkg).rglob("*.py"))
+
+
 def test_architecture_names_appear_only_in_adapters():
+    names = _arch_names()
     offenders = {}
-    for pkg in ("obsdiff", "export", "runtime", "pipeline", "benchmarks", "common"):
-        for f in sorted((ROOT / pkg).glob("*.py")):
-            names = _code_names(f)
-            if names:
-                offenders[str(f.relative_to(ROOT))] = sorted(names)
+    for f in _outside_families():
+        found = {n for n in _code_names(f) | (names & _all_names(f)) if n in names}
+        if found:
+            offenders[str(f.relative_to(ROOT))] = sorted(found)
+    assert not offenders, offenders
+
+
+def _all_names(path: Path) -> set[str]:
+    return {tok.string for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline) if tok.type == tokenize.NAME}
+
+
+def test_no_adapter_module_is_imported_outside_families():
+    """Only families/ imports a specific adapter (families.sd3, families.flux, ...): the others ask the registry or
+    ``families.adapter_for`` / ``families.get_adapter``."""
+    import ast
+
+    adapter_modules = {type(a).__module__ for a in ADAPTERS.values()}
+    offenders = []
+    for f in _outside_families():
+        for node in ast.walk(ast.parse(f.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) else []
+            if isinstance(node, ast.ImportFrom) and node.module == "families":
+                mods += [f"families.{a.name}" for a in node.names]
+            offenders += [f"{f.relative_to(ROOT)}:{node.lineno} imports {m}" for m in mods if m in adapter_modules]
     assert not offenders, offenders
 
 
