@@ -390,11 +390,9 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> Path:
 
 def run_pareto(args) -> dict[str, Any]:
     """Plan and check every stage, run them (reusing what is done), benchmark the grid, write the report."""
-    import platform
-
     import torch
 
-    from measure.e2e import device_info
+    from common.versions import device_info
     from common.errors import UserError
     from common.io import atomic_path, check_output, created_dirs, write_json
     from families.registry import resolve_model
@@ -433,7 +431,7 @@ def run_pareto(args) -> dict[str, Any]:
                 "prune_samples": args.samples,
                 "config_dirs": {n: str(d.parent) for n, d in plan.exports.items()},
                 "settings": settings,
-                "device": {**device_info(False), "python": platform.python_version()},
+                "device": device_info(False),
                 "stages": stages,
                 "variants": variants,
                 "fronts": fronts(variants),

@@ -28,6 +28,7 @@ from typing import Any
 
 from common.errors import UserError
 from common.paths import REPO_ROOT
+from common.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +175,7 @@ def run(args) -> dict[str, Any]:
         "stages": stages,
         "configs": configs,
     }
-    (out / "scale_check.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "scale_check.md").write_text(markdown(result))
+    write_report(out / "scale_check.json", result, markdown(result))
     return result
 
 

@@ -161,12 +161,10 @@ def image_grid(rows: dict[str, Sequence[Any]], path: str | os.PathLike, *, col_l
 
 def write_reports(bench: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``bench.md`` and ``bench.png`` next to ``bench.json``; returns their paths."""
-    from common.io import atomic_path
+    from common.report import write_markdown
 
     out_dir = Path(out_dir)
-    md = out_dir / "bench.md"
-    with atomic_path(md) as tmp:
-        tmp.write_text(markdown_table(bench))
+    md = write_markdown(out_dir / "bench.md", markdown_table(bench))
     return {"markdown": md, "plot": plot(bench, out_dir / "bench.png")}
 
 
