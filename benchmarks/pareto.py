@@ -224,11 +224,11 @@ def bench_grid(spec, points: list[GridPoint], exports: dict[str, Path], shared: 
     import torch
     from tqdm import tqdm
 
-    from measure.e2e import STAGES, default_prompts, stats
+    from measure.e2e import default_prompts, stats
+    from runtime.stage_timer import STAGES, StageTimer
     from common.io import read_json
     from families.registry import load_pipeline
     from runtime.pipeline_runner import generate, load_runners, with_runners
-    from runtime.stage_timer import StageTimer
 
     base = load_pipeline(spec)
     others = [c.name for c in spec.adapter.components if c.kind != "transformer" and (shared / "onnx" / f"{c.name}.onnx").is_file()]
