@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from obsdiff.patterns import Sparsity
-from obsdiff.solvers import _group_columns, _split_count
+from obsdiff.solvers import group_columns, split_count
 
 
 def _prune_by_score(W: torch.Tensor, score: torch.Tensor, sparsity: Sparsity, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +35,7 @@ def _prune_by_score(W: torch.Tensor, score: torch.Tensor, sparsity: Sparsity, pe
         pruned.view(rows, cols // m, m).scatter_(2, idx, True)
     elif sparsity.kind == "unstructured":
         if per_row:
-            ks = [_split_count(rows * cols, sparsity.ratio, r * cols, (r + 1) * cols) for r in range(rows)]
+            ks = [split_count(rows * cols, sparsity.ratio, r * cols, (r + 1) * cols) for r in range(rows)]
             if len(set(ks)) == 1:  # the usual case: every row loses the same count, one batched top-k
                 if ks[0] > 0:
                     pruned.scatter_(1, torch.topk(score, ks[0], dim=1, largest=False).indices, True)
@@ -116,7 +116,7 @@ def magnitude_prune_groups(
     cols, frozen: as in :func:`obsdiff.solvers.obs_prune_groups`: only the groups tiling ``[start, stop)``
     are scored and removed (``keep`` relative to the range); frozen columns score 0 and are zeroed.
     """
-    start, stop, fz = _group_columns(Ws[0].shape[1], group_size, cols, frozen, torch.device("cpu"))
+    start, stop, fz = group_columns(Ws[0].shape[1], group_size, cols, frozen, torch.device("cpu"))
     score = sum(_range_columns(W, start, stop, fz).reshape(W.shape[0], -1, group_size).pow(2).sum(dim=(0, 2)).cpu() for W in Ws)
     return _prune_groups_by_score(Ws, score, group_size, n_remove, start, fz)
 
@@ -135,7 +135,7 @@ def wanda_prune_groups(
 
     cols, frozen: as in :func:`magnitude_prune_groups`.
     """
-    start, stop, fz = _group_columns(Ws[0].shape[1], group_size, cols, frozen, torch.device("cpu"))
+    start, stop, fz = group_columns(Ws[0].shape[1], group_size, cols, frozen, torch.device("cpu"))
     score = 0
     for W, H in zip(Ws, Hs):
         col = _range_columns(W, start, stop, fz).pow(2).sum(dim=0) * torch.diagonal(H.float())[start:stop].to(W.device)  # (stop-start,)

@@ -185,7 +185,7 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP) 
     return _damped_cholesky(H, percdamp, None, reverse=True, finish=finish)
 
 
-def _split_count(total: int, ratio: float, start: int, stop: int) -> int:
+def split_count(total: int, ratio: float, start: int, stop: int) -> int:
     """Share of ``round(ratio * total)`` falling in ``[start, stop)`` so that the shares sum exactly."""
     return int(round(ratio * stop)) - int(round(ratio * start))
 
@@ -360,7 +360,7 @@ def obs_prune(
                 W0 = W1.clone()
                 W1.addmm_(U1.T, D[lo:hi])  # w = w0 - E_<b U_<b,b = w0 + U_bb^T (V_<b,b^T D_<b)
         if not nm:  # the block's mask, on weights updated by every earlier block
-            k = _split_count(rows * cols, sparsity.ratio, rows * lo, rows * hi)
+            k = split_count(rows * cols, sparsity.ratio, rows * lo, rows * hi)
             if k > 0:
                 score = (W1 / torch.diagonal(U1).unsqueeze(1)).square_()  # (count, rows) = w^2 / U_ii^2
                 K[lo:hi].view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = 0.0
@@ -412,7 +412,7 @@ def group_saliency(W: torch.Tensor, Hinv: torch.Tensor, group_size: int, present
     return (Wg.transpose(1, 2) * sol).sum(dim=(1, 2))
 
 
-def _group_columns(
+def group_columns(
     width: int, group_size: int, cols: tuple[int, int] | None, frozen: Sequence[int] | torch.Tensor | None, device: torch.device
 ) -> tuple[int, int, torch.Tensor | None]:
     """Where the column groups of a weight with ``width`` input columns lie: ``(start, stop, frozen_mask)``.
@@ -486,7 +486,7 @@ def obs_prune_groups(
     width = Ws[0].shape[1]
     if any(W.shape[1] != width for W in Ws):
         raise ValueError("weights must share in_features")
-    start, stop, frozen_mask = _group_columns(width, group_size, cols, frozen, Ws[0].device)
+    start, stop, frozen_mask = group_columns(width, group_size, cols, frozen, Ws[0].device)
     groups = (stop - start) // group_size
     if not 0 <= n_remove < groups:
         raise ValueError(f"cannot remove {n_remove} of {groups} groups")
