@@ -77,12 +77,12 @@ def tiny_flux_transformer(num_layers: int = 2, num_single_layers: int = 2, num_h
 def tiny_flux_pipeline(seed: int = 0):
     """A real ``FluxPipeline`` with a random tiny transformer and the embedded tiny-sd3's VAE, CLIP (as
     ``CLIPTextModel``, pooled) and T5 with their tokenizers (32x32 images, 10 T5 tokens)."""
-    from pathlib import Path
-
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    root = Path(__file__).resolve().parents[1] / "models" / "tiny-sd3"
+    from common.paths import REPO_ROOT
+
+    root = REPO_ROOT / "models" / "tiny-sd3"
     clip = CLIPTextModel.from_pretrained(root / "text_encoder")
     t5 = T5EncoderModel.from_pretrained(root / "text_encoder_3")
     transformer = tiny_flux_transformer(num_heads=2, head_dim=32, joint_attention_dim=t5.config.d_model,

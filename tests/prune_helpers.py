@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from common.paths import REPO_ROOT
+
 TINY_SD3 = REPO_ROOT / "models" / "tiny-sd3"
 
 
