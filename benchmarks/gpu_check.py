@@ -127,7 +127,11 @@ def environment(device: str) -> dict[str, Any]:
     gpu = current_gpu()
     env["gpu"] = gpu.to_dict() if gpu else None
     env["cusparselt"] = torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None
-    env["torchao_fp8_sparse_kernel"] = fp8_sparse_kernel_loaded()
+    try:
+        env["torchao_fp8_sparse_kernel"] = fp8_sparse_kernel_loaded()
+    except Exception as e:  # a torchao that does not import with this torch: the variants that need it say so
+        env["torchao_fp8_sparse_kernel"] = False
+        env["torchao_error"] = _error(e)
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
@@ -186,8 +190,13 @@ def build_dense(model_id: str, device: str, tiny: bool, seed: int = 0):
     if tiny:
         config = adapter.tiny_config(config)
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = getattr(diffusers, adapter.transformer_class).from_config(config).to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: Flux.1-dev in float32 would take 48 GB first
+    try:
+        with torch.device(device):
+            model = getattr(diffusers, adapter.transformer_class).from_config(config).to(torch.bfloat16)
+    finally:
+        torch.set_default_dtype(default)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
@@ -359,7 +368,10 @@ def check_model(model_id: str, res: Results, *, device: str, gpu, dry_run: bool,
     entry.update(model=model_id, parameters=sum(p.numel() for p in dense.parameters()),
                  batch=spec.shapes.batch_opt, resolution=64 if dry_run else 1024,
                  inputs={k: list(v.shape) for k, v in inputs.items()}, build_s=round(time.monotonic() - t0, 1))
-    why = int8_sparse_unavailable()
+    try:
+        why = int8_sparse_unavailable()
+    except Exception as e:  # torchao missing or broken: every torchao variant will record its own error
+        why = f"torchao unusable: {_error(e)}"
     if why:
         entry["unavailable"]["int8 + 2:4"] = why
     res.save()
@@ -443,20 +455,18 @@ def check_model(model_id: str, res: Results, *, device: str, gpu, dry_run: bool,
 
 
 def ratios(entry: dict[str, Any], model_id: str) -> None:
-    """Each variant's best time over dense bf16's (compiled when dense was compiled, else eager; said per row)."""
+    """Each variant's median over dense bf16's in the same mode: ``ratio_eager`` (eager / dense eager) and
+    ``ratio_compiled`` (compiled / dense compiled), where both were timed."""
     base = entry["variants"].get(BASELINE, {})
-    mode = "compiled" if "compiled" in base else "eager"
-    if mode not in base:
-        return
-    ref = base[mode]["median_ms"]
-    entry["baseline"] = f"{BASELINE} {mode}"
-    for name, v in entry["variants"].items():
-        t = v.get(mode) or v.get("eager")
-        if t:
-            v["ratio_to_baseline"] = round(t["median_ms"] / ref, 3)
-            v["ratio_mode"] = mode if mode in v else "eager"
+    for mode in ("eager", "compiled"):
+        if mode not in base:
+            continue
+        for v in entry["variants"].values():
+            if mode in v:
+                v[f"ratio_{mode}"] = round(v[mode]["median_ms"] / base[mode]["median_ms"], 3)
     if model_id == "flux.1-dev":
-        entry["flux_28_steps_s"] = {name: round(FLUX_STEPS * (v.get("compiled") or v["eager"])["median_ms"] / 1e3, 2)
+        entry["flux_28_steps_s"] = {f"{name} ({'compiled' if v.get('compiled') else 'eager'})":
+                                    round(FLUX_STEPS * (v.get("compiled") or v["eager"])["median_ms"] / 1e3, 2)
                                     for name, v in entry["variants"].items() if v.get("compiled") or v.get("eager")}
         entry["published_diffusers_torchao_s"] = PUBLISHED_FLUX
 
@@ -468,6 +478,10 @@ def ratios(entry: dict[str, Any], model_id: str) -> None:
 
 def _ms(s: dict[str, Any] | None) -> str:
     return f"{s['median_ms']:.2f} ({s['min_ms']:.2f}-{s['max_ms']:.2f}, n={s['runs']})" if s else "-"
+
+
+def _compile_text(c: dict[str, Any] | None) -> str:
+    return f"mode {c.get('mode') or 'default'}, per {'block' if c.get('scope') == 'blocks' else 'model'}" if c else "not reached"
 
 
 def render_markdown(d: dict[str, Any]) -> str:
@@ -488,23 +502,24 @@ def render_markdown(d: dict[str, Any]) -> str:
         n = e.get("parameters") or 0
         size = f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
         lines += [f"## {model_id}: {size} parameters, one step at {e.get('resolution')}x{e.get('resolution')}, batch {e.get('batch')}", "",
-                  f"Step time in ms, median (min-max, runs), CUDA events, variants interleaved. Ratio: to {e.get('baseline', BASELINE)}.", "",
-                  "| variant | eager | compiled | ratio | sparse share of GEMM time | weights GiB | activation peak GiB | 2:4 layers | quantized | left dense |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"Step time in ms, median (min-max, runs), {'wall clock' if d.get('dry_run') else 'CUDA events'}, variants interleaved; "
+                  f"x: the median over {BASELINE}'s in the same mode (torch.compile: {_compile_text(e.get('compile'))}).", "",
+                  "| variant | eager | x | compiled | x | sparse share of GEMM time | weights GiB | activation peak GiB | 2:4 layers | quantized | left dense |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, v in e.get("variants", {}).items():
             if "error" in v or "skipped" in v:
-                lines.append(f"| {name} | {v.get('error') or v.get('skipped')} |  |  |  |  |  |  |  |  |")
+                lines.append(f"| {name} | {v.get('error') or v.get('skipped')} |  |  |  |  |  |  |  |  |  |")
                 continue
             prof = v.get("profile_compiled") or v.get("profile_eager") or {}
             share = prof.get("sparse_share")
-            lines.append(f"| {name} | {_ms(v.get('eager'))} | {_ms(v.get('compiled'))} | {v.get('ratio_to_baseline', '-')} | "
+            lines.append(f"| {name} | {_ms(v.get('eager'))} | {v.get('ratio_eager', '-')} | {_ms(v.get('compiled'))} | {v.get('ratio_compiled', '-')} | "
                          f"{'-' if share is None else f'{share:.0%}'} | {v.get('weights_gib', '-')} | {v.get('activation_peak_gib', '-')} | "
                          f"{v.get('sparse_layers', 0)} ({v.get('kernel') or '-'}) | {v.get('quantized_layers', 0)} | {len(v.get('refused', {}))} |")
         lines.append("")
         if e.get("not_compiled"):
             lines += ["Not compiled: " + "; ".join(f"{k}: {why}" for k, why in e["not_compiled"].items()), ""]
         for name, why in e.get("unavailable", {}).items():
-            lines += [f"Not measured: {name}: {why}.", ""]
+            lines += [f"Not measured ({name}): {why}.", ""]
         refusals = {why for v in e.get("variants", {}).values() for why in v.get("refused", {}).values()}
         if refusals:
             lines += ["2:4 layers left dense, reasons: " + "; ".join(sorted(refusals)[:6]), ""]
@@ -549,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     t0 = time.monotonic()
+    logging.getLogger("diffusers").setLevel(logging.ERROR)  # per-call deprecation warnings would flood the timed loops
 
     def body() -> int:
         from common.errors import UserError

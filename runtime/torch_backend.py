@@ -397,6 +397,8 @@ def convert(model: nn.Module, choice: LayerChoice, settings: TorchSettings) -> L
     """Apply ``choice`` to ``model`` (on its GPU, in place), one layer at a time through torchao's
     ``sparsify_``/``quantize_``; a layer the library refuses stays as it was and is recorded with the
     library's message. Returns the choice as done."""
+    if not choice.sparse and not choice.quantized:  # dense bf16/fp16: nothing for torchao to do
+        return choice
     require_torchao()
     from torchao.quantization import quantize_
     from torchao.sparsity.sparse_api import sparsify_

@@ -35,7 +35,7 @@ def test_dry_run_writes_the_report(tmp_path, capsys):
         assert variants["int8"]["quantized_layers"] > 0 and variants["dense bf16"]["sparse_layers"] == 0
         assert set(entry["not_compiled"].values()) == {"dry run"}
         assert "int8 + 2:4" in entry["unavailable"]
-    assert data["models"]["flux.1-dev"]["flux_28_steps_s"]["dense bf16"] > 0
+    assert data["models"]["flux.1-dev"]["flux_28_steps_s"]["dense bf16 (eager)"] > 0
     md = (out / "gpu_check.md").read_text()
     assert "DRY RUN" in md and "| fp8 + 2:4 |" in md and "diffusers-torchao" in md
     assert capsys.readouterr().out.strip().endswith("gpu_check.md")
