@@ -74,7 +74,7 @@ def clip_jaq(k: float = 2.0, model_name: str | None = None) -> ScoreFn:
         proc = CLIPProcessor.from_pretrained(name, local_files_only=True)
     except OSError:
         raise UserError(f"the reference-free CLIP score needs {name} in the local Hugging Face cache; download it, or fit with "
-                        f"the dense model (runtime.qsched.fit_correction)") from None
+                        f"the dense model (runtime.qsched.trajectory_fit.fit_correction)") from None
     quality_prompts = ["Good photo.", "Bad photo."]
 
     def score(images: np.ndarray, prompts: Sequence[str]) -> float:
