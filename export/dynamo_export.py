@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.dtypes import PRECISION_DTYPES, precision_dtype
 from common.memory import log_memory
 from export.graph_passes import cleanup, fold_weight_transposes, layernorm_to_fp32, name_weights_after_torch
 from export.onnx_files import EXTERNAL_DATA_THRESHOLD, MAX_IR_VERSION, human_bytes, initializer_bytes, io_spec, load_small_external, onnx_size, save_onnx
@@ -29,12 +30,7 @@ from export.parity import ParityReference, fp32_compute, parity_tolerance
 log = logging.getLogger(__name__)
 
 OPSET = 18
-PRECISIONS = ("fp32", "fp16")
-
-
-def torch_dtype(precision: str) -> torch.dtype:
-    """``fp32`` -> ``torch.float32``, ``fp16`` -> ``torch.float16``."""
-    return {"fp32": torch.float32, "fp16": torch.float16}[precision]
+PRECISIONS = tuple(PRECISION_DTYPES)  # ("fp32", "fp16")
 
 
 def export_module(
@@ -179,7 +175,7 @@ def export_component(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}")
     eff = "fp32" if keep_fp32 else precision
-    dtype = torch_dtype(eff)
+    dtype = precision_dtype(eff)
     current = next(wrapper.parameters()).dtype
     exported = wrapper if current == dtype or in_place else copy.deepcopy(wrapper)
     exported.to(dtype)

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from common.dtypes import precision_dtype
 from common.memory import log_memory, release_to_os
 from export.compact_export import save_compact_transformer
-from export.dynamo_export import export_component, torch_dtype
+from export.dynamo_export import export_component
 from export.transformer_checks import transformer_onnx_checks
 from families.components import Component, find_component
 
@@ -49,7 +50,7 @@ def export_other_component(spec, name: str, precision: str, batches, path: Path,
     from families.registry import load_component
 
     comp = find_component(spec.adapter, name)
-    dtype = torch.float32 if comp.keep_fp32 else torch_dtype(precision)
+    dtype = torch.float32 if comp.keep_fp32 else precision_dtype(precision)
     shapes = spec.shapes
     module = load_component(spec, comp.attr, dtype=dtype)
     res, parity_ref = _export(comp, module, path, precision, batches, served, seq_len=comp.sequence_length(spec),

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.dtypes import from_torch_scalar, torch_dtype
 from export.graph_passes import DQ_OPS, Q_OPS, fold_dq_transposes, fold_shape_computations, fold_weight_quantizers, name_initializers_after_torch, remove_unused
 from export.onnx_files import MAX_IR_VERSION, save_onnx
 from export.quantize import is_quantized
@@ -116,8 +117,8 @@ def _rms_norm_symbolic(opset: int):
         dims = sh._get_const(normalized_shape, "is", "normalized_shape")
         axes = list(range(-len(dims), 0))
         scalar = x.type().scalarType() or "Float"
-        dtypes = {"Float": torch.float32, "Half": torch.float16, "BFloat16": torch.bfloat16, "Double": torch.float64}
-        eps_value = torch.finfo(dtypes.get(scalar, torch.float32)).eps if sh._is_none(eps) else sh._get_const(eps, "f", "eps")
+        elem = from_torch_scalar(scalar)  # rms_norm's input is a float type
+        eps_value = torch.finfo(torch_dtype(elem.name)).eps if sh._is_none(eps) else sh._get_const(eps, "f", "eps")
         x32 = x if scalar == "Float" else g.op("Cast", x, to_i=1)  # 1 = FLOAT
         square = g.op("Mul", x32, x32)
         if g.opset >= 18:
@@ -127,7 +128,7 @@ def _rms_norm_symbolic(opset: int):
         denom = g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps_value, dtype=torch.float32))))
         y = g.op("Div", x32, denom)
         if scalar != "Float":
-            y = g.op("Cast", y, to_i=_ONNX_TYPE[scalar])
+            y = g.op("Cast", y, to_i=elem.onnx_proto)
         return y if sh._is_none(weight) else g.op("Mul", y, weight)
 
     torch.onnx.register_custom_op_symbolic("aten::rms_norm", symbolic, opset)
@@ -135,9 +136,6 @@ def _rms_norm_symbolic(opset: int):
         yield
     finally:
         torch.onnx.unregister_custom_op_symbolic("aten::rms_norm", opset)
-
-
-_ONNX_TYPE = {"Half": 10, "BFloat16": 16, "Double": 11}  # ONNX TensorProto data types
 
 
 @contextlib.contextmanager

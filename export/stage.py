@@ -276,13 +276,13 @@ def _load_and_export(spec, pruned: Path | None, components, batches, settings: E
     """Load, cut, save and export one component at a time, so that memory stays near one copy of the
     biggest component's weights in the export precision (see :func:`export.float_export.export_float_transformer`; a quantized export
     loads the transformer in float32 and, while calibrating, the whole pipeline)."""
+    from common.dtypes import precision_dtype
     from export.compact_export import save_compact_transformer
-    from export.dynamo_export import torch_dtype
     from export.float_export import export_float_transformer, export_other_component
     from export.quant_export import export_quantized_transformer
     from families.registry import load_component
 
-    dtype = torch_dtype("fp32" if settings.quantized else settings.precision)
+    dtype = precision_dtype("fp32" if settings.quantized else settings.precision)
     plan = None
     if pruned is not None:
         plan, transformer = _load_pruned(pruned, dtype)
