@@ -78,7 +78,7 @@ def test_2_4_kernels_match_masked_dense(masked, precision, backend):
     sparse, report = _prepare(model, precision, backend=backend)
     assert report["layers"]["kernel"] == backend
     assert report["layers"]["sparse_layers"] == len(layers), report["layers"]["refused"]
-    assert "SparseSemiStructured" in type(sparse.get_submodule(layers[0]).weight).__name__
+    assert isinstance(sparse.get_submodule(layers[0]).weight, torch.sparse.SparseSemiStructuredTensor)
     assert _rel(_run(sparse, inputs, dtype), ref) < TOL[precision]
 
 
@@ -136,8 +136,8 @@ def test_aoti_package_of_2_4_model_or_reason(masked, tmp_path):
 
 def test_torch_pipeline_on_2_4_kernels_draws_what_the_masked_model_draws(tmp_path):
     """tiny-sd3 end to end: the pipeline whose transformer is stage 2's compact checkpoint on the 2:4 kernels
-    (bf16, text encoders and VAE bf16) against the same pruned weights run dense in float32: mean absolute pixel
-    difference below 0.05 (images in [0, 1], 20 steps)."""
+    against the same pipeline with the 2:4 weights as dense GEMMs (both bf16, text encoders and VAE bf16): mean
+    absolute pixel difference below 0.02 (images in [0, 1], 20 steps)."""
     import numpy as np
 
     from export.checkpoint import save_compact
@@ -157,7 +157,9 @@ def test_torch_pipeline_on_2_4_kernels_draws_what_the_masked_model_draws(tmp_pat
     pipe, report = torch_pipeline(base, tmp_path / "export", tb.TorchSettings(compile=False), sparsity=parse_sparsity("2:4"))
     assert report["layers"]["sparse_layers"] == len(layers), report["layers"]["refused"]
     assert pipe.scheduler is not base.scheduler and next(base.text_encoder.parameters()).dtype == torch.float32
-    base.to("cuda")
-    want = generate(base, spec, "a handwritten digit 7", seed=0, output_type="np")
+    masked, dense_report = torch_pipeline(base, tmp_path / "export", tb.TorchSettings(compile=False, sparse_kernels=False),
+                                          sparsity=parse_sparsity("2:4"))
+    assert dense_report["layers"]["sparse_layers"] == 0
+    want = generate(masked, spec, "a handwritten digit 7", seed=0, output_type="np")
     got = generate(pipe, spec, "a handwritten digit 7", seed=0, output_type="np")
-    assert float(np.abs(np.asarray(got, dtype=np.float32) - np.asarray(want, dtype=np.float32)).mean()) < 0.05
+    assert float(np.abs(np.asarray(got, dtype=np.float32) - np.asarray(want, dtype=np.float32)).mean()) < 0.02
