@@ -23,10 +23,18 @@ EXIT_INTERRUPTED = 130
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage block) and the same exit status as a UserError."""
+    """argparse with a one-line error (no usage block) and the same exit status as a UserError.
+
+    An option given an empty value (``--out ""``) is an error, never a silent fall-back to the default.
+    """
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(EXIT_USER_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+    def _get_value(self, action, arg_string):
+        if action.option_strings and isinstance(arg_string, str) and not arg_string.strip() and arg_string != action.default:
+            raise argparse.ArgumentError(action, "must not be empty")
+        return super()._get_value(action, arg_string)
 
 
 def _number(text: str, kind: type):
@@ -104,10 +112,11 @@ def nonempty(text: str) -> str:
 def run_command(body: Callable[[], int | None]) -> int:
     """Run a command body; a user-actionable failure becomes one ``error:`` line on stderr and a status.
 
-    UserError and user-caused OS errors (permissions, read-only or full disk): status 2. Ctrl-C: 130.
+    UserError and user-caused OS errors (permissions, read-only or full disk, also a full disk reported by a
+    library as its own exception): status 2. Ctrl-C: 130.
     Anything else is a bug and keeps its traceback.
     """
-    from common.io import os_error_line
+    from common.io import disk_full_error, is_disk_full, os_error_line
 
     try:
         return int(body() or 0)
@@ -123,6 +132,11 @@ def run_command(body: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as e:  # a full disk, whichever library was writing (safetensors, torch, onnx)
+        if not is_disk_full(e):
+            raise
+        print(f"error: {disk_full_error(getattr(e, 'filename', None))}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common.errors import UserError
+from common.input_files import check_input_tree
 from common.io import read_json
 from common.paths import REPO_ROOT
 
@@ -218,6 +219,8 @@ def resolve_model(model: str) -> ModelSpec:
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise UserError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+        # A file cut short or of another kind: one line naming it now, not a traceback when weights load.
+        check_input_tree(path, fix=f"the model directory {path} is damaged: restore or re-download it")
         return _spec_from_directory(path)
     if path.exists():
         raise UserError(f"--model {model}: not a directory; give a registry id ({', '.join(MODELS)}) or a diffusers pipeline directory")
@@ -285,6 +288,8 @@ def load_pipeline(spec: ModelSpec, *, drop_t5: bool = False, dtype=None, transfo
     if transformer is not None:
         kwargs["transformer"] = transformer
     where = str(spec.path) if spec.local else spec.source
+    if spec.local:  # a file cut short or of another kind: one line naming it, before from_pretrained's traceback
+        check_input_tree(where, fix=f"the model directory {where} is damaged: restore or re-download it")
     try:
         pipe = cls.from_pretrained(where, local_files_only=spec.local, **kwargs)
     except (OSError, ValueError) as e:
@@ -297,6 +302,17 @@ def load_pipeline(spec: ModelSpec, *, drop_t5: bool = False, dtype=None, transfo
         ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def component_numel(spec: ModelSpec, name: str) -> int | None:
+    """Parameters of one component of a local model, from its safetensors headers (no weights read); None
+    for a hub model or a component without safetensors files."""
+    from common.input_files import safetensors_numel
+
+    if not spec.local or spec.path is None:
+        return None
+    files = sorted((Path(spec.path) / name).glob("*.safetensors"))
+    return sum(safetensors_numel(f) for f in files) if files else None
 
 
 def _pipeline_dir(spec: ModelSpec) -> tuple[str, bool]:
@@ -327,6 +343,8 @@ def load_component(spec: ModelSpec, name: str, *, dtype=None):
         library, cls_name = index[name]
         cls = getattr(importlib.import_module(library), cls_name)
         kwargs = {} if "Tokenizer" in cls_name else {"dtype": dtype or torch.float32}
+        if spec.local and (Path(where) / name).is_dir():
+            check_input_tree(Path(where) / name, fix=f"the model directory {where} is damaged: restore or re-download it")
         return cls.from_pretrained(where, subfolder=name, local_files_only=local, **kwargs)
     except OSError as e:  # before ValueError: huggingface_hub's "not in the cache" error is both
         if spec.local:

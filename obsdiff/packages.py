@@ -243,9 +243,14 @@ def calibration_prompts(prompts: Sequence[str], samples: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(samples)]
 
 
+# A prompt longer than this is cut when read: no text encoder reads more (T5 at 512 tokens is about 2,000
+# characters of English), and tokenising megabytes only to truncate them costs minutes.
+PROMPT_MAX_CHARS = 4096
+
+
 def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per non-empty line of ``path``."""
-    return read_text_lines(path, what="prompt file")
+    """One prompt per non-empty line of ``path`` (at most 16 MiB read; lines cut at :data:`PROMPT_MAX_CHARS`)."""
+    return read_text_lines(path, what="prompt file", max_line_chars=PROMPT_MAX_CHARS)
 
 
 def check_existing(out_dir: str | Path, model: str, config: PruneConfig, prompts: Sequence[str]) -> PrunePlan | None:

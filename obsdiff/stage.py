@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from common.errors import UserError
-from common.io import check_output, created_dirs
+from common.io import check_output, created_dirs, expect_space
 from common.memory import log_memory, release_to_os
 from common.paths import REPO_ROOT
-from families.registry import ModelSpec, load_pipeline
+from families.registry import ModelSpec, component_numel, load_pipeline
+from families.sampling import report_prompt_truncation
 from obsdiff.solvers import DEFAULT_BLOCKSIZE, DEFAULT_PERCDAMP
 
 if TYPE_CHECKING:
@@ -176,7 +177,10 @@ def check_prune(settings: PruneSettings) -> PrunePlan | None:
     if not is_complete(out, existing):
         check_output(out / "transformer", "dir")
         check_output(out / "plan.json", "file")
-    device_and_dtype(settings.device, settings.dtype, settings.offload)
+    _, dtype = device_and_dtype(settings.device, settings.dtype, settings.offload)
+    numel = None if is_complete(out, existing) else component_numel(settings.spec, "transformer")
+    if numel:  # the pruned transformer is saved in the calibration dtype: one line now if the disk cannot hold it
+        expect_space(out, numel * dtype.itemsize, "the pruned transformer")
     return existing
 
 
@@ -262,6 +266,7 @@ def run_prune(settings: PruneSettings) -> PrunePlan | None:
     try:
         with created_dirs(out, remove_on=(UserError,)):
             pipe = load_pipeline(spec, dtype=dtype)
+            report_prompt_truncation(pipe, settings.prompts, calib.max_sequence_length, log, what="calibration prompts")
             release_to_os()  # loading converts dtypes shard by shard; hand the freed buffers back
             log_memory("prune: pipeline loaded", log)
             check_device_memory(pipe, spec, config, ctx.device, settings.offload)

@@ -15,6 +15,7 @@ from typing import Any
 
 from common.dtypes import from_onnx_type
 from common.errors import UserError
+from common.input_files import check_onnx
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def make_session(onnx_path: str | os.PathLike, *, provider: str = "cpu", intra_o
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise UserError(f"missing ONNX {onnx_path}; run `python -m pipeline export` first")
+    check_onnx(onnx_path, fix="re-run the export stage")  # truncated graph or external data: one line, not ORT's error
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = int(intra_op_threads)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.errors import UserError
+from common.input_files import check_onnx as check_onnx_file
 from common.io import check_output, created_dirs
 
 if TYPE_CHECKING:
@@ -93,6 +94,9 @@ def check_build(settings: BuildSettings, *, check_onnx: bool = True) -> None:
         raise UserError(f"unknown Triton backend {settings.triton_kind!r}; use {' or '.join(TRITON_KINDS)}")
     if check_onnx and not Path(settings.onnx_dir).is_dir():
         raise UserError(f"ONNX directory {settings.onnx_dir} does not exist; run `python -m pipeline export` first")
+    if check_onnx:  # a model cut short or of another kind: one line naming it, before the parser's traceback
+        for f in sorted(Path(settings.onnx_dir).glob("*.onnx")):
+            check_onnx_file(f, fix="re-export it (`python -m pipeline export`)")
     check_output(settings.out, "parent")
     if settings.timing_cache:
         check_output(settings.timing_cache, "file", option="--timing-cache")

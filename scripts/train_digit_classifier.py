@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         acc = (model(to_pixels(xh8)).argmax(1) == yh).float().mean().item()
     log.info("held-out accuracy on real digits: %.4f (%d images)", acc, len(yh))
-    model.save(args.out, {"heldout_accuracy": acc, "n_heldout": len(yh), "epochs": args.epochs})
+    from common.io import writing_repository_models
+
+    with writing_repository_models():  # this script builds models/digit-classifier
+        model.save(args.out, {"heldout_accuracy": acc, "n_heldout": len(yh), "epochs": args.epochs})
     return 0
 
 

@@ -8,6 +8,7 @@ prepares files there first (they are part of the "before" snapshot).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -47,18 +48,33 @@ def empty_prompts(tmp: Path) -> None:
     (tmp / "prompts.txt").write_text("\n  \n")
 
 
+def _store(tmp: Path, *parts: str) -> Path:
+    """Directories of an artifact store as the project writes them (each with its marker)."""
+    d = tmp / "art"
+    for part in ("", *parts):
+        d = d / part if part else d
+        d.mkdir(exist_ok=True)
+        (d / ".sparse-dit-deploy").write_text("written by sparse-dit-deploy\n")
+    return d
+
+
 def engine_list_plan(tmp: Path) -> None:
     """An artifact directory whose stage-1 plan.json is a list: found before any stage runs."""
-    prune = tmp / "art" / "tiny-sd3" / "2-4-obs-diff" / "prune"
-    prune.mkdir(parents=True)
+    prune = _store(tmp, "tiny-sd3", "2-4-obs-diff", "prune")
     (prune / "plan.json").write_text("[1, 2, 3]")
 
 
 def engine_foreign_onnx(tmp: Path) -> None:
     """The user's own directory where ``make engine`` would put an ONNX directory."""
-    onnx = tmp / "art" / "tiny-sd3" / "dense" / "export" / "onnx"
-    onnx.mkdir(parents=True)
+    onnx = _store(tmp, "tiny-sd3", "dense", "export") / "onnx"
+    onnx.mkdir()
     (onnx / "notes.txt").write_text("mine")
+
+
+def engine_foreign_store(tmp: Path) -> None:
+    """A directory of the user's given as the artifact store."""
+    (tmp / "art").mkdir()
+    (tmp / "art" / "thesis.tex").write_text("mine")
 
 
 def no_transformer(tmp: Path) -> None:
@@ -76,6 +92,140 @@ def fake_exports(tmp: Path) -> None:
         (tmp / which / "onnx" / "transformer.onnx").write_bytes(b"")
 
 
+def truncated_onnx(tmp: Path) -> None:
+    """An ONNX file cut in half (a copy interrupted, a full disk): protobuf's DecodeError before."""
+    data = _small_onnx(tmp / "whole").read_bytes()
+    (tmp / "onnx").mkdir()
+    (tmp / "onnx" / "transformer.onnx").write_bytes(data[: len(data) // 2])
+
+
+def truncated_external_data(tmp: Path) -> None:
+    """A complete ONNX graph whose external weights file was cut short."""
+    model = _small_onnx(tmp / "onnx", external=True)
+    data = tmp / "onnx" / "transformer.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])
+    assert model.is_file()
+
+
+def wrong_kind_onnx(tmp: Path) -> None:
+    (tmp / "onnx").mkdir()
+    (tmp / "onnx" / "transformer.onnx").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+
+
+def _small_onnx(directory: Path, *, external: bool = False) -> Path:
+    """A real ONNX model (one MatMul with a 64x64 weight), optionally with its weight in external data."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    directory.mkdir(parents=True, exist_ok=True)
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w])
+    model = helper.make_model(graph)
+    path = directory / "transformer.onnx"
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, location="transformer.onnx.data", size_threshold=0)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def _copy_tiny_transformer(tmp: Path) -> Path:
+    import shutil
+
+    dst = tmp / "pruned" / "transformer"
+    shutil.copytree(REPO / "models" / "tiny-sd3" / "transformer", dst)
+    return dst / "diffusion_pytorch_model.safetensors"
+
+
+def truncated_safetensors(tmp: Path) -> None:
+    """A stage-1 transformer whose weights file was cut short."""
+    w = _copy_tiny_transformer(tmp)
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+
+
+def wrong_kind_safetensors(tmp: Path) -> None:
+    w = _copy_tiny_transformer(tmp)
+    w.write_text("this is not a weights file\n" * 10)
+
+
+def truncated_model_dir(tmp: Path) -> None:
+    """A local diffusers model directory (a copy of tiny-sd3) whose VAE weights were cut short."""
+    import shutil
+
+    shutil.copytree(REPO / "models" / "tiny-sd3", tmp / "sd3")
+    w = tmp / "sd3" / "vae" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[:5000])
+
+
+def truncated_plan(tmp: Path) -> None:
+    (tmp / "pruned" / "transformer").mkdir(parents=True)
+    (tmp / "pruned" / "plan.json").write_text('{"version": 2, "model": "tiny-sd3", "sparsity": "2:4", "lay')
+
+
+def engine_corrupt_manifest(tmp: Path) -> None:
+    """An artifact directory whose manifest.json was cut short."""
+    cfg = _store(tmp, "tiny-sd3", "2-4-obs-diff")
+    (cfg / "manifest.json").write_text('{"model": "tiny-sd3", "stages": {"prune": {"inp')
+
+
+def huge_prompts(tmp: Path) -> None:
+    """A prompt file far larger than any list of prompts (17 MiB)."""
+    (tmp / "prompts.txt").write_bytes((b"a handwritten digit 3 " * 47662 + b"\n") * 17)
+
+
+def binary_prompts(tmp: Path) -> None:
+    (tmp / "prompts.txt").write_bytes(bytes(range(256)) * 64)
+
+
+def lock_holder(tmp: Path) -> None:
+    """Another run writing ``{tmp}/p``: a process holding its lock (started here, ended by the test)."""
+    import time
+
+    (tmp / "p").mkdir()
+    code = ("import sys, time; from common.io import created_dirs\n"
+            "with created_dirs(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp / "p")], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "locked"
+    _HOLDERS.append(proc)
+    time.sleep(0.1)
+
+
+_HOLDERS: list[subprocess.Popen] = []
+_MOUNTS: list[Path] = []
+
+
+def _small_filesystem(tmp: Path, size: str) -> Path:
+    """A tmpfs of ``size`` at ``tmp/small`` (needs root and mount rights; the row is skipped otherwise)."""
+    mnt = tmp / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("a full-disk row mounts a small tmpfs: needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip()[:200]})")
+    _MOUNTS.append(mnt)
+    return mnt
+
+
+def small_disk(tmp: Path) -> None:
+    """A 1 MiB file system: smaller than the tiny-sd3 transformer (17 MiB) that prune saves."""
+    _small_filesystem(tmp, "1m")
+
+
+def full_disk(tmp: Path) -> None:
+    """A 256 KiB file system already full: the write itself fails (PIL's OSError, caught by atomic_path)."""
+    mnt = _small_filesystem(tmp, "256k")
+    fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):
+        while True:
+            os.write(fd, b"\0" * 4096)
+    os.close(fd)
+
+
 def readonly_dir() -> str:
     """A location this user cannot create files in (root ignores file modes, not sysfs)."""
     return "/sys/sdd-test" if os.geteuid() == 0 else "/proc/sdd-test"
@@ -88,6 +238,8 @@ class Case:
     expect: str  # substring of the error line
     setup: Callable[[Path], None] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    watch_repo_models: bool = False  # also check that the repository's models/ is unchanged
+    late: bool = False  # found after the model loaded: the libraries' own start-up warnings may come first
 
 
 GEN = ["pipeline", "generate", "--prompt", "a handwritten digit 3"]
@@ -153,6 +305,44 @@ CASES = [
     Case("generate-transformer-empty", [*GEN, "--transformer", "{tmp}/empty", "--out", "{tmp}/x.png"], "holds no transformer", no_transformer),
     Case("quality-model-path-missing", [*QUALITY, "--model", "{tmp}/sd3", "--json", "{tmp}/q.json"], "no such directory"),
     Case("generate-model-unknown", [*GEN, "--model", "sd9", "--out", "{tmp}/x.png"], "unknown model 'sd9'"),
+    # 7. output directories the project did not write (issue 19)
+    Case("prune-out-foreign-dir", [*PRUNE, "--out", "{tmp}/mine"], "did not write", user_dir),
+    Case("prune-out-filesystem-root", [*PRUNE, "--out", "/"], "/ is a non-empty directory this project did not write"),
+    Case("export-out-foreign-dir", [*EXPORT, "--out", "{tmp}/mine"], "did not write", user_dir),
+    Case("build-out-foreign-dir", [*BUILD, "--out", "{tmp}/mine"], "did not write", lambda t: (user_dir(t), onnx_dir(t))),
+    Case("prune-out-repository-model", [*PRUNE, "--out", "{repo}/models/tiny-sd3/pruned"], "embedded models", watch_repo_models=True),
+    Case("prune-out-repository-models", [*PRUNE, "--out", "{repo}/models"], "embedded models", watch_repo_models=True),
+    Case("generate-out-repository-model", [*GEN, "--out", "{repo}/models/tiny-sd3/x.png"], "embedded models", watch_repo_models=True),
+    Case("export-out-repository-model", [*EXPORT, "--out", "{repo}/models/tiny-sd3/transformer"], "embedded models", watch_repo_models=True),
+    Case("prune-out-empty", [*PRUNE, "--out", ""], "--out: must not be empty"),
+    Case("generate-out-empty", [*GEN, "--out", ""], "--out: must not be empty"),
+    Case("engine-artifacts-foreign", ENGINE, "{tmp}/art is a non-empty directory this project did not write", engine_foreign_store),
+    Case("engine-artifacts-empty", ["pipeline", "engine", "--artifacts", ""], "--artifacts: must not be empty"),
+    # 8. corrupt, truncated or wrong-kind inputs: one line naming the file
+    Case("build-onnx-truncated", [*BUILD, "--out", "{tmp}/eng"], "cannot read ONNX model {tmp}/onnx/transformer.onnx", truncated_onnx),
+    Case("build-onnx-external-data-truncated", [*BUILD, "--out", "{tmp}/eng"], "external data {tmp}/onnx/transformer.onnx.data",
+         truncated_external_data),
+    Case("build-onnx-wrong-kind", [*BUILD, "--out", "{tmp}/eng"], "{tmp}/onnx/transformer.onnx", wrong_kind_onnx),
+    Case("generate-transformer-truncated", [*GEN, "--transformer", "{tmp}/pruned", "--out", "{tmp}/x.png"],
+         "{tmp}/pruned/transformer/diffusion_pytorch_model.safetensors is truncated", truncated_safetensors),
+    Case("generate-transformer-wrong-kind", [*GEN, "--transformer", "{tmp}/pruned", "--out", "{tmp}/x.png"],
+         "is not a safetensors file", wrong_kind_safetensors),
+    Case("generate-model-dir-truncated", [*GEN, "--model", "{tmp}/sd3", "--out", "{tmp}/x.png"],
+         "{tmp}/sd3/vae/diffusion_pytorch_model.safetensors is truncated", truncated_model_dir),
+    Case("export-plan-truncated", [*EXPORT, "--pruned", "{tmp}/pruned", "--out", "{tmp}/out"], "corrupt JSON in {tmp}/pruned/plan.json",
+         truncated_plan),
+    Case("engine-manifest-truncated", ENGINE, "corrupt JSON in {tmp}/art/tiny-sd3/2-4-obs-diff/manifest.json", engine_corrupt_manifest),
+    Case("prune-prompts-binary", [*PRUNE, "--prompts", "{tmp}/prompts.txt", "--out", "{tmp}/p"], "is not UTF-8 text", binary_prompts),
+    # 9. huge inputs: what is read is bounded
+    Case("prune-prompts-huge", [*PRUNE, "--prompts", "{tmp}/prompts.txt", "--out", "{tmp}/p"], "is larger than 16.0 MiB", huge_prompts),
+    # 10. a full disk: one line naming the location, what is free and what the stage needs; nothing half-written
+    Case("prune-out-small-disk", [*PRUNE, "--samples", "1", "--steps", "1", "--groups", "1", "--out", "{tmp}/small/p"],
+         "the pruned transformer needs about 34.", small_disk),
+    Case("generate-out-full-disk", [*GEN, "--steps", "1", "--out", "{tmp}/small/x.png"], "no space left on the device writing {tmp}/small/x.png",
+         full_disk, late=True),
+    # 11. two runs on one output directory: the second stops naming the first
+    Case("prune-out-locked", [*PRUNE, "--samples", "1", "--steps", "1", "--groups", "1", "--out", "{tmp}/p"],
+         "{tmp}/p is being written by process", lock_holder),
 ]
 
 
@@ -166,20 +356,36 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 
 def _fill(arg: str, tmp: Path) -> str:
-    return arg.replace("{tmp}", str(tmp)).replace("{ro}", readonly_dir())
+    return arg.replace("{tmp}", str(tmp)).replace("{ro}", readonly_dir()).replace("{repo}", str(REPO))
+
+
+@pytest.fixture
+def stop_holders():
+    yield
+    while _HOLDERS:
+        p = _HOLDERS.pop()
+        p.kill()
+        p.wait()
+    while _MOUNTS:
+        subprocess.run(["umount", str(_MOUNTS.pop())], check=False)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, tmp_path: Path):
+def test_bad_input(case: Case, tmp_path: Path, stop_holders):
     if case.setup is not None:
         case.setup(tmp_path)
     before = _snapshot(tmp_path)
+    models_before = _snapshot(REPO / "models") if case.watch_repo_models else None
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO), **case.env}
     r = subprocess.run([sys.executable, "-m", *[_fill(a, tmp_path) for a in case.argv]], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, f"exit {r.returncode}\n{r.stderr[-3000:]}"
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    if case.late:
+        lines = lines[-1:] if sum(line.startswith("error:") for line in lines) == 1 else lines
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr[-3000:]
-    assert case.expect in lines[0], lines[0]
+    assert _fill(case.expect, tmp_path) in lines[0], lines[0]
     assert _snapshot(tmp_path) == before, "the command created, removed or changed files"
+    if models_before is not None:
+        assert _snapshot(REPO / "models") == models_before, "the command wrote into the repository's models/"

@@ -139,3 +139,161 @@ def test_text_that_is_not_utf8(tmp_path):
     (tmp_path / "p.txt").write_bytes(b"caf\xe9\n")
     with pytest.raises(UserError, match="not UTF-8"):
         read_text_lines(tmp_path / "p.txt", what="prompt file")
+
+
+# -- issue 19: foreign directories, the repository's models, locks, a full disk, bounded reads ------------
+def test_parent_outputs_are_empty_or_the_projects(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    with pytest.raises(UserError, match="did not write"):
+        check_output(mine, "parent")
+    with pytest.raises(UserError, match="empty path"):
+        check_output("", "parent")
+    (tmp_path / "empty").mkdir()
+    check_output(tmp_path / "empty", "parent")  # an empty directory is fine: it becomes the stage's
+    with created_dirs(tmp_path / "new" / "out") as out:
+        (out / "plan.json").write_text("{}")
+    assert is_project_output(tmp_path / "new") and is_project_output(tmp_path / "new" / "out")
+    check_output(tmp_path / "new" / "out", "parent")  # a rerun writes into its own output again
+
+
+def test_repository_models_are_read_only(tmp_path):
+    from common.io import REPOSITORY_MODELS, writing_repository_models
+
+    before = sorted(p.name for p in REPOSITORY_MODELS.iterdir())
+    for kind, path in (("parent", REPOSITORY_MODELS / "tiny-sd3"), ("file", REPOSITORY_MODELS / "tiny-sd3" / "x.png"),
+                       ("dir", REPOSITORY_MODELS / "tiny-sd3" / "transformer")):
+        with pytest.raises(UserError, match="embedded models"):
+            check_output(path, kind)
+    with pytest.raises(UserError, match="embedded models"):
+        with atomic_path(REPOSITORY_MODELS / "new-model") as tmp:
+            tmp.mkdir()
+    with writing_repository_models():  # the scripts that build them
+        check_output(REPOSITORY_MODELS / "tiny-sd3", "dir")
+    assert sorted(p.name for p in REPOSITORY_MODELS.iterdir()) == before
+
+
+_HOLD = """
+import sys, time
+from common.io import created_dirs
+with created_dirs(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _holder(directory, seconds: float) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, "-c", _HOLD, str(directory), str(seconds)], stdout=subprocess.PIPE, text=True, env=env)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+def test_second_writer_stops_naming_the_first(tmp_path, monkeypatch):
+    from common.io import LOCK, output_lock
+
+    monkeypatch.delenv("SPARSE_DIT_LOCK_WAIT", raising=False)
+    holder = _holder(tmp_path / "out", 60)
+    try:
+        with pytest.raises(UserError, match=f"being written by process {holder.pid} "):
+            check_output(tmp_path / "out", "parent")  # before any work
+        with pytest.raises(UserError, match=f"being written by process {holder.pid} "):
+            with output_lock(tmp_path / "out"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with created_dirs(tmp_path / "out"):  # the kernel dropped the dead holder's lock
+        assert (tmp_path / "out" / LOCK).is_file()
+    assert not (tmp_path / "out" / LOCK).exists()  # released and removed
+
+
+def test_second_writer_waits_when_asked(tmp_path, monkeypatch, caplog):
+    import time
+
+    monkeypatch.setenv("SPARSE_DIT_LOCK_WAIT", "60")
+    holder = _holder(tmp_path / "out", 1.5)
+    t0 = time.monotonic()
+    with caplog.at_level("WARNING"):
+        with created_dirs(tmp_path / "out"):
+            waited = time.monotonic() - t0
+    holder.wait()
+    assert waited > 0.5 and holder.returncode == 0
+    assert any(f"process {holder.pid}" in r.getMessage() and "waiting" in r.getMessage() for r in caplog.records)
+
+
+def test_disk_full_from_a_library_is_one_line(tmp_path):
+    """safetensors' own error (not an OSError) inside atomic_path: the location, what is free and what the
+    stage said it needs; the temporary is gone."""
+    import torch
+    from safetensors.torch import save_file
+
+    from common.io import expect_space
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root and mount rights): {r.stderr.strip()[:200]}")
+    try:
+        expect_space(mnt / "out", 200 << 10, "the test stage")  # fits the free space: registered for the message
+        with pytest.raises(UserError, match=r"no space left on the device writing .*small/out/w.safetensors \(.* free there\); "
+                                            r"the test stage needs about 200.0 KiB"):
+            with atomic_path(mnt / "out" / "w.safetensors") as tmp:
+                save_file({"w": torch.zeros(1 << 18)}, str(tmp))  # 1 MiB
+        assert [p.name for p in (mnt / "out").iterdir()] == [".sparse-dit-deploy"]  # nothing half-written
+        code = ("import torch\nfrom safetensors.torch import save_file\nfrom common.cli import run_command\n"
+                f"raise SystemExit(run_command(lambda: save_file({{'w': torch.zeros(1 << 18)}}, {str(mnt / 'direct.safetensors')!r})))\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1].startswith("error: no space left on the device"), r.stderr[-2000:]
+        with pytest.raises(UserError, match="needs about 1.0 GiB .* are free there"):
+            expect_space(mnt / "out", 1 << 30, "a big stage")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_prompt_files_are_bounded(tmp_path, caplog):
+    (tmp_path / "p.txt").write_text("short\n" + "x" * 5000 + "\n")
+    with caplog.at_level("WARNING"):
+        lines = read_text_lines(tmp_path / "p.txt", what="prompt file", max_line_chars=4096)
+    assert [len(x) for x in lines] == [5, 4096]
+    assert any("1 of 2 lines are longer than 4096" in r.getMessage() for r in caplog.records)
+    with pytest.raises(UserError, match="larger than 1.0 KiB"):
+        read_text_lines(tmp_path / "p.txt", what="prompt file", max_bytes=1024)
+
+
+def test_corrupt_safetensors_and_onnx(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    import torch
+    from safetensors.torch import save_file
+
+    from common.input_files import check_onnx, check_safetensors, safetensors_numel
+
+    save_file({"a": torch.zeros(10, 3), "b": torch.zeros(4)}, str(tmp_path / "w.safetensors"))
+    assert safetensors_numel(tmp_path / "w.safetensors") == 34
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    with pytest.raises(UserError, match="cut.safetensors is truncated"):
+        check_safetensors(tmp_path / "cut.safetensors")
+    (tmp_path / "txt.safetensors").write_text("hello")
+    with pytest.raises(UserError, match="not a safetensors file"):
+        check_safetensors(tmp_path / "txt.safetensors")
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w])
+    onnx.save_model(helper.make_model(graph), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    check_onnx(tmp_path / "m.onnx")
+    (tmp_path / "m.data").write_bytes(b"\0" * 100)
+    with pytest.raises(UserError, match="m.data of .* is truncated: tensor w ends at byte 16384"):
+        check_onnx(tmp_path / "m.onnx")
+    (tmp_path / "m.data").unlink()
+    with pytest.raises(UserError, match="missing or unreadable"):
+        check_onnx(tmp_path / "m.onnx")
