@@ -394,7 +394,8 @@ def run_pareto(args) -> dict[str, Any]:
 
     from common.versions import device_info
     from common.errors import UserError
-    from common.io import atomic_path, check_output, created_dirs, write_json
+    from common.io import check_output, created_dirs
+    from common.report import write_report
     from families.registry import resolve_model
     from pipeline.artifacts import ARTIFACTS, model_dir
 
@@ -438,9 +439,7 @@ def run_pareto(args) -> dict[str, Any]:
                 "notes": notes + [_structured_note()],
             }
             report["elapsed_s"] = round(time.perf_counter() - t_all, 1)
-            write_json(out / "pareto.json", report)
-            with atomic_path(out / "pareto.md") as tmp:
-                tmp.write_text(to_markdown(report))
+            write_report(out / "pareto.json", report, to_markdown(report))
             plot(report, out / "pareto.png")
     finally:
         torch.set_num_threads(threads_before)

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.io import atomic_path  # noqa: E402
+from common.paths import REPO_ROOT  # noqa: E402
 from families import get_adapter  # noqa: E402
 
 log = logging.getLogger("make_scale_fixture")
@@ -39,7 +40,7 @@ sd3 = get_adapter("sd3")
 FAMILIES = sd3.published_configs
 SD3_VAE = sd3.published_vae_config
 CLIP_LEN = 77
-TOKENIZERS = Path(__file__).resolve().parents[1] / "models" / "tiny-sd3"
+TOKENIZERS = REPO_ROOT / "models" / "tiny-sd3"
 
 
 def _randomise_zero_init(module: torch.nn.Module, generator: torch.Generator) -> None:
