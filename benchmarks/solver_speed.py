@@ -31,20 +31,17 @@ returns a mask, so its weights are the masked originals) where ModelOpt imports.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from benchmarks import program
 from common.paths import REPO_ROOT
-from common.report import write_report
-from common.versions import device_description, module_versions
 from obsdiff.baselines import magnitude_prune
 from obsdiff.patterns import parse_sparsity
 from obsdiff.solvers import inverse_cholesky_upper, obs_prune, obs_prune_groups
@@ -334,7 +331,7 @@ def pattern_sweep(shapes: list[tuple[int, int]], patterns: list[str], *, repeats
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.solver_speed", description=__doc__.splitlines()[0])
+    ap = program.parser("solver_speed", __doc__)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds per variant after one warm-up (default 3)")
     ap.add_argument("--patterns", default="", help=f"also sweep these patterns (comma-separated; e.g. {','.join(PATTERNS)}); default none")
@@ -344,11 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modelopt-path", default=os.pathsep.join(["/tmp/mo-pkgs", "/tmp/mo-deps"]),
                     help="extra sys.path entries where nvidia-modelopt (and its deps) were pip-installed with --target")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    return program.run(ap, argv, run)
+
+
+def run(args) -> int:
+    program.set_threads(args.threads)
+    device = program.resolve_device(args.device)
 
     def scaled(n: int) -> int:
         return max(128, int(round(n * args.scale / 128)) * 128)
@@ -358,21 +356,19 @@ def main(argv: list[str] | None = None) -> int:
     counts = {shape_map[s]: c for s, c in SD3_MEDIUM_LAYERS.items()}
     bench: dict[str, Any] = {
         "benchmark": "solver_speed",
-        "device": device_description(device),
-        "versions": module_versions(("torch",)),
+        **program.environment(device, ("torch",)),
         "settings": {"repeats": args.repeats, "percdamp": args.percdamp, "blocksize": 128, "head_dim": HEAD_DIM, "scale": args.scale, "threads": torch.get_num_threads()},
         "reference": "SparseGPT fasterprune (IST-DASLab/sparsegpt algorithm, written out in benchmarks/solver_speed.py)",
         "sd3_medium_2of4": whole_model_2of4(shapes, counts, repeats=args.repeats, percdamp=args.percdamp, device=device),
     }
-    patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
+    patterns = program.split_list(args.patterns)
     if patterns:
         sgpt, mo_note = load_modelopt(args.modelopt_path)
         log.info("%s", mo_note)
         bench["modelopt"] = mo_note
         bench["modelopt_notes"] = "create_sgpt_mask supports N:M only and returns a mask; its weights here are the masked originals (no OBS update)"
         bench["results"] = pattern_sweep(shapes, patterns, repeats=args.repeats, percdamp=args.percdamp, device=device, sgpt=sgpt)
-    out = Path(args.out)
-    write_report(out, bench, markdown(bench))
+    program.write(args.out, bench, markdown(bench))
     sys.stdout.write(markdown(bench))
     return 0
 
