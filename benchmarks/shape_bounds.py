@@ -17,13 +17,13 @@ registry id or a diffusers directory (its ``transformer/config.json``). Writes J
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks import program
 from common.errors import UserError
-from common.report import write_report
+from common.versions import module_versions
 
 
 def meta_transformer(args) -> tuple[torch.nn.Module, int, int, str]:
@@ -85,10 +85,10 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.cli import ArgumentParser, int_at_least, run_command
+    from common.cli import int_at_least
     from families.shapes import parse_resolutions
 
-    p = ArgumentParser(prog="python -m benchmarks.shape_bounds", description=__doc__.splitlines()[0])
+    p = program.parser("shape_bounds", __doc__)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--family", help="a published config (families.published_configs: sd3-medium, sd3.5-medium, sd3.5-large, flux.1-dev, ...)")
     g.add_argument("--model", help="registry id or local diffusers directory")
@@ -96,20 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int_at_least(1), default=2, help="transformer batch per step (2: classifier-free guidance)")
     p.add_argument("--structured", default="0.3", help="structured ratios, comma-separated ('' for none)")
     p.add_argument("--out", default="artifacts/bench/shape_bounds.json", help="JSON path; the Markdown table goes next to it")
-    args = p.parse_args(argv)
 
-    def body() -> int:
+    def body(args) -> int:
         model, vae_scale, text, source = meta_transformer(args)
         resolutions = parse_resolutions(args.resolution)
         ratios = [float(r) for r in args.structured.split(",") if r.strip()]
         rows = bounds(model, resolutions, vae_scale=vae_scale, batch=args.batch, text_seq_len=text, ratios=ratios)
-        result = {"benchmark": "shape_bounds", "source": source, "batch": args.batch, "text_seq_len": text, "rows": rows}
-        out = Path(args.out)
-        write_report(out, result, markdown(result))
+        result = {"benchmark": "shape_bounds", "source": source, "versions": module_versions(("torch", "diffusers")),
+                  "batch": args.batch, "text_seq_len": text, "rows": rows}
+        program.write(args.out, result, markdown(result))
         print(markdown(result))
         return 0
 
-    return run_command(body)
+    return program.run(p, argv, body)
 
 
 if __name__ == "__main__":
