@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_torch_arguments(p)
     p.add_argument("--no-sparse-kernels", action="store_true", help="--backend torch: run the 2:4 weights as dense GEMMs")
+    p.add_argument("--also-torch", action="store_true", help="--backend trt: time the same exports on the torch backend too, interleaved")
     args = p.parse_args(argv)
+    if args.also_torch and args.backend != "trt":
+        p.error("--also-torch puts the torch backend next to TensorRT engines: add --backend trt")
     setup_logging()
     engines = {k: v for k, v in (("dense", args.dense_engines), ("pruned", args.pruned_engines)) if v}
     res: dict = {}
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                            provider=args.provider, engines=engines or None, sparsity=parse_sparsity(args.sparsity) if args.sparsity else None,
                            eager=not args.no_eager, quality=not args.no_quality, steps=args.steps, threads=args.threads, resolutions=resolutions,
                            correction=args.correction,
-                           torch_settings=torch_settings_from_args(args, sparse_kernels=not args.no_sparse_kernels) if args.backend == "torch" else None))
+                           torch_settings=torch_settings_from_args(args, sparse_kernels=not args.no_sparse_kernels)
+                           if args.backend == "torch" or args.also_torch else None))
         return 0
 
     status = run_command(body)

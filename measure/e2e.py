@@ -108,7 +108,7 @@ def _runner_variant(name: str, spec, base_pipe, *, backend: str, onnx_dir: Path,
     return Variant(name, pipe, label, sizes["transformer"], sum(sizes.values()))
 
 
-def _torch_variants(base, dense_export_dir, pruned_export_dir, settings, sparsity, correction) -> list[Variant]:
+def _torch_variants(base, dense_export_dir, pruned_export_dir, settings, sparsity, correction, prefix: str = "") -> list[Variant]:
     """Dense and pruned pipelines with their transformers on this GPU through the torch backend (one bf16/fp16
     copy of the other components shared by both)."""
     from runtime.torch_backend import TorchSettings, weight_bytes
@@ -122,7 +122,7 @@ def _torch_variants(base, dense_export_dir, pruned_export_dir, settings, sparsit
         pipe, report = torch_pipeline(base, export_dir, settings, sparsity=sp, components=shared, correction=corr)
         size = weight_bytes(pipe.transformer)
         label = f"pytorch {torch.__version__} {settings.precision.name}{' compiled' if settings.compile else ''} ({report['layers']['kernel'] or 'dense'} kernels)"
-        out.append(Variant(name, pipe, label, size, size + others, report=report))
+        out.append(Variant(prefix + name, pipe, label, size, size + others, report=report))
     return out
 
 
@@ -186,7 +186,9 @@ def run_e2e(
     time, each in every round (default: the model's); the first one gives the headline numbers, all of them
     ``per_shape`` (latency and stages per variant, speedups). Each must be one the exports serve.
     torch_settings: ``backend="torch"`` (stage 2's compact checkpoints on this GPU through
-    :mod:`runtime.torch_backend`): its :class:`~runtime.torch_backend.TorchSettings` (default bf16, compiled).
+    :mod:`runtime.torch_backend`): its :class:`~runtime.torch_backend.TorchSettings` (default bf16, compiled). With
+    ``backend="trt"``, the same exports also run on the torch backend, as variants ``torch_dense`` and
+    ``torch_pruned`` interleaved with the engines (side by side; ``speedup_torch``, ``torch_pruned_over_trt_pruned``).
     correction: a Q-Sched scheduler correction (:class:`runtime.qsched.correction.SchedulerCorrection` or its JSON file,
     e.g. ``<config>/qsched/...json``) that the pruned variant's sampler applies.
     precision: the transformer precision of both exports (``fp32``, ``int8``...), recorded (default: the
@@ -215,7 +217,7 @@ def run_e2e(
     device = "cuda" if cuda else "cpu"
     for export_dir in (dense_export_dir, pruned_export_dir):  # inputs first: nothing is created for a bad one
         _onnx_dir(export_dir)
-    if backend == "torch":
+    if backend == "torch" or (backend == "trt" and torch_settings is not None):
         from runtime.manifest import current_gpu
         from runtime.torch_backend import TorchSettings
         from runtime.torch_stage import check_torch_build
@@ -271,6 +273,8 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
             _runner_variant("pruned", spec, base, backend=backend, onnx_dir=pruned_onnx, engine_dir=eng.get("pruned"), provider=provider, threads=threads,
                             correction=correction),
         ]
+    if backend == "trt" and torch_settings is not None:  # side by side: the same exports on the torch backend, interleaved
+        variants += _torch_variants(base, dense_export_dir, pruned_export_dir, torch_settings, sparsity, correction, prefix="torch_")
     if eager:
         size = sum(_torch_bytes(getattr(base, c.attr, None)) for c in spec.adapter.components if c.kind != "transformer")
         variants.append(Variant("eager", base, f"pytorch {torch.__version__} eager ({device})", _torch_bytes(base.transformer), size + _torch_bytes(base.transformer)))
@@ -333,6 +337,10 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
     dense_t = [r["total"] for r in variants[0].records]
     pruned_t = [r["total"] for r in variants[1].records]
     result["speedup_paired"] = float(np.median(np.asarray(dense_t) / np.asarray(pruned_t)))
+    if "torch_pruned" in result:  # side by side with the engines
+        tp = result["torch_pruned"]["latency_ms"]["median"]
+        result["speedup_torch"] = result["torch_dense"]["latency_ms"]["median"] / tp
+        result["torch_pruned_over_trt_pruned"] = tp / p["latency_ms"]["median"]
     if eager:
         result["speedup_vs_eager"] = result["eager"]["latency_ms"]["median"] / p["latency_ms"]["median"]
     result["note"] = sparsity_note(sparsity, backend, cuda)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-VARIANTS = ("dense", "pruned", "eager")
+VARIANTS = ("dense", "pruned", "torch_dense", "torch_pruned", "eager")  # torch_*: e2e --also-torch, next to the engines
 STAGE_LABELS = {"text_encoders": "text encoders", "transformer": "transformer (all steps)", "vae_decode": "VAE decode"}
 
 

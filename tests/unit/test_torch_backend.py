@@ -332,3 +332,13 @@ def test_make_engine_torch_plans_float_exports_and_no_engines(tmp_path):
     bench = plan_bench(args, spec, sparsity, cfg, dense, True, "torch")
     assert bench.engines is None and bench.pruned_export == cfg.export_for("fp32")
     assert bench.torch_settings == tb.TorchSettings(precision=tb.PRECISIONS["fp8"]) and bench.to_json()["torch"]["precision"] == "fp8"
+
+
+def test_e2e_also_torch_needs_the_engines(capsys):
+    from benchmarks.e2e import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--dense", "d", "--pruned", "p", "--out", "o", "--also-torch"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--also-torch puts the torch backend next to TensorRT engines" in err[0]
