@@ -342,3 +342,14 @@ def test_e2e_also_torch_needs_the_engines(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--also-torch puts the torch backend next to TensorRT engines" in err[0]
+
+
+def test_torch_components_are_one_copy_in_the_precision(tiny_pipe):
+    """The torch pipelines share one bf16 copy of the text encoders and VAE; the base pipeline is left as it was."""
+    from runtime.torch_stage import torch_components
+
+    comps = torch_components(tiny_pipe, torch.bfloat16, device="cpu")
+    assert comps["transformer"] is tiny_pipe.transformer  # replaced per pipeline by the converted one
+    assert next(comps["vae"].parameters()).dtype == torch.bfloat16 and comps["vae"] is not tiny_pipe.vae
+    assert next(tiny_pipe.vae.parameters()).dtype == torch.float32
+    assert comps["tokenizer"] is tiny_pipe.tokenizer and comps["scheduler"] is tiny_pipe.scheduler
