@@ -18,7 +18,6 @@ Writes ``export_latency.json`` and ``export_latency.md``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import os
@@ -34,15 +33,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.paths import REPO_ROOT  # noqa: E402
-from common.report import write_report  # noqa: E402
-from common.versions import library_versions  # noqa: E402
-from export.dynamo_export import export_module  # noqa: E402
-from export.onnx_files import onnx_size  # noqa: E402
-from export.parity import ort_session  # noqa: E402
-from families import adapter_for  # noqa: E402
-from export.report import count_parameters, transformer_flops  # noqa: E402
-from export.surgery import apply_plan, structured_plan  # noqa: E402
+from benchmarks import program
+from common.errors import UserError
+from common.paths import REPO_ROOT
+from common.versions import library_versions
+from export.dynamo_export import export_module
+from export.onnx_files import onnx_size
+from export.parity import ort_session
+from export.report import count_parameters, transformer_flops
+from export.surgery import apply_plan, structured_plan
+from families import adapter_for
 
 log = logging.getLogger("benchmarks.export_latency")
 
@@ -177,34 +177,61 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=REPO_ROOT / "artifacts" / "bench", help="output directory (default artifacts/bench)")
-    ap.add_argument("--ratio", type=float, default=0.3, help="structured ratio of heads/neurons removed (default 0.3)")
-    ap.add_argument("--runs", type=int, default=10, help="timed rounds per case (default 10)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--min-time", type=float, default=20.0, help="fast cases get more rounds, about this many seconds of timing (default 20)")
-    ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
-    ap.add_argument("--cases", default="tiny-sd3,sd3-medium-width")
-    ap.add_argument("--sd3-blocks", type=int, default=3, help="blocks of the SD3-medium-width model (the last one has no text-branch outputs)")
-    ap.add_argument("--sd3-latent", type=int, default=32, help="latent height=width of the SD3-medium-width case (default 32 = 256 px)")
-    ap.add_argument("--sd3-text", type=int, default=333, help="text tokens (77 CLIP + 256 T5 = SD3's default)")
-    ap.add_argument("--sd3-batch", type=int, default=2, help="batch per call (2 = one CFG denoising step)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+CASES = ("tiny-sd3", "sd3-medium-width")
 
+
+def add_case_args(p, *, sd3_blocks: int) -> None:
+    """The options this benchmark and :mod:`benchmarks.quant_latency` share: output directory, timing,
+    cases and the SD3-medium-width shape (``sd3_blocks``: that case's default block count)."""
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "artifacts" / "bench", help="output directory (default artifacts/bench)")
+    p.add_argument("--ratio", type=float, default=0.3, help="structured ratio of heads/neurons removed (default 0.3)")
+    p.add_argument("--runs", type=int, default=10, help="timed rounds per case (default 10)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--min-time", type=float, default=20.0, help="fast cases get more rounds, about this many seconds of timing (default 20)")
+    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--sd3-blocks", type=int, default=sd3_blocks,
+                   help=f"blocks of the SD3-medium-width model (default {sd3_blocks}; the last one has no text-branch outputs)")
+    p.add_argument("--sd3-latent", type=int, default=32, help="latent height=width of the SD3-medium-width case (default 32 = 256 px)")
+    p.add_argument("--sd3-text", type=int, default=333, help="text tokens (77 CLIP + 256 T5 = SD3's default)")
+    p.add_argument("--sd3-batch", type=int, default=2, help="batch per call (2 = one CFG denoising step)")
+
+
+def selected_cases(args) -> list[str]:
+    """``--cases`` as a list; one line naming the known cases for an unknown one."""
+    cases = program.split_list(args.cases)
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise UserError(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    return cases
+
+
+def load_case(case: str, args) -> tuple[Any, dict[str, Any]]:
+    """The model and its facts for one of :data:`CASES`, shaped by ``args`` (:func:`add_case_args`)."""
+    if case == "tiny-sd3":
+        return tiny_sd3_case()
+    return sd3_medium_width_case(args.sd3_blocks, args.sd3_latent, args.sd3_text, args.sd3_batch)
+
+
+def host(threads: int | None) -> dict[str, Any]:
+    """The CPU the sessions ran on and their thread setting."""
+    return {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "ort_threads": threads or "default"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = program.parser("export_latency", __doc__)
+    add_case_args(ap, sd3_blocks=3)
+    return program.run(ap, argv, run)
+
+
+def run(args) -> int:
     import onnxruntime as ort
 
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases = selected_cases(args)
     results = []
     with tempfile.TemporaryDirectory(prefix="export-latency-") as tmp:
         for case in cases:
-            if case == "tiny-sd3":
-                model, info = tiny_sd3_case()
-            elif case == "sd3-medium-width":
-                model, info = sd3_medium_width_case(args.sd3_blocks, args.sd3_latent, args.sd3_text, args.sd3_batch)
-            else:
-                raise SystemExit(f"unknown case {case!r}; choose from tiny-sd3, sd3-medium-width")
+            model, info = load_case(case, args)
             results.append(bench_case(case, model, info, args.ratio, args.runs, args.warmup, Path(tmp), args.threads, args.min_time))
             del model
     report = {
@@ -212,13 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs,
         "warmup": args.warmup,
         "min_time": args.min_time,
-        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "ort_threads": args.threads or "default"},
+        "machine": host(args.threads),
         "versions": library_versions(("torch", "diffusers", "onnx", "onnxruntime")) | {"ort_build": ort.get_device()},
         "cases": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_report(args.out / "export_latency.json", report, to_markdown(report))
-    log.info("wrote %s and %s", args.out / "export_latency.json", args.out / "export_latency.md")
+    program.write(args.out / "export_latency.json", report, to_markdown(report))
     log.info("\n%s", to_markdown(report))
     return 0
 

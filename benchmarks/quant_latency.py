@@ -26,11 +26,8 @@ Writes ``quant_latency.json`` and ``quant_latency.md``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,18 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from benchmarks.export_latency import sd3_medium_width_case, time_interleaved, tiny_sd3_case  # noqa: E402
-from common.paths import REPO_ROOT  # noqa: E402
-from common.report import write_report  # noqa: E402
-from common.versions import library_versions  # noqa: E402
-from export.dynamo_export import export_module  # noqa: E402
-from export.onnx_files import onnx_size  # noqa: E402
-from export.parity import ort_session  # noqa: E402
-from export.report import transformer_flops  # noqa: E402
-from export.surgery import apply_plan, structured_plan  # noqa: E402
-from families import adapter_for  # noqa: E402
+from benchmarks import program
+from benchmarks.export_latency import add_case_args, host, load_case, selected_cases, time_interleaved
+from common.versions import library_versions
+from export.dynamo_export import export_module
+from export.onnx_files import onnx_size
+from export.parity import ort_session
+from export.report import transformer_flops
+from export.surgery import apply_plan, structured_plan
+from families import adapter_for
 
 log = logging.getLogger("benchmarks.quant_latency")
 
@@ -165,37 +160,23 @@ def _isa() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=REPO_ROOT / "artifacts" / "bench", help="output directory (default artifacts/bench)")
-    ap.add_argument("--ratio", type=float, default=0.3, help="structured ratio of heads/neurons removed (default 0.3)")
-    ap.add_argument("--runs", type=int, default=10, help="timed rounds per case (default 10)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--min-time", type=float, default=20.0, help="fast cases get more rounds, about this many seconds of timing (default 20)")
-    ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's choice)")
-    ap.add_argument("--cases", default="tiny-sd3,sd3-medium-width")
-    ap.add_argument("--sd3-blocks", type=int, default=2, help="blocks of the SD3-medium-width model (default 2; the last one has no text-branch outputs)")
-    ap.add_argument("--sd3-latent", type=int, default=32, help="latent height=width of the SD3-medium-width case (default 32 = 256 px)")
-    ap.add_argument("--sd3-text", type=int, default=333, help="text tokens (77 CLIP + 256 T5 = SD3's default)")
-    ap.add_argument("--sd3-batch", type=int, default=2, help="batch per call (2 = one CFG denoising step)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = program.parser("quant_latency", __doc__)
+    add_case_args(ap, sd3_blocks=2)
+    return program.run(ap, argv, run)
+
+
+def run(args) -> int:
     for name in ("modelopt", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
     import onnxruntime as ort
 
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in cases if c not in ("tiny-sd3", "sd3-medium-width")]
-    if unknown:
-        raise SystemExit(f"unknown case(s) {unknown}; choose from tiny-sd3, sd3-medium-width")
+    cases = selected_cases(args)
     results = []
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="quant-latency-") as tmp:
         for case in cases:
-            if case == "tiny-sd3":
-                model, info = tiny_sd3_case()
-            else:
-                model, info = sd3_medium_width_case(args.sd3_blocks, args.sd3_latent, args.sd3_text, args.sd3_batch)
+            model, info = load_case(case, args)
             info["latent_hw"] = list(info["latent_hw"])
             results.append(bench_case(case, model, info, args.ratio, args.runs, args.warmup, Path(tmp), args.threads, args.min_time))
             del model
@@ -205,15 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "min_time": args.min_time,
         "elapsed_s": round(time.perf_counter() - t_all, 1),
-        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "isa": _isa(),
-                    "ort_threads": args.threads or "default"},
+        "machine": {**host(args.threads), "isa": _isa()},
         "versions": library_versions(("torch", "diffusers", "onnx", "onnxruntime", "nvidia-modelopt")) | {"ort_build": ort.get_device()},
         "calibration": "2 random input batches per model (max calibration; ModelOpt INT8: weights per output channel, activations per tensor)",
         "cases": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_report(args.out / "quant_latency.json", report, to_markdown(report))
-    log.info("wrote %s and %s", args.out / "quant_latency.json", args.out / "quant_latency.md")
+    program.write(args.out / "quant_latency.json", report, to_markdown(report))
     log.info("\n%s", to_markdown(report))
     return 0
 
