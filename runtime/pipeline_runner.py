@@ -6,15 +6,8 @@ for the same prompt and seed. Only the networks are swapped, for small ``torch.n
 expose what the pipeline reads (``config``, ``dtype``, ``device``, the call signature and output layout)
 and call an :class:`runtime.ort.OrtModel` or :class:`runtime.trt.engine.TrtEngine`:
 
-- the transformer: the family adapter's runtime module (:meth:`families.base.FamilyAdapter.runtime_transformer`),
-  with the diffusers transformer's call signature
-- ``clip_projection`` text encoders (SD3): ``input_ids -> out`` with ``out[0]`` the pooled text embeddings
-  and ``out.hidden_states[-2]`` the penultimate hidden states (what the pipeline reads)
-- ``clip_pooled`` (Flux): ``input_ids -> out`` with ``out.pooler_output``
-- ``t5``: ``input_ids -> (last_hidden_state,)``
-- ``vae_decoder``: ``decode(latent) -> (sample,)`` (the pipeline has already unscaled the latents)
-
-Which component is which kind and replaces which pipeline attribute, the family adapter says.
+each component's runtime module, and the pipeline attribute it replaces, come from the family's component
+descriptions (:mod:`families.components`).
 
 Components without an ONNX/engine stay PyTorch. :func:`generate` can time the stages with
 :mod:`runtime.stage_timer`.
@@ -31,7 +24,7 @@ import torch
 
 from common.errors import UserError
 from families import ADAPTERS, adapter_for
-from families.base import RuntimeModule
+from families.components import component_names
 from runtime.stage_timer import StageTimer, instrument
 
 log = logging.getLogger(__name__)
@@ -39,67 +32,7 @@ log = logging.getLogger(__name__)
 Runner = Callable[[dict[str, Any]], dict[str, Any]]
 
 # Every component name some family exports, in a stable order (the files a directory may hold).
-KNOWN_COMPONENTS = tuple(dict.fromkeys(c.name for a in ADAPTERS.values() for c in a.components))
-
-
-# --------------------------------------------------------------------------------------------- adapters
-
-
-_Adapter = RuntimeModule
-
-
-class _ClipOutput(tuple):
-    """``(text_embeds,)`` with ``.hidden_states`` whose ``[-2]`` is the penultimate layer, as the pipeline reads."""
-
-
-class ClipAdapter(_Adapter):
-    """``CLIPTextModelWithProjection`` as the SD3 pipeline calls it."""
-
-    def forward(self, input_ids, output_hidden_states=True, **_):
-        o = self.runner({"input_ids": input_ids})
-        out = _ClipOutput((self._out(o["text_embeds"]),))  # (B, P_i)
-        out.hidden_states = (self._out(o["penultimate_hidden_states"]), None)  # [-2]: (B, L, H_i)
-        return out
-
-
-class ClipPooledAdapter(_Adapter):
-    """``CLIPTextModel`` as Flux's pipeline calls it (it reads ``pooler_output``)."""
-
-    def forward(self, input_ids, output_hidden_states=False, **_):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        return BaseModelOutputWithPooling(pooler_output=self._out(self.runner({"input_ids": input_ids})["pooler_output"]))  # (B, H)
-
-
-class T5Adapter(_Adapter):
-    """``T5EncoderModel``: ``input_ids -> (last_hidden_state,)``."""
-
-    def forward(self, input_ids, **_):
-        return (self._out(self.runner({"input_ids": input_ids})["last_hidden_state"]),)  # (B, L, D)
-
-
-class VaeDecoderAdapter(_Adapter):
-    """``AutoencoderKL.decode`` over an exported decoder (input already ``latents / scaling + shift``)."""
-
-    def forward(self, z):
-        return self._out(self.runner({"latent": z})["sample"])  # (B, 3, H, W) in [-1, 1]
-
-    def decode(self, z, return_dict=False, **_):
-        sample = self(z)
-        if return_dict:
-            from diffusers.models.autoencoders.vae import DecoderOutput
-
-            return DecoderOutput(sample=sample)
-        return (sample,)
-
-
-# Component kind -> runtime module (the transformer's comes from the family adapter).
-_KIND_MODULES = {
-    "clip_projection": ClipAdapter,
-    "clip_pooled": ClipPooledAdapter,
-    "t5": T5Adapter,
-    "vae_decoder": VaeDecoderAdapter,
-}
+KNOWN_COMPONENTS = component_names(ADAPTERS.values())
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -175,12 +108,12 @@ def with_runners(pipe, runners: dict[str, Runner], *, device: torch.device | str
     for name, runner in runners.items():
         if name not in kinds:
             raise UserError(f"{type(pipe).__name__} has no component {name!r} to replace (its components: {', '.join(kinds)})")
-        attr, kind = kinds[name].attr, kinds[name].kind
+        attr = kinds[name].attr
         orig = comps.get(attr)
         if orig is None:
             raise UserError(f"the pipeline has no {attr} to replace with the exported {name}")
         dtype = getattr(orig, "dtype", torch.float32)
-        cls = adapter.runtime_transformer() if kind == "transformer" else _KIND_MODULES[kind]
+        cls = kinds[name].runtime_module(adapter)
         comps[attr] = cls(runner, orig.config, dtype, device)
     comps["scheduler"] = copy.deepcopy(pipe.scheduler)  # schedulers keep per-call state
     new = type(pipe)(**comps)

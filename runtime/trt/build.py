@@ -13,6 +13,7 @@ from typing import Any, Iterable
 from common.errors import UserError
 from common.io import atomic_path, read_json, sha256_file, write_json
 from families import ADAPTERS
+from families.components import component_names, sparse_component_names
 from runtime.manifest import MANIFEST_VERSION, current_gpu, engine_stem, manifest_path_for, sha256_onnx
 from runtime.trt.backend import RTX_DEFAULT_TARGETS, Backend, get_backend, sm_name
 from runtime.trt.builder_log import capturing_logger, parse_sparsity_log
@@ -21,8 +22,9 @@ from runtime.trt.options import BuildOptions, expected_profile
 
 log = logging.getLogger(__name__)
 
-# Every component name some family exports (families/*.py list theirs).
-COMPONENTS = tuple(dict.fromkeys(c.name for a in ADAPTERS.values() for c in a.components))
+# Every component name some family exports (families/*.py list theirs), and those stage 1 prunes (sparse tactics).
+COMPONENTS = component_names(ADAPTERS.values())
+SPARSE_COMPONENTS = sparse_component_names(ADAPTERS.values())
 
 
 def build_engine(
@@ -289,7 +291,7 @@ def build_engines(
     for comp in tqdm(names, desc=f"{be.name} engines", unit="engine"):
         src = onnx_dir / f"{comp}.onnx"
         plan = Path(out_dir) / comp / f"{engine_stem(be.name, be.version, onnx_precision(src))}.plan"
-        opts = options if comp == "transformer" else _dense_options(options)
+        opts = options if comp in SPARSE_COMPONENTS else _dense_options(options)
         if profiles and comp in profiles:
             from dataclasses import replace
 
