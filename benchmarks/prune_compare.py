@@ -18,7 +18,6 @@ Writes the JSON and a Markdown table next to it (``.md``).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import sys
@@ -29,10 +28,10 @@ from typing import Any
 
 import torch
 
+from benchmarks import program
+from common.errors import UserError
 from common.memory import PeakMemory
 from common.paths import REPO_ROOT
-from common.report import write_report
-from common.versions import device_description, module_versions
 from families.registry import load_pipeline, resolve_model
 from families.sampling import sample, transformer_calls
 
@@ -91,7 +90,7 @@ def _f(v, nd):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.prune_compare", description=__doc__.splitlines()[0])
+    ap = program.parser("prune_compare", __doc__)
     ap.add_argument("--model", default="tiny-sd3")
     ap.add_argument("--patterns", default="2:4,unstructured:0.5,structured:0.3")
     ap.add_argument("--methods", default="obs-diff,wanda,magnitude")
@@ -101,20 +100,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8, help="calibration prompts per pipeline call (default 8)")
     ap.add_argument("--groups", type=int, default=4, help="module packages (default 4)")
     ap.add_argument("--heldout", type=int, default=6, help="held-out prompts for the output error (default 6)")
-    ap.add_argument("--quality-seeds", default="0,1,2", help="seeds for evaluation.metrics.evaluate; empty to skip")
+    ap.add_argument("--quality-seeds", default="0,1,2", help="seeds for evaluation.metrics.evaluate; empty to skip").allow_empty = True
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1: steadiest on a shared 2-core box)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON path; the Markdown table goes next to it (.md)")
     ap.add_argument("--work", default=None, help="directory for the pruned checkpoints (default: a temporary one)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return program.run(ap, argv, run)
 
+
+def run(args) -> int:
     from obsdiff.packages import CalibrationConfig, PruneConfig, calibration_prompts, prune, read_prompts
     from obsdiff.patterns import parse_sparsity
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device))
+    try:
+        quality_seeds = tuple(int(s) for s in program.split_list(args.quality_seeds))
+    except ValueError:
+        raise UserError(f"--quality-seeds {args.quality_seeds!r}: give comma-separated integers, or nothing to skip") from None
+    program.set_threads(args.threads)
+    device = program.resolve_device(args.device)
     spec = resolve_model(args.model)
     steps = args.steps or spec.steps
     guidance = spec.guidance if args.guidance is None else args.guidance
@@ -130,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
         samples=args.samples, steps=steps, guidance=guidance, height=spec.height, width=spec.width,
         batch_size=args.batch_size, seed=0, max_sequence_length=spec.max_sequence_length,
     )
-    quality_seeds = tuple(int(s) for s in args.quality_seeds.split(",") if s.strip())
 
     def quality() -> dict[str, Any] | None:
         if not quality_seeds:
@@ -148,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or work_ctx.name)
     results = []
     try:
-        for pattern in [p.strip() for p in args.patterns.split(",") if p.strip()]:
+        for pattern in program.split_list(args.patterns):
             sparsity = parse_sparsity(pattern)
-            for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            for method in program.split_list(args.methods):
                 pipe.transformer.load_state_dict(dense_state)
                 config = PruneConfig(sparsity, method=method, groups=args.groups, calibration=calib, family=spec.family)
                 out = work / f"{sparsity.id}-{method}"
@@ -183,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = {
         "benchmark": "prune_compare",
         "model": spec.id,
-        "device": device_description(device),
-        "versions": module_versions(("torch", "diffusers")),
+        **program.environment(device, ("torch", "diffusers")),
         "settings": {
             "samples": args.samples, "steps": steps, "guidance": guidance, "batch_size": args.batch_size, "groups": args.groups,
             "heldout_prompts": len(heldout), "heldout_calls": len(records), "quality_seeds": list(quality_seeds),
@@ -194,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "checks": {"obs_diff_lowest_error_at_every_pattern": lowest_everywhere},
     }
-    out_json = Path(args.out)
-    write_report(out_json, bench, markdown(bench))
+    program.write(args.out, bench, markdown(bench))
     print(markdown(bench))
     return 0 if lowest_everywhere else 1
 
