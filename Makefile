@@ -57,7 +57,7 @@ scale-fixture: setup
 scale-check: setup
 	$(PY) -m benchmarks.scale_check --family "$(FAMILY)" $(SCALE_ARGS)
 
-# The GPU check (benchmarks/gpu_check.py, about 7 minutes on one GPU): on a CUDA host that has nothing but a CUDA
+# The GPU check (benchmarks/gpu_check.py, at most 7.5 minutes on one GPU): on a CUDA host that has nothing but a CUDA
 # build of PyTorch it runs with that host's python3 (GPU_PY; no .venv), installing diffusers and torchao from WHEELS
 # when they are missing. JSON + Markdown into OUT, rewritten after every phase. DRY_RUN=1: the same program here, on
 # the CPU, with tiny configs (tens of seconds).

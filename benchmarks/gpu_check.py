@@ -1,6 +1,6 @@
 """GPU check: the torch backend's kernels on SD3-medium and Flux.1-dev shapes, in one run of a few minutes.
 
-    python -m benchmarks.gpu_check --out DIR [--wheels DIR] [--budget-s 420] [--dry-run]
+    python -m benchmarks.gpu_check --out DIR [--wheels DIR] [--budget-s 390] [--dry-run]
     make gpu-check OUT=DIR [WHEELS=DIR] [DRY_RUN=1]
 
 Needs nothing but a CUDA build of PyTorch: diffusers and torchao, when missing, are installed from a local wheel
@@ -30,6 +30,7 @@ import copy
 import importlib.metadata as metadata
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -146,8 +147,6 @@ def environment(device: str) -> dict[str, Any]:
 def run_tests(paths: list[str], out: Path, timeout_s: float) -> dict[str, Any]:
     """pytest on ``paths`` in a subprocess (JUnit XML into ``out``): passed, failed and skipped, with reasons and
     seconds. At the time limit pytest gets an interrupt, so it still writes the report of the tests it ran."""
-    import signal
-
     xml = out / "gpu_tests.xml"
     t0 = time.monotonic()
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", f"--junitxml={xml}", *paths]
@@ -554,6 +553,14 @@ def render_markdown(d: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
+class HardLimit(BaseException):
+    """Raised by the alarm at ``--hard-limit-s`` (a BaseException: the per-variant error handlers let it through)."""
+
+
+def _hard_limit(signum, frame):
+    raise HardLimit()
+
+
 def main(argv: list[str] | None = None) -> int:
     from common.cli import ArgumentParser, float_range, int_at_least, run_command, setup_logging
 
@@ -561,12 +568,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="directory for gpu_check.json, gpu_check.md and gpu_tests.xml")
     p.add_argument("--wheels", default=None, help="wheel folder for diffusers/torchao when they are not installed (make gpu-wheels)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny configs, nothing converted or compiled: the program's plumbing")
-    p.add_argument("--budget-s", type=float_range(10.0), default=420.0, help="seconds for the whole check (default 420: 7 minutes)")
+    p.add_argument("--budget-s", type=float_range(10.0), default=390.0,
+                   help="seconds the phases plan for (default 390); a compile that runs over is stopped at --hard-limit-s")
+    p.add_argument("--hard-limit-s", type=float_range(10.0), default=None,
+                   help="the run stops here whatever it is doing, keeping what it wrote (default: budget + 60 s, 7.5 minutes)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated registry ids with published configs (default {','.join(MODELS)})")
     p.add_argument("--tests", default="tests/gpu/test_torch_backend_gpu.py,tests/gpu",
                    help="GPU test paths for pytest, comma-separated, in order (default: the torch backend's, then the rest of tests/gpu)")
     p.add_argument("--no-tests", action="store_true", help="skip the GPU tests")
-    p.add_argument("--tests-budget-s", type=float_range(10.0), default=120.0, help="at most this long for the GPU tests (default 120)")
+    p.add_argument("--tests-budget-s", type=float_range(10.0), default=100.0, help="at most this long for the GPU tests (default 100)")
     p.add_argument("--rounds", type=int_at_least(1), default=None, help="timed rounds per phase (default 10; 2 in a dry run)")
     p.add_argument("--no-compile", action="store_true", help="time eager only")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default PyTorch's; max-autotune compiles for minutes)")
@@ -613,15 +623,23 @@ def main(argv: list[str] | None = None) -> int:
             res.data["tests"] = run_tests(tests, out, min(args.tests_budget_s, deadline - time.monotonic()))
             res.save()
         rounds = args.rounds or (2 if args.dry_run else 10)
-        for i, m in enumerate(models):
-            share = (deadline - time.monotonic()) / (len(models) - i)
-            try:
-                check_model(m, res, device=device, gpu=gpu, dry_run=args.dry_run, deadline=time.monotonic() + share, rounds=rounds,
-                            compile_mode=args.compile_mode, compile_scope=args.compile_scope, compile_estimate_s=args.compile_estimate_s,
-                            do_compile=not (args.no_compile or args.dry_run))
-            except torch.cuda.OutOfMemoryError:
-                res.data["notes"].append(f"{m}: out of GPU memory building the dense model")
-                res.save()
+        hard = args.hard_limit_s or args.budget_s + 60
+        signal.signal(signal.SIGALRM, _hard_limit)
+        signal.alarm(max(1, int(hard - (time.monotonic() - t0))))
+        try:
+            for i, m in enumerate(models):
+                share = (deadline - time.monotonic()) / (len(models) - i)
+                try:
+                    check_model(m, res, device=device, gpu=gpu, dry_run=args.dry_run, deadline=time.monotonic() + share, rounds=rounds,
+                                compile_mode=args.compile_mode, compile_scope=args.compile_scope, compile_estimate_s=args.compile_estimate_s,
+                                do_compile=not (args.no_compile or args.dry_run))
+                except torch.cuda.OutOfMemoryError:
+                    res.data["notes"].append(f"{m}: out of GPU memory building the dense model")
+                    res.save()
+        except HardLimit:
+            res.data["notes"].append(f"stopped at the hard limit ({hard:.0f} s): what follows the last measurement above did not run")
+        finally:
+            signal.alarm(0)
         if args.dry_run:
             res.data["notes"].append("dry run: CPU, tiny configs at 64x64, layers chosen but not converted, nothing compiled")
         res.save()

@@ -69,3 +69,13 @@ def test_make_target_runs_the_program():
     assert "-m benchmarks.gpu_check --out \"/tmp/x\" --wheels \".whl/gpu\" --dry-run" in dry
     gpu = subprocess.run(["make", "-n", "gpu-check", "OUT=o", "WHEELS=w"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert gpu.strip().splitlines()[-1].startswith("python3 -m benchmarks.gpu_check --out \"o\" --wheels \"w\"")
+
+
+def test_a_run_cut_at_the_hard_limit_keeps_what_it_measured(tmp_path):
+    out = tmp_path / "cut"
+    assert gpu_check.main(["--out", str(out), "--dry-run", "--no-tests", "--models", "sd3-medium", "--rounds", "100000",
+                           "--budget-s", "600", "--hard-limit-s", "10"]) == 0
+    data = json.loads((out / "gpu_check.json").read_text())
+    assert any(n.startswith("stopped at the hard limit (10 s)") for n in data["notes"])
+    assert data["models"]["sd3-medium"]["variants"]["dense bf16"]["weights_gib"] is not None  # measured before the cut
+    assert data["elapsed_s"] < 60
