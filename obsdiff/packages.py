@@ -34,6 +34,7 @@ from common.io import atomic_path, read_text_lines
 from common.memory import log_memory, release_to_os
 from families import adapter_for, get_adapter
 from families.base import FamilyAdapter, get_module
+from families.sampling import pipeline_call
 from obsdiff import baselines, solvers
 from obsdiff.distributed import DistContext
 from obsdiff.hessian import HessianCollector
@@ -327,17 +328,10 @@ def run_calibration(
             batch = prompts[start : start + calib.batch_size]
             noise = torch.cat([adapter.noise(pipe, calib.height, calib.width, calib.seed + idx, torch.float32) for idx, _ in batch])
             collector.weight = weights[0]
-            pipe(
-                prompt=[p for _, p in batch],
-                num_inference_steps=calib.steps,
-                height=calib.height,
-                width=calib.width,
-                latents=noise.to(dtype),
-                output_type="latent",
-                max_sequence_length=calib.max_sequence_length,
-                callback_on_step_end=on_step_end,
-                **adapter.guidance_kwargs(pipe, calib.guidance, len(batch)),
-            )
+            # the noise is the adapter's (float32 on the CPU, then cast: the same latents on any device and dtype)
+            pipeline_call(pipe, adapter, [p for _, p in batch], [calib.seed + idx for idx, _ in batch], steps=calib.steps,
+                          guidance=calib.guidance, height=calib.height, width=calib.width, max_sequence_length=calib.max_sequence_length,
+                          output_type="latent", latents=noise.to(dtype), callback_on_step_end=on_step_end)
 
 
 # --------------------------------------------------------------------------------------------------

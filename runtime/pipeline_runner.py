@@ -162,30 +162,23 @@ def runner_pipeline(
 
 
 def generate(pipe, spec, prompts: str | list[str], *, seed: int = 0, steps: int | None = None, guidance: float | None = None, timer: StageTimer | None = None, output_type: str = "pil", **kwargs):
-    """Run ``pipe`` like :func:`families.registry`' defaults for ``spec`` (steps, guidance, size, T5 length).
+    """Run ``pipe`` with ``spec``'s defaults (steps, guidance, size, T5 length) through :func:`families.sampling.sample`.
 
-    The latents come from a CPU ``torch.Generator`` seeded with ``seed``, so every backend and device starts
-    from the same noise. With ``timer``, per-stage times are added to it (plus ``total``).
-    Returns the pipeline output's images.
+    Every prompt starts from the noise of a CPU ``torch.Generator`` seeded with ``seed`` (one per image), so a
+    (prompt, seed) gives the same image on every backend and device and in any batch. With ``timer``, per-stage
+    times are added to it (plus ``total``). Returns the images (PIL for ``output_type="pil"``, an (N, H, W, 3)
+    float array for ``"np"``).
     """
-    gen = torch.Generator("cpu").manual_seed(int(seed))
-    call = dict(
-        prompt=prompts,
-        num_inference_steps=steps or spec.steps,
-        **spec.adapter.guidance_kwargs(pipe, spec.guidance if guidance is None else guidance, 1 if isinstance(prompts, str) else len(prompts)),
-        height=spec.height,
-        width=spec.width,
-        max_sequence_length=spec.max_sequence_length,
-        generator=gen,
-        output_type=output_type,
-    )
-    call.update(kwargs)
+    from families.sampling import sample
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    run = lambda: sample(pipe, spec, prompts, [seed] * len(prompts), steps=steps, guidance=guidance, batch_size=max(len(prompts), 1),  # noqa: E731
+                         output_type=output_type, **kwargs)
     if timer is None:
-        with torch.inference_mode():
-            return pipe(**call).images
-    with instrument(pipe, timer), torch.inference_mode():
+        return run()
+    with instrument(pipe, timer):
         timer.start("total")
         try:
-            return pipe(**call).images
+            return run()
         finally:
             timer.stop("total")
