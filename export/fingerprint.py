@@ -25,10 +25,12 @@ def versions() -> dict[str, str]:
 
 
 def _code_hash() -> str:
-    """This stage's code: every module of the ``export`` package (this driver included)."""
+    """This stage's code: every module of the ``export`` package (this driver included) and of ``families`` (the
+    component wrappers, example inputs and dynamic axes the exporter uses live there)."""
     h = hashlib.sha256()
-    for f in sorted(Path(__file__).resolve().parent.glob("*.py")):
-        h.update(f.name.encode())
+    here = Path(__file__).resolve().parent
+    for f in sorted([*here.glob("*.py"), *(here.parent / "families").glob("*.py")]):
+        h.update(f"{f.parent.name}/{f.name}".encode())
         h.update(f.read_bytes())
     return h.hexdigest()
 
