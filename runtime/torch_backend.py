@@ -341,13 +341,16 @@ def require_torchao():
 
 
 def int8_sparse_unavailable() -> str | None:
-    """Why the installed torchao cannot run INT8 + 2:4 (None if it can: its INT8 config has a packing or layout
-    option, which torchao 0.18 does not have)."""
+    """Why INT8 + 2:4 does not run here (one line). torchao 0.18's ``Int8DynamicActivationInt8WeightConfig`` has no
+    packing or layout option, so there is no sparse INT8 weight to convert to; a later torchao that adds one is
+    named as such (this backend would need its config wired in)."""
     require_torchao()
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig
 
-    if any("packing" in f or "layout" in f for f in getattr(Int8DynamicActivationInt8WeightConfig, "__dataclass_fields__", {})):
-        return None
+    fields = [f for f in getattr(Int8DynamicActivationInt8WeightConfig, "__dataclass_fields__", {}) if "packing" in f or "layout" in f]
+    if fields:
+        return (f"INT8 + 2:4: torchao {_torchao_version()}'s Int8DynamicActivationInt8WeightConfig has {', '.join(fields)}, "
+                "which this backend does not wire yet")
     return f"INT8 + 2:4: torchao {_torchao_version()} has no sparse INT8 weight format (Int8DynamicActivationInt8WeightConfig has no packing option)"
 
 

@@ -353,3 +353,16 @@ def test_torch_components_are_one_copy_in_the_precision(tiny_pipe):
     assert next(comps["vae"].parameters()).dtype == torch.bfloat16 and comps["vae"] is not tiny_pipe.vae
     assert next(tiny_pipe.vae.parameters()).dtype == torch.float32
     assert comps["tokenizer"] is tiny_pipe.tokenizer and comps["scheduler"] is tiny_pipe.scheduler
+
+
+def test_torchao_configs_per_precision():
+    pytest.importorskip("torchao", reason=TORCHAO)
+    names = {p: tuple(type(c).__name__ if c is not None else None for c in tb.torchao_configs(tb.TorchSettings(precision=tb.PRECISIONS[p])))
+             for p in tb.PRECISIONS}
+    assert names == {"bf16": ("SemiSparseWeightConfig", None), "fp16": ("SemiSparseWeightConfig", None),
+                     "int8": (None, "Int8DynamicActivationInt8WeightConfig"),
+                     "fp8": ("Float8DynamicActivationFloat8WeightConfig", "Float8DynamicActivationFloat8WeightConfig")}
+    sparse, dense = tb.torchao_configs(tb.TorchSettings(precision=tb.PRECISIONS["fp8"]))
+    assert sparse.packing_format.name == "SPARSE_2D_DATA_2D_METADATA" and type(sparse.granularity[1]).__name__ == "PerRow"
+    assert dense.packing_format.name == "PLAIN" and type(dense.granularity[1]).__name__ == "PerRow"
+    assert "INT8 + 2:4" in tb.int8_sparse_unavailable()
