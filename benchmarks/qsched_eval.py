@@ -25,7 +25,6 @@ Writes the JSON and a Markdown table next to it (``.md``).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import sys
@@ -33,11 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from benchmarks import program
 from common.paths import REPO_ROOT
-from common.report import write_report
-from common.versions import cpu_description, module_versions
 from families.registry import load_pipeline, resolve_model
 
 log = logging.getLogger(__name__)
@@ -103,8 +99,8 @@ def run(args) -> dict[str, Any]:
 
         raise UserError(f"benchmarks.qsched_eval measures digit models (tiny-sd3); {spec.id} is scored with CLIP")
     steps_list = [int(s) for s in args.steps.split(",") if s.strip()]
-    patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
-    precisions = [p.strip().lower() for p in args.precisions.split(",") if p.strip()]
+    patterns = program.split_list(args.patterns)
+    precisions = [p.lower() for p in program.split_list(args.precisions)]
     eval_seeds = tuple(range(args.eval_seeds))
     work = Path(args.work)
     dense = load_pipeline(spec)
@@ -189,8 +185,7 @@ def run(args) -> dict[str, Any]:
     return {
         "benchmark": "qsched_eval",
         "model": spec.id,
-        "device": cpu_description(),
-        "versions": module_versions(("torch", "diffusers")),
+        **program.environment("cpu", ("torch", "diffusers")),
         "settings": {
             "patterns": patterns, "precisions": precisions, "steps": steps_list, "guidance": spec.guidance,
             "prune_samples": args.prune_samples, "prune_method": "obs-diff",
@@ -256,9 +251,7 @@ def _coeff_text(c: dict | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.cli import run_command
-
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.qsched_eval", description=__doc__.splitlines()[0])
+    ap = program.parser("qsched_eval", __doc__)
     ap.add_argument("--model", default="tiny-sd3")
     ap.add_argument("--patterns", default="2:4,structured:0.3")
     ap.add_argument("--precisions", default="float,int8,fp8", help="float, int8, fp8 (ModelOpt fake quantization in PyTorch)")
@@ -277,26 +270,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: steadiest on a shared box)")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON path; the Markdown table goes next to it (.md)")
     ap.add_argument("--work", default=str(DEFAULT_WORK), help="configuration directories: prune/ and qsched/ of each pattern (reused)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result: dict[str, Any] = {}
 
-    def body() -> int:
+    def body(args) -> int:
         from common.io import check_output
 
         check_output(args.out, "file")
-        result.update(run(args))
-        out = Path(args.out)
-        write_report(out, result, markdown(result))
+        program.set_threads(args.threads)
+        result = run(args)
+        program.write(args.out, result, markdown(result))
+        print(markdown(result))
         return 0
 
-    status = run_command(body)
-    if status:
-        return status
-    print(markdown(result))
-    return 0
+    return program.run(ap, argv, body)
 
 
 if __name__ == "__main__":
