@@ -213,6 +213,11 @@ def load_case(case: str, args) -> tuple[Any, dict[str, Any]]:
     return sd3_medium_width_case(args.sd3_blocks, args.sd3_latent, args.sd3_text, args.sd3_batch)
 
 
+def timing(args) -> dict[str, Any]:
+    """The timing settings a report records (:func:`add_case_args`)."""
+    return {"runs": args.runs, "warmup": args.warmup, "min_time": args.min_time}
+
+
 def host(threads: int | None) -> dict[str, Any]:
     """The CPU the sessions ran on and their thread setting."""
     return {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "ort_threads": threads or "default"}
@@ -236,9 +241,7 @@ def run(args) -> int:
             del model
     report = {
         "benchmark": "export_latency",
-        "runs": args.runs,
-        "warmup": args.warmup,
-        "min_time": args.min_time,
+        **timing(args),
         "machine": host(args.threads),
         "versions": library_versions(("torch", "diffusers", "onnx", "onnxruntime")) | {"ort_build": ort.get_device()},
         "cases": results,

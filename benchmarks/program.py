@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -69,9 +70,12 @@ def environment(device: Any = None, libraries: Iterable[str] = ("torch",)) -> di
     return {"device": device_description(device), "versions": module_versions(libraries)}
 
 
-def write(json_path: str | os.PathLike, result: Any, markdown: str, *, md_path: str | os.PathLike | None = None) -> Path:
+def write(json_path: str | os.PathLike, result: Any, markdown: str, *, md_path: str | os.PathLike | None = None,
+          echo: bool = False) -> Path:
     """Write ``result`` to ``json_path`` and ``markdown`` beside it (or to ``md_path``), each atomically;
-    returns the Markdown path."""
+    with ``echo`` also print the Markdown to stdout. Returns the Markdown path."""
     md = write_report(json_path, result, markdown, md_path=md_path)
     log.info("wrote %s and %s", json_path, md)
+    if echo:
+        sys.stdout.write(markdown)
     return md

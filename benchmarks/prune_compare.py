@@ -195,8 +195,7 @@ def run(args) -> int:
         "results": results,
         "checks": {"obs_diff_lowest_error_at_every_pattern": lowest_everywhere},
     }
-    program.write(args.out, bench, markdown(bench))
-    print(markdown(bench))
+    program.write(args.out, bench, markdown(bench), echo=True)
     return 0 if lowest_everywhere else 1
 
 

@@ -277,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output(args.out, "file")
         program.set_threads(args.threads)
         result = run(args)
-        program.write(args.out, result, markdown(result))
-        print(markdown(result))
+        program.write(args.out, result, markdown(result), echo=True)
         return 0
 
     return program.run(ap, argv, body)

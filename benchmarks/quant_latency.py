@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import program
-from benchmarks.export_latency import add_case_args, host, load_case, selected_cases, time_interleaved
+from benchmarks.export_latency import add_case_args, host, load_case, selected_cases, time_interleaved, timing
 from common.versions import library_versions
 from export.dynamo_export import export_module
 from export.onnx_files import onnx_size
@@ -182,9 +182,7 @@ def run(args) -> int:
             del model
     report = {
         "benchmark": "quant_latency",
-        "runs": args.runs,
-        "warmup": args.warmup,
-        "min_time": args.min_time,
+        **timing(args),
         "elapsed_s": round(time.perf_counter() - t_all, 1),
         "machine": {**host(args.threads), "isa": _isa()},
         "versions": library_versions(("torch", "diffusers", "onnx", "onnxruntime", "nvidia-modelopt")) | {"ort_build": ort.get_device()},

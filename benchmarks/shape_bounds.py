@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = bounds(model, resolutions, vae_scale=vae_scale, batch=args.batch, text_seq_len=text, ratios=ratios)
         result = {"benchmark": "shape_bounds", "source": source, "versions": module_versions(("torch", "diffusers")),
                   "batch": args.batch, "text_seq_len": text, "rows": rows}
-        program.write(args.out, result, markdown(result))
-        print(markdown(result))
+        program.write(args.out, result, markdown(result), echo=True)
         return 0
 
     return program.run(p, argv, body)

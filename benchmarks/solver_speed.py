@@ -368,8 +368,7 @@ def run(args) -> int:
         bench["modelopt"] = mo_note
         bench["modelopt_notes"] = "create_sgpt_mask supports N:M only and returns a mask; its weights here are the masked originals (no OBS update)"
         bench["results"] = pattern_sweep(shapes, patterns, repeats=args.repeats, percdamp=args.percdamp, device=device, sgpt=sgpt)
-    program.write(args.out, bench, markdown(bench))
-    sys.stdout.write(markdown(bench))
+    program.write(args.out, bench, markdown(bench), echo=True)
     return 0
 
 

@@ -36,9 +36,10 @@ def test_run_returns_the_body_status_and_turns_user_errors_into_one_line(capsys)
     assert program.run(p, [], lambda args: 1) == 1
 
 
-def test_write_records_result_and_table_with_the_environment(tmp_path):
+def test_write_records_result_and_table_with_the_environment(tmp_path, capsys):
     result = {"benchmark": "demo", **program.environment("cpu"), "rows": [1, 2]}
-    md = program.write(tmp_path / "demo.json", result, "| x |\n|---|\n")
+    md = program.write(tmp_path / "demo.json", result, "| x |\n|---|\n", echo=True)
+    assert capsys.readouterr().out == "| x |\n|---|\n"
     assert md == tmp_path / "demo.md" and md.read_text() == "| x |\n|---|\n"
     got = json.loads((tmp_path / "demo.json").read_text())
     assert got["device"].startswith("CPU ") and got["versions"]["torch"] == torch.__version__ and got["rows"] == [1, 2]
