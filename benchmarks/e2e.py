@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks import program
 from measure.e2e import run_e2e
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.cli import ArgumentParser, int_at_least, run_command, setup_logging
+    from common.cli import int_at_least
     from obsdiff.patterns import parse_sparsity
     from families.registry import resolve_model
 
-    p = ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.splitlines()[0])
+    p = program.parser("e2e", __doc__)
     p.add_argument("--model", default="tiny-sd3")
     p.add_argument("--sparsity", default=None, help="the pruned plan's pattern (for the note)")
     p.add_argument("--dense", required=True, help="dense export dir (stage 2 output or its onnx/)")
@@ -40,30 +41,24 @@ def main(argv: list[str] | None = None) -> int:
     add_torch_arguments(p)
     p.add_argument("--no-sparse-kernels", action="store_true", help="--backend torch: run the 2:4 weights as dense GEMMs")
     p.add_argument("--also-torch", action="store_true", help="--backend trt: time the same exports on the torch backend too, interleaved")
-    args = p.parse_args(argv)
-    if args.also_torch and args.backend != "trt":
-        p.error("--also-torch puts the torch backend next to TensorRT engines: add --backend trt")
-    setup_logging()
-    engines = {k: v for k, v in (("dense", args.dense_engines), ("pruned", args.pruned_engines)) if v}
-    res: dict = {}
 
-    def body() -> int:
+    def body(args) -> int:
         from families.shapes import parse_resolutions
 
+        if args.also_torch and args.backend != "trt":
+            p.error("--also-torch puts the torch backend next to TensorRT engines: add --backend trt")
+        engines = {k: v for k, v in (("dense", args.dense_engines), ("pruned", args.pruned_engines)) if v}
         resolutions = parse_resolutions(args.resolution) if args.resolution else None
-        res.update(run_e2e(resolve_model(args.model), args.dense, args.pruned, args.out, runs=args.runs, warmup=args.warmup, backend=args.backend,
-                           provider=args.provider, engines=engines or None, sparsity=parse_sparsity(args.sparsity) if args.sparsity else None,
-                           eager=not args.no_eager, quality=not args.no_quality, steps=args.steps, threads=args.threads, resolutions=resolutions,
-                           correction=args.correction,
-                           torch_settings=torch_settings_from_args(args, sparse_kernels=not args.no_sparse_kernels)
-                           if args.backend == "torch" or args.also_torch else None))
+        res = run_e2e(resolve_model(args.model), args.dense, args.pruned, args.out, runs=args.runs, warmup=args.warmup, backend=args.backend,
+                      provider=args.provider, engines=engines or None, sparsity=parse_sparsity(args.sparsity) if args.sparsity else None,
+                      eager=not args.no_eager, quality=not args.no_quality, steps=args.steps, threads=args.threads, resolutions=resolutions,
+                      correction=args.correction,
+                      torch_settings=torch_settings_from_args(args, sparse_kernels=not args.no_sparse_kernels)
+                      if args.backend == "torch" or args.also_torch else None)
+        print(f"speedup {res['speedup']:.3f}x -> {Path(args.out) / 'bench.json'}")
         return 0
 
-    status = run_command(body)
-    if status:
-        return status
-    print(f"speedup {res['speedup']:.3f}x -> {Path(args.out) / 'bench.json'}")
-    return 0
+    return program.run(p, argv, body)
 
 
 if __name__ == "__main__":
