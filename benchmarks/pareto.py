@@ -480,23 +480,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.cli import ArgumentParser, run_command, setup_logging
+    from benchmarks import program
 
-    p = ArgumentParser(prog="python -m benchmarks.pareto", description=__doc__.splitlines()[0])
+    p = program.parser("pareto", __doc__)
     add_args(p)
-    args = p.parse_args(argv)
-    setup_logging()
-    result: dict = {}
 
-    def body() -> int:
-        result.update(run_pareto(args))
+    def body(args) -> int:
+        print(to_markdown(run_pareto(args)))
         return 0
 
-    status = run_command(body)
-    if status:
-        return status
-    print(to_markdown(result))
-    return 0
+    return program.run(p, argv, body)
 
 
 if __name__ == "__main__":

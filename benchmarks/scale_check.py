@@ -19,16 +19,15 @@ import argparse
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import program
 from common.errors import UserError
 from common.paths import REPO_ROOT
-from common.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +169,12 @@ def run(args) -> dict[str, Any]:
     result = {
         "family": args.family,
         "fixture": fixture_info,
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        **program.environment("cpu", ("torch", "diffusers", "onnx", "onnxruntime")),
         "settings": {k: getattr(args, k) for k in ("samples", "calib_steps", "bench_steps", "runs", "threads")},
         "stages": stages,
         "configs": configs,
     }
-    write_report(out / "scale_check.json", result, markdown(result))
+    program.write(out / "scale_check.json", result, markdown(result))
     return result
 
 
@@ -216,8 +215,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"# Scale check: `{r['family']}`-shaped fixture",
         "",
         f"Fixture: {fx.get('transformer_parameters', 0) / 1e9:.2f}B transformer parameters (random, seed {fx.get('seed')}), "
-        f"default latent {fx.get('sample_size')}x{fx.get('sample_size')}, T5 layers {fx.get('t5_layers')}. Host: {r['host']['cpus']} CPUs, "
-        f"{r['host']['machine']}. Settings: {r['settings']}. Each stage in its own process; peak RSS from `wait4`.",
+        f"default latent {fx.get('sample_size')}x{fx.get('sample_size')}, T5 layers {fx.get('t5_layers')}. Host: {r['device']}. "
+        f"Settings: {r['settings']}. Each stage in its own process; peak RSS from `wait4`.",
         "",
         "| config | stage | seconds | peak RSS GiB | bound GiB (1.5 x weights + 2) | output GiB | exit |",
         "|---|---|---|---|---|---|---|",
@@ -231,9 +230,9 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.cli import ArgumentParser, int_at_least, run_command, setup_logging
+    from common.cli import int_at_least
 
-    ap = ArgumentParser(prog="python -m benchmarks.scale_check", description=__doc__.splitlines()[0])
+    ap = program.parser("scale_check", __doc__)
     ap.add_argument("--family", default="sd3-medium", help="fixture family (scripts/make_scale_fixture.py FAMILIES)")
     ap.add_argument("--fixture", default=None, help="fixture directory (default artifacts/fixtures/<family>; built if missing)")
     ap.add_argument("--sparsity", default="2:4,structured:0.3", help="comma-separated patterns (default 2:4,structured:0.3)")
@@ -246,11 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifacts", default=None, help="artifact root (default <out>/artifacts)")
     ap.add_argument("--out", default=None, help="report directory (default artifacts/scale/<family>)")
     ap.add_argument("--run-stage", default=None, metavar="PICKLE", help=argparse.SUPPRESS)  # the child of one stage
-    args = ap.parse_args(argv)
-    setup_logging()
-    if args.run_stage:
-        return run_command(lambda: run_stage_file(args.run_stage))
-    return run_command(lambda: print(Path(args.out or REPO_ROOT / "artifacts" / "scale" / args.family) / "scale_check.md") if run(args) else 1)
+
+    def body(args) -> int:
+        if args.run_stage:
+            return run_stage_file(args.run_stage)
+        if not run(args):
+            return 1
+        print(Path(args.out or REPO_ROOT / "artifacts" / "scale" / args.family) / "scale_check.md")
+        return 0
+
+    return program.run(ap, argv, body)
 
 
 if __name__ == "__main__":
