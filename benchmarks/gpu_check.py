@@ -562,9 +562,10 @@ def _hard_limit(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.cli import ArgumentParser, float_range, int_at_least, run_command, setup_logging
+    from benchmarks import program
+    from common.cli import float_range, int_at_least
 
-    p = ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
+    p = program.parser("gpu_check", __doc__)
     p.add_argument("--out", required=True, help="directory for gpu_check.json, gpu_check.md and gpu_tests.xml")
     p.add_argument("--wheels", default=None, help="wheel folder for diffusers/torchao when they are not installed (make gpu-wheels)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny configs, nothing converted or compiled: the program's plumbing")
@@ -583,12 +584,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-scope", default="blocks", choices=("blocks", "model"),
                    help="blocks: regional compilation, one compile per block kind (default); model: one graph")
     p.add_argument("--compile-estimate-s", type=float_range(1.0), default=60.0, help="assumed time of the first compile, for the budget (default 60)")
-    args = p.parse_args(argv)
-    setup_logging()
-    t0 = time.monotonic()
-    logging.getLogger("diffusers").setLevel(logging.ERROR)  # per-call deprecation warnings would flood the timed loops
 
-    def body() -> int:
+    def body(args) -> int:
+        t0 = time.monotonic()
+        logging.getLogger("diffusers").setLevel(logging.ERROR)  # per-call deprecation warnings would flood the timed loops
         from common.errors import UserError
         from common.io import check_output, make_dirs
 
@@ -647,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         print(out / "gpu_check.md")
         return 0
 
-    return run_command(body)
+    return program.run(p, argv, body)
 
 
 if __name__ == "__main__":
