@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--model", help="registry id or local diffusers directory")
     p.add_argument("--resolution", default="512x512,768x768,1024x1024", help="HxW list in pixels")
     p.add_argument("--batch", type=int_at_least(1), default=2, help="transformer batch per step (2: classifier-free guidance)")
-    p.add_argument("--structured", default="0.3", help="structured ratios, comma-separated ('' for none)")
+    p.add_argument("--structured", default="0.3", help="structured ratios, comma-separated ('' for none)").allow_empty = True
     p.add_argument("--out", default="artifacts/bench/shape_bounds.json", help="JSON path; the Markdown table goes next to it")
 
     def body(args) -> int:

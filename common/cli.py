@@ -25,14 +25,16 @@ EXIT_INTERRUPTED = 130
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage block) and the same exit status as a UserError.
 
-    An option given an empty value (``--out ""``) is an error, never a silent fall-back to the default.
+    An option given an empty value (``--out ""``) is an error, never a silent fall-back to the default,
+    unless the option says an empty value means something: ``parser.add_argument(...).allow_empty = True``.
     """
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(EXIT_USER_ERROR, f"error: {message} (see {self.prog} --help)\n")
 
     def _get_value(self, action, arg_string):
-        if action.option_strings and isinstance(arg_string, str) and not arg_string.strip() and arg_string != action.default:
+        if (action.option_strings and isinstance(arg_string, str) and not arg_string.strip() and arg_string != action.default
+                and not getattr(action, "allow_empty", False)):
             raise argparse.ArgumentError(action, "must not be empty")
         return super()._get_value(action, arg_string)
 

@@ -14,6 +14,7 @@ from common.dtypes import precision_dtype
 from common.memory import log_memory, release_to_os
 from export.compact_export import save_compact_transformer
 from export.dynamo_export import export_component
+from export.parity import plan_parity_memory
 from export.transformer_checks import transformer_onnx_checks
 from families.components import Component, find_component
 
@@ -36,7 +37,7 @@ def export_float_transformer(spec, plan, holder: list, batches, settings: Export
     shapes = spec.shapes
     comp = find_component(spec.adapter, "transformer")
     res, parity_ref = _export(comp, compact, path, settings.precision, batches, served, seq_len=shapes.text_seq_len,
-                              latent_hw=(shapes.latent_height, shapes.latent_width))
+                              latent_hw=(shapes.latent_height, shapes.latent_width), adapter=spec.adapter)
     report["transformer"].update(transformer_onnx_checks(path, compact, plan, shapes, shapes.batch_opt, settings.polygraphy, res))
     del compact
     release_to_os()
@@ -54,13 +55,24 @@ def export_other_component(spec, name: str, precision: str, batches, path: Path,
     shapes = spec.shapes
     module = load_component(spec, comp.attr, dtype=dtype)
     res, parity_ref = _export(comp, module, path, precision, batches, served, seq_len=comp.sequence_length(spec),
-                              latent_hw=(shapes.latent_height, shapes.latent_width))
+                              latent_hw=(shapes.latent_height, shapes.latent_width), adapter=spec.adapter)
     del module
     _check_parity(name, res, parity_ref)
     return res
 
 
-def _export(comp: Component, module, path: Path, precision: str, batches, served: ServedShapes, *, seq_len, latent_hw):
+def _attention_tokens(module, adapter, latent_hw: tuple[int, int], seq_len: int | None) -> int:
+    """Tokens one attention of ``module`` sees at a latent shape: a transformer's (patch) image tokens plus
+    its text tokens (joint attention), or a VAE's latent pixels (its mid-block attention)."""
+    config = dict(getattr(module, "config", {}) or {})
+    h, w = latent_hw
+    if "patch_size" in config or "joint_attention_dim" in config:
+        p = adapter.latent_patch(config)
+        return (h // p) * (w // p) + int(seq_len or 0)
+    return h * w
+
+
+def _export(comp: Component, module, path: Path, precision: str, batches, served: ServedShapes, *, seq_len, latent_hw, adapter=None):
     """:func:`export.dynamo_export.export_component` of ``module`` (given up: converted in place) as the family's
     component ``comp`` describes it; a component whose shapes follow the resolution gets dynamic spatial axes,
     parity at every served latent shape and its engine profiles."""
@@ -68,6 +80,12 @@ def _export(comp: Component, module, path: Path, precision: str, batches, served
     make = comp.example_inputs(module, latent_hw=latent_hw, seq_len=seq_len)
     spatial = {"dynamic_shapes": comp.dynamic_shapes(module, served.latent_min, served.latent_max),
                "parity_shapes": served.other_latents if batches else ()} if comp.spatial else {}
+    if comp.spatial and batches and adapter is not None:  # one line now, not an out-of-memory kill after the export
+        cases = {str(b): (int(b), _attention_tokens(module, adapter, latent_hw, seq_len)) for b in batches}
+        cases.update({f"1@{h}x{w}": (1, _attention_tokens(module, adapter, (h, w), seq_len)) for h, w in spatial["parity_shapes"]})
+        heads = max((m.heads for m in module.modules() if isinstance(getattr(m, "heads", None), int)), default=0)
+        if heads:
+            plan_parity_memory(comp.name, cases, heads)
     res, parity_ref = export_component(comp.name, wrapper, make, path, precision=precision, parity_batches=batches, keep_fp32=comp.keep_fp32,
                                        in_place=True, **spatial)
     if comp.spatial:

@@ -1,7 +1,9 @@
 """ONNX Runtime parity: a CPU session, the relative error, the comparison of an ONNX model with its torch
 reference at several batches (:func:`check_parity`, :class:`Parity`), the torch side computed before the
 export so that torch and ONNX Runtime never hold the weights at once (:class:`ParityReference`), float32
-arithmetic over half weights (:func:`fp32_compute`) and the tolerances per precision."""
+arithmetic over half weights (:func:`fp32_compute`), the tolerances per precision, and the check's
+activation memory (:func:`plan_parity_memory`: estimated from batch, heads and tokens, logged, and refused
+with one line naming the ``--parity-batches`` that fits, before the export starts)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.memory import log_memory
+from common.errors import UserError
+from common.memory import log_memory, release_to_os
 from export.onnx_files import io_spec
 
 log = logging.getLogger(__name__)
@@ -34,14 +37,19 @@ def parity_tolerance(precision: str) -> float:
     return FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE
 
 
-def ort_session(path: str | os.PathLike, *, threads: int | None = None, optimize: bool = True):
+def ort_session(path: str | os.PathLike, *, threads: int | None = None, optimize: bool = True, lean: bool = False):
     """A CPU ``InferenceSession`` that does not spin idle threads (the machine is shared).
 
     optimize: ONNX Runtime's graph optimisations (default on; off runs the graph exactly as exported).
+    lean: no memory arena and no memory-pattern preallocation (a check runs a few calls, each of a different
+    shape: nothing is gained by keeping its largest activations allocated between them).
     """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if lean:
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -50,6 +58,68 @@ def ort_session(path: str | os.PathLike, *, threads: int | None = None, optimize
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+# ONNX Runtime's CPU kernels materialise attention's scores, batch x heads x tokens^2 in float32 (also for a
+# float16 graph: it runs them through float32 Casts), and hold about 2.2 such tensors at the peak: measured on
+# an SD3 transformer with 8 heads at 4,429 tokens (SD3-medium's at 1024x1024), 1.25 GiB above the session at
+# batch 1 and 3.78 GiB at batch 3, against 0.59 and 1.76 GiB of scores; its arena and memory-pattern planning
+# change that by 3%. The torch reference does not: its CPU attention is tiled.
+ORT_SCORE_TENSORS = 2.5
+_BUDGET_ENV = "SDD_PARITY_BUDGET_BYTES"  # tests: the memory the check may use, instead of what is available
+
+
+def ort_activation_bytes(batch: int, heads: int, tokens: int) -> int:
+    """ONNX Runtime's activation memory for one attention model call (see :data:`ORT_SCORE_TENSORS`)."""
+    return int(ORT_SCORE_TENSORS * batch * heads * tokens * tokens * 4)
+
+
+def available_bytes() -> int:
+    """Memory a new allocation can have now (``MemAvailable``; ``SDD_PARITY_BUDGET_BYTES`` overrides)."""
+    if os.environ.get(_BUDGET_ENV):
+        return int(os.environ[_BUDGET_ENV])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def plan_parity_memory(name: str, cases: dict[str, tuple[int, int]], heads: int, *, held_bytes: int = 0) -> dict[str, int]:
+    """Estimate the ONNX Runtime parity check's activation memory per case (``label -> (batch, tokens)``),
+    log it, and stop with one line before the export when the largest case would not fit.
+
+    The check runs after the torch module is freed and ONNX Runtime holds the exported weights instead (about
+    the same bytes), so what it adds is its activations; they must fit in the memory available now, less
+    ``held_bytes`` that the process keeps besides and 1 GiB of margin. The message names the
+    ``--parity-batches`` that fits: a check at batch 1 still runs every layer of the exported graph on the
+    served shape, so it still catches a wrong cast, an overflow, a dropped or mis-wired layer; the batch axis
+    is then checked for a batch other than the exported example's (2). Returns the estimate per case (bytes).
+    """
+    est = {label: ort_activation_bytes(b, heads, t) for label, (b, t) in cases.items()}
+    if not est:
+        return est
+    gib = lambda n: n / 2**30  # noqa: E731
+    budget = available_bytes() - held_bytes - (1 << 30)
+    log.info("%s: ONNX Runtime parity check, estimated activations %s (%d heads); %.1f GiB available for them", name,
+             ", ".join(f"{gib(v):.2f} GiB at {k} ({cases[k][1]:,} tokens)" for k, v in est.items()), heads, gib(budget))
+    worst = max(est, key=est.get)
+    if est[worst] <= budget:
+        return est
+    batch, tokens = cases[worst]
+    batches = sorted({b for b, _ in cases.values()})
+    fits = [b for b in batches if ort_activation_bytes(b, heads, tokens) <= budget]
+    if fits and batch in batches and "@" not in worst:
+        hint = f"pass --parity-batches {','.join(map(str, fits))} (about {gib(ort_activation_bytes(max(fits), heads, tokens)):.1f} GiB)"
+    elif "@" in worst:
+        hint = "serve fewer or smaller resolutions (--resolution), or pass --parity-batches '' to skip the check"
+    else:
+        hint = "pass --parity-batches '' to skip the check (the export is then not compared with torch), or export on a machine with more memory"
+    raise UserError(f"the ONNX Runtime parity check of {name} at batch {batch} and {tokens:,} tokens needs about {gib(est[worst]):.1f} GiB "
+                    f"of activations, and {gib(max(budget, 0)):.1f} GiB are available: {hint}")
 
 
 def rel_error(a: np.ndarray, ref: np.ndarray) -> float:
@@ -168,10 +238,11 @@ class ParityReference:
         # folding would turn them into a float32 copy of every weight (measured: 8.3 GiB of session memory for
         # a 3.9 GiB float16 SD3-medium transformer, 0.04 GiB without). The graph is checked as exported.
         half = any(spec["dtype"] in ("float16", "bfloat16") for spec in io_spec(self.path)[0].values())
-        sess = ort_session(self.path, optimize=not half)
+        sess = ort_session(self.path, optimize=not half, lean=True)
         result = Parity(tolerance=self.tolerance, reference=self.reference)
         for case, feeds in self.feeds.items():
             got = sess.run(self.output_names, feeds)
+            release_to_os()  # the case's activations go back before the next (larger) one
             result.batch_errors[case] = {n: rel_error(g, r) for n, g, r in zip(self.output_names, got, self.outputs[case])}
             b = int(case.split("@")[0])
             for n, g in zip(self.output_names, got):

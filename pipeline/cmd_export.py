@@ -53,7 +53,7 @@ def add_parser(subparsers) -> None:
     q.add_argument("--calib-prompts", type=Path, default=None, help="stage 1's prompt file if it was not the model's (one prompt per line)")
     p.add_argument("--components", default=None, help="comma-separated subset of the model's components, e.g. "
                    "transformer,text_encoder,text_encoder_2,text_encoder_3,vae_decoder for SD3 (default all)")
-    p.add_argument("--parity-batches", default="1,3", help="batch sizes for the ORT-vs-torch checks (default 1,3; '' skips them)")
+    p.add_argument("--parity-batches", default="1,3", help="batch sizes for the ORT-vs-torch checks (default 1,3; '' skips them)").allow_empty = True
     p.add_argument("--polygraphy", choices=POLYGRAPHY_MODES, default="auto", help="cross-check 2:4 with polygraphy (auto: models < 256 MB)")
     p.add_argument("--force", action="store_true", help="re-export even if the existing output is up to date")
     add_shape_args(p)

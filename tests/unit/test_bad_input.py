@@ -340,7 +340,11 @@ CASES = [
          "the pruned transformer needs about 34.", small_disk),
     Case("generate-out-full-disk", [*GEN, "--steps", "1", "--out", "{tmp}/small/x.png"], "no space left on the device writing {tmp}/small/x.png",
          full_disk, late=True),
-    # 11. two runs on one output directory: the second stops naming the first
+    # 11. a model-running check that would not fit in memory: one line naming the option that fits (here none: 1 byte)
+    Case("export-parity-does-not-fit", [*EXPORT, "--out", "{tmp}/e", "--components", "transformer"], "pass --parity-batches '' to skip the check",
+         env={"SDD_PARITY_BUDGET_BYTES": "1"}, late=True),
+    Case("export-parity-batches-empty-is-allowed-but-out-is-not", [*EXPORT, "--parity-batches", "", "--out", ""], "--out: must not be empty"),
+    # 12. two runs on one output directory: the second stops naming the first
     Case("prune-out-locked", [*PRUNE, "--samples", "1", "--steps", "1", "--groups", "1", "--out", "{tmp}/p"],
          "{tmp}/p is being written by process", lock_holder),
 ]

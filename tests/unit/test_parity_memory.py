@@ -1,0 +1,92 @@
+"""The ONNX Runtime parity check's memory is known before it runs (issue 19): ONNX Runtime's CPU attention
+materialises batch x heads x tokens^2 float32 scores, so the check's activations grow with the batch and the
+square of the tokens, not with the weights. The estimate (:func:`export.parity.ort_activation_bytes`) is
+logged before the export, and a check that would not fit in memory stops with one line naming the
+``--parity-batches`` that does."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+
+CHILD = r"""
+import json, sys
+from common.memory import peak_rss_bytes, rss_bytes
+from pipeline.__main__ import main
+import export.dynamo_export, onnx, onnxruntime  # imports are the baseline, not the export
+out, model_dir, batches = sys.argv[1], sys.argv[2], sys.argv[3]
+base = rss_bytes()
+status = main(["export", "--model", model_dir, "--out", out, "--precision", "fp32", "--components", "transformer", "--parity-batches", batches])
+print(json.dumps({"status": status, "baseline": base, "peak": peak_rss_bytes()}))
+"""
+
+
+def _attention_heavy_model(tmp: Path) -> Path:
+    """An SD3 transformer whose memory is attention's, not its weights' (1 block, 16 heads of 16, 4 MB):
+    at a 64x64 latent it attends over 1,024 image + 333 text tokens."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    d = tmp / "model"
+    (d / "transformer").mkdir(parents=True)
+    torch.manual_seed(0)
+    SD3Transformer2DModel(sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=16,
+                          num_attention_heads=16, joint_attention_dim=64, caption_projection_dim=256, pooled_projection_dim=64,
+                          pos_embed_max_size=32).save_pretrained(d / "transformer")
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}))
+    return d
+
+
+def _export(tmp: Path, model: Path, batches: str) -> tuple[float, dict[str, float]]:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
+    env.pop("SDD_PARITY_BUDGET_BYTES", None)
+    out = tmp / f"out-{batches.replace(',', '-')}"
+    r = subprocess.run([sys.executable, "-c", CHILD, str(out), str(model), batches], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    assert m["status"] == 0, r.stderr[-3000:]
+    assert json.loads((out / "export_report.json").read_text())["components"]["transformer"]["parity"]["ok"]
+    line = next(x for x in r.stderr.splitlines() if "ONNX Runtime parity check, estimated activations" in x)
+    est = {b: float(g) * 2**30 for g, b in re.findall(r"([\d.]+) GiB at (\d+) \(", line)}
+    return m["peak"] - m["baseline"], est
+
+
+def test_parity_check_memory_follows_the_estimate(tmp_path):
+    model = _attention_heavy_model(tmp_path)
+    growth_1, est = _export(tmp_path, model, "1")
+    growth_13, est13 = _export(tmp_path, model, "1,3")
+    assert est13["1"] == est["1"]
+    # What batch 3 adds over batch 1 is its attention activations: the measured ratio to the estimate.
+    ratio = (growth_13 - growth_1) / (est13["3"] - est13["1"])
+    print(f"peak growth: batch 1 {growth_1 / 2**20:.0f} MiB, batches 1,3 {growth_13 / 2**20:.0f} MiB; estimate {est13['1'] / 2**20:.0f} / "
+          f"{est13['3'] / 2**20:.0f} MiB; measured / estimated increase {ratio:.2f}")
+    assert 0.5 <= ratio <= 1.2, ratio
+    assert growth_13 <= est13["3"] + 768 * 2**20  # the rest is fixed: tracing, sessions, allocator slack
+
+
+def test_a_check_that_does_not_fit_names_the_batches_that_do(monkeypatch):
+    """SD3-medium at 1024x1024 (24 heads, 4,096 image + 333 text tokens): batch 1 needs about 4.4 GiB of
+    ONNX Runtime activations, batch 3 about 13.2 GiB."""
+    from export.parity import ort_activation_bytes, plan_parity_memory
+
+    cases = {"1": (1, 4429), "3": (3, 4429)}
+    assert round(ort_activation_bytes(1, 24, 4429) / 2**30, 1) == 4.4
+    monkeypatch.setenv("SDD_PARITY_BUDGET_BYTES", str(8 << 30))  # 7 GiB for activations after the 1 GiB margin
+    with pytest.raises(UserError, match=r"at batch 3 and 4,429 tokens needs about 13.2 GiB of activations, and 7.0 GiB are available: "
+                                        r"pass --parity-batches 1 \(about 4.4 GiB\)"):
+        plan_parity_memory("transformer", cases, 24)
+    monkeypatch.setenv("SDD_PARITY_BUDGET_BYTES", str(4 << 30))
+    with pytest.raises(UserError, match="pass --parity-batches '' to skip the check"):
+        plan_parity_memory("transformer", cases, 24)
+    monkeypatch.setenv("SDD_PARITY_BUDGET_BYTES", str(15 << 30))
+    assert plan_parity_memory("transformer", cases, 24)["3"] == ort_activation_bytes(3, 24, 4429)
