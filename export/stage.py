@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from common.errors import UserError
-from common.io import atomic_path, check_output, created_dirs, read_json, write_json
+from common.input_files import check_input_tree
+from common.io import atomic_path, check_output, created_dirs, expect_space, read_json, write_json
 from common.memory import log_memory
 
 if TYPE_CHECKING:
@@ -202,6 +203,7 @@ def check_pruned(pruned: Path) -> None:
         raise UserError(f"{pruned / 'plan.json'} is partial ({plan.done_packages}/{len(plan.packages)} packages); finish `python -m pipeline prune` first")
     if not (pruned / "transformer" / "config.json").is_file():
         raise UserError(f"missing {pruned / 'transformer'} (the pruned diffusers transformer); re-run `python -m pipeline prune`")
+    check_input_tree(pruned / "transformer", fix="re-run `python -m pipeline prune`")  # weights cut short: one line naming the file
 
 
 def run_export(settings: ExportSettings) -> dict[str, Any]:
@@ -242,6 +244,9 @@ def run_export(settings: ExportSettings) -> dict[str, Any]:
             log.info("reusing the existing export in %s: same inputs, and it holds every component asked for (%s)", out, ", ".join(components))
             return old
         log.info("existing export in %s is stale or incomplete: re-exporting", out)
+    need = _expected_bytes(spec, pruned, components, settings)
+    if need:  # one line now if the disk cannot hold the export, and the size a later disk-full line quotes
+        expect_space(out, need, f"the {settings.precision} export of {', '.join(components)}")
     with created_dirs(out):  # a failure leaves no out directory that this run created
         report_path.unlink(missing_ok=True)  # nothing looks complete until the new report is written
         report = _load_and_export(spec, pruned, components, list(settings.parity_batches), settings, out, calibration)
@@ -251,6 +256,30 @@ def run_export(settings: ExportSettings) -> dict[str, Any]:
         write_json(report_path, report)
     log.info("export complete: %s (%.1f s)", report_path, report["elapsed_s"])
     return report
+
+
+_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
+
+
+def _expected_bytes(spec, pruned: Path | None, components, settings: ExportSettings) -> int:
+    """About what stage 2 writes, from the weights' safetensors headers (no weights read): the transformer
+    twice (compact checkpoint and ONNX) in its export precision, every other component once in its own
+    (float32 where the family keeps it so). 0 when the weights cannot be counted (a hub model not local)."""
+    from common.input_files import safetensors_numel
+    from families.components import find_component
+    from families.registry import component_numel
+
+    total = 0
+    for name in components:
+        if name == "transformer":
+            files = sorted((pruned / "transformer").glob("*.safetensors")) if pruned is not None else []
+            numel = sum(safetensors_numel(f) for f in files) if files else component_numel(spec, "transformer")
+            total += 2 * (numel or 0) * _BYTES.get(settings.precision, 4)
+        else:
+            comp = find_component(spec.adapter, name)
+            numel = component_numel(spec, comp.attr) or 0
+            total += numel * (4 if comp.keep_fp32 else _BYTES.get(settings.other_precision, 4))
+    return total
 
 
 # --------------------------------------------------------------------------------------------------------

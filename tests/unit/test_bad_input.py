@@ -165,6 +165,13 @@ def truncated_plan(tmp: Path) -> None:
     (tmp / "pruned" / "plan.json").write_text('{"version": 2, "model": "tiny-sd3", "sparsity": "2:4", "lay')
 
 
+def _complete_plan(tmp: Path) -> None:
+    """A finished stage-1 plan.json for the truncated transformer beside it (checked before the weights)."""
+    import shutil
+
+    shutil.copy(REPO / "tests" / "data" / "plan_v1_tiny_sd3_structured.json", tmp / "pruned" / "plan.json")
+
+
 def engine_corrupt_manifest(tmp: Path) -> None:
     """An artifact directory whose manifest.json was cut short."""
     cfg = _store(tmp, "tiny-sd3", "2-4-obs-diff")
@@ -338,6 +345,10 @@ CASES = [
     # 10. a full disk: one line naming the location, what is free and what the stage needs; nothing half-written
     Case("prune-out-small-disk", [*PRUNE, "--samples", "1", "--steps", "1", "--groups", "1", "--out", "{tmp}/small/p"],
          "the pruned transformer needs about 34.", small_disk),
+    Case("export-out-small-disk", [*EXPORT, "--components", "transformer", "--out", "{tmp}/small/e"],
+         "the fp32 export of transformer needs about 68.", small_disk, late=True),
+    Case("export-pruned-weights-truncated", [*EXPORT, "--pruned", "{tmp}/pruned", "--out", "{tmp}/out"],
+         "{tmp}/pruned/transformer/diffusion_pytorch_model.safetensors is truncated", lambda t: (truncated_safetensors(t), _complete_plan(t))),
     Case("generate-out-full-disk", [*GEN, "--steps", "1", "--out", "{tmp}/small/x.png"], "no space left on the device writing {tmp}/small/x.png",
          full_disk, late=True),
     # 11. a model-running check that would not fit in memory: one line naming the option that fits (here none: 1 byte)
