@@ -25,7 +25,6 @@ at 64x64: layers are chosen but not converted (the kernels need CUDA), nothing i
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.metadata as metadata
 import logging

@@ -17,7 +17,6 @@ float16, as on the hub. Another family is one entry of :data:`FAMILIES`.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging

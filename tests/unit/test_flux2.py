@@ -19,7 +19,7 @@ import diffusers
 
 from export.sparsity_check import check_nm
 from families.base import Span, get_module
-from families.flux2 import Flux2Adapter, Flux2TransformerRuntime
+from families.flux2 import Flux2TransformerRuntime
 
 pytestmark = pytest.mark.skipif(not hasattr(diffusers, "Flux2Transformer2DModel"), reason="needs diffusers with Flux2Transformer2DModel")
 

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from common.errors import UserError
 from families.registry import resolve_model
