@@ -39,12 +39,10 @@ class ServeVariant:
 def prepare_variant(model: str, sparsity: str, *, method: str = "obs-diff", artifacts: str | Path | None = None, max_steps: int | None = None,
                     max_batch: int | None = None) -> ServeVariant:
     """Build what is missing for serving ``model`` at ``sparsity`` (``dense`` too) and describe it."""
-    from common.io import read_json
     from families.registry import resolve_model
     from obsdiff.patterns import parse_sparsity
     from pipeline.artifacts import ARTIFACTS, Manifest, config_dirs
     from pipeline.engine import parse_args, plan_stages, run_stage
-    from runtime.served_pipeline import DEFAULT_MAX_STEPS, ServeLimits
 
     spec = resolve_model(model)
     pattern = parse_sparsity(sparsity)
@@ -69,12 +67,10 @@ def prepare_variant(model: str, sparsity: str, *, method: str = "obs-diff", arti
             manifest.record(st.name, inputs=st.inputs, settings=st.settings.to_json(), outputs=st.outputs, seconds=time.perf_counter() - t0,
                             reused=False)
         log.info("%s: %s in %.1f s", st.name, "reused" if reused else "done", time.perf_counter() - t0)
-    report = read_json(cfg.export / "export_report.json")
-    served = report.get("served_shapes") or {}
-    resolutions = tuple(tuple(int(v) for v in r) for r in served.get("resolutions") or [(spec.height, spec.width)])
-    batch_max = int((served.get("batch") or [1, 1, spec.shapes.batch_max])[2])
-    limits = ServeLimits(resolutions, max_steps or DEFAULT_MAX_STEPS, max_batch or max(1, batch_max))
     from runtime.qsched.correction import artifact_file
+    from runtime.serve_repository import limits_from_export
+
+    limits = limits_from_export(spec, cfg.export, max_steps=max_steps, max_batch=max_batch)
 
     correction = next((p for p in (artifact_file(cfg.root, spec.steps, objective=o) for o in ("trajectory", "reference-free")) if p.is_file()), None)
     if correction is not None:

@@ -60,6 +60,19 @@ def pipeline_config_text(name: str, *, max_batch: int, dynamic_batching: bool, i
     return "\n".join(lines) + "\n"
 
 
+def limits_from_export(spec, export_dir: str | os.PathLike, *, max_steps: int | None = None, max_batch: int | None = None) -> ServeLimits:
+    """The limits a pipeline over stage 2's ``export_dir`` enforces: the resolutions its report says it serves (the
+    first is the default size), ``max_steps`` (default :data:`runtime.served_pipeline.DEFAULT_MAX_STEPS`) and
+    ``max_batch`` prompts per request (default: the export's largest batch)."""
+    from runtime.served_pipeline import DEFAULT_MAX_STEPS
+
+    report_file = Path(export_dir) / "export_report.json"
+    served = (read_json(report_file).get("served_shapes") if report_file.is_file() else None) or {}
+    resolutions = tuple(tuple(int(v) for v in r) for r in served.get("resolutions") or [(spec.height, spec.width)])
+    batch_max = int((served.get("batch") or [1, 1, spec.shapes.batch_max])[2])
+    return ServeLimits(resolutions, max_steps or DEFAULT_MAX_STEPS, max_batch or max(1, batch_max))
+
+
 def check_component(version_dir: str | os.PathLike) -> None:
     """Raise :class:`UserError` (one line) unless ``version_dir``'s files match its ``manifest.json``."""
     version_dir = Path(version_dir)
@@ -98,7 +111,8 @@ def write_serving_repository(
     Triton's dynamic batcher on the pipeline and component models (off: each request runs as it came).
     instances: instances of the pipeline model. correction: a scheduler-correction JSON to apply.
     component_files: for ``tensorrt_plan`` / ``onnxruntime``, the ``{component: file}`` already written by
-    :func:`runtime.triton.write_model_repository` (their I/O comes from the ONNX either way).
+    :func:`runtime.triton.write_model_repository` (their I/O comes from the ONNX either way); components
+    without a model stay PyTorch inside the pipeline model, as in the in-process runner.
     Each model directory is replaced atomically.
     """
     from runtime.pipeline_runner import KNOWN_COMPONENTS
@@ -107,6 +121,8 @@ def write_serving_repository(
     if components_kind not in ("python", "onnxruntime", "tensorrt_plan"):
         raise UserError(f"unknown component kind {components_kind!r}; use python, onnxruntime or tensorrt_plan")
     found = {c: onnx_dir / f"{c}.onnx" for c in KNOWN_COMPONENTS if (onnx_dir / f"{c}.onnx").is_file()}
+    if component_files is not None:  # the components served by the other backend's models; the rest stay PyTorch
+        found = {c: f for c, f in found.items() if c in component_files}
     if "transformer" not in found:
         raise UserError(f"no transformer.onnx in {onnx_dir}; run the export stage first")
     component_batch = 2 * limits.max_batch  # classifier-free guidance doubles the prompts

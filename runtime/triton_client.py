@@ -47,6 +47,14 @@ def pipeline_inputs(prompts: Sequence[str], **values: Any) -> list:
     return inputs
 
 
+def grpc_client(url: str):
+    """A gRPC client of its own connection: channels of one process otherwise share subchannels, and one left in
+    reconnect back-off by a server that died answers UNAVAILABLE to a fresh client of the restarted server."""
+    import tritonclient.grpc as grpcclient
+
+    return grpcclient.InferenceServerClient(url, channel_args=[("grpc.use_local_subchannel_pool", 1)])
+
+
 def server_message(e: Exception) -> str:
     """The one-line message of a tritonclient exception."""
     msg = e.message() if hasattr(e, "message") and callable(e.message) else str(e)
@@ -55,10 +63,9 @@ def server_message(e: Exception) -> str:
 
 def request_image(url: str, prompt: str, *, model: str = "pipeline", timeout: float = 600.0, client=None, **values: Any) -> ImageResult:
     """One image from the server at ``url`` (``host:port``, gRPC). An error response raises :class:`UserError`."""
-    import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    client = client or grpcclient.InferenceServerClient(url)
+    client = client or grpc_client(url)
     t0 = time.perf_counter()
     try:
         result = client.infer(model, pipeline_inputs([prompt], **values), client_timeout=timeout)

@@ -271,6 +271,9 @@ class TritonServer:
             _signal_group(proc.pid, signal.SIGKILL)
             if proc.poll() is None:
                 proc.wait()
+            deadline = time.monotonic() + 5.0
+            while _group_alive(proc.pid) and time.monotonic() < deadline:  # SIGKILL is not instantaneous
+                time.sleep(0.1)
         if getattr(self, "_log", None) is not None:
             self._log.close()
             self._log = None
@@ -309,11 +312,23 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+    """Whether a process of group ``pgid`` still runs (zombies do not count: in a container without an init
+    that reaps them, the killed server's stubs stay zombies and ``killpg(pgid, 0)`` would still succeed)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def stop_detached(state: dict, timeout: float = 20.0) -> bool:
@@ -326,6 +341,9 @@ def stop_detached(state: dict, timeout: float = 20.0) -> bool:
         while _group_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         _signal_group(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while _group_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
     if state.get("work_dir"):
         shutil.rmtree(state["work_dir"], ignore_errors=True)
     return alive

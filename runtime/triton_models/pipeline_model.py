@@ -94,7 +94,12 @@ class TritonPythonModel:
 
 def _rows(request):
     """The request's batch rows as ``{input: Python value}`` (absent optional inputs left out)."""
-    prompt = pb_utils.get_input_tensor_by_name(request, "prompt").as_numpy()  # (B, 1) object
+    from common.errors import UserError
+
+    t = pb_utils.get_input_tensor_by_name(request, "prompt")
+    if t is None:  # the Python backend passes requests without a required input through
+        raise UserError("missing required input 'prompt' (TYPE_STRING, one per batch row)")
+    prompt = t.as_numpy()  # (B, 1) object
     values = {"prompt": prompt}
     for name in OPTIONAL:
         t = pb_utils.get_input_tensor_by_name(request, name)
