@@ -319,6 +319,14 @@ def _lock_wait_seconds() -> float:
     return max(v, 0.0)
 
 
+def _follower_rank() -> bool:
+    """Whether this process is a rank other than 0 of a distributed run (torchrun sets ``RANK``)."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0) != 0
+    except ValueError:
+        return False
+
+
 @contextlib.contextmanager
 def output_lock(directory: str | os.PathLike) -> Iterator[Path]:
     """Hold the lock of an existing output ``directory`` for the block (re-entrant within a process).
@@ -326,10 +334,14 @@ def output_lock(directory: str | os.PathLike) -> Iterator[Path]:
     The lock is an ``flock`` on ``directory/`` :data:`LOCK`, which records the holder (process id, command
     line, start time); the kernel drops it when the holder dies, so a killed run never leaves it stuck.
     When another process holds it, stop with one line naming that process, or, with the environment
-    variable ``SPARSE_DIT_LOCK_WAIT=<seconds>``, wait that long (logging once what is waited for).
+    variable ``SPARSE_DIT_LOCK_WAIT=<seconds>``, wait that long (logging once what is waited for). In a
+    distributed run (torchrun) rank 0 takes the lock and the other ranks write under it.
     """
     directory = Path(directory)
     key = os.path.realpath(directory)
+    if _follower_rank():  # one distributed run: its rank 0 holds the lock, the other ranks write under it
+        yield directory
+        return
     if key in _held_locks:
         _held_locks[key][1] += 1
         try:
@@ -388,7 +400,7 @@ def probe_lock(directory: str | os.PathLike) -> None:
     ``SPARSE_DIT_LOCK_WAIT`` asks to wait: then :func:`output_lock` waits when the stage starts writing)."""
     directory = Path(directory)
     lock = directory / LOCK
-    if os.path.realpath(directory) in _held_locks or not lock.is_file() or _lock_wait_seconds() > 0:
+    if os.path.realpath(directory) in _held_locks or not lock.is_file() or _lock_wait_seconds() > 0 or _follower_rank():
         return
     try:
         fd = os.open(lock, os.O_RDONLY)

@@ -297,3 +297,20 @@ def test_corrupt_safetensors_and_onnx(tmp_path):
     (tmp_path / "m.data").unlink()
     with pytest.raises(UserError, match="missing or unreadable"):
         check_onnx(tmp_path / "m.onnx")
+
+
+def test_other_ranks_of_a_distributed_run_write_under_rank_0s_lock(tmp_path, monkeypatch):
+    """torchrun starts every rank with the same --out: rank 0 holds the lock, the others neither wait nor stop."""
+    monkeypatch.delenv("SPARSE_DIT_LOCK_WAIT", raising=False)
+    holder = _holder(tmp_path / "out", 60)  # stands for rank 0
+    try:
+        monkeypatch.setenv("RANK", "1")
+        check_output(tmp_path / "out", "parent")
+        with created_dirs(tmp_path / "out"):
+            pass
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(UserError, match=f"process {holder.pid} "):
+            check_output(tmp_path / "out", "parent")
+    finally:
+        holder.kill()
+        holder.wait()
