@@ -5,11 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= tiny-sd3
 SPARSITY ?= 2:4
-EXTRAS ?= rtx,torch-gpu
+EXTRAS ?= rtx,torch-gpu,serve
 PYTEST_ARGS ?=
 ENGINE_ARGS ?=
 
-.PHONY: setup test engine bench sheet train-tiny quality scale-fixture scale-check clean-artifacts pareto gpu-check gpu-wheels
+.PHONY: setup test engine bench sheet train-tiny quality scale-fixture scale-check clean-artifacts pareto gpu-check gpu-wheels serve serve-stop serve-load
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-deps "nvidia-pytriton==0.7.0"
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/serve-numpy1 "numpy>=1.26,<2"
 	@touch $@
 
 test: setup
@@ -77,6 +79,20 @@ gpu-wheels: setup
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		-d "$(WHEELS)" $$($(PY) -c "import importlib.metadata as m; print(' '.join(f'{n}=={m.version(n)}' for n in ('diffusers', 'torchao', 'importlib_metadata')))")
 	@du -sh "$(WHEELS)"
+
+# Triton serving (README "Serving"): builds what is missing, writes the repository, starts tritonserver on
+# 127.0.0.1 and leaves it running (FOREGROUND=1: stays in the foreground until Ctrl-C); `make serve-stop` stops it.
+SERVE_ARGS ?=
+SERVE_LOAD_ARGS ?=
+serve: setup
+	$(PY) -m pipeline serve --model "$(MODEL)" --sparsity "$(SPARSITY)" $(if $(FOREGROUND),,--detach) $(SERVE_ARGS)
+
+serve-stop: setup
+	$(PY) -m pipeline serve --stop
+
+# Load on the server (dense vs 2:4 vs structured 0.3, concurrency 1-8, dynamic batching off/on; a few minutes on 2 cores).
+serve-load: setup
+	$(PY) -m benchmarks.serve_load --model "$(MODEL)" $(SERVE_LOAD_ARGS)
 
 clean-artifacts:
 	rm -rf artifacts
