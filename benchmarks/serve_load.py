@@ -197,9 +197,10 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.cli import ArgumentParser, float_range, int_at_least, run_command, setup_logging
+    from benchmarks import program
+    from common.cli import float_range, int_at_least
 
-    p = ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.splitlines()[0])
+    p = program.parser("serve_load", __doc__)
     p.add_argument("--model", default="tiny-sd3")
     p.add_argument("--variants", default="dense,2:4,structured:0.3", help="sparsities to serve side by side (default dense,2:4,structured:0.3)")
     p.add_argument("--method", default="obs-diff", choices=["obs-diff", "wanda", "magnitude"])
@@ -210,11 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float_range(0.0, lo_open=True), default=20.0, help="time cap per cell (default 20)")
     p.add_argument("--steps", type=int_at_least(1), default=None, help="denoising steps per image (default: the model's)")
     p.add_argument("--out", default=None, help="output directory (default artifacts/<model>/serve-load)")
-    args = p.parse_args(argv)
-    setup_logging(False)
 
-    def body() -> int:
-        from common.report import write_report
+    def body(args) -> int:
         from obsdiff.patterns import parse_sparsity
         from pipeline.artifacts import ARTIFACTS
 
@@ -234,14 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else ARTIFACTS / args.model / "serve-load"
         result = run_load(args.model, variants, concurrency=conc, batching=[modes[b.strip()] for b in args.batching.split(",")], instances=args.instances,
                           requests=args.requests, max_seconds=args.max_seconds, steps=args.steps, method=args.method, out=out)
-        md = markdown(result)
-        write_report(out / "serve_load.json", result, md)
+        program.write(out / "serve_load.json", result, markdown(result), echo=True)
         plot(result, out / "serve_load.png")
-        print(md)
         print(out)
         return 0 if result["failed_good_requests"] == 0 else 1
 
-    return run_command(body)
+    return program.run(p, argv, body)
 
 
 if __name__ == "__main__":

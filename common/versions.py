@@ -28,17 +28,29 @@ def module_versions(modules: Iterable[str], *, optional: Iterable[str] = ()) -> 
     ImportError propagates), then for each of ``optional`` that imports here (left out otherwise).
 
     Reads the running module rather than the distribution: the same for ``torch`` and ``torch==...+cpu``, and
-    right for ``onnxruntime`` whichever wheel (``onnxruntime``, ``onnxruntime-gpu``) provides it.
+    right for ``onnxruntime`` whichever wheel (``onnxruntime``, ``onnxruntime-gpu``) provides it; a module
+    without ``__version__`` falls back to its distribution's version (``unknown`` when there is none).
     """
     out = {"python": platform.python_version()}
     for name in modules:
-        out[name] = str(importlib.import_module(name).__version__)
+        out[name] = _module_version(name)
     for name in optional:
         try:
-            out[name] = str(importlib.import_module(name).__version__)
+            out[name] = _module_version(name)
         except ImportError:
             pass
     return out
+
+
+def _module_version(name: str) -> str:
+    """``name.__version__``, or for a module without one (``tritonclient``) its distribution's version."""
+    version = getattr(importlib.import_module(name), "__version__", None)
+    if version is None:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+    return str(version)
 
 
 def cpu_description() -> str:

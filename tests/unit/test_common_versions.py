@@ -21,6 +21,14 @@ def test_module_versions_read_the_running_modules():
     assert v == {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+def test_module_without_a_version_attribute_reports_its_distribution():
+    import pytest
+
+    tc = pytest.importorskip("tritonclient", reason="needs tritonclient (the project's serving dependency)")
+    assert not hasattr(tc, "__version__")
+    assert module_versions(["tritonclient"])["tritonclient"] == metadata.version("tritonclient")
+
+
 def test_cpu_device_description_and_info():
     line = cpu_description()
     assert line.startswith("CPU ") and f"{os.cpu_count()} cores" in line and f"torch threads {torch.get_num_threads()}" in line
