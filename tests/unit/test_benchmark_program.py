@@ -58,3 +58,19 @@ def test_option_helpers():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_every_benchmark_main_runs_in_the_frame():
+    """Each benchmark program's ``main`` builds its parser with program.parser and runs with program.run."""
+    import ast
+
+    from common.paths import REPO_ROOT
+
+    mains = {}
+    for path in sorted((REPO_ROOT / "benchmarks").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        main = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"), None)
+        if main is not None:
+            calls = {ast.unparse(n.func) for n in ast.walk(main) if isinstance(n, ast.Call)}
+            mains[path.stem] = {"program.parser", "program.run"} <= calls
+    assert len(mains) >= 9 and all(mains.values()), mains
