@@ -44,7 +44,7 @@ from benchmarks import program
 from common.paths import REPO_ROOT
 from obsdiff.baselines import magnitude_prune
 from obsdiff.patterns import parse_sparsity
-from obsdiff.solvers import inverse_cholesky_upper, obs_prune, obs_prune_groups
+from obsdiff.solvers import DEFAULT_BLOCKSIZE, DEFAULT_PERCDAMP, inverse_cholesky_upper, obs_prune, obs_prune_groups
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds per variant after one warm-up (default 3)")
     ap.add_argument("--patterns", default="", help=f"also sweep these patterns (comma-separated; e.g. {','.join(PATTERNS)}); default none")
-    ap.add_argument("--percdamp", type=float, default=0.01, help="damping for both solvers (default 0.01)")
+    ap.add_argument("--percdamp", type=float, default=DEFAULT_PERCDAMP, help=f"damping for both solvers (default {DEFAULT_PERCDAMP})")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU (default 2; 0: torch's default)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the SD3-medium dimensions by this (default 1; e.g. 0.25 for a quick check)")
     ap.add_argument("--modelopt-path", default=os.pathsep.join(["/tmp/mo-pkgs", "/tmp/mo-deps"]),
@@ -357,7 +357,7 @@ def run(args) -> int:
     bench: dict[str, Any] = {
         "benchmark": "solver_speed",
         **program.environment(device, ("torch",)),
-        "settings": {"repeats": args.repeats, "percdamp": args.percdamp, "blocksize": 128, "head_dim": HEAD_DIM, "scale": args.scale, "threads": torch.get_num_threads()},
+        "settings": {"repeats": args.repeats, "percdamp": args.percdamp, "blocksize": DEFAULT_BLOCKSIZE, "head_dim": HEAD_DIM, "scale": args.scale, "threads": torch.get_num_threads()},
         "reference": "SparseGPT fasterprune (IST-DASLab/sparsegpt algorithm, written out in benchmarks/solver_speed.py)",
         "sd3_medium_2of4": whole_model_2of4(shapes, counts, repeats=args.repeats, percdamp=args.percdamp, device=device),
     }
