@@ -113,6 +113,9 @@ def run(args) -> dict[str, Any]:
     from pipeline.artifacts import config_dirs
     from families.registry import resolve_model
 
+    patterns = [parse_sparsity(p.strip()) for p in args.sparsity.split(",") if p.strip()]  # a bad pattern: one line, before any work
+    if not patterns:
+        raise UserError("--sparsity: give at least one pattern, e.g. 2:4,structured:0.3")
     fixture = Path(args.fixture or REPO_ROOT / "artifacts" / "fixtures" / args.family)
     out = Path(args.out or REPO_ROOT / "artifacts" / "scale" / args.family)
     art = Path(args.artifacts or out / "artifacts")
@@ -129,8 +132,7 @@ def run(args) -> dict[str, Any]:
     fixture_info = json.loads((fixture / "fixture.json").read_text()) if (fixture / "fixture.json").is_file() else {}
     _check_disk(art, fixture_info.get("transformer_parameters", 0), len([p for p in args.sparsity.split(",") if p.strip()]))
     configs: dict[str, Any] = {}
-    for pattern in [p.strip() for p in args.sparsity.split(",") if p.strip()]:
-        sparsity = parse_sparsity(pattern)
+    for sparsity in patterns:
         engine_argv = ["--model", str(fixture), "--sparsity", str(sparsity), "--artifacts", str(art), "--samples", str(args.samples),
                        "--calib-steps", str(args.calib_steps), "--runs", str(args.runs), "--warmup", "0", "--bench-steps", str(args.bench_steps),
                        "--no-quality", "--no-eager", "--threads", str(args.threads)]

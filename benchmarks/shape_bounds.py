@@ -100,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     def body(args) -> int:
         model, vae_scale, text, source = meta_transformer(args)
         resolutions = parse_resolutions(args.resolution)
-        ratios = [float(r) for r in args.structured.split(",") if r.strip()]
+        try:
+            ratios = [float(r) for r in args.structured.split(",") if r.strip()]
+        except ValueError:
+            raise UserError(f"--structured {args.structured!r}: give ratios in (0, 1), comma-separated, e.g. 0.3,0.5") from None
+        if any(not 0 < r < 1 for r in ratios):
+            raise UserError(f"--structured {args.structured!r}: each ratio must be in (0, 1)")
         rows = bounds(model, resolutions, vae_scale=vae_scale, batch=args.batch, text_seq_len=text, ratios=ratios)
         result = {"benchmark": "shape_bounds", "source": source, "versions": module_versions(("torch", "diffusers")),
                   "batch": args.batch, "text_seq_len": text, "rows": rows}
