@@ -141,10 +141,20 @@ def run_load(model: str, variants: list[str], *, concurrency: list[int], batchin
     return {"benchmark": "serve_load", "model": spec.id, "method": method, "variants": variants, "instances": instances, "requests": requests,
             "max_seconds": max_seconds, "steps": steps or spec.steps, "resolution": list(next(iter(prepared.values())).limits.resolutions[0]),
             "transport": "gRPC, 127.0.0.1", "server": "tritonserver 2.51 (nvidia-pytriton), Python backend, ONNX Runtime CPU components",
-            "device": device_info(False, modules=("torch", "diffusers", "onnxruntime", "tritonclient")), "cells": cells,
+            "device": {**device_info(False, modules=("torch", "diffusers", "onnxruntime")), "tritonclient": _version("tritonclient"),
+                       "nvidia-pytriton": _version("nvidia-pytriton")}, "cells": cells,
             "failed_good_requests": sum(c["failed"] for c in cells),
             "prompt_accuracy": {v: prompt_accuracy(imgs) if prepared[v].spec.quality_metric == "digits" else None for v, imgs in served.items()},
             "images_classified": {v: len(imgs) for v, imgs in served.items()}}
+
+
+def _version(dist: str) -> str | None:
+    import importlib.metadata as md
+
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
 
 
 def markdown(result: dict[str, Any]) -> str:
