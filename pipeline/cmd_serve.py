@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
 from common.cli import int_at_least, int_range
@@ -76,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"grpc: {server.grpc_url}  http: {server.http_url}  (Ctrl-C stops the server)", flush=True)
     try:
-        server.process.wait()
-        raise UserError(f"tritonserver exited with status {server.process.returncode}: {server.log_tail()}")
+        # poll, not wait(): a signal handler that stops the server must not find the child's wait lock taken
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(0.5)
+        if server.process is not None:
+            raise UserError(f"tritonserver exited with status {server.process.returncode}: {server.log_tail()}")
     finally:
         server.stop()
+    return 0
