@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "trt", "trtrtx", "torch")  # torch: runtime.torch_stage (PyTorch + torchao on a CUDA GPU)
-TRITON_KINDS = ("tensorrt_plan", "onnxruntime")
+TRITON_KINDS = ("tensorrt_plan", "onnxruntime", "python")
 
 
 @dataclass(frozen=True)
@@ -182,6 +182,15 @@ def run_build(settings: BuildSettings) -> dict[str, Path]:
         # one Triton model per engine (static engines: transformer_512x512...); ONNX models accept every shape
         files = ({c.replace("@", "_"): p for c, p in plans.items()} if kind == "tensorrt_plan"
                  else {c: onnx_dir / f"{c}.onnx" for c in dict.fromkeys(k.split("@")[0] for k in plans)})
-        write_model_repository(settings.triton, files, kind=kind, batch=options.batch)
+        if kind != "python":  # python: the serving repository below writes Python-backend ONNX Runtime components
+            write_model_repository(settings.triton, files, kind=kind, batch=options.batch)
+        if any("@" in c for c in plans):
+            log.warning("no pipeline model: it calls one model per component, and static engines are one per resolution")
+        else:  # the prompt -> image model over those components (BLS), the same one `make serve` writes
+            from runtime.serve_repository import limits_from_export, write_serving_repository
+
+            limits = limits_from_export(settings.spec, onnx_dir.parent, max_batch=max(1, options.batch[2] // 2))  # CFG doubles the batch
+            write_serving_repository(settings.triton, settings.spec, onnx_dir, limits=limits, components_kind=kind,
+                                     component_files=None if kind == "python" else files)
         log.info("Triton model repository (%s): %s", kind, settings.triton)
     return plans
