@@ -187,6 +187,7 @@ class TritonServer:
             f"--http-port={self.http_port}",
             f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
+            "--exit-timeout-secs=5",  # stop(): in-flight requests get 5 s, then SIGKILL after stop()'s own timeout
             "--allow-metrics=false",
             "--allow-sagemaker=false",
             "--allow-vertex-ai=false",
