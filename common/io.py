@@ -103,9 +103,11 @@ def _bookkeeping(name: str) -> bool:
 
 
 def _owned(path: Path) -> bool:
-    """Whether files may be written into directory ``path``: it is empty, holds the marker, or lies inside
-    a directory that does (or inside the default artifact store)."""
-    if not any(not _bookkeeping(p.name) for p in path.iterdir()):
+    """Whether files may be written into directory ``path``: it is empty, holds only this project's outputs
+    (an artifact root given as an empty directory, after a first run), holds the marker, or lies inside a
+    directory that does (or inside the default artifact store)."""
+    entries = [p for p in path.iterdir() if not _bookkeeping(p.name)]
+    if all(p.is_dir() and is_project_output(p) for p in entries):
         return True
     real = path.resolve()
     if any(real == r.resolve() or r.resolve() in real.parents for r in _OWNED_ROOTS):

@@ -186,6 +186,8 @@ def run_build(settings: BuildSettings) -> dict[str, Path]:
             write_model_repository(settings.triton, files, kind=kind, batch=options.batch)
         if any("@" in c for c in plans):
             log.warning("no pipeline model: it calls one model per component, and static engines are one per resolution")
+        elif "transformer" not in plans:
+            log.warning("no pipeline model: it needs the transformer, and this build has only %s", ", ".join(sorted(plans)))
         else:  # the prompt -> image model over those components (BLS), the same one `make serve` writes
             from runtime.serve_repository import limits_from_export, write_serving_repository
 

@@ -61,6 +61,7 @@ def _export(tmp: Path, model: Path, batches: str) -> tuple[float, dict[str, floa
     return m["peak"] - m["baseline"], est
 
 
+@pytest.mark.slow  # two exports in fresh processes (about a minute); peak RSS also depends on what else the host runs
 def test_parity_check_memory_follows_the_estimate(tmp_path):
     model = _attention_heavy_model(tmp_path)
     growth_1, est = _export(tmp_path, model, "1")

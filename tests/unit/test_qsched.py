@@ -35,7 +35,9 @@ def test_round_trip_through_the_artifact_file(tmp_path):
     corr.save(path)
     assert SchedulerCorrection.load(path) == corr
     assert json.loads(path.read_text())["steps"] == STEPS
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # written atomically: no temporary left
+    from common.io import MARKER
+
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, MARKER])  # written atomically: no temporary left
     ramp = SchedulerCorrection.ramp(0.8, 0.9, 5)
     assert ramp.model_coeff == pytest.approx((0.8, 0.85, 0.9, 0.95, 1.0)) and ramp.sample_coeff[0] == pytest.approx(0.9)
     assert SchedulerCorrection.identity(3).is_identity and not corr.is_identity
