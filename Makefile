@@ -22,8 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/serve-numpy1 "numpy>=1.26,<2"
 	@touch $@
 
+# Two workers, one test file each at a time (module fixtures such as a Triton server stay in one process).
+PYTEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests $(PYTEST_ARGS)
 
 engine: setup
 	$(PY) -m pipeline engine --model "$(MODEL)" --sparsity "$(SPARSITY)" $(ENGINE_ARGS)

@@ -46,10 +46,12 @@ def _model_dir(tmp: Path) -> Path:
     return d
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", [pytest.param("fp32", marks=pytest.mark.slow), "fp16"])  # fp16 in make test; both with RUN_SLOW=1
 def test_export_peak_memory_is_bounded_by_the_weights(tmp_path, precision):
     model_dir = _model_dir(tmp_path)
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO), "SDD_EXTERNAL_DATA_BYTES": "0"}
+    # MALLOC_ARENA_MAX: glibc gives each busy thread its own arena; on a loaded host (make test's two workers)
+    # that alone added ~0.5 GiB of allocator slack to the peak, which is not the export's memory.
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO), "SDD_EXTERNAL_DATA_BYTES": "0", "MALLOC_ARENA_MAX": "2"}
     r = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "out"), str(model_dir), precision], capture_output=True, text=True,
                        env=env, cwd=REPO, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

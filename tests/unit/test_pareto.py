@@ -103,6 +103,7 @@ def test_nothing_runnable_is_one_line(tmp_path):
         run_pareto(_args("--grid", "dense,3:4", "--artifacts", str(tmp_path)))
 
 
+@pytest.mark.slow  # the whole grid end to end (about 2 minutes on 2 cores); the pieces have unit tests above
 def test_small_grid_end_to_end_then_reused(tmp_path):
     """dense and structured:0.3, fp32 and int8, on tiny-sd3 with minimal calibration and benchmark settings
     (~40 s on 2 cores); the rerun finds every stage done."""
