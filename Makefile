@@ -22,10 +22,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/serve-numpy1 "numpy>=1.26,<2"
 	@touch $@
 
-# Two workers, one test file each at a time (module fixtures such as a Triton server stay in one process).
+# Two workers: a test file stays on one worker (its module fixtures, such as a Triton server, are built once),
+# except the files tests/conftest.py spreads test by test (the bad-input rows).
 PYTEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup tests $(PYTEST_ARGS)
 
 engine: setup
 	$(PY) -m pipeline engine --model "$(MODEL)" --sparsity "$(SPARSITY)" $(ENGINE_ARGS)

@@ -37,8 +37,9 @@ class ServeVariant:
 
 
 def prepare_variant(model: str, sparsity: str, *, method: str = "obs-diff", artifacts: str | Path | None = None, max_steps: int | None = None,
-                    max_batch: int | None = None) -> ServeVariant:
-    """Build what is missing for serving ``model`` at ``sparsity`` (``dense`` too) and describe it."""
+                    max_batch: int | None = None, engine_args: tuple[str, ...] = ()) -> ServeVariant:
+    """Build what is missing for serving ``model`` at ``sparsity`` (``dense`` too) and describe it. engine_args: more
+    ``make engine`` options for the stages (e.g. ``("--samples", "4")`` for a quick calibration)."""
     from families.registry import resolve_model
     from obsdiff.patterns import parse_sparsity
     from pipeline.artifacts import ARTIFACTS, Manifest, config_dirs
@@ -52,7 +53,7 @@ def prepare_variant(model: str, sparsity: str, *, method: str = "obs-diff", arti
     argv = ["--model", model, "--sparsity", "2:4" if pattern.kind == "dense" else sparsity, "--method", method, "--no-engines", "--no-bench"]
     if artifacts:
         argv += ["--artifacts", str(artifacts)]
-    args = parse_args(argv)
+    args = parse_args([*argv, *engine_args])
     stages = plan_stages(args, spec, parse_sparsity(args.sparsity), config_dirs(spec, f"{parse_sparsity(args.sparsity).id}-{method}", base), dense,
                          False, "ort")
     want = {"export_dense"} if pattern.kind == "dense" else {"prune", "export_pruned"}

@@ -17,7 +17,16 @@ def _has_cuda() -> bool:
         return False
 
 
+# Files whose tests are independent one-process runs, spread over the workers test by test (`make test` runs
+# pytest-xdist with --dist loadgroup); every other file stays on one worker, so its module fixtures (a Triton
+# server, cached exports) are built once.
+SPREAD_FILES = {"test_bad_input.py"}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name not in SPREAD_FILES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA (and TensorRT for engine tests)")
     skip_slow = pytest.mark.skip(reason="slow end-to-end run: set RUN_SLOW=1 to run it")
     cuda = _has_cuda()

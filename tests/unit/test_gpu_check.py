@@ -65,9 +65,9 @@ def test_kernel_names_are_classified(name, kind):
 
 
 def test_make_target_runs_the_program():
-    dry = subprocess.run(["make", "-n", "gpu-check", "DRY_RUN=1", "OUT=/tmp/x"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "DRY_RUN=1", "OUT=/tmp/x"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "-m benchmarks.gpu_check --out \"/tmp/x\" --wheels \".whl/gpu\" --dry-run" in dry
-    gpu = subprocess.run(["make", "-n", "gpu-check", "OUT=o", "WHEELS=w"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    gpu = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "OUT=o", "WHEELS=w"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert gpu.strip().splitlines()[-1].startswith("python3 -m benchmarks.gpu_check --out \"o\" --wheels \"w\"")
 
 

@@ -40,10 +40,16 @@ pytestmark = pytest.mark.skipif(not _server_available(), reason="tritonserver (n
 
 
 @pytest.fixture(scope="module")
-def variants():
+def variants(tmp_path_factory):
+    """The exports the server runs, built here through the artifact store (a quick magnitude 2:4: what is served
+    is tested, not the pruning)."""
     from pipeline.serving import prepare_variant
 
-    return {"sd3_": prepare_variant("tiny-sd3", "dense"), "sd3_24_": prepare_variant("tiny-sd3", "2:4"), "flux_": prepare_variant("tiny-flux", "dense")}
+    art = tmp_path_factory.mktemp("artifacts")
+    quick = ("--samples", "2", "--calib-steps", "2")
+    return {"sd3_": prepare_variant("tiny-sd3", "dense", artifacts=art),
+            "sd3_24_": prepare_variant("tiny-sd3", "2:4", method="magnitude", artifacts=art, engine_args=quick),
+            "flux_": prepare_variant("tiny-flux", "dense", artifacts=art)}
 
 
 @pytest.fixture(scope="module")
