@@ -29,7 +29,7 @@ from common.dtypes import from_onnx_type
 from common.errors import UserError
 from common.io import atomic_path, read_json, sha256_file, write_json
 from runtime.served_pipeline import ServeLimits
-from runtime.triton import TensorSpec, _io_from_onnx, model_config_text
+from runtime.triton import TensorSpec, io_from_onnx, model_config_text
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def write_serving_repository(
     component_batch = 2 * limits.max_batch  # classifier-free guidance doubles the prompts
     components: dict[str, dict[str, Any]] = {}
     for c, onnx in found.items():
-        inputs, outputs = _io_from_onnx(onnx)
+        inputs, outputs = io_from_onnx(onnx)
         name = f"{prefix}{c}"
         components[c] = {"model": name, "inputs": {t.name: [from_onnx_type(f"tensor({t.dtype})"), len(t.shape)] for t in inputs}, "outputs": [t.name for t in outputs]}
         if components_kind == "python":

@@ -35,7 +35,7 @@ class TensorSpec:
     shape: tuple[Any, ...]
 
 
-def _io_from_onnx(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def io_from_onnx(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -140,7 +140,7 @@ def write_model_repository(
         if kind == "onnxruntime":
             if f.suffix != ".onnx" or not f.is_file():
                 raise UserError(f"Triton onnxruntime model {component}: {f} is not an ONNX file; run the export stage")
-            inputs, outputs = _io_from_onnx(f)
+            inputs, outputs = io_from_onnx(f)
             from runtime.manifest import onnx_files
 
             payload = [(p, ("model.onnx" if p == f else p.name)) for p in onnx_files(f)]
