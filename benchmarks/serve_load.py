@@ -17,7 +17,6 @@ Writes ``serve_load.json``, ``serve_load.md`` and ``serve_load.png`` (throughput
 from __future__ import annotations
 
 import logging
-import statistics
 import sys
 import threading
 import time

@@ -9,8 +9,6 @@ Images use few steps to keep the module at tens of seconds.
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 
 import numpy as np
