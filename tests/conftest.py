@@ -17,16 +17,34 @@ def _has_cuda() -> bool:
         return False
 
 
-# Files whose tests are independent one-process runs, spread over the workers test by test (`make test` runs
-# pytest-xdist with --dist loadgroup); every other file stays on one worker, so its module fixtures (a Triton
-# server, cached exports) are built once.
+# Files whose tests are independent one-process runs, spread over the workers test by test; every other file
+# stays on one worker, so its module fixtures (a Triton server, cached exports) are built once. `make test` runs
+# pytest-xdist with --dist loadfile, which this scheduler refines. (pytest-xdist's loadgroup cannot do it with
+# pytest 9.2: its group marks rewrite a nodeid field pytest no longer reads, pytest-dev/pytest-xdist#1386.)
 SPREAD_FILES = {"test_bad_input.py"}
 
 
+def work_unit(nodeid: str) -> str:
+    """The xdist work unit of a test: its file, or the test itself in :data:`SPREAD_FILES`."""
+    path = nodeid.split("::", 1)[0]
+    return nodeid if os.path.basename(path) in SPREAD_FILES else path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        """One work unit per test file, or per test in :data:`SPREAD_FILES`."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return FileScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name not in SPREAD_FILES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA (and TensorRT for engine tests)")
     skip_slow = pytest.mark.skip(reason="slow end-to-end run: set RUN_SLOW=1 to run it")
     cuda = _has_cuda()
