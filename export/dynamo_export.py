@@ -157,6 +157,7 @@ def export_component(
     in_place: bool = False,
     dynamic_shapes: Callable[[Any], dict[str, dict[int, Any]]] | None = None,
     parity_shapes: Sequence[tuple[int, int]] = (),
+    parity_cases: dict[str, tuple[int, tuple[int, int] | None]] | None = None,
 ) -> tuple[dict[str, Any], ParityReference | None]:
     """Export one component; returns its summary and the torch side of the parity check (run it with
     :meth:`ParityReference.check` once the torch module is no longer needed, to bound memory).
@@ -171,6 +172,8 @@ def export_component(
     dynamic_shapes: the dynamic axes (see :func:`export_module`); default the batch only.
     parity_shapes: further latent shapes ``(h, w)`` to compare at, at batch 1 (a multi-resolution export);
         ``make_inputs`` then takes them as a third argument.
+    parity_cases: the cases to compare at, ``label -> (batch, latent (h, w) or None for the example's)``,
+        instead of ``parity_batches`` and ``parity_shapes`` (see :func:`export.parity.plan_parity_shapes`).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}")
@@ -180,10 +183,12 @@ def export_component(
     exported = wrapper if current == dtype or in_place else copy.deepcopy(wrapper)
     exported.to(dtype)
     ref = None
-    if parity_batches:
+    if parity_cases is None:
+        parity_cases = {str(b): (b, None) for b in parity_batches} | {f"1@{h}x{w}": (1, (h, w)) for h, w in parity_shapes}
+    if parity_cases:
         feeds: dict[str, dict[str, np.ndarray]] = {}
         outputs: dict[str, list[np.ndarray]] = {}
-        cases = [(str(b), (b,)) for b in parity_batches] + [(f"1@{h}x{w}", (1, (h, w))) for h, w in parity_shapes]
+        cases = [(label, (b,) if hw is None else (b, tuple(hw))) for label, (b, hw) in parity_cases.items()]
         # ``wrapper`` is the reference: the float32 original when a converted copy is exported, or, converted
         # in place, its own half weights in float32 arithmetic (the same weights the ONNX holds).
         with torch.no_grad(), fp32_compute(wrapper) as m:

@@ -14,7 +14,7 @@ from common.dtypes import precision_dtype
 from common.memory import log_memory, release_to_os
 from export.compact_export import save_compact_transformer
 from export.dynamo_export import export_component
-from export.parity import plan_parity_memory
+from export.parity import attention_heads, attention_tokens, plan_parity_shapes
 from export.transformer_checks import transformer_onnx_checks
 from families.components import Component, find_component
 
@@ -37,7 +37,7 @@ def export_float_transformer(spec, plan, holder: list, batches, settings: Export
     shapes = spec.shapes
     comp = find_component(spec.adapter, "transformer")
     res, parity_ref = _export(comp, compact, path, settings.precision, batches, served, seq_len=shapes.text_seq_len,
-                              latent_hw=(shapes.latent_height, shapes.latent_width), adapter=spec.adapter)
+                              latent_hw=(shapes.latent_height, shapes.latent_width), adapter=spec.adapter, parity_memory=settings.parity_memory)
     report["transformer"].update(transformer_onnx_checks(path, compact, plan, shapes, shapes.batch_opt, settings.polygraphy, res))
     del compact
     release_to_os()
@@ -46,51 +46,56 @@ def export_float_transformer(spec, plan, holder: list, batches, settings: Export
     return res
 
 
-def export_other_component(spec, name: str, precision: str, batches, path: Path, served: ServedShapes) -> dict[str, Any]:
+def export_other_component(spec, name: str, precision: str, batches, path: Path, served: ServedShapes, parity_memory: int | None = None) -> dict[str, Any]:
     """Export a text encoder or the VAE decoder, loaded by itself in the precision it is exported in."""
     from families.registry import load_component
 
     comp = find_component(spec.adapter, name)
-    dtype = torch.float32 if comp.keep_fp32 else precision_dtype(precision)
     shapes = spec.shapes
-    module = load_component(spec, comp.attr, dtype=dtype)
+    module = load_component(spec, comp.attr, dtype=_export_dtype(comp, precision))
     res, parity_ref = _export(comp, module, path, precision, batches, served, seq_len=comp.sequence_length(spec),
-                              latent_hw=(shapes.latent_height, shapes.latent_width), adapter=spec.adapter)
+                              latent_hw=(shapes.latent_height, shapes.latent_width), adapter=spec.adapter, parity_memory=parity_memory)
     del module
     _check_parity(name, res, parity_ref)
     return res
 
 
-def _attention_tokens(module, adapter, latent_hw: tuple[int, int], seq_len: int | None) -> int:
-    """Tokens one attention of ``module`` sees at a latent shape: a transformer's (patch) image tokens plus
-    its text tokens (joint attention), or a VAE's latent pixels (its mid-block attention)."""
-    config = dict(getattr(module, "config", {}) or {})
-    h, w = latent_hw
-    if "patch_size" in config or "joint_attention_dim" in config:
-        p = adapter.latent_patch(config)
-        return (h // p) * (w // p) + int(seq_len or 0)
-    return h * w
-
-
-def _export(comp: Component, module, path: Path, precision: str, batches, served: ServedShapes, *, seq_len, latent_hw, adapter=None):
+def _export(comp: Component, module, path: Path, precision: str, batches, served: ServedShapes, *, seq_len, latent_hw, adapter=None,
+            parity_memory: int | None = None):
     """:func:`export.dynamo_export.export_component` of ``module`` (given up: converted in place) as the family's
     component ``comp`` describes it; a component whose shapes follow the resolution gets dynamic spatial axes,
-    parity at every served latent shape and its engine profiles."""
+    parity at every served latent shape that fits the check's memory cap (else at a smaller one, see
+    :func:`export.parity.plan_parity_shapes`; the exported range then reaches down to it) and its engine profiles."""
     wrapper = comp.wrapper(module)
     make = comp.example_inputs(module, latent_hw=latent_hw, seq_len=seq_len)
-    spatial = {"dynamic_shapes": comp.dynamic_shapes(module, served.latent_min, served.latent_max),
-               "parity_shapes": served.other_latents if batches else ()} if comp.spatial else {}
-    if comp.spatial and batches and adapter is not None:  # one line now, not an out-of-memory kill after the export
-        cases = {str(b): (int(b), _attention_tokens(module, adapter, latent_hw, seq_len)) for b in batches}
-        cases.update({f"1@{h}x{w}": (1, _attention_tokens(module, adapter, (h, w), seq_len)) for h, w in spatial["parity_shapes"]})
-        heads = max((m.heads for m in module.modules() if isinstance(getattr(m, "heads", None), int)), default=0)
-        if heads:
-            plan_parity_memory(comp.name, cases, heads)
+    spatial: dict[str, Any] = {}
+    reduced: dict[str, Any] = {}
+    if comp.spatial:
+        latent_min, latent_max = served.latent_min, served.latent_max
+        cases = {str(b): (int(b), tuple(latent_hw)) for b in batches or ()}
+        cases.update({f"1@{h}x{w}": (1, (h, w)) for h, w in (served.other_latents if batches else ())})
+        heads = attention_heads(module)
+        if cases and adapter is not None and heads:  # one line now, not an out-of-memory kill after the export
+            config = dict(getattr(module, "config", {}) or {})
+            step = max(2, adapter.latent_patch(config)) if comp.kind == "transformer" else 2
+            weight_bytes = sum(p.numel() for p in module.parameters()) * torch.finfo(_export_dtype(comp, precision)).bits // 8
+            cases, reduced = plan_parity_shapes(comp.name, cases, heads, lambda hw: attention_tokens(module, adapter, hw, seq_len),
+                                                weight_bytes=weight_bytes, step=step, memory=parity_memory)
+            lows = [hw for _, hw in cases.values()]
+            latent_min = (min(latent_min[0], *(h for h, _ in lows)), min(latent_min[1], *(w for _, w in lows)))
+        spatial = {"dynamic_shapes": comp.dynamic_shapes(module, latent_min, latent_max),
+                   "parity_cases": {k: (b, None if tuple(hw) == tuple(latent_hw) and "@" not in k else hw) for k, (b, hw) in cases.items()}}
     res, parity_ref = export_component(comp.name, wrapper, make, path, precision=precision, parity_batches=batches, keep_fp32=comp.keep_fp32,
                                        in_place=True, **spatial)
+    if reduced:
+        res["parity_reduced"] = reduced
     if comp.spatial:
         res["profiles"] = served.profiles(lambda b, hw: comp.input_shapes(module, b, hw, served.text_seq_len))
     return res, parity_ref
+
+
+def _export_dtype(comp: Component, precision: str) -> torch.dtype:
+    return torch.float32 if comp.keep_fp32 else precision_dtype(precision)
 
 
 def _check_parity(name: str, res: dict[str, Any], parity_ref) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from common.errors import UserError
 from common.memory import log_memory, release_to_os
-from export.onnx_files import io_spec
+from export.onnx_files import human_bytes, io_spec
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,28 @@ def ort_session(path: str | os.PathLike, *, threads: int | None = None, optimize
 # float16 graph: it runs them through float32 Casts), and hold about 2.2 such tensors at the peak: measured on
 # an SD3 transformer with 8 heads at 4,429 tokens (SD3-medium's at 1024x1024), 1.25 GiB above the session at
 # batch 1 and 3.78 GiB at batch 3, against 0.59 and 1.76 GiB of scores; its arena and memory-pattern planning
-# change that by 3%. The torch reference does not: its CPU attention is tiled.
-ORT_SCORE_TENSORS = 2.5
+# change that by 3%. At real size it is more: the SD3-medium-sized transformer (24 heads, 3.9 GiB of float16
+# ONNX) at 3,582 tokens took 3.4 GiB above its weights at batch 1, about 3 score tensors of 1.15 GiB. The estimate
+# takes 3 (the check's cap, :func:`parity_memory_cap`, leaves the rest of the export's bound as margin). The
+# torch reference does not materialise them: its CPU attention is tiled.
+ORT_SCORE_TENSORS = 3.0
 _BUDGET_ENV = "SDD_PARITY_BUDGET_BYTES"  # tests: the memory the check may use, instead of what is available
+
+
+def attention_tokens(module: nn.Module, adapter, latent_hw: tuple[int, int], seq_len: int | None) -> int:
+    """Tokens one attention of ``module`` sees at a latent shape: a transformer's (patch) image tokens plus
+    its text tokens (joint attention), or a VAE's latent pixels (its mid-block attention)."""
+    config = dict(getattr(module, "config", {}) or {})
+    h, w = latent_hw
+    if "patch_size" in config or "joint_attention_dim" in config:
+        p = adapter.latent_patch(config)
+        return (h // p) * (w // p) + int(seq_len or 0)
+    return h * w
+
+
+def attention_heads(module: nn.Module) -> int:
+    """The most heads any attention of ``module`` has (0: no attention)."""
+    return max((m.heads for m in module.modules() if isinstance(getattr(m, "heads", None), int)), default=0)
 
 
 def ort_activation_bytes(batch: int, heads: int, tokens: int) -> int:
@@ -86,6 +105,67 @@ def available_bytes() -> int:
     except OSError:
         pass
     return 1 << 62
+
+
+def parity_memory_cap(weight_bytes: int) -> int:
+    """The activation memory the parity check of a component takes at most by default: half its ONNX weights
+    + 1 GiB. The export's bound is 1.5x the weights + 2 GiB: while the check runs, ONNX Runtime holds the
+    weights (1x) and the process about 1 GiB (interpreter, torch, onnx); the rest is the check's."""
+    return int(0.5 * weight_bytes) + (1 << 30)
+
+
+def _shrink(hw: tuple[int, int], step: int, fits: Callable[[tuple[int, int]], bool]) -> tuple[int, int] | None:
+    """The largest latent shape below ``hw``, of about its aspect ratio and in multiples of ``step``, that
+    ``fits`` (None when not even ``step x step`` does)."""
+    h, w = hw
+    for n in range(h // step, 0, -1):
+        cand = (n * step, max(1, round(w * n / h)) * step)
+        if (cand[0] < h or cand[1] < w) and cand[0] <= h and cand[1] <= w and fits(cand):
+            return cand
+    return None
+
+
+def plan_parity_shapes(name: str, cases: dict[str, tuple[int, tuple[int, int]]], heads: int, tokens_at: Callable[[tuple[int, int]], int],
+                       *, weight_bytes: int, step: int, memory: int | None = None, held_bytes: int = 0) -> tuple[dict[str, tuple[int, tuple[int, int]]], dict[str, Any]]:
+    """Where the ONNX Runtime parity check of a component whose shapes follow the resolution runs: each case
+    (``label -> (batch, latent (h, w))``) at its served shape when its estimated activations
+    (:func:`ort_activation_bytes`) fit the check's cap, else at the largest smaller latent shape (multiples of
+    ``step``, about the same aspect ratio) that does. The estimate is logged before the export starts; a check
+    that does not fit in the memory available now stops with one line naming the option that does.
+
+    The cap: ``memory`` bytes if given (``--parity-memory``), else :func:`parity_memory_cap` of the component's
+    ONNX ``weight_bytes``. Why a smaller shape still proves the export: the exported graph is one graph whose
+    spatial axes are symbolic over the served range and the checked shape; a check runs every node and every
+    weight of it, so a wrong cast, an overflow, a dropped or mis-wired layer or a wrong weight still shows.
+    What only the served shape would show (its position-embedding crop) is checked at the served shape
+    whenever it fits. Returns the cases to run (relabelled ``batch@hxw`` where the shape changed) and the
+    report entry (``{}`` when every case runs as served).
+    """
+    cap = int(memory) if memory is not None else parity_memory_cap(weight_bytes)
+    est = lambda b, hw: ort_activation_bytes(b, heads, tokens_at(hw))  # noqa: E731
+    planned: dict[str, tuple[int, tuple[int, int]]] = {}
+    reduced: dict[str, Any] = {}
+    for label, (b, hw) in cases.items():
+        if est(b, hw) <= cap:
+            planned[label] = (b, tuple(hw))
+            continue
+        small = _shrink(tuple(hw), step, lambda c: est(b, c) <= cap)
+        if small is None:
+            raise UserError(f"the ONNX Runtime parity check of {name} at batch {b} needs about {human_bytes(est(b, (step, step)))} of "
+                            f"activations even at a {step}x{step} latent, over its {human_bytes(cap)} cap: pass a larger --parity-memory, "
+                            "fewer --parity-batches, or --parity-batches '' to skip the check")
+        new = f"{b}@{small[0]}x{small[1]}"
+        planned[new] = (b, small)
+        reduced[new] = {"served_latent": list(hw), "checked_latent": list(small), "batch": b,
+                        "served_estimate_bytes": est(b, hw), "checked_estimate_bytes": est(b, small)}
+    if reduced:
+        log.info("%s: parity at the served shape would need more than its %s cap (--parity-memory; default half the ONNX "
+                 "weights + 1 GiB, which keeps the export within 1.5x its weights + 2 GiB): checked at %s instead", name, human_bytes(cap),
+                 ", ".join(f"latent {r['checked_latent'][0]}x{r['checked_latent'][1]} at batch {r['batch']} ({human_bytes(est(r['batch'], tuple(r['checked_latent'])))}; "
+                           f"served {r['served_latent'][0]}x{r['served_latent'][1]}: {human_bytes(est(r['batch'], tuple(r['served_latent'])))})"
+                           for r in reduced.values()))
+    plan_parity_memory(name, {k: (b, tokens_at(hw)) for k, (b, hw) in planned.items()}, heads, held_bytes=held_bytes)
+    return planned, ({"cap_bytes": cap, "cases": reduced} if reduced else {})
 
 
 def plan_parity_memory(name: str, cases: dict[str, tuple[int, int]], heads: int, *, held_bytes: int = 0) -> dict[str, int]:

@@ -17,6 +17,7 @@ from export.compact_export import save_compact_transformer
 from export.fingerprint import versions
 from export.int8_parity import INT8_RMS_RATIO, PARITY_CALLS, int8_parity, onnx_weights, parity_cases, rms_parity
 from export.onnx_files import io_spec, onnx_size
+from export.parity import attention_heads, attention_tokens, plan_parity_memory
 from export.qdq_export import export_quantized_onnx, quantized_op_counts
 from export.quantize import check_quantized_zeros, enabled_quantizers, excluded_modules, quantize_transformer
 from export.transformer_checks import transformer_onnx_checks
@@ -49,12 +50,15 @@ def export_quantized_transformer(spec, plan, holder: list, batches, settings: Ex
     adapter = spec.adapter
     shapes = spec.shapes
     latent_hw = (shapes.latent_height, shapes.latent_width)
+    check_int8 = settings.precision == "int8" and bool(batches)
+    if check_int8 and attention_heads(compact):  # the INT8 check runs real-sampler calls at the served shape: one line now if it cannot
+        tokens = attention_tokens(compact, adapter, latent_hw, shapes.text_seq_len)
+        plan_parity_memory("transformer (INT8)", {str(b): (int(b), tokens) for b in batches}, attention_heads(compact))
     t0 = time.perf_counter()
     pipe = load_pipeline(spec, transformer=compact)
     at = replace(spec, height=calibration["height"], width=calibration["width"])  # the served resolution
     sampler = dict(steps=calibration["steps"], guidance=calibration["guidance"])
     calib = record_calibration_inputs(pipe, at, calibration["prompts"], calibration["seeds"], max_calls=calibration["max_calls"], **sampler)
-    check_int8 = settings.precision == "int8" and bool(batches)
     held = record_calibration_inputs(pipe, at, calibration["parity_prompts"], calibration["parity_seeds"], max_calls=PARITY_CALLS,
                                      **sampler) if check_int8 else []
     del pipe  # the other components are not needed any more

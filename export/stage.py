@@ -86,7 +86,9 @@ class ExportSettings:
     (``"fp32"`` or ``"fp16"``; None: :data:`OTHERS_PRECISION`). calibration: an INT8/FP8 export's
     :class:`QuantCalibration` (None: its defaults). components:
     names from the family's components (exported in the family's order), None for all of them.
-    parity_batches: batch sizes of the ONNX Runtime-vs-torch checks (empty: no checks). polygraphy: cross-check
+    parity_batches: batch sizes of the ONNX Runtime-vs-torch checks (empty: no checks). parity_memory: the
+    activation memory (bytes) each check may take before it runs at a smaller latent shape (None: half the
+    component's ONNX weights + 1 GiB, :func:`export.parity.parity_memory_cap`). polygraphy: cross-check
     2:4 with polygraphy, ``"auto"`` (ONNX < 256 MB), ``"on"`` or ``"off"``. force: re-export even if the
     existing output is current.
     """
@@ -102,6 +104,7 @@ class ExportSettings:
     shapes: ServedShapes | None = None
     calibration: QuantCalibration | None = None
     others_precision: str | None = None
+    parity_memory: int | None = None
 
     @property
     def quantized(self) -> bool:
@@ -134,6 +137,7 @@ class ExportSettings:
         """The settings as a manifest records them."""
         return {"model": self.spec.id, "out": str(self.out), "pruned": str(self.pruned) if self.pruned is not None else None,
                 "precision": self.precision, "components": self.component_names, "parity_batches": list(self.parity_batches),
+                "parity_memory": self.parity_memory,
                 "polygraphy": self.polygraphy, "force": self.force, "shapes": self.served.to_json(), "others_precision": self.other_precision,
                 "calibration": _calibration_json(self.quant_calibration)}
 
@@ -341,6 +345,7 @@ def _load_and_export(spec, pruned: Path | None, components, batches, settings: E
             holder.clear()
         others = [c for c in components if c != "transformer"]
         for name in tqdm(others, desc="export ONNX", unit="component", disable=None if others else True):
-            results[name] = export_other_component(spec, name, settings.other_precision, batches, onnx_dir / f"{name}.onnx", settings.served)
+            results[name] = export_other_component(spec, name, settings.other_precision, batches, onnx_dir / f"{name}.onnx", settings.served,
+                                                   settings.parity_memory)
         report["components"] = results
     return report

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.cli import int_at_least
+from common.cli import float_range, int_at_least
 from common.errors import UserError
 
 
@@ -54,6 +54,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--components", default=None, help="comma-separated subset of the model's components, e.g. "
                    "transformer,text_encoder,text_encoder_2,text_encoder_3,vae_decoder for SD3 (default all)")
     p.add_argument("--parity-batches", default="1,3", help="batch sizes for the ORT-vs-torch checks (default 1,3; '' skips them)").allow_empty = True
+    p.add_argument("--parity-memory", type=float_range(0, lo_open=True), default=None, metavar="GIB",
+                   help="activation memory each ORT-vs-torch check may take before it runs at a smaller latent shape than the "
+                        "served one (default: half the component's ONNX weights + 1 GiB, which keeps the export within 1.5x "
+                        "its weights + 2 GiB)")
     p.add_argument("--polygraphy", choices=POLYGRAPHY_MODES, default="auto", help="cross-check 2:4 with polygraphy (auto: models < 256 MB)")
     p.add_argument("--force", action="store_true", help="re-export even if the existing output is up to date")
     add_shape_args(p)
@@ -111,6 +115,7 @@ def settings_from_args(args: argparse.Namespace):
         shapes=shapes_from_args(args, spec),
         calibration=calibration,
         others_precision=args.others_precision,
+        parity_memory=None if args.parity_memory is None else int(args.parity_memory * 2**30),
     )
 
 

@@ -354,6 +354,9 @@ CASES = [
     # 11. a model-running check that would not fit in memory: one line naming the option that fits (here none: 1 byte)
     Case("export-parity-does-not-fit", [*EXPORT, "--out", "{tmp}/e", "--components", "transformer"], "pass --parity-batches '' to skip the check",
          env={"SDD_PARITY_BUDGET_BYTES": "1"}, late=True),
+    Case("export-parity-memory-zero", [*EXPORT, "--parity-memory", "0", "--out", "{tmp}/e"], "--parity-memory: must be a finite number in (0, inf)"),
+    Case("export-parity-memory-below-the-smallest-shape", [*EXPORT, "--parity-memory", "1e-6", "--out", "{tmp}/e", "--components", "transformer"],
+         "activations even at a 2x2 latent, over its 1.0 KiB cap: pass a larger --parity-memory", late=True),
     Case("export-parity-batches-empty-is-allowed-but-out-is-not", [*EXPORT, "--parity-batches", "", "--out", ""], "--out: must not be empty"),
     # 12. two runs on one output directory: the second stops naming the first
     Case("prune-out-locked", [*PRUNE, "--samples", "1", "--steps", "1", "--groups", "1", "--out", "{tmp}/p"],

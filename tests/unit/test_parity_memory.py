@@ -76,18 +76,44 @@ def test_parity_check_memory_follows_the_estimate(tmp_path):
 
 
 def test_a_check_that_does_not_fit_names_the_batches_that_do(monkeypatch):
-    """SD3-medium at 1024x1024 (24 heads, 4,096 image + 333 text tokens): batch 1 needs about 4.4 GiB of
-    ONNX Runtime activations, batch 3 about 13.2 GiB."""
+    """SD3-medium at 1024x1024 (24 heads, 4,096 image + 333 text tokens): batch 1 needs about 5.3 GiB of
+    ONNX Runtime activations, batch 3 about 15.8 GiB."""
     from export.parity import ort_activation_bytes, plan_parity_memory
 
     cases = {"1": (1, 4429), "3": (3, 4429)}
-    assert round(ort_activation_bytes(1, 24, 4429) / 2**30, 1) == 4.4
+    assert round(ort_activation_bytes(1, 24, 4429) / 2**30, 1) == 5.3
     monkeypatch.setenv("SDD_PARITY_BUDGET_BYTES", str(8 << 30))  # 7 GiB for activations after the 1 GiB margin
-    with pytest.raises(UserError, match=r"at batch 3 and 4,429 tokens needs about 13.2 GiB of activations, and 7.0 GiB are available: "
-                                        r"pass --parity-batches 1 \(about 4.4 GiB\)"):
+    with pytest.raises(UserError, match=r"at batch 3 and 4,429 tokens needs about 15.8 GiB of activations, and 7.0 GiB are available: "
+                                        r"pass --parity-batches 1 \(about 5.3 GiB\)"):
         plan_parity_memory("transformer", cases, 24)
     monkeypatch.setenv("SDD_PARITY_BUDGET_BYTES", str(4 << 30))
     with pytest.raises(UserError, match="pass --parity-batches '' to skip the check"):
         plan_parity_memory("transformer", cases, 24)
-    monkeypatch.setenv("SDD_PARITY_BUDGET_BYTES", str(15 << 30))
+    monkeypatch.setenv("SDD_PARITY_BUDGET_BYTES", str(18 << 30))
     assert plan_parity_memory("transformer", cases, 24)["3"] == ort_activation_bytes(3, 24, 4429)
+
+
+def test_a_check_over_its_cap_runs_at_a_smaller_latent_shape(monkeypatch):
+    """SD3-medium at 1024x1024 (a 128x128 latent, 24 heads, 333 text tokens; 3.9 GiB of float16 ONNX): the
+    default cap is half the weights + 1 GiB (2.95 GiB), under batch 1's 5.3 GiB at the served shape, so each
+    batch is checked at the largest smaller latent whose estimate fits, in patch steps and the same aspect."""
+    from export.parity import ort_activation_bytes, parity_memory_cap, plan_parity_shapes
+
+    monkeypatch.setenv("SDD_PARITY_BUDGET_BYTES", str(64 << 30))
+    tokens = lambda hw: (hw[0] // 2) * (hw[1] // 2) + 333  # noqa: E731
+    weights = int(3.9 * 2**30)
+    cap = parity_memory_cap(weights)
+    cases, report = plan_parity_shapes("transformer", {"1": (1, (128, 128)), "3": (3, (128, 128)), "1@64x128": (1, (64, 128))}, 24, tokens,
+                                       weight_bytes=weights, step=2)
+    assert set(cases) == {"1@108x108", "3@78x78", "1@64x128"}, cases
+    for label, (b, (h, w)) in cases.items():
+        assert h % 2 == 0 and w % 2 == 0 and ort_activation_bytes(b, 24, tokens((h, w))) <= cap
+        assert label == "1@64x128" or ort_activation_bytes(b, 24, tokens((h + 2, w + 2))) > cap  # the largest that fits
+    assert report["cases"]["3@78x78"]["served_latent"] == [128, 128] and report["cap_bytes"] == cap
+    # A served shape within the cap is checked as served; an explicit cap (--parity-memory) replaces the default.
+    assert plan_parity_shapes("transformer", {"1": (1, (128, 128))}, 24, tokens, weight_bytes=weights, step=2, memory=6 << 30) == ({"1": (1, (128, 128))}, {})
+    # A wide latent keeps its aspect ratio.
+    (label, (_, (h, w))), = plan_parity_shapes("t", {"1": (1, (64, 192))}, 24, tokens, weight_bytes=weights, step=2, memory=1 << 30)[0].items()
+    assert abs(w / h - 3) < 0.1, (h, w)
+    with pytest.raises(UserError, match=r"even at a 2x2 latent, over its 1.0 MiB cap: pass a larger --parity-memory"):
+        plan_parity_shapes("transformer", {"1": (1, (128, 128))}, 24, tokens, weight_bytes=weights, step=2, memory=1 << 20)
