@@ -17,34 +17,20 @@ def _has_cuda() -> bool:
         return False
 
 
-# Files whose tests are independent one-process runs, spread over the workers test by test; every other file
-# stays on one worker, so its module fixtures (a Triton server, cached exports) are built once. `make test` runs
-# pytest-xdist with --dist loadfile, which this scheduler refines. (pytest-xdist's loadgroup cannot do it with
-# pytest 9.2: its group marks rewrite a nodeid field pytest no longer reads, pytest-dev/pytest-xdist#1386.)
-SPREAD_FILES = {"test_bad_input.py"}
+# `make test` runs two pytest-xdist workers with --dist loadfile: a file's tests stay on one worker, so its module
+# fixtures (a Triton server and its exports, cached exports) are built once. The longest file starts first, while
+# the other worker goes through the rest; started last, it ran alone at the end. (xdist_group marks cannot do
+# this with pytest 9.2: pytest-xdist's loadgroup rewrites a nodeid field pytest no longer reads, #1386.)
+LONGEST_FIRST = ("test_triton_serve.py",)
 
 
-def work_unit(nodeid: str) -> str:
-    """The xdist work unit of a test: its file, or the test itself in :data:`SPREAD_FILES`."""
-    path = nodeid.split("::", 1)[0]
-    return nodeid if os.path.basename(path) in SPREAD_FILES else path
-
-
-def pytest_xdist_make_scheduler(config, log):
-    if config.getvalue("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
-
-    class FileScheduling(LoadScopeScheduling):
-        """One work unit per test file, or per test in :data:`SPREAD_FILES`."""
-
-        def _split_scope(self, nodeid: str) -> str:
-            return work_unit(nodeid)
-
-    return FileScheduling(config, log)
+def run_order(items: list) -> list:
+    """``items`` with the files of :data:`LONGEST_FIRST` first (a stable sort: the order is otherwise kept)."""
+    return sorted(items, key=lambda item: item.path.name not in LONGEST_FIRST)
 
 
 def pytest_collection_modifyitems(config, items):
+    items[:] = run_order(items)
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA (and TensorRT for engine tests)")
     skip_slow = pytest.mark.skip(reason="slow end-to-end run: set RUN_SLOW=1 to run it")
     cuda = _has_cuda()

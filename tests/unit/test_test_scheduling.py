@@ -1,13 +1,14 @@
-"""`make test`'s two pytest workers keep a file's tests together (its module fixtures, such as the Triton
-module's server and exports, are built once) and spread only the independent bad-input rows."""
+"""`make test`'s order: the longest file first, the rest as collected."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
 
-def test_a_file_is_one_work_unit_and_bad_input_rows_are_spread():
-    from tests.conftest import work_unit
 
-    assert work_unit("tests/unit/test_triton_serve.py::test_served_image_equals_in_process_runner[sd3_]") == "tests/unit/test_triton_serve.py"
-    assert work_unit("tests/unit/test_triton_serve.py::TestX::test_y[a::b]") == "tests/unit/test_triton_serve.py"
-    row = "tests/unit/test_bad_input.py::test_bad_input[prune-percdamp]"
-    assert work_unit(row) == row
+def test_the_longest_file_runs_first_and_the_rest_keep_their_order():
+    from tests.conftest import run_order
+
+    items = [SimpleNamespace(path=Path(f"tests/unit/{name}"), name=i) for i, name in
+             enumerate(["test_a.py", "test_a.py", "test_triton_serve.py", "test_b.py", "test_triton_serve.py"])]
+    assert [i.name for i in run_order(items)] == [2, 4, 0, 1, 3]
