@@ -88,7 +88,9 @@ class ExportSettings:
     names from the family's components (exported in the family's order), None for all of them.
     parity_batches: batch sizes of the ONNX Runtime-vs-torch checks (empty: no checks). parity_memory: the
     activation memory (bytes) each check may take before it runs at a smaller latent shape (None: half the
-    component's ONNX weights + 1 GiB, :func:`export.parity.parity_memory_cap`). polygraphy: cross-check
+    component's ONNX weights + 1 GiB, :func:`export.parity.parity_memory_cap`). share_from: a finished dense
+    export of the same model whose text encoders and VAE decoder this one links instead of exporting them again
+    where they match (:mod:`export.component_reuse`; ignored where they do not). polygraphy: cross-check
     2:4 with polygraphy, ``"auto"`` (ONNX < 256 MB), ``"on"`` or ``"off"``. force: re-export even if the
     existing output is current.
     """
@@ -105,6 +107,7 @@ class ExportSettings:
     calibration: QuantCalibration | None = None
     others_precision: str | None = None
     parity_memory: int | None = None
+    share_from: Path | None = None
 
     @property
     def quantized(self) -> bool:
@@ -137,7 +140,7 @@ class ExportSettings:
         """The settings as a manifest records them."""
         return {"model": self.spec.id, "out": str(self.out), "pruned": str(self.pruned) if self.pruned is not None else None,
                 "precision": self.precision, "components": self.component_names, "parity_batches": list(self.parity_batches),
-                "parity_memory": self.parity_memory,
+                "parity_memory": self.parity_memory, "share_from": str(self.share_from) if self.share_from else None,
                 "polygraphy": self.polygraphy, "force": self.force, "shapes": self.served.to_json(), "others_precision": self.other_precision,
                 "calibration": _calibration_json(self.quant_calibration)}
 
@@ -253,7 +256,7 @@ def run_export(settings: ExportSettings) -> dict[str, Any]:
         expect_space(out, need, f"the {settings.precision} export of {', '.join(components)}")
     with created_dirs(out):  # a failure leaves no out directory that this run created
         report_path.unlink(missing_ok=True)  # nothing looks complete until the new report is written
-        report = _load_and_export(spec, pruned, components, list(settings.parity_batches), settings, out, calibration)
+        report = _load_and_export(spec, pruned, components, list(settings.parity_batches), settings, out, calibration, inputs)
         report["inputs"] = inputs
         report["pruned_dir"] = str(pruned) if pruned is not None else None
         report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
@@ -305,12 +308,13 @@ def _load_pruned(pruned: Path, dtype=torch.float32):
 
 
 def _load_and_export(spec, pruned: Path | None, components, batches, settings: ExportSettings, out: Path,
-                     calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+                     calibration: dict[str, Any] | None = None, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load, cut, save and export one component at a time, so that memory stays near one copy of the
     biggest component's weights in the export precision (see :func:`export.float_export.export_float_transformer`; a quantized export
     loads the transformer in float32 and, while calibrating, the whole pipeline)."""
     from common.dtypes import precision_dtype
     from export.compact_export import save_compact_transformer
+    from export.component_reuse import link_component, shared_components
     from export.float_export import export_float_transformer, export_other_component
     from export.quant_export import export_quantized_transformer
     from families.registry import load_component
@@ -344,7 +348,11 @@ def _load_and_export(spec, pruned: Path | None, components, batches, settings: E
             save_compact_transformer(spec, plan, holder, batches, out, report, settings.served)
             holder.clear()
         others = [c for c in components if c != "transformer"]
+        shared = shared_components(settings.share_from, inputs or {}, others) if pruned is not None else {}
         for name in tqdm(others, desc="export ONNX", unit="component", disable=None if others else True):
+            if name in shared:
+                results[name] = link_component(settings.share_from, shared[name], onnx_dir)
+                continue
             results[name] = export_other_component(spec, name, settings.other_precision, batches, onnx_dir / f"{name}.onnx", settings.served,
                                                    settings.parity_memory)
         report["components"] = results

@@ -58,6 +58,9 @@ def add_parser(subparsers) -> None:
                    help="activation memory each ORT-vs-torch check may take before it runs at a smaller latent shape than the "
                         "served one (default: half the component's ONNX weights + 1 GiB, which keeps the export within 1.5x "
                         "its weights + 2 GiB)")
+    p.add_argument("--share-from", type=Path, default=None, metavar="DIR",
+                   help="a finished dense export of the same model: a pruned export links its text encoders and VAE decoder where they "
+                        "match (same weights, precision, shapes, libraries, export code) instead of exporting them again")
     p.add_argument("--polygraphy", choices=POLYGRAPHY_MODES, default="auto", help="cross-check 2:4 with polygraphy (auto: models < 256 MB)")
     p.add_argument("--force", action="store_true", help="re-export even if the existing output is up to date")
     add_shape_args(p)
@@ -116,6 +119,7 @@ def settings_from_args(args: argparse.Namespace):
         calibration=calibration,
         others_precision=args.others_precision,
         parity_memory=None if args.parity_memory is None else int(args.parity_memory * 2**30),
+        share_from=Path(args.share_from) if args.share_from is not None else None,
     )
 
 

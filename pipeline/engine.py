@@ -156,14 +156,14 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
         if precision == "fp32":
             if bench_backend in ("ort", "torch"):  # torch: the float32 export's compact checkpoint
                 stages.append(Stage(f"export_{which}", dirs.export / "export_report.json",
-                                    ExportSettings(spec=spec, out=dirs.export, pruned=pruned, precision="fp32", shapes=shapes), inputs,
-                                    {"dir": str(dirs.export)}))
+                                    ExportSettings(spec=spec, out=dirs.export, pruned=pruned, precision="fp32", shapes=shapes,
+                                                   share_from=dense.export if pruned else None), inputs, {"dir": str(dirs.export)}))
             if args.no_engines or bench_backend == "torch":
                 continue
             engine_export = dirs.export_fp16
             stages.append(Stage(f"export_{which}_fp16", dirs.export_fp16 / "export_report.json",
                                 ExportSettings(spec=spec, out=dirs.export_fp16, pruned=pruned, precision="fp16", components=cpu_components,
-                                               parity_batches=(2,), shapes=shapes),
+                                               parity_batches=(2,), shapes=shapes, share_from=dense.export_fp16 if pruned else None),
                                 inputs, {"dir": str(dirs.export_fp16)}))
             engine_components = None
         else:
@@ -173,7 +173,8 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
             ort_export = precision == "int8" and bench_backend == "ort"
             if ort_export or not args.no_engines:
                 settings = export_settings(spec, dirs, pruned, precision, shapes, quant,
-                                           components=None if ort_export else cpu_components, others="fp32" if ort_export else "fp16")
+                                           components=None if ort_export else cpu_components, others="fp32" if ort_export else "fp16",
+                                           share_from=dense.export_for(precision) if pruned else None)
                 stages.append(Stage(f"export_{which}_{precision}", engine_export / "export_report.json", settings, inputs, {"dir": str(engine_export)}))
             if args.no_engines:
                 continue
@@ -201,16 +202,19 @@ def quant_calibration(args, prune):
                             prompts=tuple(prune.prompts), steps=calib.steps, guidance=calib.guidance, seed=calib.seed)
 
 
-def export_settings(spec, dirs, pruned, precision: str, shapes, quant=None, *, components=None, others: str | None = None):
+def export_settings(spec, dirs, pruned, precision: str, shapes, quant=None, *, components=None, others: str | None = None,
+                    share_from: Path | None = None):
     """Stage 2's settings for one configuration directory at a transformer precision, as ``make engine`` and
     ``python -m benchmarks.pareto`` run it (so either reuses what the other exported): ``fp32`` into ``export/``,
-    ``int8``/``fp8`` (with ``quant``, a :class:`export.stage.QuantCalibration`) into ``export-<precision>/``."""
+    ``int8``/``fp8`` (with ``quant``, a :class:`export.stage.QuantCalibration`) into ``export-<precision>/``; share_from:
+    the dense export whose text encoders and VAE a pruned one links (:mod:`export.component_reuse`)."""
     from export.stage import ExportSettings
 
     if precision == "fp32":
-        return ExportSettings(spec=spec, out=dirs.export, pruned=pruned, precision="fp32", shapes=shapes, components=components)
+        return ExportSettings(spec=spec, out=dirs.export, pruned=pruned, precision="fp32", shapes=shapes, components=components,
+                              share_from=share_from)
     return ExportSettings(spec=spec, out=dirs.export_for(precision), pruned=pruned, precision=precision, components=components, shapes=shapes,
-                          calibration=quant, others_precision=others)
+                          calibration=quant, others_precision=others, share_from=share_from)
 
 
 @dataclass(frozen=True)

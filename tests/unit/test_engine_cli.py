@@ -93,9 +93,12 @@ def test_engine_stage_settings_equal_the_stage_commands(tmp_path):
     for which, dirs, extra in (("dense", dense, []), ("pruned", cfg, ["--pruned", str(cfg.prune)])):
         fp32, fp16, eng = by_name[f"export_{which}"], by_name[f"export_{which}_fp16"], by_name[f"engines_{which}"]
         assert isinstance(fp32.settings, ExportSettings) and isinstance(eng.settings, BuildSettings)
-        assert fp32.settings == _command_settings("export", ["--model", "tiny-sd3", "--out", str(dirs.export), "--precision", "fp32", *extra])
+        share = (lambda d: ["--share-from", str(d)]) if extra else (lambda d: [])  # noqa: E731  the pruned exports link the dense ones' other components
+        assert fp32.settings == _command_settings("export", ["--model", "tiny-sd3", "--out", str(dirs.export), "--precision", "fp32", *extra,
+                                                             *share(dense.export)])
         assert fp16.settings == _command_settings("export", ["--model", "tiny-sd3", "--out", str(dirs.export_fp16), "--precision", "fp16",
-                                                             "--components", "transformer", "--parity-batches", "2", *extra])
+                                                             "--components", "transformer", "--parity-batches", "2", *extra,
+                                                             *share(dense.export_fp16)])
         build = ["--model", "tiny-sd3", "--onnx-dir", str(dirs.export_fp16 / "onnx"), "--out", str(dirs.engines),
                  "--sparsity", "2:4" if extra else "dense", "--opt-level", "1"]
         assert eng.settings == _command_settings("build", build + (["--triton", str(tmp_path / "tr")] if extra else []))

@@ -105,6 +105,20 @@ def _expect_error(srv, inputs, *words, model="sd3_pipeline"):
     return msg
 
 
+def test_the_pruned_variant_shares_the_dense_variants_text_encoders_and_vae(variants):
+    """The 2:4 export links the dense export's components that the pruning does not change (one export of each
+    text encoder and of the VAE per model, not per sparsity); its transformer is its own."""
+    import json
+
+    dense, pruned = variants["sd3_"].onnx_dir, variants["sd3_24_"].onnx_dir
+    report = json.loads((pruned.parent / "export_report.json").read_text())["components"]
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder"):
+        assert (pruned / f"{name}.onnx").stat().st_ino == (dense / f"{name}.onnx").stat().st_ino, name
+        assert report[name]["shared_with"] == str(dense.parent.resolve())
+    assert (pruned / "transformer.onnx").stat().st_ino != (dense / "transformer.onnx").stat().st_ino
+    assert "shared_with" not in report["transformer"]
+
+
 def test_bad_requests_get_errors_and_the_next_good_one_is_served(server):
     import tritonclient.grpc as grpcclient
 
