@@ -31,7 +31,7 @@ print(json.dumps({"status": status, "baseline": base, "peak": peak_rss_bytes()})
 """
 
 
-def _model_dir(tmp: Path) -> Path:
+def _model_dir(tmp: Path, dtype: str = "fp32") -> Path:
     import torch
     from diffusers import SD3Transformer2DModel
 
@@ -41,14 +41,15 @@ def _model_dir(tmp: Path) -> Path:
     m = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=64,
                               num_attention_heads=16, joint_attention_dim=512, caption_projection_dim=1024, pooled_projection_dim=256,
                               pos_embed_max_size=32)
-    m.save_pretrained(d / "transformer", max_shard_size="100MB")  # like stage 1's 1 GB shards of a 2B model
+    # stored in the precision it is exported in, as hub checkpoints are float16 (like stage 1's 1 GB shards of a 2B model)
+    m.to(torch.float16 if dtype == "fp16" else torch.float32).save_pretrained(d / "transformer", max_shard_size="100MB")
     (d / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}))
     return d
 
 
 @pytest.mark.parametrize("precision", [pytest.param("fp32", marks=pytest.mark.slow), "fp16"])  # fp16 in make test; both with RUN_SLOW=1
 def test_export_peak_memory_is_bounded_by_the_weights(tmp_path, precision):
-    model_dir = _model_dir(tmp_path)
+    model_dir = _model_dir(tmp_path, precision)
     # Allocator slack is not the export's memory, and it depends on what else the host runs. MALLOC_ARENA_MAX: glibc
     # gives each busy thread its own arena; on a loaded host that alone added ~0.5 GiB to the peak. A fixed
     # MALLOC_MMAP_THRESHOLD_: glibc otherwise raises the threshold as large blocks are freed and keeps later ones
