@@ -19,8 +19,9 @@ def _has_cuda() -> bool:
 
 # `make test` runs two pytest-xdist workers with --dist loadfile: a file's tests stay on one worker, so its module
 # fixtures (a Triton server and its exports, cached exports) are built once. The longest file starts first, while
-# the other worker goes through the rest; started last, it ran alone at the end. (xdist_group marks cannot do
-# this with pytest 9.2: pytest-xdist's loadgroup rewrites a nodeid field pytest no longer reads, #1386.)
+# the other worker goes through the rest; started last, it ran alone at the end. --no-loadscope-reorder keeps this
+# order (by default xdist queues the files with the most tests first). (xdist_group marks cannot do this with
+# pytest 9.2: pytest-xdist's loadgroup rewrites a nodeid field pytest no longer reads, #1386.)
 LONGEST_FIRST = ("test_triton_serve.py",)
 
 
