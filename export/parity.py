@@ -2,8 +2,9 @@
 reference at several batches (:func:`check_parity`, :class:`Parity`), the torch side computed before the
 export so that torch and ONNX Runtime never hold the weights at once (:class:`ParityReference`), float32
 arithmetic over half weights (:func:`fp32_compute`), the tolerances per precision, and the check's
-activation memory (:func:`plan_parity_memory`: estimated from batch, heads and tokens, logged, and refused
-with one line naming the ``--parity-batches`` that fits, before the export starts)."""
+activation memory: capped by the weights (:func:`plan_parity_shapes`: a case over the cap runs at a smaller
+latent shape of the same graph), estimated from batch, heads and tokens, logged, and refused with one line
+naming the ``--parity-batches`` that fits, before the export starts (:func:`plan_parity_memory`)."""
 
 from __future__ import annotations
 
