@@ -58,9 +58,9 @@ def test_sd3_medium_fixture_exports_within_bound_and_builds(tmp_path):
 
 def test_sd3_medium_export_at_1024_stays_within_its_bound(tmp_path):
     """The float16 transformer export at SD3-medium's own resolution, 1024x1024 (4,096 image + 333 text tokens;
-    opt-in, RUN_SLOW=1; ~10 GiB, ~15 minutes) stays within 1.5x its ONNX weights + 2 GiB, as at 256 px. Its
+    opt-in, RUN_SLOW=1; about 8 GiB and 7 minutes on 2 cores) stays within 1.5x its ONNX weights + 2 GiB, as at 256 px. Its
     ONNX Runtime parity check at the served shape would not: attention's scores are batch x heads x tokens^2
-    whatever the weights (batch 1: about 4.4 GiB). The check is bounded instead (:func:`export.parity.
+    whatever the weights (batch 1: about 5.3 GiB). The check is bounded instead (:func:`export.parity.
     plan_parity_shapes`): it runs at the largest latent whose estimate fits half the weights + 1 GiB, on the
     same graph, exported with spatial axes that reach down to it."""
     fixture = tmp_path / "sd3-medium-1024"
