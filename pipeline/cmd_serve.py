@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"log: {server.log_path}", flush=True)
     if args.detach:
         write_json(state_file, server.detach())
-        print(f"detached; stop it with `python -m pipeline serve --stop` (make serve-stop)", flush=True)
+        print("detached; stop it with `python -m pipeline serve --stop` (make serve-stop)", flush=True)
         print(f"grpc: {server.grpc_url}", flush=True)
         return 0
     print(f"grpc: {server.grpc_url}  http: {server.http_url}  (Ctrl-C stops the server)", flush=True)
