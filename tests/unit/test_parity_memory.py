@@ -117,3 +117,36 @@ def test_a_check_over_its_cap_runs_at_a_smaller_latent_shape(monkeypatch):
     assert abs(w / h - 3) < 0.1, (h, w)
     with pytest.raises(UserError, match=r"even at a 2x2 latent, over its 1.0 MiB cap: pass a larger --parity-memory"):
         plan_parity_shapes("transformer", {"1": (1, (128, 128))}, 24, tokens, weight_bytes=weights, step=2, memory=1 << 20)
+
+
+def test_an_export_checked_at_a_smaller_shape_serves_the_served_one(tmp_path):
+    """tiny-sd3's transformer with a cap that only a smaller latent fits at batch 3: the check runs there, the
+    exported graph takes both shapes, and at the served shape (8x8 latent, batch 2) ONNX Runtime still agrees
+    with the compact torch model it was exported from."""
+    import torch
+
+    from export.parity import ort_session, rel_error
+    from families import adapter_for
+    from families.registry import resolve_model
+    from pipeline.__main__ import main
+
+    out = tmp_path / "e"
+    assert main(["export", "--model", "tiny-sd3", "--out", str(out), "--components", "transformer", "--parity-batches", "1,3",
+                 "--parity-memory", "0.0001"]) == 0  # 105 KiB: batch 1 at 8x8 fits, batch 3 needs a 4x4 latent
+    res = json.loads((out / "export_report.json").read_text())["components"]["transformer"]
+    assert list(res["parity"]["per_batch"]) == ["1", "3@4x4"] and res["parity"]["ok"]
+    assert res["parity_reduced"]["cases"]["3@4x4"]["served_latent"] == [8, 8]
+    assert res["inputs"]["hidden_states"]["shape"][2:] == ["2*tokens_h", "2*tokens_w"]
+    assert res["profiles"]["range"]["hidden_states"][2] == [4, 4, 8, 8]  # the engines still serve the served shape only
+
+    from export.checkpoint import load_compact
+
+    compact = load_compact(out / "compact")[0].eval()
+    spec = resolve_model("tiny-sd3")
+    adapter = adapter_for(compact)
+    inputs = adapter.transformer_inputs(compact, 2, (8, 8), spec.shapes.text_seq_len, seed=5)
+    wrapper = adapter.transformer_for_onnx(compact)
+    with torch.no_grad():
+        ref = wrapper(*inputs.values()).numpy()
+    got = ort_session(out / "onnx" / "transformer.onnx").run(["sample"], {k: v.numpy() for k, v in inputs.items()})[0]
+    assert rel_error(got, ref) < 1e-4
