@@ -542,6 +542,15 @@ def read_text_lines(path: str | os.PathLike, *, what: str = "file", max_bytes: i
     return lines
 
 
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Hard-link ``src`` to ``dst`` (no second copy of a large file), or copy it where a link cannot be made
+    (another file system)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

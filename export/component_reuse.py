@@ -7,13 +7,11 @@ missing, and the component is exported as usual."""
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
-from common.io import read_json
+from common.io import link_or_copy, read_json
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +45,3 @@ def link_component(source: Path, entry: dict[str, Any], onnx_dir: Path) -> dict[
             link_or_copy(f, onnx_dir / f.name)
     log.info("%s: the dense export's, linked from %s (the pruning does not change it)", entry["file"], src.parent)
     return {**entry, "shared_with": str(Path(source).resolve())}
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)

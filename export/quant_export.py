@@ -51,9 +51,10 @@ def export_quantized_transformer(spec, plan, holder: list, batches, settings: Ex
     shapes = spec.shapes
     latent_hw = (shapes.latent_height, shapes.latent_width)
     check_int8 = settings.precision == "int8" and bool(batches)
-    if check_int8 and attention_heads(compact):  # the INT8 check runs real-sampler calls at the served shape: one line now if it cannot
+    heads = attention_heads(compact)
+    if check_int8 and heads:  # the INT8 check runs real-sampler calls at the served shape: one line now if it cannot
         tokens = attention_tokens(compact, adapter, latent_hw, shapes.text_seq_len)
-        plan_parity_memory("transformer (INT8)", {str(b): (int(b), tokens) for b in batches}, attention_heads(compact))
+        plan_parity_memory("transformer (INT8)", {str(b): (int(b), tokens) for b in batches}, heads)
     t0 = time.perf_counter()
     pipe = load_pipeline(spec, transformer=compact)
     at = replace(spec, height=calibration["height"], width=calibration["width"])  # the served resolution

@@ -27,7 +27,7 @@ from typing import Any
 
 from common.dtypes import from_onnx_type
 from common.errors import UserError
-from common.io import atomic_path, read_json, sha256_file, write_json
+from common.io import atomic_path, link_or_copy, read_json, sha256_file, write_json
 from runtime.served_pipeline import ServeLimits
 from runtime.triton import TensorSpec, io_from_onnx, model_config_text
 
@@ -167,10 +167,7 @@ def _write_python_component(model_dir: Path, name: str, onnx: Path, inputs: list
         files = {}
         for src in onnx_files(onnx):
             dst = version / ("model.onnx" if src == onnx else src.name)
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
+            link_or_copy(src, dst)
             files[dst.name] = {"bytes": dst.stat().st_size, "sha256": sha256_file(dst)}
         shutil.copy2(MODELS_SRC / "component_model.py", version / "model.py")
         write_json(version / "manifest.json", {"component": name, "source": str(onnx), "files": files})

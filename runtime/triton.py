@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from common.dtypes import TRITON_TYPES
 from common.errors import UserError
-from common.io import atomic_path, read_json
+from common.io import atomic_path, link_or_copy, read_json
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +176,7 @@ def write_model_repository(
             (tmp / "1").mkdir(parents=True)
             (tmp / "config.pbtxt").write_text(text)
             for src, dst in payload:
-                _link_or_copy(src, tmp / "1" / dst)
+                link_or_copy(src, tmp / "1" / dst)
         written.append(repo_dir / name / "config.pbtxt")
         log.info("Triton model %s -> %s", name, repo_dir / name)
     return written
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
