@@ -142,4 +142,10 @@ def run_command(body: Callable[[], int | None]) -> int:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Our log lines as ``LEVEL logger: message`` (DEBUG with ``verbose``), and the library output a user cannot
+    act on silenced (:mod:`common.quiet`) unless ``verbose`` or ``SDD_DEBUG=1`` asks to see everything."""
+    from common.quiet import debug_requested, silence_libraries
+
+    logging.basicConfig(level=logging.DEBUG if verbose or debug_requested() else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    silence_libraries(debug=verbose)

@@ -19,7 +19,8 @@ COMMANDS = ["generate", "sheet", "prune", "export", "build", "engine", "serve", 
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the library warnings that are silenced by default (also SDD_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:

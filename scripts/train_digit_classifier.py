@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.cli import setup_logging  # noqa: E402
 from evaluation.classifier import DEFAULT_DIR, DigitClassifier  # noqa: E402
 from evaluation.digits import load_split, random_shift, to_pixels  # noqa: E402
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
 

@@ -46,6 +46,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.digits import TEMPLATES, WORDS, all_prompts, load_split, random_shift, to_pixels  # noqa: E402
+from common.cli import setup_logging  # noqa: E402
 from common.io import atomic_path, writing_repository_models  # noqa: E402
 
 log = logging.getLogger("train_tiny")
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.out = args.out or f"models/tiny-{args.family}"
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
