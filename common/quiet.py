@@ -38,6 +38,9 @@ LOG_RECORDS: dict[str, tuple[str, bool, str]] = {
     "torch.utils._pytree": (
         r"is an Enum subclass and is now natively supported by torch\.compile", False,
         "torchao registering its enums the way older torch wanted"),
+    "diffusers.quantizers.torchao.torchao_quantizer": (
+        r"Unable to import `torchao` Tensor objects", False,
+        "diffusers naming torchao classes that torchao 0.18 no longer has; we load no torchao-serialized checkpoint"),
     "matplotlib.font_manager": (
         r"generated new fontManager", False,
         "matplotlib's font cache, built once per machine (INFO, which our log level shows)"),
