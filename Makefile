@@ -83,7 +83,7 @@ gpu-wheels: setup
 		-d "$(WHEELS)" $$($(PY) -c "import importlib.metadata as m; print(' '.join(f'{n}=={m.version(n)}' for n in ('diffusers', 'torchao', 'importlib_metadata')))")
 	@du -sh "$(WHEELS)"
 
-# Triton serving (README "Serving"): builds what is missing, writes the repository, starts tritonserver on
+# Triton serving (docs/serving.md): builds what is missing, writes the repository, starts tritonserver on
 # 127.0.0.1 and leaves it running (FOREGROUND=1: stays in the foreground until Ctrl-C); `make serve-stop` stops it.
 SERVE_ARGS ?=
 SERVE_LOAD_ARGS ?=
