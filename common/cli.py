@@ -16,9 +16,10 @@ import re
 import sys
 from typing import Callable
 
-from common.errors import UserError
+from common.errors import CheckFailed, UserError
 
 EXIT_USER_ERROR = 2
+EXIT_CHECK_FAILED = 3  # a stage's own check of its output failed (common.errors.CheckFailed)
 EXIT_INTERRUPTED = 130
 
 
@@ -115,13 +116,17 @@ def run_command(body: Callable[[], int | None]) -> int:
     """Run a command body; a user-actionable failure becomes one ``error:`` line on stderr and a status.
 
     UserError and user-caused OS errors (permissions, read-only or full disk, also a full disk reported by a
-    library as its own exception): status 2. Ctrl-C: 130.
+    library as its own exception): status 2. A stage's failed check of its own output (CheckFailed): status 3.
+    Ctrl-C: 130.
     Anything else is a bug and keeps its traceback.
     """
     from common.io import disk_full_error, is_disk_full, os_error_line
 
     try:
         return int(body() or 0)
+    except CheckFailed as e:
+        print(f"error: check failed: {e}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

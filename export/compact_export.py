@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from common.errors import CheckFailed
 from common.memory import log_memory, release_to_os
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def save_compact_transformer(spec, plan, holder: list, batches, out: Path, repor
             err = rel_error(_transformer_output(transformer, spec), ref)
             surgery["max_rel_error"] = err
             if not err <= SURGERY_TOLERANCE:
-                raise RuntimeError(f"compact transformer differs from the masked one: rel. error {err:.2e} > {SURGERY_TOLERANCE:.0e}")
+                raise CheckFailed(f"the compact transformer differs from the masked one: rel. error {err:.2e} > {SURGERY_TOLERANCE:.0e}")
             log.info("surgery: compact vs masked transformer rel. error %.2e (tolerance %.0e)", err, SURGERY_TOLERANCE)
         report["surgery"] = surgery
     elif plan is not None:

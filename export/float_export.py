@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from common.dtypes import precision_dtype
+from common.errors import CheckFailed
 from common.memory import log_memory, release_to_os
 from export.compact_export import save_compact_transformer
 from export.dynamo_export import export_component
@@ -101,6 +102,9 @@ def _export_dtype(comp: Component, precision: str) -> torch.dtype:
 def _check_parity(name: str, res: dict[str, Any], parity_ref) -> None:
     """Run the ONNX Runtime side of the parity check (the torch module is freed by now) into ``res``."""
     if parity_ref is not None:
-        res["parity"] = parity_ref.check(name).to_dict()
-        if not res["parity"]["ok"]:
-            raise RuntimeError(f"{name}: ONNX Runtime output differs from torch: {res['parity']}")
+        parity = parity_ref.check(name)
+        res["parity"] = parity.to_dict()
+        if not parity.ok:
+            raise CheckFailed(f"{name}: the ONNX in ONNX Runtime differs from torch: {parity.summary()}")
+    else:
+        res["parity"] = {"skipped": "--parity-batches '': no parity check asked for"}

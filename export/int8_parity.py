@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.errors import CheckFailed
+from common.ort_options import int8_gemm_mode
 from export.parity import ort_session, rel_error
 
 # INT8 ONNX (ONNX Runtime, CPU) vs the fake-quantized torch model, max |diff| / max |ref| of the output. Both run
@@ -25,7 +27,13 @@ from export.parity import ort_session, rel_error
 # model is only 4e-4 (SD3) / 4e-3 (Flux) from the float model on these random weights. The tests therefore also
 # check that the ONNX output is far closer to the fake-quantized model than to the float one.
 INT8_TOLERANCE = 2e-3
-INT8_RMS_RATIO = 0.25  # see rms_parity
+# The INT8 check's bound on the median, over held-out cases, of RMS(ONNX Runtime - fake-quantized) / RMS(fake-quantized -
+# float): halfway between the same model (0) and a graph that computes the float model (1). A correct export is
+# away from 0 only by rounding flips (see rms_parity), which depend on the CPU's float kernels: medians measured
+# 0.00-0.19 on tiny-sd3, 0.12 on a 2-block SD3-medium-width model (Xeon, AVX512-VNNI) and 0.30 on AMD Zen 4 (the
+# old bound, 0.25, failed that correct export). Broken graphs measured: the float graph 1.0; the tiny-sd3 INT8
+# graph on an AVX2 CPU whose u8s8 kernel saturates 1.9 (fixed by common.ort_options; the check would catch it).
+INT8_RMS_RATIO = 0.5
 # INT8 parity (ONNX Runtime vs the fake-quantized model) runs on real-sampler inputs: this many held-out
 # trajectories, PARITY_CALLS of their transformer calls, each at every parity batch.
 PARITY_TRAJECTORIES = 2
@@ -118,13 +126,13 @@ def onnx_weights(model, path: Path):
             deq = (data - (bshape(zp) if zp is not None else 0.0)) * bshape(scale)
             w = torch.from_numpy(np.ascontiguousarray(np.moveaxis(deq, qw.k_axis, -1))).to(module.weight.dtype)  # (N, K), torch's layout
             if tuple(w.shape) != tuple(module.weight.shape):
-                raise RuntimeError(f"{qw.source}: the ONNX weight has shape {tuple(w.shape)}, the torch layer {tuple(module.weight.shape)}")
+                raise CheckFailed(f"{qw.source}: the ONNX weight has shape {tuple(w.shape)}, the torch layer {tuple(module.weight.shape)}")
             with torch.no_grad():
                 fq = module.weight_quantizer(module.weight.detach())
                 step = torch.from_numpy(np.moveaxis(np.broadcast_to(bshape(scale), data.shape), qw.k_axis, -1).copy()).to(fq.dtype)
                 steps = ((w - fq).abs() / step).round()
             if bool((steps > 1).any()) or bool(((module.weight == 0) & (w != 0)).any()):
-                raise RuntimeError(f"{qw.source}: the ONNX's INT8 weight is more than one step from ModelOpt's, or lost a pruned zero")
+                raise CheckFailed(f"{qw.source}: the ONNX's INT8 weight is more than one step from ModelOpt's, or lost a pruned zero")
             one_step += int((steps == 1).sum())
             total += w.numel()
             swapped.append((module, module.weight.data))
@@ -151,10 +159,11 @@ def rms_parity(path: Path, wrapper, cases: dict[str, dict[str, torch.Tensor]], f
     every input (:data:`INT8_TOLERANCE`, set on random-weight fixtures) then fails at random, and
     would be too loose to mean anything if widened. The check is relative to what quantization itself does to
     the output (``q`` = RMS distance of the fake-quantized from the float model): it passes when the median over
-    the cases of RMS(ORT - fake-quantized) / ``q`` is at most :data:`INT8_RMS_RATIO`. Flips are sporadic (measured
-    on the tiny-sd3 grid: medians 0.00..0.06; single cases up to 0.8, the tiny model being sensitive to one
-    activation), while a wrong scale or axis, a layer that lost its quantization or a graph that runs the float
-    weights moves every case (a float graph: about 1). The worst case, the max-over-elements errors
+    the cases of RMS(ORT - fake-quantized) / ``q`` is at most :data:`INT8_RMS_RATIO`. Flips are sporadic and
+    depend on the CPU's float kernels (measured medians: tiny-sd3 0.00..0.19, single cases up to 0.8, the tiny
+    model being sensitive to one activation; 0.12 and 0.30 on a 2-block SD3-medium-width model on two CPUs),
+    while a wrong scale or axis, a graph that runs the float weights or an integer GEMM that saturates moves
+    every case (a float graph: about 1; a saturating AVX2 GEMM: 1.9). The worst case, the max-over-elements errors
     (``cases_within_int8_tolerance``) and the cases closer to the float model than to the fake-quantized one are
     reported beside.
     """
@@ -175,11 +184,11 @@ def rms_parity(path: Path, wrapper, cases: dict[str, dict[str, torch.Tensor]], f
     far = [k for k, c in per_case.items() if not c["rms_vs_fake_quant"] < c["rms_vs_float"]]
     why = []
     if not median <= INT8_RMS_RATIO:
-        why.append(f"median RMS distance to the fake-quantized model is {median:.2f} of the quantization's own (> {INT8_RMS_RATIO}); "
+        why.append(f"median RMS distance to the fake-quantized model is {median:.2f} of the quantization's own (bound {INT8_RMS_RATIO}); "
                    f"{len(far)}/{len(per_case)} cases are closer to the float model")
     errors = [c["max_rel_error"] for c in per_case.values()]
     return {"reference": "torch fake-quantized (ModelOpt)", "inputs": f"real-sampler calls held out from calibration ({len(cases)} cases)",
             "rms_ratio_tolerance": INT8_RMS_RATIO, "median_rms_ratio": median, "worst_rms_ratio": max(c["rms_ratio"] for c in per_case.values()),
             "max_rel_error": max(errors), "median_max_rel_error": float(np.median(errors)), "int8_tolerance": INT8_TOLERANCE,
             "cases_within_int8_tolerance": f"{sum(e <= INT8_TOLERANCE for e in errors)}/{len(errors)}", "cases_closer_to_float": far,
-            "ok": not why, "why": "; ".join(why), "per_case": per_case}
+            "ok": not why, "why": "; ".join(why), "ort_int8_gemm": int8_gemm_mode(), "per_case": per_case}

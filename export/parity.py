@@ -39,7 +39,8 @@ def parity_tolerance(precision: str) -> float:
 
 
 def ort_session(path: str | os.PathLike, *, threads: int | None = None, optimize: bool = True, lean: bool = False):
-    """A CPU ``InferenceSession`` that does not spin idle threads (the machine is shared).
+    """A CPU ``InferenceSession`` with the project's session options (:mod:`common.ort_options`: no idle spinning,
+    exact integer GEMMs on CPUs without VNNI).
 
     optimize: ONNX Runtime's graph optimisations (default on; off runs the graph exactly as exported).
     lean: no memory arena and no memory-pattern preallocation (a check runs a few calls, each of a different
@@ -47,17 +48,9 @@ def ort_session(path: str | os.PathLike, *, threads: int | None = None, optimize
     """
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    if lean:
-        so.enable_cpu_mem_arena = False
-        so.enable_mem_pattern = False
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
+    from common.ort_options import session_options
+
+    so = session_options(threads=threads, optimize=optimize, lean=lean)
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
@@ -226,6 +219,16 @@ class Parity:
     @property
     def ok(self) -> bool:
         return all(np.isfinite(e) and e <= self.tolerance for d in self.batch_errors.values() for e in d.values())
+
+    def summary(self) -> str:
+        """One line: the worst case, its error and the tolerance (for a failed check's error line)."""
+        cases = [(e if np.isfinite(e) else float("inf"), b, out) for b, d in self.batch_errors.items() for out, e in d.items()]
+        if not cases:
+            return f"no case compared with {self.reference}"
+        worst, b, out = max(cases)
+        bad = sum(not (e <= self.tolerance) for e, _, _ in cases)
+        return (f"max |ONNX Runtime - {self.reference}| / max |ref| of {out} is {worst:.2e} at batch {b} (tolerance {self.tolerance:.0e}); "
+                f"{bad} of {len(cases)} outputs over it")
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.errors import UserError
+from common.errors import CheckFailed, UserError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def transformer_onnx_checks(path: Path, compact, plan, shapes, step_batch: int, 
     model = onnx.load(str(path), load_external_data=False)  # weights are read one at a time by the checker
     missing = missing_linear_weights(model, compact) if not quantized else []  # quantized: from the GEMM table below
     if missing:
-        raise RuntimeError(f"{len(missing)} transformer-block linears are not MatMul/Gemm with a constant weight (e.g. {missing[0]})")
+        raise CheckFailed(f"{len(missing)} transformer-block linears are not MatMul/Gemm with a constant weight (e.g. {missing[0]})")
     pattern = parse_sparsity(plan.sparsity) if plan is not None else None
     nm = (pattern.n, pattern.m) if pattern is not None and pattern.is_semi_structured else (2, 4)
     expected = sorted(plan.layers) if pattern is not None and pattern.is_semi_structured else []
@@ -74,7 +74,7 @@ def transformer_onnx_checks(path: Path, compact, plan, shapes, step_batch: int, 
         prefix = tuple(f"{a}." for a in adapter_for(compact).block_lists)
         missing = [f"{n}.weight" for n, m in compact.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(prefix) and f"{n}.weight" not in have]
         if missing:
-            raise RuntimeError(f"{len(missing)} transformer-block linears are not MatMul/Gemm with a constant (quantized) weight (e.g. {missing[0]})")
+            raise CheckFailed(f"{len(missing)} transformer-block linears are not MatMul/Gemm with a constant (quantized) weight (e.g. {missing[0]})")
     if not sp.ok:
         first = (sp.missing_layers or sp.failed_layers)[0]
         raise UserError(
@@ -94,7 +94,7 @@ def transformer_onnx_checks(path: Path, compact, plan, shapes, step_batch: int, 
             disagree = cross_check_polygraphy(sp, pg)
             out["polygraphy"] = {"tensors_checked": len(pg), "sparse": sum(pg.values()), "disagreements": disagree}
             if disagree:
-                raise RuntimeError(f"polygraphy and the 2:4 checker disagree on {disagree[:3]}")
+                raise CheckFailed(f"polygraphy and the 2:4 checker disagree on {disagree[:3]}")
         except (OSError, RuntimeError) as e:
             if polygraphy == "on" or "disagree" in str(e):
                 raise

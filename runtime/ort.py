@@ -2,8 +2,9 @@
 
 :class:`OrtModel` wraps one ``InferenceSession`` behind the same call as :class:`runtime.trt.engine.TrtEngine`:
 ``{input name: tensor} -> {output name: torch tensor}``, casting inputs to the dtypes the ONNX declares.
-Sessions never spin idle threads (``session.intra_op.allow_spinning=0``): spinning burns the cores the
-rest of the pipeline (scheduler, PyTorch components) needs and makes interleaved benchmarks noisy.
+Sessions take the project's options (:mod:`common.ort_options`): they never spin idle threads (spinning burns the
+cores the rest of the pipeline needs and makes interleaved benchmarks noisy), and INT8 graphs compute exactly on
+CPUs without VNNI (``session.x64quantprecision``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from common.dtypes import from_onnx_type
 from common.errors import UserError
 from common.input_files import check_onnx
+from common.ort_options import session_options
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ def _cuda_visible() -> bool:
 
 
 def make_session(onnx_path: str | os.PathLike, *, provider: str = "cpu", intra_op_threads: int = 0):
-    """An ``InferenceSession`` with all graph optimisations, no idle spinning, and ``provider``'s EPs.
+    """An ``InferenceSession`` with all graph optimisations, the project's session options, and ``provider``'s EPs.
 
     intra_op_threads: 0 lets ONNX Runtime use one thread per physical core.
     """
@@ -59,12 +61,7 @@ def make_session(onnx_path: str | os.PathLike, *, provider: str = "cpu", intra_o
     if not onnx_path.is_file():
         raise UserError(f"missing ONNX {onnx_path}; run `python -m pipeline export` first")
     check_onnx(onnx_path, fix="re-run the export stage")  # truncated graph or external data: one line, not ORT's error
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = int(intra_op_threads)
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3
+    so = session_options(threads=intra_op_threads)
     try:
         return ort.InferenceSession(str(onnx_path), sess_options=so, providers=resolve_provider(provider))
     except (ort.capi.onnxruntime_pybind11_state.InvalidGraph, ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as e:

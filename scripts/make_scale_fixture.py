@@ -11,7 +11,8 @@ encoders of the real output widths (CLIP-L 768, CLIP-G 1280, T5 4096, so the tra
 Options: ``--sample-size`` sets the transformer's default latent size (the default image size is 8x that;
 the real model says 128, i.e. 1024 px; the scale check uses 32, i.e. 256 px, to keep CPU runs short; the
 position embedding still covers the real maximum), ``--t5-layers`` the depth of the T5 encoder (the real
-T5-XXL has 24 layers, 4.7B parameters; each layer here is one of its real width). Weights are stored in
+T5-XXL has 24 layers, 4.7B parameters; each layer here is one of its real width), ``--blocks`` keeps only that
+many transformer blocks of the real width (a few-block model for per-call checks). Weights are stored in
 float16, as on the hub. Another family is one entry of :data:`FAMILIES`.
 """
 
@@ -51,7 +52,7 @@ def _randomise_zero_init(module: torch.nn.Module, generator: torch.Generator) ->
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(0.02).to(p.dtype))
 
 
-def build(family: str, out: Path, *, sample_size: int, t5_layers: int, seed: int) -> dict:
+def build(family: str, out: Path, *, sample_size: int, t5_layers: int, seed: int, blocks: int | None = None) -> dict:
     import diffusers
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
@@ -72,7 +73,10 @@ def build(family: str, out: Path, *, sample_size: int, t5_layers: int, seed: int
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)  # build in float16: a 2B-parameter model never exists in float32 here
     try:
-        transformer = getattr(diffusers, sd3.transformer_class)(sample_size=sample_size, **FAMILIES[family])
+        config = dict(FAMILIES[family])
+        if blocks is not None:
+            config.update(num_layers=blocks, dual_attention_layers=tuple(i for i in config.get("dual_attention_layers", ()) if i < blocks))
+        transformer = getattr(diffusers, sd3.transformer_class)(sample_size=sample_size, **config)
         _randomise_zero_init(transformer, g)
         text_encoder_3 = T5EncoderModel(T5Config(
             vocab_size=len(t5_tok), d_model=4096, d_kv=64, d_ff=10240, num_layers=t5_layers, num_heads=64,
@@ -91,7 +95,7 @@ def build(family: str, out: Path, *, sample_size: int, t5_layers: int, seed: int
     with atomic_path(out) as tmp:
         pipe.save_pretrained(str(tmp), max_shard_size="2GB")
         info = {
-            "family": family, "seed": seed, "sample_size": sample_size, "t5_layers": t5_layers,
+            "family": family, "seed": seed, "sample_size": sample_size, "t5_layers": t5_layers, "blocks": transformer.config.num_layers,
             "transformer_parameters": int(sum(p.numel() for p in transformer.parameters())),
             "note": "random weights with the real transformer and VAE configs; text encoders of the real output widths",
         }
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--sample-size", type=int_at_least(2), default=32, help="default latent size (default 32: 256 px; the hub config says 128)")
     ap.add_argument("--t5-layers", type=int_at_least(0), default=1, help="T5 encoder layers of the real width (default 1; 0: no T5)")
+    ap.add_argument("--blocks", type=int_at_least(1), default=None, help="transformer blocks to keep (default: all the published config has)")
     ap.add_argument("--seed", type=int_at_least(0), default=0)
     args = ap.parse_args(argv)
     setup_logging()
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         from common.io import check_output
 
         check_output(args.out, "dir")
-        build(args.family, args.out, sample_size=args.sample_size, t5_layers=args.t5_layers, seed=args.seed)
+        build(args.family, args.out, sample_size=args.sample_size, t5_layers=args.t5_layers, seed=args.seed, blocks=args.blocks)
         print(args.out)
         return 0
 
