@@ -39,6 +39,21 @@ def int8_export(stage1, tmp_path_factory):
     return settings, run_export(settings)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_an_export_without_parity_batches_completes_and_says_it_skipped_the_check(stage1, precision, tmp_path):
+    """``--parity-batches ''`` for every precision (an INT8 export used to end in KeyError: 'parity' after its work)."""
+    from export.stage import ExportSettings, QuantCalibration, run_export
+
+    spec, pruned, _, _ = stage1
+    settings = ExportSettings(spec=spec, out=tmp_path / "e", pruned=pruned, precision=precision, components=("transformer",), parity_batches=(),
+                              calibration=QuantCalibration(samples=1, max_calls=2))
+    report = run_export(settings)
+    assert "no parity check" in report["components"]["transformer"]["parity"]["skipped"]
+    assert (tmp_path / "e" / "onnx" / "transformer.onnx").is_file()
+    if precision == "int8":
+        assert report["quantization"]["parity"] == report["components"]["transformer"]["parity"]
+
+
 def test_int8_export_report_onnx_and_reuse(stage1, int8_export, caplog):
     from export.sparsity_check import check_onnx_sparsity
     from export.stage import run_export
