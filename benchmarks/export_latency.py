@@ -233,6 +233,7 @@ def run(args) -> int:
     import onnxruntime as ort
 
     cases = selected_cases(args)
+    program.check_out(args.out / "export_latency.json")
     results = []
     with tempfile.TemporaryDirectory(prefix="export-latency-") as tmp:
         for case in cases:

@@ -9,7 +9,8 @@ A benchmark module holds what it measures and how it tabulates it; its ``main`` 
         p.add_argument(...)
         return program.run(p, argv, body)        # body(args) -> exit status (None: 0)
 
-and ``body`` ends with :func:`write` (``result`` carrying :func:`environment`'s keys).
+and ``body`` starts with :func:`check_out` (the outputs can be written: one line now, not after the
+measurement) and ends with :func:`write` (``result`` carrying :func:`environment`'s keys).
 """
 
 from __future__ import annotations
@@ -68,6 +69,17 @@ def environment(device: Any = None, libraries: Iterable[str] = ("torch",)) -> di
     """``{"device": <one line>, "versions": {...}}``: what a result was measured on and with
     (:func:`common.versions.device_description`, :func:`common.versions.module_versions`)."""
     return {"device": device_description(device), "versions": module_versions(libraries)}
+
+
+def check_out(json_path: str | os.PathLike, *, md_path: str | os.PathLike | None = None, option: str = "--out") -> Path:
+    """Check, before anything is measured, that :func:`write` can write ``json_path`` and its Markdown (one line
+    otherwise: a directory there, a read-only location, a symbolic link that leads nowhere). Creates nothing."""
+    from common.io import check_output
+
+    json_path = Path(json_path)
+    check_output(json_path, "file", option=option)
+    check_output(json_path.with_suffix(".md") if md_path is None else md_path, "file", option=option)
+    return json_path
 
 
 def write(json_path: str | os.PathLike, result: Any, markdown: str, *, md_path: str | os.PathLike | None = None,

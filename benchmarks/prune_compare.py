@@ -112,6 +112,7 @@ def run(args) -> int:
     from obsdiff.packages import CalibrationConfig, PruneConfig, calibration_prompts, prune, read_prompts
     from obsdiff.patterns import parse_sparsity
 
+    program.check_out(args.out)
     try:
         quality_seeds = tuple(int(s) for s in program.split_list(args.quality_seeds))
     except ValueError:

@@ -119,6 +119,7 @@ def run(args) -> dict[str, Any]:
     fixture = Path(args.fixture or REPO_ROOT / "artifacts" / "fixtures" / args.family)
     out = Path(args.out or REPO_ROOT / "artifacts" / "scale" / args.family)
     art = Path(args.artifacts or out / "artifacts")
+    program.check_out(out / "scale_check.json")
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / "scale_check.log"
     stages: list[dict[str, Any]] = []

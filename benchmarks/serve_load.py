@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise UserError(f"--batching: expected off, on or off,on, got {args.batching!r}")
         out = Path(args.out) if args.out else ARTIFACTS / args.model / "serve-load"
+        program.check_out(out / "serve_load.json")
         result = run_load(args.model, variants, concurrency=conc, batching=[modes[b.strip()] for b in args.batching.split(",")], instances=args.instances,
                           requests=args.requests, max_seconds=args.max_seconds, steps=args.steps, method=args.method, out=out)
         program.write(out / "serve_load.json", result, markdown(result), echo=True)

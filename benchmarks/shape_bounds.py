@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="artifacts/bench/shape_bounds.json", help="JSON path; the Markdown table goes next to it")
 
     def body(args) -> int:
+        program.check_out(args.out)
         model, vae_scale, text, source = meta_transformer(args)
         resolutions = parse_resolutions(args.resolution)
         try:

@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
+    program.check_out(args.out)
     program.set_threads(args.threads)
     device = program.resolve_device(args.device)
 

@@ -15,6 +15,9 @@ Rules every command follows (the README's "What you can rely on"):
   does, or inside the default artifact store): an existing directory of the user's is never mixed with
   outputs. The repository's embedded models (``models/``) are read-only to every command
   (:func:`writing_repository_models` opens them to the scripts that build them).
+- A symbolic link that leads nowhere (its target is missing, or links loop), as the output or any directory
+  above it, is refused in one line (:func:`link_problem`): it is never followed to create its target (that
+  may be a disk not mounted now) nor replaced. A link to an existing directory is followed.
 - A stage's output directory is locked while the stage writes it (:func:`output_lock`, taken by
   :func:`created_dirs`): a second run on it stops with one line naming the holder's process, or waits
   ``SPARSE_DIT_LOCK_WAIT`` seconds with a message.
@@ -140,10 +143,43 @@ def _repository_model_problem(path: Path) -> str | None:
     return None
 
 
+def link_problem(path: str | os.PathLike) -> str | None:
+    """Why nothing can be written at ``path``: it, or a directory above it, is a symbolic link that leads nowhere
+    (its target does not exist, or the links loop); None otherwise.
+
+    Such a link is refused rather than followed: creating its target would create directories the user never
+    named (and their missing parents: a link to a disk that is not mounted now would fill the mount point), a
+    loop has no target at all, and replacing the link would destroy something of the user's. A link to an
+    existing directory is followed like any directory.
+    """
+    p = Path(path).absolute()
+    for q in (*reversed(p.parents), p):
+        try:
+            if not q.is_symlink():
+                continue
+            target = os.readlink(q)
+        except OSError:
+            continue
+        try:
+            os.stat(q)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return f"{q} is a symbolic link that loops ({q} -> {target} -> ...); fix or remove the link, or give another path (nothing was written)"
+            where = Path(os.path.normpath(q.parent / target))
+            why = "does not exist" if e.errno == errno.ENOENT else f"cannot be reached ({e.strerror})"
+            return (f"{q} is a symbolic link to {target}, which {why}; create {where} if outputs belong there, "
+                    f"or give another path (nothing was written)")
+    return None
+
+
 def make_dirs(path: str | os.PathLike) -> Path | None:
     """Create directory ``path`` and its missing parents, each with the :data:`MARKER` (this project wrote
-    it). Returns the topmost directory created, or None when ``path`` existed."""
+    it). Returns the topmost directory created, or None when ``path`` existed. A symbolic link that leads
+    nowhere on the way is a :class:`UserError` (:func:`link_problem`), raised before anything is created."""
     path = Path(path)
+    problem = link_problem(path)
+    if problem:
+        raise UserError(problem)
     missing = []
     p = path
     while not p.exists() and p != p.parent:
@@ -163,7 +199,7 @@ def make_dirs(path: str | os.PathLike) -> Path | None:
 
 def _replace_problem(final: Path, kind: str) -> str | None:
     """Why writing a ``kind`` ("file" or "dir") at ``final`` would destroy something, or None."""
-    problem = _repository_model_problem(final)
+    problem = link_problem(final) or _repository_model_problem(final)
     if problem:
         return problem
     if final.is_symlink() and kind == "dir":
@@ -189,7 +225,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     (or the reverse), raises :class:`UserError` and leaves ``final`` untouched.
     """
     final = Path(final)
-    problem = _repository_model_problem(final)
+    problem = link_problem(final) or _repository_model_problem(final)
     if problem:
         raise UserError(problem)
     make_dirs(final.parent)
@@ -248,7 +284,7 @@ def check_output(path: str | os.PathLike, kind: str, *, option: str = "--out") -
         if problem:
             raise UserError(f"{option}: {problem}")
     else:
-        problem = _repository_model_problem(path)
+        problem = link_problem(path) or _repository_model_problem(path)
         if problem:
             raise UserError(f"{option}: {problem}")
         if path.exists() and not path.is_dir():
@@ -491,6 +527,26 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def input_file_problem(path: str | os.PathLike, what: str = "file", *, missing: str | None = None) -> str | None:
+    """Why ``path`` cannot be read as a file, in one line naming ``what`` it should be: it does not exist
+    (``missing``: the wording, default ``"<what> <path> not found"``), is a directory, or is a symbolic link that
+    leads nowhere; None for a file, or for something else that can be read like one (a pipe, a device)."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return f"{what} {path} is a directory, not a file; give the file itself"
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as e:
+            why = "loops" if e.errno == errno.ELOOP else f"leads to {os.readlink(path)}, which does not exist"
+            return f"{what} {path} is a symbolic link that {why}; give the file itself"
+    if path.exists():  # a pipe (``--prompts <(...)``), a device: read as it is
+        return None
+    return missing or f"{what} {path} not found"
+
+
 def read_json(path: str | os.PathLike, *, expect: type | None = dict, what: str = "file") -> Any:
     """Read JSON; one-line :class:`UserError` on a missing, unreadable or malformed file.
 
@@ -498,8 +554,9 @@ def read_json(path: str | os.PathLike, *, expect: type | None = dict, what: str 
     object); ``None`` accepts anything. what: how to name the file in messages.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"missing {what} {path}")
+    problem = input_file_problem(path, what, missing=f"missing {what} {path}")
+    if problem:
+        raise UserError(problem)
     try:
         obj = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
@@ -519,8 +576,9 @@ def read_text_lines(path: str | os.PathLike, *, what: str = "file", max_bytes: i
     max_line_chars: longer lines are cut to this many characters, said once with the count.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} {path} not found")
+    problem = input_file_problem(path, what)
+    if problem:
+        raise UserError(problem)
     try:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)

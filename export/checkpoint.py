@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.errors import UserError
+from common.errors import CheckFailed, UserError
 from common.input_files import check_input_tree
 from common.io import atomic_path, read_json, sha256_file
 from export.surgery import BlockShape, block_shapes, cut_to_shapes
@@ -84,10 +84,10 @@ def verify_compact(path: str | os.PathLike, model: nn.Module) -> None:
     path = Path(path)
     desc = read_json(path / DESCRIPTION)
     if desc.get("blocks") != [s.to_dict() for s in block_shapes(model)]:
-        raise RuntimeError(f"{path / DESCRIPTION} records other block shapes than the model it was saved from")
+        raise CheckFailed(f"{path / DESCRIPTION} records other block shapes than the model it was saved from")
     bad = _compare_safetensors(path / WEIGHTS, model.state_dict())
     if bad:
-        raise RuntimeError(f"compact checkpoint round trip changed {len(bad)} tensors (e.g. {bad[0]})")
+        raise CheckFailed(f"compact checkpoint round trip changed {len(bad)} tensors (e.g. {bad[0]})")
 
 
 def _compare_safetensors(file: Path, state: dict[str, torch.Tensor]) -> list[str]:
@@ -225,6 +225,42 @@ def find_transformer_dir(path: str | os.PathLike, *, option: str = "--transforme
         raise UserError(f"{option} {path} holds a plan but no transformer/ (an unfinished prune); rerun `python -m pipeline prune`")
     raise UserError(f"{option} {path} holds no transformer: give a prune output directory (or its transformer/) "
                     f"or an export output directory (or its compact/)")
+
+
+def _family_of(class_name: str | None) -> str | None:
+    from families import ADAPTERS
+
+    return next((a.name for a in ADAPTERS.values() if a.transformer_class == class_name), None)
+
+
+def check_transformer_model(directory: str | os.PathLike, spec, *, option: str = "--transformer") -> None:
+    """One line when the transformer in ``directory`` (as :func:`find_transformer_dir` returns it) was made for
+    another model than ``spec``: what its stage recorded (a prune directory's ``plan.json``; a compact
+    checkpoint's plan and the export report beside it: model, family, weights fingerprint) and its architecture
+    (``config.json`` or ``compact.json``'s class and config) against ``spec``'s."""
+    from families.registry import other_model, transformer_difference
+
+    directory = Path(directory)
+    if (directory / DESCRIPTION).is_file():
+        desc = read_json(directory / DESCRIPTION, what="compact checkpoint description")
+        plan = desc.get("plan") if isinstance(desc.get("plan"), dict) else {}
+        report_file = directory.parent / "export_report.json"
+        report = read_json(report_file, what="export report") if directory.name == "compact" and report_file.is_file() else {}
+        config = {"_class_name": desc.get("class"), **(desc.get("config") or {})}
+        weights = (report.get("inputs") or {}).get("model_weights") or plan.get("model_weights")
+        model, family = report.get("model") or plan.get("model"), plan.get("family") or _family_of(desc.get("class"))
+    else:
+        plan_file = directory.parent / "plan.json"
+        plan = read_json(plan_file, what="prune plan") if directory.name == "transformer" and plan_file.is_file() else {}
+        config = read_json(directory / "config.json", what="transformer config")
+        model, family, weights = plan.get("model"), plan.get("family"), plan.get("model_weights")
+    fix = (f"pass --model {model}, or " if model else "") + f"give a transformer made for {spec.id}"
+    other = other_model(spec, model=model, family=family, weights=weights) if model else None
+    if other:
+        raise UserError(f"{option} {directory} {other}; {fix}")
+    differs = transformer_difference(spec, config)
+    if differs:
+        raise UserError(f"{option} {directory}: its transformer is not {spec.id}'s ({differs}); {fix}")
 
 
 def load_any_transformer(path: str | os.PathLike, *, option: str = "--transformer"):

@@ -8,6 +8,7 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.errors import UserError
 from common.io import sha256_file, sha256_tree
 from common.versions import library_versions
 from export.stage import OTHERS_PRECISION
@@ -36,14 +37,9 @@ def _code_hash() -> str:
 
 
 def _model_fingerprint(spec) -> str:
-    if spec.local and spec.path is not None and spec.path.is_dir():
-        return "sha256:" + sha256_tree(spec.path)
-    try:
-        from huggingface_hub import snapshot_download
+    from families.registry import model_fingerprint
 
-        return "snapshot:" + Path(snapshot_download(spec.source, local_files_only=True)).name
-    except Exception:  # not cached: loading will fail with a clear message later
-        return "source:" + spec.source
+    return model_fingerprint(spec)
 
 
 def fingerprint(spec, pruned: Path | None, precision: str, components: list[str], served: ServedShapes | None = None, *,
@@ -85,3 +81,24 @@ def output_complete(out: Path, report: dict[str, Any]) -> bool:
     files = [out / "compact" / "model.safetensors", out / "compact" / "compact.json"]
     files += [out / "onnx" / c["file"] for c in report.get("components", {}).values()]
     return all(f.is_file() for f in files)
+
+
+def check_export_for(onnx_dir: str | Path, spec, *, sparsity: str | None = None, option: str = "--onnx-dir") -> dict[str, Any]:
+    """One line when stage 2's output that holds ``onnx_dir`` was made for another model than ``spec`` (its report's
+    ``model`` and weights fingerprint, :func:`families.registry.other_model`) or, given ``sparsity``, pruned to
+    another pattern. Returns the report (``{}`` when there is none: an ONNX directory assembled by hand)."""
+    from common.io import read_json
+    from families.registry import other_model
+
+    report_file = Path(onnx_dir).parent / "export_report.json"
+    if not report_file.is_file():
+        return {}
+    report = read_json(report_file, what="export report")
+    model = report.get("model")
+    other = other_model(spec, model=model, weights=(report.get("inputs") or {}).get("model_weights")) if model else None
+    if other:
+        raise UserError(f"{option} {onnx_dir}: the export ({report_file}) {other}; pass --model {model}, or export {spec.id}")
+    theirs = report.get("sparsity")
+    if sparsity is not None and theirs is not None and str(theirs) != str(sparsity):
+        raise UserError(f"{option} {onnx_dir} holds a {theirs} export ({report_file}), not {sparsity}; pass --sparsity {theirs}")
+    return report

@@ -189,6 +189,9 @@ def check_export(settings: ExportSettings) -> list[str]:
         raise UserError(f"polygraphy must be one of {', '.join(POLYGRAPHY_MODES)}, got {settings.polygraphy!r}")
     if any(int(b) < 1 for b in settings.parity_batches):
         raise UserError(f"--parity-batches must be positive, got {','.join(map(str, settings.parity_batches))!r}")
+    share = Path(settings.share_from) if settings.share_from is not None else None
+    if share is not None and share.exists() and not share.is_dir():  # absent is fine: `make engine` names it before it exists
+        raise UserError(f"--share-from {share} is not a directory; give a finished dense export of {settings.spec.id} (an export --out directory)")
     out = Path(settings.out)
     check_output(out, "parent")
     check_output(out / "compact", "dir")
@@ -197,8 +200,11 @@ def check_export(settings: ExportSettings) -> list[str]:
     return components
 
 
-def check_pruned(pruned: Path) -> None:
-    """One line, before loading anything, when ``pruned`` is not a finished stage-1 directory."""
+def check_pruned(pruned: Path, spec: ModelSpec | None = None) -> None:
+    """One line, before loading anything, when ``pruned`` is not a finished stage-1 directory, or (given ``spec``)
+    one made for another model: its plan's model, family and weights fingerprint, and its transformer's config,
+    against ``spec``'s (:func:`families.registry.other_model`)."""
+    from families.registry import other_model, transformer_difference
     from obsdiff.plan import PrunePlan
 
     if not pruned.is_dir():
@@ -206,10 +212,18 @@ def check_pruned(pruned: Path) -> None:
     if not (pruned / "plan.json").is_file():
         raise UserError(f"missing {pruned / 'plan.json'}; pass the output directory of `python -m pipeline prune` as --pruned")
     plan = PrunePlan.load(pruned / "plan.json")
+    fix = f"pass the --model it was pruned from ({plan.model})" + (f", or prune {spec.id}" if spec is not None else "")
+    other = other_model(spec, model=plan.model, family=plan.family, weights=plan.model_weights) if spec is not None else None
+    if other:
+        raise UserError(f"--pruned {pruned} {other}; {fix}")
     if not plan.complete:
         raise UserError(f"{pruned / 'plan.json'} is partial ({plan.done_packages}/{len(plan.packages)} packages); finish `python -m pipeline prune` first")
     if not (pruned / "transformer" / "config.json").is_file():
         raise UserError(f"missing {pruned / 'transformer'} (the pruned diffusers transformer); re-run `python -m pipeline prune`")
+    differs = transformer_difference(spec, read_json(pruned / "transformer" / "config.json", what="transformer config")) if spec is not None else None
+    if differs:
+        raise UserError(f"--pruned {pruned}: its transformer is not {spec.id}'s ({differs}); "
+                        + ("re-run `python -m pipeline prune`" if plan.model == spec.id else fix))
     check_input_tree(pruned / "transformer", fix="re-run `python -m pipeline prune`")  # weights cut short: one line naming the file
 
 
@@ -234,7 +248,7 @@ def run_export(settings: ExportSettings) -> dict[str, Any]:
     out = Path(settings.out)
     pruned = Path(settings.pruned) if settings.pruned is not None else None
     if pruned is not None:
-        check_pruned(pruned)
+        check_pruned(pruned, settings.spec)
 
     calibration = resolve_calibration(spec, pruned, settings.quant_calibration, served) if settings.quantized else None
     inputs = fingerprint(spec, pruned, settings.precision, components, served, calibration=calibration, others_precision=settings.other_precision)

@@ -315,6 +315,132 @@ def component_numel(spec: ModelSpec, name: str) -> int | None:
     return sum(safetensors_numel(f) for f in files) if files else None
 
 
+def transformer_config(spec: ModelSpec) -> dict | None:
+    """``spec``'s transformer config (diffusers ``config.json``) without loading weights: a local directory's, a hub
+    model's from the Hugging Face cache, else the published config the family adapter carries for the id (None
+    when none is known)."""
+    if spec.local and spec.path is not None:
+        f = spec.path / "transformer" / "config.json"
+        return read_json(f, what="transformer config") if f.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return read_json(hf_hub_download(spec.source, "transformer/config.json", local_files_only=True), what="transformer config")
+    except Exception:  # not cached
+        pass
+    from families import published_configs
+
+    known = published_configs()
+    if spec.id in known:
+        adapter, config = known[spec.id]
+        return {"_class_name": adapter.transformer_class, **config}
+    return None
+
+
+def component_config(spec: ModelSpec, name: str) -> dict | None:
+    """The diffusers ``config.json`` of one component (``vae``, ``text_encoder``...) of a local model, or of a hub
+    model in the Hugging Face cache; None when it is not here. (The transformer's: :func:`transformer_config`.)"""
+    if spec.local and spec.path is not None:
+        f = spec.path / name / "config.json"
+        return read_json(f, what=f"{name} config") if f.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return read_json(hf_hub_download(spec.source, f"{name}/config.json", local_files_only=True), what=f"{name} config")
+    except Exception:  # not cached
+        return None
+
+
+def meta_transformer(spec: ModelSpec):
+    """``spec``'s transformer built on the ``meta`` device from :func:`transformer_config`: its structure (blocks,
+    layers, shapes) with no weights, in milliseconds for a tiny model and about a second for a 12B one. None when
+    no config is known."""
+    import diffusers
+    import torch
+
+    config = transformer_config(spec)
+    if config is None:
+        return None
+    cls = getattr(diffusers, config.get("_class_name") or spec.adapter.transformer_class)
+    quiet_libraries()
+    with torch.device("meta"):
+        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")}).eval()
+
+
+def transformer_difference(spec: ModelSpec, config: dict) -> str | None:
+    """How a transformer ``config`` (diffusers ``config.json``: class and architecture) differs from ``spec``'s
+    (:func:`transformer_config`), e.g. ``"num_layers 6 against 4"``; None when they agree or ``spec``'s is not known.
+    Keys starting with ``_`` (diffusers' bookkeeping) are ignored, except the class name."""
+    mine = transformer_config(spec)
+    if mine is None:
+        return None
+    if config.get("_class_name") and mine.get("_class_name") and config["_class_name"] != mine["_class_name"]:
+        return f"a {config['_class_name']} against {spec.id}'s {mine['_class_name']}"
+    keys = sorted(k for k in set(config) | set(mine) if not k.startswith("_") and k != "sample_size" and config.get(k) != mine.get(k))
+    if not keys:
+        return None
+    return ", ".join(f"{k} {config.get(k)!r} against {mine.get(k)!r}" for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
+_fingerprints: dict[tuple, str] = {}
+
+
+def model_fingerprint(spec: ModelSpec) -> str:
+    """What identifies ``spec``'s weights: ``sha256:<hash>`` of a local directory's files (:func:`common.io.sha256_tree`),
+    ``snapshot:<commit>`` of a hub model in the Hugging Face cache, else ``source:<repo id>`` (unknown weights).
+
+    Stage 1 records it in ``plan.json`` and stage 2 in its report's ``inputs.model_weights``; every hand-off compares
+    them (:func:`other_model`). A local directory is hashed once per process while its files are unchanged.
+    """
+    from common.io import sha256_tree
+
+    if spec.local and spec.path is not None and spec.path.is_dir():
+        root = spec.path.resolve()
+        key = (str(root), tuple(sorted((str(f.relative_to(root)), st.st_size, st.st_mtime_ns)
+                                       for f in root.rglob("*") if f.is_file() for st in (f.stat(),))))
+        if key not in _fingerprints:
+            _fingerprints[key] = "sha256:" + sha256_tree(root)
+        return _fingerprints[key]
+    try:
+        from huggingface_hub import snapshot_download
+
+        return "snapshot:" + Path(snapshot_download(spec.source, local_files_only=True)).name
+    except Exception:  # not cached: loading will fail with a clear message later
+        return "source:" + spec.source
+
+
+def _short(fingerprint: str) -> str:
+    kind, _, value = fingerprint.partition(":")
+    return f"{kind}:{value[:12]}" if kind == "sha256" else fingerprint
+
+
+def other_model(spec: ModelSpec, *, model: str | None, family: str | None = None, weights: str | None = None) -> str | None:
+    """How an input recorded as made for ``model`` (of ``family``, from weights with :func:`model_fingerprint`
+    ``weights``) differs from ``spec``: a clause naming both (``"was made for tiny-flux (flux), not for tiny-sd3
+    (sd3)"``), or None when it is made for ``spec`` or the record says too little to tell.
+
+    Equal weight fingerprints decide alone (a copy of a model under another name is the same model); fingerprints
+    of one kind that differ are another model, or the same one changed since. Without comparable fingerprints
+    the family, then the model id, decide.
+    """
+    mine = model_fingerprint(spec) if weights else None
+    kind = weights.partition(":")[0] if weights else None
+    if weights and mine and kind in ("sha256", "snapshot") and mine.partition(":")[0] == kind:
+        if weights == mine:
+            return None
+        if model == spec.id:
+            return (f"was made from other weights of {model} ({_short(weights)}; {spec.id}'s are now {_short(mine)}): "
+                    f"the model changed since")
+        fam = family and family != spec.family
+        return (f"was made for {model} ({f'{family}, ' if fam else ''}{_short(weights)}), "
+                f"not for {spec.id} ({f'{spec.family}, ' if fam else ''}{_short(mine)})")
+    if family and family != spec.family:
+        return f"was made for {model} ({family}), not for {spec.id} ({spec.family})"
+    if model and model != spec.id:
+        return f"was made for {model}, not for {spec.id}"
+    return None
+
+
 def _pipeline_dir(spec: ModelSpec) -> tuple[str, bool]:
     """``(where, local_files_only)``: the directory or hub id ``from_pretrained`` reads ``spec`` from."""
     return (str(spec.path), True) if spec.local else (spec.source, False)

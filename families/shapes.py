@@ -122,16 +122,69 @@ def parse_batch_range(text: str, *, option: str = "--batch") -> tuple[int, int, 
     return parts[0], parts[1], parts[2]
 
 
+# TensorRT indexes the elements of a tensor with 32-bit integers in most layers (its "large tensor" support
+# covers only some), and ONNX Runtime's CUDA kernels largely do too: an engine profile whose max batch makes
+# one activation larger than this cannot be built or run. PyTorch would hold it; no engine or server here would.
+MAX_TENSOR_ELEMENTS = 2**31 - 1
+
+
+def largest_activations(spec: "ModelSpec", served: ServedShapes) -> dict[str, tuple[int, str]]:
+    """Per component, the elements of the largest activation one batch item materialises at the largest served
+    resolution, on every runtime (attention's scores are left out: fused attention never holds them), and what
+    it is: the transformer's FFN hidden state (joint tokens x mlp ratio x heads x head dim) and the VAE
+    decoder's full-resolution feature map (its first block's channels x height x width). A component whose
+    config is not here (a hub model not cached) is left out."""
+    from families.registry import component_config, transformer_config
+
+    (h, w), s = served.latent_max, served.vae_scale
+    out: dict[str, tuple[int, str]] = {}
+    tcfg = transformer_config(spec) or {}
+    if tcfg.get("num_attention_heads") and tcfg.get("attention_head_dim"):
+        p = spec.adapter.latent_patch(tcfg)
+        tokens = (h // p) * (w // p) + served.text_seq_len
+        width = int(float(tcfg.get("mlp_ratio", 4.0)) * int(tcfg["num_attention_heads"]) * int(tcfg["attention_head_dim"]))
+        out["transformer"] = (tokens * width, f"its FFN hidden state holds {tokens} tokens x {width}")
+    vcfg = component_config(spec, "vae") or {}
+    if vcfg.get("block_out_channels"):
+        c = int(vcfg["block_out_channels"][0])
+        out["vae_decoder"] = (c * h * s * w * s, f"its last feature map holds {c} channels x {h * s}x{w * s} px")
+    return out
+
+
+def check_batch_limit(spec: "ModelSpec", served: ServedShapes, *, option: str = "--batch") -> None:
+    """One line when no engine could hold the served shapes: the max batch (or, past that, the resolution)
+    makes a component's largest activation (:func:`largest_activations`) exceed :data:`MAX_TENSOR_ELEMENTS`.
+    The line names the tightest component, its tensor and the largest max batch that fits."""
+    found = largest_activations(spec, served)
+    if not found:
+        return
+    name, (per_item, what) = max(found.items(), key=lambda kv: kv[1][0])
+    limit = MAX_TENSOR_ELEMENTS // max(per_item, 1)
+    if served.batch[2] <= limit:
+        return
+    (h, w), s = served.latent_max, served.vae_scale
+    at = f"{h * s}x{w * s} px"
+    why = (f"one batch item of {spec.id}'s {name} at {at} needs a tensor of {per_item:,} elements ({what}), and TensorRT "
+           f"indexes a tensor's elements with 32-bit integers (at most 2^31-1 = {MAX_TENSOR_ELEMENTS:,})")
+    if limit < 1:
+        raise UserError(f"--resolution {at}: too large for any engine: {why}; serve a smaller resolution")
+    raise UserError(f"{option} {':'.join(map(str, served.batch))}: the max batch can be at most {limit:,}: {why}")
+
+
 def served_shapes(
     spec: "ModelSpec", resolutions: Sequence[tuple[int, int]] | None = None, batch: tuple[int, int, int] | None = None, *, static: bool = False
 ) -> ServedShapes:
     """The shapes to serve ``spec`` at (default: its registry size and batch range), each checked against
-    what the model can sample (multiples of VAE factor x patch size, within its position embedding)."""
+    what the model can sample (multiples of VAE factor x patch size, within its position embedding) and what an
+    engine can hold (:func:`check_batch_limit`)."""
     sh = spec.shapes
     res = tuple(resolutions) if resolutions else ((sh.latent_height * spec.vae_scale, sh.latent_width * spec.vae_scale),)
     for h, w in res:
         spec.check_image_size(h, w, options=("--resolution height", "--resolution width"))
-    return ServedShapes(res, tuple(batch) if batch else (sh.batch_min, sh.batch_opt, sh.batch_max), sh.text_seq_len, spec.vae_scale, static)
+    served = ServedShapes(res, tuple(batch) if batch else (sh.batch_min, sh.batch_opt, sh.batch_max), sh.text_seq_len, spec.vae_scale, static)
+    if batch or resolutions:  # the registry's own shapes fit
+        check_batch_limit(spec, served)
+    return served
 
 
 def add_shape_args(p, *, static: bool = False) -> None:

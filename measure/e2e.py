@@ -215,8 +215,16 @@ def run_e2e(
     if cuda and not torch.cuda.is_available():
         raise UserError(f"backend {backend}/{provider} needs a CUDA GPU and none is visible; use --backend ort --provider cpu")
     device = "cuda" if cuda else "cpu"
+    from runtime.pipeline_runner import check_runner_inputs
+
     for export_dir in (dense_export_dir, pruned_export_dir):  # inputs first: nothing is created for a bad one
-        _onnx_dir(export_dir)
+        check_runner_inputs(spec, onnx_dir=_onnx_dir(export_dir))  # made for another model: one line naming both
+    for engine_dir in (engines or {}).values():
+        check_runner_inputs(spec, engine_dir=engine_dir)
+    if correction is not None:
+        from runtime.qsched.correction import load_correction
+
+        load_correction(correction).check_model(spec)
     if backend == "torch" or (backend == "trt" and torch_settings is not None):
         from runtime.manifest import current_gpu
         from runtime.torch_backend import TorchSettings

@@ -413,10 +413,12 @@ def _solve(
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
-def _skeleton(model_id: str, transformer: nn.Module, adapter: FamilyAdapter, config: PruneConfig, prompts: Sequence[str], packages: list[list[Unit]]) -> PrunePlan:
+def _skeleton(model_id: str, transformer: nn.Module, adapter: FamilyAdapter, config: PruneConfig, prompts: Sequence[str], packages: list[list[Unit]],
+              model_weights: str | None = None) -> PrunePlan:
     blocks = adapter.blocks(transformer)
     return PrunePlan(
         model=model_id,
+        model_weights=model_weights,
         family=adapter.name,
         sparsity=str(config.sparsity),
         method=config.method,
@@ -469,6 +471,7 @@ def prune(
     ctx: DistContext | None = None,
     progress: bool = True,
     on_package_done: Callable[[int], None] | None = None,
+    model_weights: str | None = None,
 ) -> PrunePlan:
     """Prune ``pipe.transformer`` in place, package by package; write ``out_dir/plan.json`` and
     ``out_dir/transformer/``; resume from ``out_dir``'s partial state when present.
@@ -477,6 +480,7 @@ def prune(
     prompts: the calibration prompts (already cut to ``samples``, see :func:`calibration_prompts`).
     ctx: scale-out context (prompts split by rank, Hessians all-reduced); default single process.
     on_package_done: called with the package index after each package is checkpointed (tests use it).
+    model_weights: the model's :func:`families.registry.model_fingerprint`, recorded in the plan.
     Returns the final plan. A complete ``out_dir`` with the same settings is returned untouched.
     """
     from tqdm.auto import tqdm
@@ -498,7 +502,7 @@ def prune(
         transformer, adapter, first_block=config.first_block, last_block=config.last_block, skip=config.skip, structured=structured
     )
     packages = split_packages(units, config.groups) if units else []
-    plan = _skeleton(model_id, transformer, adapter, config, prompts, packages)
+    plan = _skeleton(model_id, transformer, adapter, config, prompts, packages, model_weights)
     modules = {name: m for name, m in transformer.named_modules() if isinstance(m, nn.Linear)}
     if existing is not None:
         if existing.packages != plan.packages:

@@ -53,6 +53,8 @@ class PrunePlan:
     layers: per pruned ``nn.Linear`` (qualified name inside the transformer): ``{"density": float}``.
     packages: list of lists of layer names, in pruning order; ``done_packages`` counts finished ones
         (a partial plan is what resume reads).
+    model_weights: the pruned model's :func:`families.registry.model_fingerprint` (None in older plans): the
+        stages that take this plan check that they are given the same model.
     """
 
     model: str
@@ -67,6 +69,7 @@ class PrunePlan:
     packages: list[list[str]] = field(default_factory=list)
     done_packages: int = 0
     version: int = PLAN_VERSION
+    model_weights: str | None = None
 
     @property
     def complete(self) -> bool:

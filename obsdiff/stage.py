@@ -18,7 +18,7 @@ from common.errors import UserError
 from common.io import check_output, created_dirs, expect_space
 from common.memory import log_memory, release_to_os
 from common.paths import REPO_ROOT
-from families.registry import ModelSpec, component_numel, load_pipeline
+from families.registry import ModelSpec, component_numel, load_pipeline, meta_transformer, model_fingerprint, other_model
 from families.sampling import report_prompt_truncation
 from obsdiff.solvers import DEFAULT_BLOCKSIZE, DEFAULT_PERCDAMP
 
@@ -174,7 +174,12 @@ def check_prune(settings: PruneSettings) -> PrunePlan | None:
     out = Path(settings.out)
     check_output(out, "parent")
     existing = check_existing(out, settings.spec.id, settings.config, settings.prompts)  # another run's settings in `out`: say so now
+    if existing is not None:
+        other = other_model(settings.spec, model=existing.model, family=existing.family, weights=existing.model_weights)
+        if other:
+            raise UserError(f"--out {out}: its plan.json {other}; delete {out} or choose another --out")
     if not is_complete(out, existing):
+        check_units(settings.spec, settings.config)
         check_output(out / "transformer", "dir")
         check_output(out / "plan.json", "file")
     _, dtype = device_and_dtype(settings.device, settings.dtype, settings.offload)
@@ -182,6 +187,32 @@ def check_prune(settings: PruneSettings) -> PrunePlan | None:
     if numel:  # the pruned transformer is saved in the calibration dtype: one line now if the disk cannot hold it
         expect_space(out, numel * dtype.itemsize, "the pruned transformer")
     return existing
+
+
+def check_units(spec: ModelSpec, config: PruneConfig) -> int | None:
+    """The number of prunable units (:class:`obsdiff.packages.Unit`: parallel layers of one block that see the same
+    input) ``config`` selects in ``spec``'s transformer, from its structure on the ``meta`` device (no weights); one
+    line when the block range is outside the model or ``--groups`` asks for more packages than there are units (a
+    package holds at least one). None when the transformer's config is not known here (a hub model not cached) or
+    nothing is pruned."""
+    from obsdiff.packages import build_units
+
+    if config.sparsity.kind == "dense":
+        return None
+    transformer = meta_transformer(spec)
+    if transformer is None:
+        return None
+    structured = config.sparsity.kind == "structured"
+    units = build_units(transformer, spec.adapter, first_block=config.first_block, last_block=config.last_block, skip=config.skip,
+                        structured=structured)
+    if units and config.groups > len(units):
+        blocks = spec.adapter.blocks(transformer)
+        last = len(blocks) - 1 if config.last_block is None else config.last_block
+        where = f"in blocks {config.first_block}..{last}" + (" (with --skip)" if config.skip else "")
+        kind = " structured" if structured else ""
+        raise UserError(f"--groups {config.groups}: {spec.id} has {len(units)} prunable{kind} units (parallel layers of one block that "
+                        f"see the same input) {where}, and each package holds at least one; give --groups between 1 and {len(units)}")
+    return len(units)
 
 
 def device_and_dtype(device: str, dtype: str, offload: str):
@@ -277,7 +308,8 @@ def run_prune(settings: PruneSettings) -> PrunePlan | None:
             else:
                 pipe.to(ctx.device)
             t0 = time.perf_counter()
-            plan = prune(pipe, spec.id, list(settings.prompts), config, out, ctx=ctx, progress=settings.progress)
+            plan = prune(pipe, spec.id, list(settings.prompts), config, out, ctx=ctx, progress=settings.progress,
+                         model_weights=model_fingerprint(spec))
             if ctx.is_main:
                 dens = [v["density"] for v in plan.layers.values()]
                 mean = sum(dens) / len(dens) if dens else 1.0

@@ -62,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
                         f"stop it first with `python -m pipeline serve --stop`")
     from pipeline.serving import prepare_variant, write_repository
 
+    if args.repository:  # before the stages run: a repository that cannot be written is found now
+        from common.io import check_output
+
+        check_output(args.repository, "parent", option="--repository")
     variant = prepare_variant(args.model, args.sparsity, method=args.method, artifacts=args.artifacts, max_steps=args.max_steps)
     repo = Path(args.repository) if args.repository else variant.config_dir / "triton-serve"
     write_repository(repo, {"": variant}, dynamic_batching=args.dynamic_batching, instances=args.instances)

@@ -27,11 +27,14 @@ def add_pipeline_args(p) -> None:
 
 def check_pipeline_args(args) -> tuple[ModelSpec, "Path | None"]:
     """Validate ``--model`` and ``--transformer`` without loading weights: ``(spec, transformer_dir)``."""
-    from export.checkpoint import find_transformer_dir
+    from export.checkpoint import check_transformer_model, find_transformer_dir
     from families.registry import resolve_model
 
     spec = resolve_model(args.model)
-    return spec, find_transformer_dir(args.transformer) if args.transformer else None
+    tdir = find_transformer_dir(args.transformer) if args.transformer else None
+    if tdir is not None:  # a transformer made for another model: one line now, not a traceback inside diffusers
+        check_transformer_model(tdir, spec)
+    return spec, tdir
 
 
 def pipeline_from_args(args, checked: tuple[ModelSpec, "Path | None"] | None = None):

@@ -182,6 +182,24 @@ def check_engine(
     return m
 
 
+def check_engines_model(engine_dir: str | os.PathLike, spec) -> None:
+    """One line when an engine under ``engine_dir`` was built from an export of another model than ``spec``: the
+    model and weights fingerprint its manifest records (a manifest written before they were: those of the export
+    report beside the ONNX it was built from, when that is still there). Reads manifests only."""
+    from families.registry import other_model
+
+    for mpath in sorted(Path(engine_dir).rglob("engine_*.json")):
+        m = read_json(mpath, what="engine manifest")
+        model, weights = m.get("model"), m.get("model_weights")
+        report = Path(m["onnx"]).parent.parent / "export_report.json" if model is None and m.get("onnx") else None
+        if report is not None and report.is_file():
+            r = read_json(report, what="export report")
+            model, weights = r.get("model"), (r.get("inputs") or {}).get("model_weights")
+        other = other_model(spec, model=model, weights=weights) if model else None
+        if other:
+            raise UserError(f"engine {mpath.with_suffix('.plan')} {other}; pass --model {model}, or build engines for {spec.id}")
+
+
 def profile_violation(profile: dict[str, list[list[int]]], shapes: dict[str, Any]) -> str | None:
     """Why ``shapes`` (input name -> shape) fall outside an engine's optimisation ``profile`` (input ->
     ``[min, opt, max]``), or None when they fit. A batch above the maximum fits: the runner splits it."""

@@ -121,6 +121,19 @@ def with_runners(pipe, runners: dict[str, Runner], *, device: torch.device | str
     return new
 
 
+def check_runner_inputs(spec, *, onnx_dir: str | os.PathLike | None = None, engine_dir: str | os.PathLike | None = None) -> None:
+    """One line, before anything loads, when the exports or engines were made for another model than ``spec``
+    (stage 2's report beside ``onnx_dir``, the engine manifests under ``engine_dir``)."""
+    if onnx_dir is not None:
+        from export.fingerprint import check_export_for
+
+        check_export_for(onnx_dir, spec, option="ONNX directory")
+    if engine_dir is not None and Path(engine_dir).is_dir():
+        from runtime.manifest import check_engines_model
+
+        check_engines_model(engine_dir, spec)
+
+
 def runner_pipeline(
     spec,
     *,
@@ -147,6 +160,8 @@ def runner_pipeline(
         from runtime.qsched.correction import load_correction
 
         correction = load_correction(correction)
+        correction.check_model(spec)
+    check_runner_inputs(spec, onnx_dir=onnx_dir, engine_dir=engine_dir)
     device = device or ("cuda" if backend == "trt" else "cpu")
     base = base_pipe if base_pipe is not None else load_pipeline(spec)
     if base.device != torch.device(device):

@@ -76,6 +76,12 @@ def check_build(settings: BuildSettings, *, check_onnx: bool = True) -> None:
     ``make engine``, which checks its build stages before the export has run)."""
     if settings.backend not in BACKENDS:
         raise UserError(f"unknown TensorRT backend {settings.backend!r}; use {', '.join(BACKENDS)}")
+    if check_onnx and Path(settings.onnx_dir).exists() and not Path(settings.onnx_dir).is_dir():
+        raise UserError(f"--onnx-dir {settings.onnx_dir} is not a directory; give stage 2's onnx/ directory")
+    if check_onnx:  # an export of another model or pattern than this build is told: one line naming both
+        from export.fingerprint import check_export_for
+
+        check_export_for(settings.onnx_dir, settings.spec, sparsity=str(settings.sparsity))
     if settings.backend == "torch":  # no engines: the compact checkpoint converted on this GPU
         from runtime.manifest import current_gpu
         from runtime.torch_backend import TorchSettings
@@ -133,6 +139,7 @@ def run_build(settings: BuildSettings) -> dict[str, Path]:
     report_file = onnx_dir.parent / "export_report.json"
     report = read_json(report_file) if report_file.is_file() else {}
     served = report.get("served_shapes")
+    model_weights = (report.get("inputs") or {}).get("model_weights")
     comps = report.get("components", {})
     ranges = {c: v["profiles"]["range"] for c, v in comps.items() if isinstance(v, dict) and v.get("profiles")}
     options = BuildOptions(
@@ -144,6 +151,8 @@ def run_build(settings: BuildSettings) -> dict[str, Path]:
         timing_cache=str(settings.timing_cache) if settings.timing_cache else str(out / "timing.cache"),
         target_cc=settings.target_cc,
         workspace_mib=settings.workspace_mib,
+        model=report.get("model") or settings.spec.id,
+        model_weights=model_weights,
     )
     backend = get_backend(settings.backend)
     components = list(settings.components) if settings.components else None

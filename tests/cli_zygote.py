@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PRELOAD = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "safetensors.torch",
+           "diffusers.models.transformers",  # the transformer classes: prune's checks build one on the meta device (3 s to import)
            "pipeline.cmd_prune", "pipeline.cmd_export", "pipeline.cmd_build", "pipeline.cmd_generate", "pipeline.cmd_engine")
 
 

@@ -113,6 +113,18 @@ def exported_compact():
     return plan, masked, compact, path, summary
 
 
+def write_model_dir(parent, transformer, name: str = "random") -> Path:
+    """A local diffusers model directory ``parent/name`` holding the model index and ``transformer``'s config (no
+    weights): the ``--model`` that a stage-1 directory of a factory transformer was made for (its plan's ``model``
+    is ``name``; :func:`export.surgery.structured_plan` says ``random``). Enough for the stages that compare their
+    input with ``--model`` and export only the given transformer."""
+    d = Path(parent) / name
+    (d / "transformer").mkdir(parents=True)
+    (d / "model_index.json").write_text('{"_class_name": "%s"}' % ("FluxPipeline" if "Flux" in type(transformer).__name__ else "StableDiffusion3Pipeline"))
+    transformer.save_config(d / "transformer")
+    return d
+
+
 def write_stage1_dir(directory, masked, plan) -> Path:
     """A stage-1 output directory as the shared interface defines it: plan.json + transformer/ (diffusers)."""
     directory = Path(directory)

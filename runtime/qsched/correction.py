@@ -26,7 +26,8 @@ class SchedulerCorrection:
     objective: how they were fitted: ``identity``, ``trajectory`` (matching the dense model's trajectory) or
         ``reference-free`` (a quality score; its name is in ``fit["score"]``).
     scheduler: the scheduler class they are for (``FlowMatchEulerDiscreteScheduler``).
-    model, guidance: the registry model and guidance scale of the calibration runs (informative).
+    model, guidance: the registry model and guidance scale of the calibration runs (a runner for another model
+        refuses the correction: :meth:`check_model`).
     fit: what the fit did and measured (calibration prompts' hash, seeds, errors or scores before/after...).
     """
 
@@ -70,6 +71,13 @@ class SchedulerCorrection:
                 f"the scheduler correction was fitted for {self.steps} sampling steps but this run has {steps}; "
                 f"run {self.steps} steps or fit a correction for {steps} (runtime.qsched.trajectory_fit.fit_correction, cheap)"
             )
+
+    def check_model(self, spec) -> None:
+        """One-line :class:`UserError` when the coefficients were fitted on another model than ``spec`` (a
+        registry :class:`~families.registry.ModelSpec`; a correction that records no model is taken as it is)."""
+        if self.model is not None and self.model != spec.id:
+            raise UserError(f"the scheduler correction was fitted on {self.model}, not on {spec.id}: its coefficients follow that model's "
+                            f"trajectories; pass --model {self.model}, or fit one for {spec.id} (runtime.qsched)")
 
     # ------------------------------------------------------------------------------------------------ JSON
     def to_json(self) -> dict[str, Any]:

@@ -208,6 +208,8 @@ def _build_engine(onnx_path: Path, out_dir: Path, options: BuildOptions, be: Bac
         "profiles": [prof_shapes],
         "served": options.served,
         "sparsity": options.sparsity,
+        "model": options.model,
+        "model_weights": options.model_weights,
         "builder": {
             "strongly_typed": strongly_typed,
             "sparse_weights": sparse,

@@ -25,6 +25,8 @@ class BuildOptions:
         per component covering the served resolutions); replaces ``batch``/``dims``.
     served: the served shapes (:meth:`families.shapes.ServedShapes.to_json`), recorded in the manifest so
         that a request outside the profile is told the range.
+    model / model_weights: the model the ONNX was exported from and its weights fingerprint (stage 2's report),
+        recorded in the manifest so that a runner told another model refuses the engine.
     """
 
     batch: tuple[int, int, int] = (1, 2, 4)
@@ -37,6 +39,8 @@ class BuildOptions:
     timing_cache: str | None = None
     target_cc: tuple[str, ...] | None = None
     workspace_mib: int | None = None
+    model: str | None = None
+    model_weights: str | None = None
 
     @property
     def use_sparse_weights(self) -> bool:

@@ -1,7 +1,8 @@
 """Every command, driven with bad input of every class: one ``error:`` line, exit 2, no traceback, and the
 file tree exactly as it was (nothing created, nothing removed, nothing changed). Each row runs ``python -m``
-in its own process, forked from a zygote that imported the libraries once (:mod:`tests.cli_zygote`; 77 rows in
-about 30 s instead of 4 minutes); ``BAD_INPUT_FRESH=1`` starts a fresh interpreter per row instead.
+in its own process, forked from a zygote that imported the libraries once (:mod:`tests.cli_zygote`; 101 rows in
+about 45 s on two busy cores, where fresh interpreters took 4 minutes for 77); ``BAD_INPUT_FRESH=1`` starts a fresh
+interpreter per row instead.
 
 Table-driven: a new case is one row of ``CASES``. ``{tmp}`` in an argument is the test's directory, which
 is also the working directory; ``{ro}`` is a location this user cannot write to. A row's ``setup``
@@ -203,6 +204,64 @@ def lock_holder(tmp: Path) -> None:
     time.sleep(0.1)
 
 
+def dangling_link(tmp: Path) -> None:
+    """``{tmp}/link`` points to ``{tmp}/nowhere``, which does not exist (an unmounted disk, a deleted target)."""
+    (tmp / "link").symlink_to(tmp / "nowhere")
+
+
+def link_loop(tmp: Path) -> None:
+    (tmp / "loop1").symlink_to("loop2")
+    (tmp / "loop2").symlink_to("loop1")
+
+
+def flux_pruned(tmp: Path) -> None:
+    """A finished tiny-flux stage-1 directory: a real plan (``prune --model tiny-flux --samples 1 --steps 1
+    --groups 1``) beside the tiny-flux transformer."""
+    import shutil
+
+    shutil.copytree(REPO / "models" / "tiny-flux" / "transformer", tmp / "pruned" / "transformer")
+    shutil.copy(REPO / "tests" / "data" / "plan_tiny_flux_2_4.json", tmp / "pruned" / "plan.json")
+
+
+def sd3_pruned_other_weights(tmp: Path) -> None:
+    """A tiny-sd3 stage-1 directory whose plan records weights other than the embedded model's (pruned before
+    the model was retrained)."""
+    _copy_tiny_transformer(tmp)
+    plan = json.loads((REPO / "tests" / "data" / "plan_v1_tiny_sd3_structured.json").read_text())
+    (tmp / "pruned" / "plan.json").write_text(json.dumps({**plan, "model_weights": "sha256:" + "0" * 64}))
+
+
+def _export_report(directory: Path, **fields) -> None:
+    report = {"model": "tiny-sd3", "sparsity": "dense", "inputs": {"model_weights": None}, **fields}
+    (directory / "export_report.json").write_text(json.dumps(report))
+
+
+def flux_onnx_dir(tmp: Path) -> None:
+    """Stage 2's output as far as build reads it first: its report says tiny-flux."""
+    _small_onnx(tmp / "onnx")
+    _export_report(tmp, model="tiny-flux")
+
+
+def sparse_onnx_dir(tmp: Path) -> None:
+    """A 2:4 export of tiny-sd3, built as if dense (build's --sparsity default)."""
+    _small_onnx(tmp / "onnx")
+    _export_report(tmp, sparsity="2:4")
+
+
+def flux_dense_export(tmp: Path) -> None:
+    """The e2e benchmark's two exports, the dense one made for tiny-flux."""
+    fake_exports(tmp)
+    _export_report(tmp / "dense", model="tiny-flux")
+
+
+def flux_correction(tmp: Path) -> None:
+    """A scheduler correction fitted on tiny-flux."""
+    fake_exports(tmp)
+    corr = {"format": "qsched-correction/1", "steps": 2, "objective": "trajectory", "scheduler": "FlowMatchEulerDiscreteScheduler",
+            "model": "tiny-flux", "guidance": 4.0, "sample_coeff": [1.0, 1.0], "model_coeff": [1.0, 1.0], "fit": {}}
+    (tmp / "c.json").write_text(json.dumps(corr))
+
+
 _HOLDERS: list[subprocess.Popen] = []
 _MOUNTS: list[Path] = []
 
@@ -363,14 +422,61 @@ CASES = [
     # 12. two runs on one output directory: the second stops naming the first
     Case("prune-out-locked", [*PRUNE, "--samples", "1", "--steps", "1", "--groups", "1", "--out", "{tmp}/p"],
          "{tmp}/p is being written by process", lock_holder),
+    # 13. symbolic links that lead nowhere, as an output or above it: refused, never followed nor replaced (issue 23)
+    Case("prune-out-dangling-link", [*PRUNE, "--samples", "1", "--steps", "1", "--groups", "1", "--out", "{tmp}/link"],
+         "--out: {tmp}/link is a symbolic link to {tmp}/nowhere, which does not exist", dangling_link),
+    Case("prune-out-link-loop", [*PRUNE, "--out", "{tmp}/loop1"], "{tmp}/loop1 is a symbolic link that loops", link_loop),
+    Case("export-out-under-dangling-link", [*EXPORT, "--out", "{tmp}/link/e"], "{tmp}/link is a symbolic link to", dangling_link),
+    Case("build-out-under-link-loop", [*BUILD, "--out", "{tmp}/loop2/eng"], "{tmp}/loop2 is a symbolic link that loops",
+         lambda t: (link_loop(t), onnx_dir(t))),
+    Case("generate-out-dangling-link", [*GEN, "--out", "{tmp}/link"], "{tmp}/link is a symbolic link to", dangling_link),
+    Case("engine-artifacts-dangling-link", ["pipeline", "engine", "--artifacts", "{tmp}/link"], "--artifacts: {tmp}/link is a symbolic link to",
+         dangling_link),
+    Case("serve-repository-dangling-link", ["pipeline", "serve", "--artifacts", "{tmp}/art", "--repository", "{tmp}/link/r"],
+         "--repository: {tmp}/link is a symbolic link to", dangling_link),
+    Case("prune-prompts-dangling-link", [*PRUNE, "--prompts", "{tmp}/link", "--out", "{tmp}/p"],
+         "prompt file {tmp}/link is a symbolic link that leads to {tmp}/nowhere", dangling_link),
+    # 14. an input made for another model: one line naming both, at every hand-off (issue 23)
+    Case("export-pruned-other-model", [*EXPORT, "--model", "tiny-sd3", "--pruned", "{tmp}/pruned", "--out", "{tmp}/out"],
+         "--pruned {tmp}/pruned was made for tiny-flux (flux, sha256:", flux_pruned),
+    Case("export-pruned-other-weights", [*EXPORT, "--pruned", "{tmp}/pruned", "--out", "{tmp}/out"],
+         "--pruned {tmp}/pruned was made from other weights of tiny-sd3", sd3_pruned_other_weights),
+    Case("generate-transformer-other-model", [*GEN, "--transformer", "{tmp}/pruned", "--out", "{tmp}/x.png"],
+         "--transformer {tmp}/pruned/transformer was made for tiny-flux", flux_pruned),
+    Case("build-onnx-other-model", [*BUILD, "--out", "{tmp}/eng"], "was made for tiny-flux, not for tiny-sd3; pass --model tiny-flux", flux_onnx_dir),
+    Case("build-onnx-other-sparsity", [*BUILD, "--out", "{tmp}/eng"], "holds a 2:4 export ({tmp}/export_report.json), not dense", sparse_onnx_dir),
+    Case("e2e-export-other-model", [*E2E, "--out", "{tmp}/b"], "was made for tiny-flux, not for tiny-sd3", flux_dense_export),
+    Case("e2e-correction-other-model", [*E2E, "--out", "{tmp}/b", "--correction", "{tmp}/c.json"],
+         "the scheduler correction was fitted on tiny-flux, not on tiny-sd3", flux_correction),
+    # 15. sizes no engine could hold (issue 23)
+    Case("export-batch-beyond-any-engine", [*EXPORT, "--batch", "1:1:100000", "--out", "{tmp}/e"],
+         "--batch 1:1:100000: the max batch can be at most 58,254: one batch item of tiny-sd3's transformer at 32x32 px"),
+    Case("export-resolution-beyond-any-engine", [*EXPORT, "--model", "tiny-flux", "--resolution", "16384x16384", "--out", "{tmp}/e"],
+         "--resolution 16384x16384 px: too large for any engine"),
+    # 16. counts and kinds the model or the file system contradicts (issue 23)
+    Case("prune-groups-beyond-units", [*PRUNE, "--groups", "1000", "--out", "{tmp}/p"],
+         "--groups 1000: tiny-sd3 has 16 prunable units (parallel layers of one block that see the same input) in blocks 0..3"),
+    Case("prune-last-block-beyond-model", [*PRUNE, "--last-block", "9", "--out", "{tmp}/p"], "block range 0..9 is outside 0..3"),
+    Case("prune-prompts-is-dir", [*PRUNE, "--prompts", "{tmp}/mine", "--out", "{tmp}/p"], "prompt file {tmp}/mine is a directory, not a file", user_dir),
+    Case("export-calib-prompts-is-dir", [*EXPORT, "--precision", "int8", "--calib-prompts", "{tmp}/mine", "--out", "{tmp}/e"],
+         "prompt file {tmp}/mine is a directory, not a file", user_dir),
+    Case("e2e-correction-is-dir", [*E2E, "--out", "{tmp}/b", "--correction", "{tmp}/mine"], "scheduler correction {tmp}/mine is a directory",
+         lambda t: (fake_exports(t), user_dir(t))),
+    Case("build-onnx-dir-is-file", ["pipeline", "build", "--onnx-dir", "{tmp}/afile", "--out", "{tmp}/eng"], "--onnx-dir {tmp}/afile is not a directory",
+         regular_file),
+    Case("export-share-from-is-file", [*EXPORT, "--share-from", "{tmp}/afile", "--out", "{tmp}/e"], "--share-from {tmp}/afile is not a directory",
+         regular_file),
 ]
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    """Every path under ``root`` with its kind and content hash."""
+    """Every path under ``root`` with its kind and content hash (a symbolic link: where it points, not followed)."""
     out = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = "link -> " + os.readlink(p)
+            continue
         out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 

@@ -314,3 +314,49 @@ def test_other_ranks_of_a_distributed_run_write_under_rank_0s_lock(tmp_path, mon
     finally:
         holder.kill()
         holder.wait()
+
+
+# -- symbolic links and inputs of the wrong kind (issue 23) --------------------------------------------------
+def test_a_link_that_leads_nowhere_is_refused_never_followed_nor_replaced(tmp_path):
+    """A dangling link (its target may be a disk not mounted now) and a link loop, as the output or above it:
+    one line naming the link and its target; nothing is created. A link to an existing directory is followed."""
+    (tmp_path / "link").symlink_to(tmp_path / "gone" / "deeper")
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for path, kind in ((tmp_path / "link", "parent"), (tmp_path / "link", "dir"), (tmp_path / "link", "file"), (tmp_path / "link" / "sub", "parent")):
+        with pytest.raises(UserError, match=f"{tmp_path / 'link'} is a symbolic link to {tmp_path / 'gone' / 'deeper'}, which does not exist"):
+            check_output(path, kind)
+    for path in (tmp_path / "loop1", tmp_path / "loop2" / "x"):
+        with pytest.raises(UserError, match="is a symbolic link that loops"):
+            check_output(path, "parent")
+    with pytest.raises(UserError, match="is a symbolic link to"):
+        with created_dirs(tmp_path / "link"):
+            pass
+    with pytest.raises(UserError, match="is a symbolic link to"):
+        write_json(tmp_path / "link", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not (tmp_path / "gone").exists()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "good").symlink_to(tmp_path / "real")
+    check_output(tmp_path / "good", "parent")
+    with created_dirs(tmp_path / "good" / "out"):
+        pass
+    assert (tmp_path / "real" / "out").is_dir()
+
+
+def test_an_input_file_that_is_a_directory_or_a_dangling_link_says_so(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UserError, match=f"prompt file {tmp_path / 'd'} is a directory, not a file"):
+        read_text_lines(tmp_path / "d", what="prompt file")
+    with pytest.raises(UserError, match=f"prompt file {tmp_path / 'link'} is a symbolic link that leads to {tmp_path / 'nowhere'}, which does not exist"):
+        read_text_lines(tmp_path / "link", what="prompt file")
+    with pytest.raises(UserError, match="prompt file .* not found"):
+        read_text_lines(tmp_path / "absent", what="prompt file")
+    with pytest.raises(UserError, match=f"report {tmp_path / 'd'} is a directory, not a file"):
+        read_json(tmp_path / "d", what="report")
+    r, w = os.pipe()  # a pipe (--prompts <(...)) is read as it is
+    os.write(w, b"a photo\n")
+    os.close(w)
+    assert read_text_lines(f"/proc/self/fd/{r}", what="prompt file") == ["a photo"]
+    os.close(r)

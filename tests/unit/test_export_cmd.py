@@ -12,21 +12,22 @@ from export.checkpoint import load_compact
 from export.parity import FP16_TOLERANCE
 from export.surgery import structured_plan
 from pipeline.__main__ import main
-from tests.export_helpers import masked_and_compact, write_stage1_dir
+from tests.export_helpers import masked_and_compact, write_model_dir, write_stage1_dir
 from tests.factories import tiny_sd3_transformer
 
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
-    # tiny-sd3's registry shapes (latent 8x8, 20 text tokens) fit this factory model (sample_size 8)
+    # the factory model's own model directory (its config; sample_size 8), the --model its stage-1 directory was made for
     plan, masked, _ = masked_and_compact(ratio=0.3, num_layers=2)
-    return write_stage1_dir(tmp_path_factory.mktemp("pruned"), masked, plan), plan
+    model = write_model_dir(tmp_path_factory.mktemp("model"), masked, plan.model)
+    return write_stage1_dir(tmp_path_factory.mktemp("pruned"), masked, plan), plan, model
 
 
 def test_export_fp16_then_reuse(stage1, tmp_path, caplog):
-    pruned, plan = stage1
+    pruned, plan, model = stage1
     out = tmp_path / "out"
-    argv = ["export", "--model", "tiny-sd3", "--pruned", str(pruned), "--out", str(out), "--components", "transformer", "--precision", "fp16"]
+    argv = ["export", "--model", str(model), "--pruned", str(pruned), "--out", str(out), "--components", "transformer", "--precision", "fp16"]
     assert main(argv) == 0
     report = json.loads((out / "export_report.json").read_text())
     tr = report["transformer"]
@@ -55,21 +56,23 @@ def test_export_fp16_then_reuse(stage1, tmp_path, caplog):
 
 
 def test_user_errors_are_one_line(stage1, tmp_path, capsys):
-    pruned, plan = stage1
+    pruned, plan, model = stage1
 
     def fails(argv, match):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and match in err, err
 
-    base = ["export", "--model", "tiny-sd3", "--out", str(tmp_path / "o"), "--components", "transformer"]
+    base = ["export", "--model", str(model), "--out", str(tmp_path / "o"), "--components", "transformer"]
     fails([*base, "--pruned", str(tmp_path / "nowhere")], "is not a directory")
     (tmp_path / "noplan").mkdir()
     fails([*base, "--pruned", str(tmp_path / "noplan")], "plan.json")
     fails([*base, "--pruned", str(pruned), "--components", "transformer,unet"], "unknown component")
-    # a plan for another model
+    # a transformer of another architecture than --model's (and than its plan's)
     other = write_stage1_dir(tmp_path / "other", tiny_sd3_transformer(num_layers=3), plan)
-    fails([*base, "--pruned", str(other)], "blocks")
+    fails([*base, "--pruned", str(other)], "its transformer is not random's (num_layers 3 against 2)")
+    # a stage-1 directory made for another model than --model
+    fails([*base[:1], "--model", "tiny-sd3", *base[3:], "--pruned", str(pruned)], f"--pruned {pruned} was made for random, not for tiny-sd3")
     # weights that were not masked the way the plan says
     dense = tiny_sd3_transformer(num_layers=2)
     unmasked = write_stage1_dir(tmp_path / "unmasked", dense, structured_plan(dense, 0.3))

@@ -96,6 +96,18 @@ def test_mismatched_step_count_or_scheduler_is_one_line():
         apply_correction(pipe, wrong)
 
 
+def test_a_correction_fitted_on_another_model_is_refused_before_loading():
+    from families.registry import resolve_model
+    from runtime.pipeline_runner import runner_pipeline
+
+    corr = SchedulerCorrection((1.0,) * STEPS, (1.0,) * STEPS, model="tiny-flux")
+    corr.check_model(resolve_model("tiny-flux"))
+    SchedulerCorrection((1.0,) * STEPS, (1.0,) * STEPS).check_model(resolve_model("tiny-sd3"))  # none recorded: taken as it is
+    with pytest.raises(UserError, match="the scheduler correction was fitted on tiny-flux, not on tiny-sd3") as e:
+        runner_pipeline(resolve_model("tiny-sd3"), onnx_dir="/nonexistent", correction=corr)  # before any ONNX or weights load
+    assert "\n" not in str(e.value)
+
+
 def test_ort_and_pytorch_runners_change_identically(tmp_path):
     """The correction acts on the scheduler, so ONNX Runtime and PyTorch transformers see it alike."""
     from runtime.pipeline_runner import generate, runner_pipeline

@@ -37,6 +37,23 @@ def test_parsing_and_checks_are_one_line():
         served_shapes(spec, [(36, 32)])
 
 
+def test_no_batch_or_resolution_beyond_what_an_engine_indexes():
+    """The largest activation of one batch item (tiny-sd3 at 32x32: the transformer's FFN hidden state, 16 image
+    + 20 text tokens x 4 x 4 heads x 64) times the max batch stays within 2^31-1 elements."""
+    from families.shapes import MAX_TENSOR_ELEMENTS, largest_activations
+
+    spec = resolve_model("tiny-sd3")
+    per_item, what = largest_activations(spec, served_shapes(spec))["transformer"]
+    assert per_item == 36 * 1024 and "36 tokens x 1024" in what
+    limit = MAX_TENSOR_ELEMENTS // per_item
+    assert served_shapes(spec, None, (1, 2, limit)).batch[2] == limit  # the largest max batch that fits is accepted
+    with pytest.raises(UserError, match=f"at most {limit:,}: one batch item of tiny-sd3's transformer at 32x32 px") as e:
+        served_shapes(spec, None, (1, 2, limit + 1))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="--resolution 16384x16384 px: too large for any engine"):  # Flux: no position-embedding bound
+        served_shapes(resolve_model("tiny-flux"), [(16384, 16384)])
+
+
 @pytest.fixture(scope="module")
 def dynamic_export(tmp_path_factory):
     """tiny-sd3's dense transformer and VAE decoder exported once for three resolutions (dynamic height/width)."""
@@ -130,6 +147,19 @@ def test_engine_profile_covers_the_served_shapes_and_the_manifest_records_it(bui
     assert m["profiles"][0]["hidden_states"] == [[1, 4, 8, 8], [2, 4, 8, 8], [4, 4, 16, 16]]
     assert m["served"]["resolutions"] == [[32, 32], [64, 64], [32, 64]] and m["served"]["batch"] == [1, 2, 4]
     assert _manifest(engines / "vae_decoder")["profiles"][0]["latent"] == [[1, 4, 8, 8], [2, 4, 8, 8], [4, 4, 16, 16]]
+    assert m["model"] == "tiny-sd3" and m["model_weights"].startswith("sha256:")  # a runner told another model refuses it
+
+
+def test_engines_of_another_model_are_refused_before_loading(built):
+    from runtime.manifest import check_engines_model
+    from runtime.pipeline_runner import check_runner_inputs
+
+    engines, _, _ = built
+    check_engines_model(engines, resolve_model("tiny-sd3"))
+    with pytest.raises(UserError, match="was made for tiny-sd3 .*, not for tiny-flux .*; pass --model tiny-sd3, or build engines for tiny-flux"):
+        check_engines_model(engines, resolve_model("tiny-flux"))
+    with pytest.raises(UserError, match="ONNX directory .*export_report.json\\) was made for tiny-sd3"):
+        check_runner_inputs(resolve_model("tiny-flux"), onnx_dir=engines.parent / "onnx")
 
 
 def test_shapes_outside_the_profile_are_one_line(built):

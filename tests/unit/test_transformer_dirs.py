@@ -45,3 +45,20 @@ def test_what_is_not_a_transformer(tmp_path):
         find_transformer_dir(tmp_path / "unfinished")
     with pytest.raises(UserError, match="holds no transformer"):
         find_transformer_dir(tmp_path)
+
+
+def test_a_transformer_made_for_another_model_is_one_line(stage_dirs, tmp_path):
+    """--transformer checks what its stage recorded (plan, compact description) and its architecture against --model."""
+    from export.checkpoint import check_transformer_model
+    from families.registry import resolve_model
+    from tests.export_helpers import write_model_dir
+
+    prune_dir, export_dir, masked = stage_dirs
+    own = resolve_model(str(write_model_dir(tmp_path, masked)))  # the factory model's own directory: its plan says "random"
+    for d in (prune_dir / "transformer", export_dir / "compact"):
+        check_transformer_model(d, own)
+        with pytest.raises(UserError, match=f"--transformer {d} was made for random( \\(sd3\\))?, not for tiny-sd3") as e:
+            check_transformer_model(d, resolve_model("tiny-sd3"))
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="its transformer is not tiny-flux's \\(a SD3Transformer2DModel against tiny-flux's FluxTransformer2DModel\\)"):
+        check_transformer_model(resolve_model("tiny-sd3").path / "transformer", resolve_model("tiny-flux"))
