@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--onnx-dir", required=True, help="stage 2's onnx/ directory (<component>.onnx files)")
     p.add_argument("--out", default=None, help="engine directory (default: <onnx-dir>/../engines)")
     p.add_argument("--model", default="tiny-sd3", help="registry id or diffusers directory: gives the profile's batch range")
-    p.add_argument("--sparsity", default="dense", help="pattern of the pruned transformer (2:4 and 4:8 turn on SPARSE_WEIGHTS)")
+    p.add_argument("--sparsity", default=None, help="pattern of the pruned transformer (2:4 and 4:8 turn on SPARSE_WEIGHTS; "
+                   "default: the export's, from its export_report.json, else dense)")
     p.add_argument("--backend", default="auto", choices=list(BACKENDS), help="auto: TensorRT on a GPU host, else TensorRT-RTX")
     p.add_argument("--components", default=None, help="comma-separated subset (default: every exported component)")
     p.add_argument("--opt-level", type=int_range(0, 5), default=3, help="builder optimisation level 0-5 (default 3)")
@@ -50,9 +51,9 @@ def settings_from_args(args: argparse.Namespace):
     from runtime.stage import BuildSettings
     from runtime.torch_backend import torch_settings_from_args
 
-    sparsity = parse_sparsity(args.sparsity)
-    spec = resolve_model(args.model)
     onnx_dir = Path(args.onnx_dir)
+    sparsity = parse_sparsity(args.sparsity if args.sparsity is not None else _export_sparsity(onnx_dir))
+    spec = resolve_model(args.model)
     return BuildSettings(
         spec=spec,
         sparsity=sparsity,
@@ -71,6 +72,14 @@ def settings_from_args(args: argparse.Namespace):
         static_shapes=args.static_shapes,
         torch_settings=torch_settings_from_args(args, sparse_kernels=not args.no_sparse_weights) if args.backend == "torch" else None,
     )
+
+
+def _export_sparsity(onnx_dir: Path) -> str:
+    """The pattern stage 2 recorded in the report beside ``onnx_dir`` ("dense" without one)."""
+    from common.io import read_json
+
+    report = onnx_dir.parent / "export_report.json"
+    return str(read_json(report, what="export report").get("sparsity") or "dense") if report.is_file() else "dense"
 
 
 def validate(args: argparse.Namespace, *, check_onnx: bool = True):

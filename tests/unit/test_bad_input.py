@@ -444,7 +444,7 @@ CASES = [
     Case("generate-transformer-other-model", [*GEN, "--transformer", "{tmp}/pruned", "--out", "{tmp}/x.png"],
          "--transformer {tmp}/pruned/transformer was made for tiny-flux", flux_pruned),
     Case("build-onnx-other-model", [*BUILD, "--out", "{tmp}/eng"], "was made for tiny-flux, not for tiny-sd3; pass --model tiny-flux", flux_onnx_dir),
-    Case("build-onnx-other-sparsity", [*BUILD, "--out", "{tmp}/eng"], "holds a 2:4 export ({tmp}/export_report.json), not dense", sparse_onnx_dir),
+    Case("build-onnx-other-sparsity", [*BUILD, "--sparsity", "4:8", "--out", "{tmp}/eng"], "holds a 2:4 export ({tmp}/export_report.json), not 4:8", sparse_onnx_dir),
     Case("e2e-export-other-model", [*E2E, "--out", "{tmp}/b"], "was made for tiny-flux, not for tiny-sd3", flux_dense_export),
     Case("e2e-correction-other-model", [*E2E, "--out", "{tmp}/b", "--correction", "{tmp}/c.json"],
          "the scheduler correction was fitted on tiny-flux, not on tiny-sd3", flux_correction),

@@ -197,3 +197,20 @@ def test_bench_grid_shows_every_prompt(tmp_path, monkeypatch):
     last = len(many) - 1
     band, col = divmod(last, GRID_MAX_COLS)
     assert int(grid[band * band_h + head_h + cell + cell // 2, label_w + col * cell + cell // 2, 0]) == shade(many[last])
+
+
+def test_build_takes_the_exports_sparsity_unless_told(tmp_path):
+    """``build --sparsity`` defaults to the pattern the export's report records (dense without a report)."""
+    import argparse
+
+    from pipeline import cmd_build
+
+    parser = argparse.ArgumentParser()
+    cmd_build.add_parser(parser.add_subparsers())
+    onnx = tmp_path / "export" / "onnx"
+    onnx.mkdir(parents=True)
+    parse = lambda *extra: cmd_build.settings_from_args(parser.parse_args(["build", "--onnx-dir", str(onnx), *extra]))  # noqa: E731
+    assert str(parse().sparsity) == "dense"
+    (onnx.parent / "export_report.json").write_text(json.dumps({"sparsity": "2:4"}))
+    assert str(parse().sparsity) == "2:4"
+    assert str(parse("--sparsity", "4:8").sparsity) == "4:8"  # told: check_export_for then refuses the mismatch in one line
