@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from common.dtypes import PRECISION_DTYPES, precision_dtype
-from common.memory import log_memory
+from common.memory import log_memory, release_to_os
 from export.graph_passes import cleanup, fold_weight_transposes, layernorm_to_fp32, name_weights_after_torch
 from export.onnx_files import EXTERNAL_DATA_THRESHOLD, MAX_IR_VERSION, human_bytes, initializer_bytes, io_spec, load_small_external, onnx_size, save_onnx
 from export.parity import ParityReference, fp32_compute, parity_tolerance
@@ -199,6 +199,8 @@ def export_component(
                 feeds[case] = {k: v.detach().cpu().numpy() for k, v in inputs.items()}
         ref_name = "torch fp32" if (eff == "fp32" or exported is not wrapper) else f"torch {eff} weights, fp32 arithmetic"
         ref = ParityReference(Path(path), list(wrapper.output_names), feeds, outputs, parity_tolerance(eff), ref_name)
+        release_to_os()  # its activations' pages go back before the export
+        log_memory(f"{Path(path).name}: torch parity reference computed")  # this peak is the reference's, not the export's
     t0 = time.perf_counter()
     export_module(exported, make_inputs(2, dtype), path, fp32_layernorm=(eff == "fp16"), dynamic_shapes=dynamic_shapes)
     seconds = time.perf_counter() - t0
