@@ -30,6 +30,7 @@ def _entry(so, key: str) -> str | None:
         return None
 
 
+@pytest.mark.slow  # about 30 s of one core under emulation
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None or os.uname().machine != "x86_64",
                     reason="needs qemu-x86_64 (Debian's qemu-user) to emulate an AVX2 CPU without VNNI")
 def test_on_an_emulated_avx2_cpu_the_default_kernel_saturates_and_the_project_session_does_not():
