@@ -1,3 +1,10 @@
+"""Shared fixtures, the run order of ``make test`` and the GPU / slow markers.
+
+Comparing numbers: tests/tolerances.py holds the rule (exact only for what is discrete, copied, or one computation
+run twice; a tolerance derived from the computation for every float compared with a stored reference or another code
+path) and the tolerances with their derivations. Read it before writing an assertion on floats.
+"""
+
 import os
 
 import pytest

@@ -19,6 +19,7 @@ from obsdiff.plan import PrunePlan
 from tests.export_helpers import rel_err
 from tests.factories import tiny_flux_pipeline, tiny_flux_transformer
 from tests.prune_helpers import require_tiny_sd3
+from tests.tolerances import NEURON_SWAPS, PRUNE_FLIPPED_REL_L2, PRUNE_ROUNDING_REL_L2, TORCH_PATHS_REL, fingerprint_tolerances
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
@@ -54,8 +55,12 @@ def test_version_1_plans_load_and_apply():
 @pytest.mark.parametrize("run", ["2_4-obs-diff", "structured_0.3-obs-diff", "unstructured_0.5-wanda"])
 def test_tiny_sd3_prune_results_are_unchanged_by_the_seam(tmp_path, run):
     """Pruning tiny-sd3 gives what the code before the family adapters gave (tests/data reference, made by
-    commit b817597 with the same settings): the same kept heads/neurons and densities, and the same weights
-    (bit-identical on the machine that made the reference; sums to 1e-6 elsewhere)."""
+    commit b817597 with the same settings, bit-identical on the machine that made it): the same layers and densities,
+    kept heads, the same bytes for every tensor the solver leaves alone, and pruned weights whose sums and sums of
+    squares lie within another CPU's rounding of the reference's (tests/tolerances.py). Masks and kept neurons are
+    decided by comparing floats: where a near-tie flipped on this CPU (every 2:4 run off the reference machine), the
+    weights are compared as two draws of the flipped prune (PRUNE_FLIPPED_REL_L2), which still catches a changed
+    solver."""
     require_tiny_sd3()
     from pipeline.__main__ import main
     from safetensors.torch import load_file
@@ -67,18 +72,36 @@ def test_tiny_sd3_prune_results_are_unchanged_by_the_seam(tmp_path, run):
     assert main(["prune", "--model", "tiny-sd3", "--sparsity", sparsity, "--method", method, "--samples", "4", "--steps", "4",
                  "--groups", "2", "--out", str(out), "--no-progress"]) == 0
     plan = PrunePlan.load(out / "plan.json")
-    assert [b.keep for b in plan.blocks] == ref["keep"]
-    assert plan.layers == ref["layers"]
+    assert plan.layers == ref["layers"]  # layers, shapes and densities: counts
+    for keep, ref_keep in zip([b.keep for b in plan.blocks], ref["keep"], strict=True):
+        assert set(keep) == set(ref_keep)
+        for group, kept in keep.items():
+            if group.startswith("attn"):  # heads: decided with a margin (tests/tolerances.py NEURON_SWAPS)
+                assert kept == ref_keep[group], group
+            else:  # FFN neurons: near-ties may flip
+                assert len(kept) == len(ref_keep[group]) and len(set(kept) - set(ref_keep[group])) <= NEURON_SWAPS * len(kept), group
     state = {}
     for f in sorted((out / "transformer").glob("*.safetensors")):
         state.update(load_file(str(f)))
     assert sorted(state) == sorted(ref["tensors"])
+    pruned = {f"{layer}.weight" for layer in plan.layers}
     for name, t in state.items():
-        r = ref["tensors"][name]
-        assert hashlib.sha256((t == 0).numpy().tobytes()).hexdigest() == r["zeros_sha256"], name  # same pruning masks
-        d = t.double()
-        assert abs(float(d.sum()) - r["sum"]) <= 1e-6 * max(1.0, abs(r["sum"])) + 1e-6, name
-        assert abs(float((d * d).sum()) - r["sumsq"]) <= 1e-6 * max(1.0, r["sumsq"]), name
+        if name not in pruned:  # copied from the checkpoint, not computed: the same bytes on any machine
+            assert hashlib.sha256(t.numpy().tobytes()).hexdigest() == ref["tensors"][name]["sha256"], name
+    alike = [b.keep for b in plan.blocks] == ref["keep"] and all(
+        hashlib.sha256((state[name] == 0).numpy().tobytes()).hexdigest() == ref["tensors"][name]["zeros_sha256"] for name in pruned)
+    # every decision as in the reference: the weights are rounding apart; otherwise two draws of the flipped prune
+    rel_l2 = PRUNE_ROUNDING_REL_L2 if alike else PRUNE_FLIPPED_REL_L2
+    if method == "wanda":  # wanda only zeroes: every kept weight is the checkpoint's, bit for bit
+        dense = load_file(str(ROOT / "models/tiny-sd3/transformer/diffusion_pytorch_model.safetensors"))
+        for name in pruned:
+            kept = state[name] != 0
+            assert torch.equal(state[name][kept], dense[name].to(state[name].dtype)[kept]), name
+    for name in sorted(pruned):
+        r, d = ref["tensors"][name], state[name].double()
+        tol_sum, tol_sumsq = fingerprint_tolerances(d.numel(), r["sumsq"], rel_l2)
+        assert abs(float(d.sum()) - r["sum"]) <= tol_sum, (name, alike, float(d.sum()) - r["sum"], tol_sum)
+        assert abs(float((d * d).sum()) - r["sumsq"]) <= tol_sumsq, (name, alike, float((d * d).sum()) - r["sumsq"], tol_sumsq)
 
 
 # ------------------------------------------------------------------------------------------------ Flux
@@ -100,7 +123,7 @@ def test_flux_heads_and_neurons_cut_exactly(guidance_embeds):
     adapter = adapter_for(model)
     for batch, seed in ((1, 1), (3, 2)):
         inputs = adapter.transformer_inputs(model, batch, (8, 8), 5, seed=seed)
-        assert rel_err(_flux_out(compact, inputs), _flux_out(masked, inputs)) <= 1e-5
+        assert rel_err(_flux_out(compact, inputs), _flux_out(masked, inputs)) <= TORCH_PATHS_REL  # measured <= 2e-7
 
 
 def test_flux_stale_mlp_split_is_caught():
@@ -142,7 +165,7 @@ def test_flux_stage_1_structured_prunes_both_column_ranges_of_proj_out(flux_prun
     check_masked(masked, plan)  # every removed column of both ranges is exactly zero
     compact = apply_plan(copy.deepcopy(masked), plan, require_masked=True)
     inputs = adapter_for(masked).transformer_inputs(masked, 2, (8, 8), 10, seed=4)
-    assert rel_err(_flux_out(compact, inputs), _flux_out(masked, inputs)) <= 1e-5
+    assert rel_err(_flux_out(compact, inputs), _flux_out(masked, inputs)) <= TORCH_PATHS_REL  # measured <= 1.4e-7
 
 
 def test_flux_stage_1_2_4_prunes_every_block_linear(flux_pruned):
