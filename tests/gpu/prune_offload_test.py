@@ -25,8 +25,13 @@ def test_gpu_solvers_agree_with_cpu():
         w_cpu, k_cpu = obs_prune(W, H, sp)
         w_gpu, k_gpu = obs_prune(W.cuda(), H.cuda(), sp)
         assert w_gpu.is_cuda
-        assert (k_gpu.cpu() == k_cpu).float().mean() > 0.999
-        assert torch.linalg.norm(w_gpu.cpu() - w_cpu) / torch.linalg.norm(w_cpu) < 1e-3
+        # GPU vs CPU kernels sum in other orders: a near-tied group may flip (tests/tolerances.py), and a flip changes
+        # the OBS update of the rest of its row. So: masks agree on 99.9% of the weights, and the rows whose masks agree
+        # carry the same weights to float32 rounding times kappa(H + 1% damping)
+        agree = k_gpu.cpu() == k_cpu  # (rows, cols)
+        rows = agree.all(dim=1)
+        assert agree.float().mean() > 0.999 and rows.float().mean() > 0.9
+        assert torch.linalg.norm(w_gpu.cpu()[rows] - w_cpu[rows]) / torch.linalg.norm(w_cpu[rows]) < 1e-3
     (g_cpu,), keep_cpu = obs_prune_groups([W], [H], 64, 2)
     (g_gpu,), keep_gpu = obs_prune_groups([W.cuda()], [H.cuda()], 64, 2)
     assert keep_gpu == keep_cpu
@@ -53,6 +58,9 @@ def test_offloaded_pruning_matches_the_gpu_pipeline(offload, tmp_path):
         plan = prune(pipe, "tiny-sd3", prompts, config, tmp_path / mode, progress=False)
         assert plan.complete
         states[mode] = SD3Transformer2DModel.from_pretrained(str(tmp_path / mode / "transformer")).state_dict()
+    # Offloading moves weights, not arithmetic: the same CUDA kernels on the same inputs, expected equal. The bounds
+    # leave room for a flip of a near-tied 2:4 group (tests/tolerances.py), which would also move its row's later
+    # weights; a flip early in the first package would cascade through the recalibration beyond them.
     for name in (n for p in plan.packages for n in p):
         ref, got = states["none"][f"{name}.weight"], states[offload][f"{name}.weight"]
         groups = (got != 0).reshape(got.shape[0], -1, 4).sum(dim=2)

@@ -14,6 +14,7 @@ from export.surgery import structured_plan
 from pipeline.__main__ import main
 from tests.export_helpers import masked_and_compact, write_model_dir, write_stage1_dir
 from tests.factories import tiny_sd3_transformer
+from tests.tolerances import TORCH_PATHS_REL
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def test_export_fp16_then_reuse(stage1, tmp_path, caplog):
     assert main(argv) == 0
     report = json.loads((out / "export_report.json").read_text())
     tr = report["transformer"]
-    assert report["surgery"]["max_rel_error"] <= 1e-5
+    assert report["surgery"]["max_rel_error"] <= TORCH_PATHS_REL  # compact vs masked in torch (measured 1e-7)
     assert tr["params_compact"]["total"] < tr["params_dense"]["total"]
     assert tr["gemm_flops_per_step"] == tr["gemm_flops_per_step_onnx"] < tr["gemm_flops_per_step_dense"]
     comp = report["components"]["transformer"]

@@ -20,6 +20,7 @@ import diffusers
 from export.sparsity_check import check_nm
 from families.base import Span, get_module
 from families.flux2 import Flux2TransformerRuntime
+from tests.tolerances import TORCH_PATHS_REL
 
 pytestmark = pytest.mark.skipif(not hasattr(diffusers, "Flux2Transformer2DModel"), reason="needs diffusers with Flux2Transformer2DModel")
 
@@ -207,9 +208,9 @@ def test_structured_cut_equals_masked_model(adapter):
     ff = compact.transformer_blocks[0].ff
     assert ff.linear_in.out_features == 2 * ff.linear_out.in_features == 2 * len(plan.blocks[0].keep["ff"])
     for batch, seed in ((1, 1), (2, 2)):
-        assert rel_err(run(adapter, compact, batch, seed), run(adapter, masked, batch, seed)) <= 1e-5
+        assert rel_err(run(adapter, compact, batch, seed), run(adapter, masked, batch, seed)) <= TORCH_PATHS_REL  # measured <= 7e-8
     # the plan removed heads and neurons that mattered (so the equality above is not vacuous)
-    assert rel_err(run(adapter, dense), run(adapter, masked)) > 1e-3  # the plan removed something that mattered
+    assert rel_err(run(adapter, dense), run(adapter, masked)) > 1e-3  # the plan removed something that mattered (measured 1.3e-2)
 
 
 def test_stale_single_block_bookkeeping_is_caught(adapter):
@@ -270,7 +271,7 @@ def test_stage1_structured_cuts_exactly(stage1, adapter):
     compact = apply_plan(copy.deepcopy(masked), plan, require_masked=True)
     assert [s.sizes for s in block_shapes(compact)] == [{n: len(k) for n, k in bp.keep.items()} for bp in plan.blocks]
     for batch, seed in ((1, 1), (2, 2)):
-        assert rel_err(run(adapter, compact, batch, seed), run(adapter, masked, batch, seed)) <= 1e-5
+        assert rel_err(run(adapter, compact, batch, seed), run(adapter, masked, batch, seed)) <= TORCH_PATHS_REL  # measured <= 2e-7
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint, ONNX

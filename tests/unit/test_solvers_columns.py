@@ -51,6 +51,7 @@ def test_whole_range_is_bit_identical_to_the_default(method):
     for group_size, n_remove in ((HEAD_DIM, 3), (1, 40)):
         ref, keep_ref = fn(Ws, Hs, group_size, n_remove)
         for kwargs in ({"cols": (0, WIDTH)}, {"frozen": []}, {"cols": (0, WIDTH), "frozen": torch.zeros(WIDTH, dtype=torch.bool)}):
+            # exact: the defaults run these very operations (no frozen mask, the whole range), one computation twice
             new, keep = fn(Ws, Hs, group_size, n_remove, **kwargs)
             assert keep == keep_ref
             assert all(torch.equal(a, b) for a, b in zip(new, ref)), kwargs
@@ -105,7 +106,9 @@ def test_column_range_obs_equals_the_least_squares_refit(group_size, cols, n_rem
     damp = damped_inverse(H)[2]
     W_ls = _least_squares(W, H, _removed_cols(keep, *cols, group_size), damp)
     rel = float((W_new.double() - W_ls).norm() / W.double().norm())
-    assert rel < 1e-5, rel
+    # float32 solver vs float64 refit: kappa(Hd[K, K]) ~ 3.5e3 bounds the error by kappa u ~ 2e-4 to first order;
+    # measured 3.8e-6 (3.6e-6 under AVX2 kernels), 3e-5 leaves 8x
+    assert rel < 3e-5, rel
 
 
 def _heads_then_neurons(W, H, n_heads, n_neurons, **kwargs):
@@ -129,6 +132,8 @@ def test_frozen_columns_stay_zero_and_equal_the_reduced_problem():
     live = [c for c in range(WIDTH) if c not in set(frozen)]
     a_live = A - len(frozen)
     (W_ref,), keep_ref = obs_prune_groups([W1[:, live]], [H[live][:, live]], 1, 20, cols=(a_live, a_live + NEURONS))
+    # the frozen columns decoupled vs deleted: float32 rounding apart (measured 1.6e-6 of max|W|; the kept neurons are
+    # decided with a margin, tests/tolerances.py MASK_MARGIN)
     assert keep == keep_ref
     torch.testing.assert_close(W2[:, live], W_ref, rtol=0, atol=1e-5 * float(W_ref.abs().max()))
     # and the neurons' compensation reaches the surviving heads, not the frozen ones
@@ -147,7 +152,8 @@ def test_frozen_columns_receive_no_update_even_when_nonzero_in_w():
     a_live = A - (len(frozen) - n_in_range)
     (W_ref,), keep_ref = obs_prune_groups([W[:, live]], [H[live][:, live]], 1, 20 - n_in_range, cols=(a_live, a_live + NEURONS - n_in_range))
     live_neurons = [j for j in range(NEURONS) if A + j not in set(frozen.tolist())]
-    assert keep == [live_neurons[j] for j in keep_ref]
+    assert keep == [live_neurons[j] for j in keep_ref]  # with a margin (tests/tolerances.py MASK_MARGIN)
+    # decoupled vs deleted, float32 rounding apart: measured 3.7e-6 of max|W| (2.9e-6 under AVX2 kernels)
     torch.testing.assert_close(W_new[:, live], W_ref, rtol=0, atol=1e-5 * float(W_ref.abs().max()))
     # the frozen inputs are decoupled in the inverse: exact zeros between them and the others
     mask = torch.zeros(WIDTH, dtype=torch.bool)

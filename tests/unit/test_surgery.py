@@ -12,6 +12,7 @@ from export.surgery import apply_plan, block_shapes, check_masked, cut_group, ma
 from families import adapter_for
 from tests.export_helpers import masked_and_compact, rel_err, run
 from tests.factories import tiny_sd3_transformer, tiny_transformer_inputs
+from tests.tolerances import TORCH_PATHS_REL
 
 
 @pytest.mark.parametrize(
@@ -40,7 +41,7 @@ def test_compact_equals_masked(kwargs, ratio):
         inputs = tiny_transformer_inputs(masked, batch=batch, text_len=5, seed=seed)
         ref, out = run(masked, inputs), run(compact, inputs)
         assert out.shape == ref.shape
-        assert rel_err(out, ref) <= 1e-5
+        assert rel_err(out, ref) <= TORCH_PATHS_REL  # the same products, blocked differently (measured <= 3e-7)
 
 
 def test_cut_attention_updates_bookkeeping():
@@ -61,7 +62,7 @@ def test_stale_heads_would_change_the_model():
     for blk, bp in zip(broken.transformer_blocks, plan.blocks):
         blk.attn.heads = bp.sizes["attn"]  # stale bookkeeping: head_dim silently becomes smaller
     inputs = tiny_transformer_inputs(masked, batch=1, seed=3)
-    assert rel_err(run(broken, inputs), run(masked, inputs)) > 1e-4  # 10x the equivalence tolerance
+    assert rel_err(run(broken, inputs), run(masked, inputs)) > 10 * TORCH_PATHS_REL  # 10x the equivalence tolerance (measured 6.4e-4)
 
 
 def test_surgery_on_unmasked_model_is_refused():
