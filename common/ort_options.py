@@ -59,13 +59,18 @@ def probe_is_exact(so) -> bool:
 def int8_gemm_saturates() -> bool:
     """Whether ONNX Runtime's default INT8 GEMM saturates on this CPU (:func:`saturation_probe`; once per process,
     a few milliseconds)."""
+    return not probe_is_exact(_base_options())
+
+
+def _base_options():
+    """``onnxruntime.SessionOptions`` with :data:`SESSION_CONFIG` and ONNX Runtime's warnings off."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     for key, value in SESSION_CONFIG.items():
         so.add_session_config_entry(key, value)
-    return not probe_is_exact(so)
+    return so
 
 
 def int8_gemm_mode() -> str:
@@ -84,16 +89,13 @@ def session_options(*, threads: int | None = None, optimize: bool = True, lean: 
     """
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
+    so = _base_options()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if lean:
         so.enable_cpu_mem_arena = False
         so.enable_mem_pattern = False
-    for key, value in SESSION_CONFIG.items():
-        so.add_session_config_entry(key, value)
     if int8_gemm_saturates():
         so.add_session_config_entry(*PRECISE_INT8)
     if threads:
         so.intra_op_num_threads = int(threads)
-    so.log_severity_level = 3
     return so

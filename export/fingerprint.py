@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.errors import UserError
-from common.io import sha256_file, sha256_tree
+from common.io import read_json, sha256_file, sha256_tree
 from common.versions import library_versions
 from export.stage import OTHERS_PRECISION
+from families.registry import model_fingerprint, other_model
 
 if TYPE_CHECKING:
     from families.shapes import ServedShapes
@@ -36,12 +37,6 @@ def _code_hash() -> str:
     return h.hexdigest()
 
 
-def _model_fingerprint(spec) -> str:
-    from families.registry import model_fingerprint
-
-    return model_fingerprint(spec)
-
-
 def fingerprint(spec, pruned: Path | None, precision: str, components: list[str], served: ServedShapes | None = None, *,
                 calibration: dict[str, Any] | None = None, others_precision: str | None = None) -> dict[str, Any]:
     """Everything the output depends on; equal fingerprints mean the existing output can be reused.
@@ -60,7 +55,7 @@ def fingerprint(spec, pruned: Path | None, precision: str, components: list[str]
         "code": _code_hash(),
     }
     needs_model = pruned is None or any(c != "transformer" for c in components)
-    out["model_weights"] = _model_fingerprint(spec) if needs_model else None
+    out["model_weights"] = model_fingerprint(spec) if needs_model else None
     if pruned is not None:
         out["plan_sha256"] = sha256_file(pruned / "plan.json")
         out["transformer_sha256"] = sha256_tree(pruned / "transformer")
@@ -87,9 +82,6 @@ def check_export_for(onnx_dir: str | Path, spec, *, sparsity: str | None = None,
     """One line when stage 2's output that holds ``onnx_dir`` was made for another model than ``spec`` (its report's
     ``model`` and weights fingerprint, :func:`families.registry.other_model`) or, given ``sparsity``, pruned to
     another pattern. Returns the report (``{}`` when there is none: an ONNX directory assembled by hand)."""
-    from common.io import read_json
-    from families.registry import other_model
-
     report_file = Path(onnx_dir).parent / "export_report.json"
     if not report_file.is_file():
         return {}

@@ -319,15 +319,9 @@ def transformer_config(spec: ModelSpec) -> dict | None:
     """``spec``'s transformer config (diffusers ``config.json``) without loading weights: a local directory's, a hub
     model's from the Hugging Face cache, else the published config the family adapter carries for the id (None
     when none is known)."""
-    if spec.local and spec.path is not None:
-        f = spec.path / "transformer" / "config.json"
-        return read_json(f, what="transformer config") if f.is_file() else None
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return read_json(hf_hub_download(spec.source, "transformer/config.json", local_files_only=True), what="transformer config")
-    except Exception:  # not cached
-        pass
+    config = component_config(spec, "transformer")
+    if config is not None or spec.local:
+        return config
     from families import published_configs
 
     known = published_configs()

@@ -221,10 +221,7 @@ def run_e2e(
         check_runner_inputs(spec, onnx_dir=_onnx_dir(export_dir))  # made for another model: one line naming both
     for engine_dir in (engines or {}).values():
         check_runner_inputs(spec, engine_dir=engine_dir)
-    if correction is not None:
-        from runtime.qsched.correction import load_correction
-
-        load_correction(correction).check_model(spec)
+    check_runner_inputs(spec, correction=correction)
     if backend == "torch" or (backend == "trt" and torch_settings is not None):
         from runtime.manifest import current_gpu
         from runtime.torch_backend import TorchSettings

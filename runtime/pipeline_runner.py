@@ -121,9 +121,17 @@ def with_runners(pipe, runners: dict[str, Runner], *, device: torch.device | str
     return new
 
 
-def check_runner_inputs(spec, *, onnx_dir: str | os.PathLike | None = None, engine_dir: str | os.PathLike | None = None) -> None:
-    """One line, before anything loads, when the exports or engines were made for another model than ``spec``
-    (stage 2's report beside ``onnx_dir``, the engine manifests under ``engine_dir``)."""
+def check_runner_inputs(spec, *, onnx_dir: str | os.PathLike | None = None, engine_dir: str | os.PathLike | None = None,
+                        correction=None):
+    """One line, before anything loads, when the exports, engines or scheduler correction were made for another
+    model than ``spec`` (stage 2's report beside ``onnx_dir``, the engine manifests under ``engine_dir``, the
+    correction's recorded model). Returns the correction loaded (:func:`runtime.qsched.correction.load_correction`:
+    a JSON path is read once), or None."""
+    if correction is not None:  # a bad file fails before anything is loaded
+        from runtime.qsched.correction import load_correction
+
+        correction = load_correction(correction)
+        correction.check_model(spec)
     if onnx_dir is not None:
         from export.fingerprint import check_export_for
 
@@ -132,6 +140,7 @@ def check_runner_inputs(spec, *, onnx_dir: str | os.PathLike | None = None, engi
         from runtime.manifest import check_engines_model
 
         check_engines_model(engine_dir, spec)
+    return correction
 
 
 def runner_pipeline(
@@ -156,12 +165,7 @@ def runner_pipeline(
     """
     from families.registry import load_pipeline
 
-    if correction is not None:  # a bad file fails before anything is loaded
-        from runtime.qsched.correction import load_correction
-
-        correction = load_correction(correction)
-        correction.check_model(spec)
-    check_runner_inputs(spec, onnx_dir=onnx_dir, engine_dir=engine_dir)
+    correction = check_runner_inputs(spec, onnx_dir=onnx_dir, engine_dir=engine_dir, correction=correction)
     device = device or ("cuda" if backend == "trt" else "cpu")
     base = base_pipe if base_pipe is not None else load_pipeline(spec)
     if base.device != torch.device(device):

@@ -126,11 +126,7 @@ def write_serving_repository(
     if "transformer" not in found:
         raise UserError(f"no transformer.onnx in {onnx_dir}; run the export stage first")
     from runtime.pipeline_runner import check_runner_inputs
-    from runtime.qsched.correction import load_correction
-
-    check_runner_inputs(spec, onnx_dir=onnx_dir)  # an export or a correction made for another model: one line before writing
-    if correction is not None:
-        load_correction(correction).check_model(spec)
+    check_runner_inputs(spec, onnx_dir=onnx_dir, correction=correction)  # an export or a correction made for another model: one line before writing
     component_batch = 2 * limits.max_batch  # classifier-free guidance doubles the prompts
     components: dict[str, dict[str, Any]] = {}
     for c, onnx in found.items():
