@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import logging
 import math
 import shutil
@@ -41,11 +42,13 @@ from obsdiff.hessian import HessianCollector
 from obsdiff.patterns import Sparsity
 from obsdiff.plan import BlockPlan, PrunePlan
 from obsdiff.timesteps import timestep_weights
+from obsdiff.weight_quant import WeightQuant, rtn_quantize
 
 log = logging.getLogger(__name__)
 
 METHODS = ("obs-diff", "wanda", "magnitude")
 PARTIAL_DIR = ".partial"
+QUANT_FILE = "weights_int.safetensors"  # the integer weights and scales of a --weight-bits prune
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,6 +102,15 @@ def build_units(
             if kept:
                 units.append(Unit(i, kind, tuple(f"{prefix}.{n}" for n in kept)))
     return units
+
+
+def config_units(transformer: nn.Module, adapter: FamilyAdapter | None, config: "PruneConfig") -> list[Unit]:
+    """The units ``config`` solves: none for a float dense run; the consumers of structured groups for a float
+    structured one; every prunable layer otherwise (structured + ``quant`` quantizes them all after the cut)."""
+    if not config.solves:
+        return []
+    return build_units(transformer, adapter, first_block=config.first_block, last_block=config.last_block, skip=config.skip,
+                       structured=config.sparsity.kind == "structured" and config.quant is None)
 
 
 def split_packages(units: Sequence[Unit], groups: int) -> list[list[Unit]]:
@@ -193,6 +205,9 @@ class PruneConfig:
     first_block/last_block: inclusive block range to prune (default all). skip: glob patterns of layers
     left dense. max_group_iters: greedy iterations cap for structured neuron removal.
     family: the model family (recorded through its adapter's scope note).
+    quant: quantize the solved layers' weights too (:class:`obsdiff.weight_quant.WeightQuant`; None: float). N:M and
+    unstructured are solved jointly with it; structured quantizes each layer after its groups are cut, on its kept
+    columns; dense quantizes every prunable layer.
     """
 
     sparsity: Sparsity
@@ -207,13 +222,23 @@ class PruneConfig:
     skip: tuple[str, ...] = ()
     max_group_iters: int = 512
     family: str = "sd3"
+    quant: WeightQuant | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"unknown pruning method {self.method!r}; accepted: {', '.join(METHODS)}")
+        if self.quant is not None and self.quant.method == "obs" and self.method != "obs-diff":
+            raise UserError(f"--quant-method obs solves on the Hessians of --method obs-diff; with --method {self.method} use --quant-method rtn")
+
+    @property
+    def solves(self) -> bool:
+        """Whether any layer is solved (pruned or quantized)."""
+        return self.sparsity.kind != "dense" or self.quant is not None
 
     @property
     def needs_hessian(self) -> bool:
+        if self.sparsity.kind == "dense":
+            return self.quant is not None and self.quant.method == "obs"
         return self.method != "magnitude"
 
     def settings(self, prompts: Sequence[str]) -> dict[str, Any]:
@@ -229,6 +254,7 @@ class PruneConfig:
             skip=list(self.skip),
             max_group_iters=self.max_group_iters,
             prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+            weight_quant=self.quant.to_json() if self.quant is not None else None,
             notes=get_adapter(self.family).scope_note,
         )
         return d
@@ -339,7 +365,7 @@ def run_calibration(
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class _Job:
-    kind: str  # "weight" | "group"
+    kind: str  # "weight" | "group" | "quant" (a layer's kept columns quantized after its groups are cut)
     layers: list[str]
     block: int
     group: str | None = None  # structured: the adapter's group name (the plan's key)
@@ -347,10 +373,15 @@ class _Job:
     cols: tuple[int, int] | None = None  # structured: the group's column range of each weight (None: all)
 
 
-def _jobs(package: Sequence[Unit], sparsity: Sparsity, adapter: FamilyAdapter, blocks: Sequence[tuple[str, nn.Module]]) -> list[_Job]:
-    """The solves of a package: one per layer (N:M, unstructured), or one per structured group whose
-    consuming layers are all in a unit of the package (in the adapter's group order)."""
+def _jobs(package: Sequence[Unit], sparsity: Sparsity, adapter: FamilyAdapter, blocks: Sequence[tuple[str, nn.Module]],
+          quant: WeightQuant | None = None) -> list[_Job]:
+    """The solves of a package: one per layer (N:M, unstructured; dense with ``quant``), or one per structured group
+    whose consuming layers are all in a unit of the package (in the adapter's group order), then, with ``quant``,
+    one per layer of the package."""
     jobs = []
+    if sparsity.kind == "structured" and quant is not None:
+        jobs = _jobs(package, sparsity, adapter, blocks)
+        return jobs + [_Job("quant", [name], unit.block) for unit in package for name in unit.layers]
     for unit in package:
         if sparsity.kind != "structured":
             jobs += [_Job("weight", [name], unit.block) for name in unit.layers]
@@ -373,10 +404,53 @@ _WEIGHT_SOLVERS: dict[str, Callable] = {"obs-diff": solvers.obs_prune, "wanda": 
 _GROUP_SOLVERS: dict[str, Callable] = {"obs-diff": solvers.obs_prune_groups, "wanda": baselines.wanda_prune_groups, "magnitude": baselines.magnitude_prune_groups}
 
 
+@dataclass
+class _Solved:
+    """What one job returns: the new weights, the kept unit indices (a structured group) and, with ``quant``, per
+    weight its scales ``(rows, groups)`` and the columns they cover (None: all)."""
+
+    weights: list[torch.Tensor]
+    keep: list[int] | None = None
+    scales: list[torch.Tensor] | None = None
+    columns: list[torch.Tensor | None] | None = None
+
+
+def _factor(job: _Job, H: torch.Tensor, collector: HessianCollector, config: PruneConfig, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The inverse-Hessian factor of the job's layer, shared by the layers fed the same input (q/k/v)."""
+    key = collector.key_of[job.layers[0]]
+    if key not in factors:
+        factors[key] = solvers.inverse_cholesky_upper(H, config.percdamp)[0]
+    return factors[key]
+
+
+def _quantize(job: _Job, W: torch.Tensor, H: torch.Tensor | None, collector, config: PruneConfig, factors, frozen: Sequence[int]) -> _Solved:
+    """A ``quant`` job: the layer's kept columns (all but ``frozen``, removed by its structured groups) quantized on
+    their own Hessian, the compact layer as stage 2 cuts it."""
+    wq = config.quant
+    cols = W.shape[1]
+    idx = None
+    if frozen:
+        gone = torch.zeros(cols, dtype=torch.bool)
+        gone[torch.as_tensor(list(frozen), dtype=torch.long)] = True
+        idx = torch.nonzero(~gone).squeeze(1).to(W.device)  # (kept,)
+    Wc = W if idx is None else W[:, idx]
+    if wq.method == "rtn":
+        Wq, scales = rtn_quantize(Wc, wq)
+    else:
+        Hc = H if idx is None else H[idx.to(H.device)][:, idx.to(H.device)]
+        hinv = _factor(job, H, collector, config, factors) if idx is None else None
+        Wq, _, scales = solvers.obs_prune(Wc, Hc, Sparsity("dense"), percdamp=config.percdamp, hinv_upper=hinv, quant=wq)
+    if idx is None:
+        return _Solved([Wq], scales=[scales], columns=[None])
+    W_new = torch.zeros_like(W)
+    W_new[:, idx] = Wq.to(W.dtype)
+    return _Solved([W_new], scales=[scales], columns=[idx.cpu()])
+
+
 def _solve(
     job: _Job, modules: dict[str, nn.Linear], collector: HessianCollector | None, config: PruneConfig, factors: dict[str, torch.Tensor], frozen: Sequence[int] = ()
-) -> tuple[list[torch.Tensor], list[int] | None]:
-    """Solve one job; returns the new weights and, for a structured group, the kept unit indices.
+) -> _Solved:
+    """Solve one job.
 
     frozen: columns of the job's weights that earlier groups already removed (a fused projection whose
     column ranges belong to several groups): they stay zero and receive no compensation.
@@ -385,29 +459,41 @@ def _solve(
     Hs = [collector.hessian(n) if collector is not None else None for n in job.layers]
     dev = _solve_device(Hs[0], Ws[0])
     Ws = [W.to(dev) for W in Ws]
+    wq = config.quant
+    if job.kind == "quant":
+        return _quantize(job, Ws[0], Hs[0], collector, config, factors, frozen)
     if job.kind == "weight":
         kwargs: dict[str, Any] = {}
-        if config.method == "obs-diff":
-            key = collector.key_of[job.layers[0]]
-            if key not in factors:  # q/k/v share their input, hence H and its factor
-                factors[key] = solvers.inverse_cholesky_upper(Hs[0], config.percdamp)[0]
-            kwargs["hinv_upper"] = factors[key]
-        W_new, _ = _WEIGHT_SOLVERS[config.method](
-            Ws[0], Hs[0], config.sparsity, blocksize=config.blocksize, percdamp=config.percdamp, compensate=config.compensate, **kwargs
-        )
-        return [W_new], None
+        obs_quant = wq is not None and wq.method == "obs"
+        if config.method == "obs-diff" and (config.sparsity.kind != "dense" or obs_quant):
+            kwargs["hinv_upper"] = _factor(job, Hs[0], collector, config, factors)
+            if obs_quant:
+                kwargs["quant"] = wq
+        if config.sparsity.kind == "dense":
+            out = solvers.obs_prune(Ws[0], Hs[0], config.sparsity, percdamp=config.percdamp, **kwargs) if "quant" in kwargs else (Ws[0], None)
+        else:
+            out = _WEIGHT_SOLVERS[config.method](
+                Ws[0], Hs[0], config.sparsity, blocksize=config.blocksize, percdamp=config.percdamp, compensate=config.compensate, **kwargs
+            )
+        if wq is None:
+            return _Solved([out[0]])
+        if "quant" in kwargs:
+            return _Solved([out[0]], scales=[out[2]], columns=[None])
+        W_q, scales = rtn_quantize(out[0], wq)  # round to nearest after the pattern: zeros stay zeros
+        return _Solved([W_q], scales=[scales], columns=[None])
     start, stop = job.cols if job.cols is not None else (0, Ws[0].shape[1])
     groups = (stop - start) // job.unit
     n_remove = min(groups - 1, int(round(config.sparsity.ratio * groups)))
     if n_remove == 0:
-        return Ws, None
+        return _Solved(Ws)
     fn = _GROUP_SOLVERS[config.method]
     kwargs = {"percdamp": config.percdamp, "compensate": config.compensate, "max_iters": config.max_group_iters} if config.method == "obs-diff" else {}
     if job.cols is not None:
         kwargs["cols"] = job.cols
     if frozen:
         kwargs["frozen"] = list(frozen)
-    return fn(Ws, Hs, job.unit, n_remove, **kwargs)
+    new_ws, keep = fn(Ws, Hs, job.unit, n_remove, **kwargs)
+    return _Solved(new_ws, keep)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,6 +513,7 @@ def _skeleton(model_id: str, transformer: nn.Module, adapter: FamilyAdapter, con
         blocks=[BlockPlan(index=i, sizes={g.name: g.size for g in adapter.structured_groups(b)}) for i, (_, b) in enumerate(blocks)],
         calibration=config.settings(prompts),
         packages=[[name for unit in pkg for name in unit.layers] for pkg in packages],
+        weight_quant={**config.quant.to_json(), "file": QUANT_FILE} if config.quant is not None else None,
     )
 
 
@@ -434,15 +521,32 @@ def _partial_file(out_dir: Path, k: int) -> Path:
     return out_dir / PARTIAL_DIR / f"package_{k:03d}.safetensors"
 
 
-def _save_package(out_dir: Path, k: int, modules: dict[str, nn.Linear], names: Sequence[str]) -> None:
+def quant_tensors(name: str, W: torch.Tensor, scales: torch.Tensor, columns: torch.Tensor | None, wq: WeightQuant) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors of one quantized layer: ``<name>.codes`` int8 ``(rows, kept columns)``,
+    ``<name>.scales`` float16 ``(rows, groups)`` and, where its structured groups removed columns,
+    ``<name>.columns`` int64 (the kept ones, which the codes cover in order)."""
+    from obsdiff.weight_quant import codes_of
+
+    Wk = W.detach().to("cpu", torch.float32)
+    if columns is not None:
+        Wk = Wk[:, columns]
+    scales = scales.detach().to("cpu", torch.float32)
+    out = {f"{name}.codes": codes_of(Wk, scales, wq).contiguous(), f"{name}.scales": scales.to(torch.float16).contiguous()}
+    if columns is not None:
+        out[f"{name}.columns"] = columns.to(torch.int64).contiguous()
+    return out
+
+
+def _save_package(out_dir: Path, k: int, modules: dict[str, nn.Linear], names: Sequence[str], quant: dict[str, torch.Tensor] | None = None) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"{n}.weight": weight_tensor(modules[n]).detach().to("cpu").contiguous() for n in names}
+    tensors.update(quant or {})
     with atomic_path(_partial_file(out_dir, k)) as tmp:
         save_file(tensors, str(tmp))
 
 
-def _restore_packages(out_dir: Path, plan: PrunePlan, modules: dict[str, nn.Linear]) -> None:
+def _restore_packages(out_dir: Path, plan: PrunePlan, modules: dict[str, nn.Linear], quant: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import load_file
 
     for k in range(plan.done_packages):
@@ -452,7 +556,8 @@ def _restore_packages(out_dir: Path, plan: PrunePlan, modules: dict[str, nn.Line
         state = load_file(str(path))
         for n in plan.packages[k]:
             w = weight_tensor(modules[n])
-            w.copy_(state[f"{n}.weight"].to(w.device, w.dtype))
+            w.copy_(state.pop(f"{n}.weight").to(w.device, w.dtype))
+        quant.update(state)  # the integer weights of a --weight-bits prune
     log.info("resumed after %d of %d packages", plan.done_packages, len(plan.packages))
 
 
@@ -497,18 +602,16 @@ def prune(
             shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
         return existing
 
-    structured = config.sparsity.kind == "structured"
-    units = [] if config.sparsity.kind == "dense" else build_units(
-        transformer, adapter, first_block=config.first_block, last_block=config.last_block, skip=config.skip, structured=structured
-    )
+    units = config_units(transformer, adapter, config)
     packages = split_packages(units, config.groups) if units else []
     plan = _skeleton(model_id, transformer, adapter, config, prompts, packages, model_weights)
     modules = {name: m for name, m in transformer.named_modules() if isinstance(m, nn.Linear)}
+    quant: dict[str, torch.Tensor] = {}  # the integer weights and scales of every quantized layer so far
     if existing is not None:
         if existing.packages != plan.packages:
             raise UserError(f"{out_dir}/plan.json lists other layers than this model has; use another --out or delete {out_dir}")
         plan = existing
-        _restore_packages(out_dir, plan, modules)
+        _restore_packages(out_dir, plan, modules, quant)
 
     show = progress and ctx.is_main
     pkg_bar = tqdm(total=len(packages), initial=plan.done_packages, desc="packages", unit="pkg", disable=not show)
@@ -527,21 +630,29 @@ def prune(
             collector.ensure_all(ctx.device if ctx.active else _first_device(collector, modules, names))
             ctx.all_reduce_sum(collector.tensors())
             log_memory(f"prune: package {k + 1}/{len(packages)} calibrated", log)
-        jobs = _jobs(package, config.sparsity, adapter, blocks)
+        jobs = _jobs(package, config.sparsity, adapter, blocks, config.quant)
+        package_quant: dict[str, torch.Tensor] = {}
         factors: dict[str, torch.Tensor] = {}
         removed_cols: dict[str, list[int]] = {}  # per weight: columns earlier groups removed (fused projections)
         for j, job in enumerate(jobs):
             owner = j % ctx.world
-            keep = None
+            keep, qt = None, None
             if ctx.rank == owner:
                 with torch.no_grad():
-                    new_ws, keep = _solve(job, modules, collector, config, factors, removed_cols.get(job.layers[0], ()))
-                for n, W_new in zip(job.layers, new_ws):
+                    solved = _solve(job, modules, collector, config, factors, removed_cols.get(job.layers[0], ()))
+                keep = solved.keep
+                for n, W_new in zip(job.layers, solved.weights):
                     w = weight_tensor(modules[n])
                     w.copy_(W_new.to(w.device, w.dtype))
+                if solved.scales is not None:
+                    qt = {}
+                    for n, W_new, sc, cols in zip(job.layers, solved.weights, solved.scales, solved.columns):
+                        qt.update(quant_tensors(n, W_new, sc, cols, config.quant))
             for n in job.layers:
                 ctx.broadcast_(weight_tensor(modules[n]), src=owner)
             keep = ctx.broadcast_object(keep, src=owner)
+            qt = ctx.broadcast_object(qt, src=owner) if config.quant is not None else None
+            package_quant.update(qt or {})
             if keep is not None:
                 plan.blocks[job.block].keep[job.group] = keep
                 start = job.cols[0] if job.cols is not None else 0
@@ -555,9 +666,12 @@ def prune(
         for n in names:
             w = weight_tensor(modules[n])
             plan.layers[n] = {"density": float((w != 0).sum()) / w.numel(), "shape": list(w.shape)}
+            if f"{n}.codes" in package_quant:
+                plan.layers[n]["weight_bits"] = config.quant.bits
+        quant.update(package_quant)
         plan.done_packages = k + 1
         if ctx.is_main:
-            _save_package(out_dir, k, modules, names)
+            _save_package(out_dir, k, modules, names, package_quant)
             plan.save(out_dir / "plan.json")
         ctx.barrier()
         pkg_bar.update(1)
@@ -570,6 +684,10 @@ def prune(
         with atomic_path(out_dir / "transformer") as tmp:
             # 1 GB shards: a later stage that loads this in another dtype converts one shard at a time
             transformer.save_pretrained(str(tmp), max_shard_size="1GB")
+            if config.quant is not None:  # beside the float weights (exactly codes x scales), so stage 2 never re-quantizes
+                from safetensors.torch import save_file
+
+                save_file(quant, str(tmp / QUANT_FILE), metadata={"weight_quant": json.dumps(config.quant.to_json())})
         plan.save(out_dir / "plan.json")
         shutil.rmtree(out_dir / PARTIAL_DIR, ignore_errors=True)
     ctx.barrier()

@@ -55,6 +55,9 @@ class PrunePlan:
         (a partial plan is what resume reads).
     model_weights: the pruned model's :func:`families.registry.model_fingerprint` (None in older plans): the
         stages that take this plan check that they are given the same model.
+    weight_quant: for a ``--weight-bits`` prune, the grid (:meth:`obsdiff.weight_quant.WeightQuant.to_json`) and the
+        ``file`` in ``transformer/`` that holds the integer weights and scales (the quantized layers carry
+        ``weight_bits`` in ``layers``); None for float weights.
     """
 
     model: str
@@ -70,6 +73,7 @@ class PrunePlan:
     done_packages: int = 0
     version: int = PLAN_VERSION
     model_weights: str | None = None
+    weight_quant: dict[str, Any] | None = None
 
     @property
     def complete(self) -> bool:

@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from obsdiff.patterns import Sparsity
+from obsdiff.weight_quant import WeightQuant, round_to_grid, scales_for
 
 DEFAULT_BLOCKSIZE = 128
 DEFAULT_PERCDAMP = 0.01
@@ -244,6 +245,7 @@ def _rank_weights(m: int, device: torch.device) -> tuple[torch.Tensor, torch.Ten
 def _obs_leaf(
     W1: torch.Tensor, U1: torch.Tensor, E1: torch.Tensor, K1: torch.Tensor, lo: int, hi: int,
     *, m: int, n_keep: int, ranking: tuple[torch.Tensor, ...] | None, compensate: bool,
+    scale: torch.Tensor | None = None, quant: WeightQuant | None = None,
 ) -> None:
     """SparseGPT's column loop over the columns ``[lo, hi)`` of one block, a few columns, in place.
 
@@ -255,6 +257,8 @@ def _obs_leaf(
         columns when ``ranking`` is given (N:M: the ``n_keep`` highest ``w^2 / U_ii^2`` of each row in the
         group are kept, on the weights updated by every earlier column), else already set (unstructured).
         Float, as 0/1 products are several times faster than boolean masking on CPU.
+    scale, quant: with a :class:`~obsdiff.weight_quant.WeightQuant`, the kept weights are also rounded to its grid
+        of scales ``scale`` ``(rows,)`` (one quantization group holds the leaf), ``q = keep * round(w)``.
     """
     inv_d = torch.diagonal(U1)[lo:hi].reciprocal().unsqueeze(1)  # (hi-lo, 1) = 1 / U_ii
     for g1 in range(lo, hi, m):
@@ -265,11 +269,20 @@ def _obs_leaf(
             score = (W1[g1:g2] * inv_d[g1 - lo : g2 - lo]).square_()  # (m, rows) = w^2 / U_ii^2
             torch.le(score.unsqueeze(1), score.unsqueeze(0), out=le)  # (m, m, rows) = s_j <= s_k
             torch.ge(torch.addmm(c, A, le.view(m * m, -1)), m - n_keep, out=keep)  # rank >= m - n_keep
+        if quant is not None:
+            for i in range(g1, g2):
+                q = round_to_grid(W1[i], scale, quant).mul_(keep[i - g1])  # (rows,)
+                if compensate:
+                    torch.sub(W1[i], q, out=E1[i]).mul_(inv_d[i - lo])  # (rows,) = (w - q) / U_ii
+                    if i + 1 < hi:
+                        W1[i + 1 : hi].addr_(U1[i, i + 1 : hi], E1[i], alpha=-1.0)
+                W1[i].copy_(q)
+            continue
         if compensate:
             inv_dg = inv_d[g1 - lo : g2 - lo]  # (g, 1)
-            scale = torch.addcmul(inv_dg, keep, inv_dg, value=-1.0)  # (g, rows): 1 / U_ii where pruned, else 0
+            pruned = torch.addcmul(inv_dg, keep, inv_dg, value=-1.0)  # (g, rows): 1 / U_ii where pruned, else 0
             for i in range(g1, g2):
-                torch.mul(W1[i], scale[i - g1], out=E1[i])  # (rows,) = (w - q) / U_ii
+                torch.mul(W1[i], pruned[i - g1], out=E1[i])  # (rows,) = (w - q) / U_ii
                 if i + 1 < hi:
                     W1[i + 1 : hi].addr_(U1[i, i + 1 : hi], E1[i], alpha=-1.0)
         W1[g1:g2].mul_(keep)  # q: the group's columns are final
@@ -284,8 +297,11 @@ def obs_prune(
     percdamp: float = DEFAULT_PERCDAMP,
     compensate: bool = True,
     hinv_upper: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune ``W`` to ``sparsity`` (``nm`` or ``unstructured``) with blocked OBS; returns ``(W_new, keep)``.
+    quant: WeightQuant | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Prune ``W`` to ``sparsity`` (``nm`` or ``unstructured``; ``dense`` with ``quant``) with blocked OBS, and
+    quantize it jointly when ``quant`` is given; returns ``(W_new, keep)``, or ``(W_new, keep, scales)`` with
+    ``quant``.
 
     W: ``(rows, cols)`` weight of ``y = x W^T``; H: ``(cols, cols)`` input Hessian.
     blocksize: columns per unstructured mask-selection block (default 128; rounded down to a multiple of M
@@ -297,6 +313,12 @@ def obs_prune(
     hinv_upper: the factor ``U`` from :func:`inverse_cholesky_upper` of ``H``, when already computed for
         another layer with the same input (q/k/v); ``H`` is then only used for its shape and dead inputs.
         Without it, ``H`` is factorised once and ``U`` never formed (:func:`_reversed_factor`).
+    quant: round the kept weights to this grid in the same pass (GPTQ's update, as SparseGPT's joint mode): each
+        column's rounding error, like a pruned weight's, is spread over the later columns; the scales of a group
+        of ``quant.group_size`` columns come from its weights as updated by every earlier column (and, for
+        unstructured, its kept weights), when it is reached (``blocksize`` becomes the group size, so a block is a
+        group). ``W_new`` is then exactly ``codes * scales`` (:mod:`obsdiff.weight_quant`); scales:
+        ``(rows, groups)`` float32.
 
     Unstructured: every block of columns loses exactly its share of ``round(ratio * rows * cols)``
     weights, so the layer's sparsity is exact. N:M: in every row and every group of M consecutive input
@@ -317,8 +339,8 @@ def obs_prune(
     ``D = W - Q`` (from ``E U = D`` and ``U V = I``, ``V = U^-1``): products with the Cholesky factor ``V``
     gathered as the halves are visited, then one product with the small ``U_bb`` when block b is reached.
     """
-    if sparsity.kind not in ("nm", "unstructured"):
-        raise ValueError(f"obs_prune handles N:M and unstructured patterns, not {sparsity}")
+    if sparsity.kind not in ("nm", "unstructured") and not (sparsity.kind == "dense" and quant is not None):
+        raise ValueError(f"obs_prune handles N:M and unstructured patterns (and dense with quant), not {sparsity}")
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight columns {cols}")
@@ -331,6 +353,8 @@ def obs_prune(
         leaf = m * max(1, _OBS_LEAF // m)
     else:
         m, leaf = _OBS_LEAF, _OBS_LEAF
+    if quant is not None:
+        blocksize = quant.group_size
     # Transposed, (cols, rows): column i of W is a contiguous row, which makes the per-column OBS updates
     # cache-friendly on CPU (and no slower on GPU).
     WT = W.detach().to(torch.float32).T.contiguous()  # (cols, rows)
@@ -348,6 +372,7 @@ def obs_prune(
         # sum_a V_ab^T D_a gathered so far from the visited blocks a
         D = torch.zeros_like(WT) if compensate else None
     K = torch.ones_like(WT)  # (cols, rows) 1 = kept, 0 = pruned
+    scales = torch.empty(rows, quant.groups(cols), device=WT.device) if quant is not None else None  # (rows, groups)
     ranking = (*_rank_weights(m, WT.device), torch.empty(m, m, rows, device=WT.device)) if nm else None
 
     def visit_block(lo: int, hi: int) -> None:
@@ -359,14 +384,19 @@ def obs_prune(
             if compensate:
                 W0 = W1.clone()
                 W1.addmm_(U1.T, D[lo:hi])  # w = w0 - E_<b U_<b,b = w0 + U_bb^T (V_<b,b^T D_<b)
-        if not nm:  # the block's mask, on weights updated by every earlier block
+        if sparsity.kind == "unstructured":  # the block's mask, on weights updated by every earlier block
             k = split_count(rows * cols, sparsity.ratio, rows * lo, rows * hi)
             if k > 0:
                 score = (W1 / torch.diagonal(U1).unsqueeze(1)).square_()  # (count, rows) = w^2 / U_ii^2
                 K[lo:hi].view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = 0.0
+        s = None
+        if quant is not None:  # the group's scales, on weights updated by every earlier group (kept ones if known)
+            s = scales_for((W1 if nm else W1 * K[lo:hi]).T, quant)  # (rows,)
+            scales[:, lo // blocksize] = s
 
         def visit_leaf(a: int, b: int) -> None:
-            _obs_leaf(W1, U1, E1, K[lo:hi], a, b, m=m, n_keep=sparsity.n if nm else 0, ranking=ranking, compensate=compensate)
+            _obs_leaf(W1, U1, E1, K[lo:hi], a, b, m=m, n_keep=sparsity.n if nm else 0, ranking=ranking, compensate=compensate,
+                      scale=s, quant=quant)
 
         def update_in_block(a: int, mid: int, b: int) -> None:
             W1[mid:b].addmm_(U1[a:mid, mid:b].T, E1[a:mid], alpha=-1.0)  # (b-mid, rows) -= (b-mid, mid-a) @ (mid-a, rows)
@@ -382,7 +412,8 @@ def obs_prune(
             D[mid:hi].addmm_(V[lo:mid, mid:hi].T, D[lo:mid])  # gather V^T d
 
     _in_halves(0, cols, blocksize, visit_block, update if compensate else None)
-    return WT.T.contiguous().to(W.dtype), K.bool().T.contiguous()
+    W_new, keep = WT.T.contiguous().to(W.dtype), K.bool().T.contiguous()
+    return (W_new, keep) if quant is None else (W_new, keep, scales)
 
 
 def _group_diag_blocks(Hinv: torch.Tensor, groups: int, group_size: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from obsdiff.packages import PruneConfig
     from obsdiff.patterns import Sparsity
     from obsdiff.plan import PrunePlan
+    from obsdiff.weight_quant import WeightQuant
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,11 @@ def default_prompts_file(spec: ModelSpec) -> Path:
     return REPO_ROOT / spec.prompts
 
 
-def default_out(spec: ModelSpec, sparsity: Sparsity, method: str) -> Path:
-    """``artifacts/<model>/prune-<sparsity>-<method>``."""
-    return REPO_ROOT / "artifacts" / spec.id / f"prune-{sparsity.id}-{method}"
+def default_out(spec: ModelSpec, sparsity: Sparsity, method: str, quant: WeightQuant | None = None) -> Path:
+    """``artifacts/<model>/prune-<sparsity>-<method>``, ``-w<bits>g<group>`` added for quantized weights (``-rtn`` for
+    round-to-nearest)."""
+    tail = "" if quant is None else f"-w{quant.bits}g{quant.group_size}" + ("-rtn" if quant.method == "rtn" else "")
+    return REPO_ROOT / "artifacts" / spec.id / f"prune-{sparsity.id}-{method}{tail}"
 
 
 @dataclass(frozen=True)
@@ -92,15 +95,20 @@ def prune_config(
     first_block: int = 0,
     last_block: int | None = None,
     skip: Sequence[str] = (),
+    weight_bits: int | None = None,
+    group_size: int | None = None,
+    quant_method: str = "obs",
 ) -> PruneConfig:
     """The :class:`obsdiff.packages.PruneConfig` for ``spec``, checked (nothing is loaded).
 
     Calibration follows the sampler the model is deployed with: ``steps``/``guidance``/``height``/``width``
     None take the model's registry entry (a guidance <= 1, as for few-step models, samples without the
-    CFG-doubled batch). The other defaults are the command line's.
+    CFG-doubled batch). The other defaults are the command line's. weight_bits/group_size/quant_method: quantize the
+    solved weights (:class:`obsdiff.weight_quant.WeightQuant`; group size 128 by default).
     """
     from obsdiff.packages import CalibrationConfig, PruneConfig
     from obsdiff.timesteps import timestep_weights
+    from obsdiff.weight_quant import DEFAULT_GROUP_SIZE, WeightQuant
 
     for name, value, lo in (("--groups", groups, 1), ("--samples", samples, 1), ("--steps", steps, 1), ("--batch-size", batch_size, 1),
                             ("--seed", seed, 0), ("--blocksize", blocksize, 1), ("--first-block", first_block, 0), ("--last-block", last_block, 0)):
@@ -112,6 +120,9 @@ def prune_config(
     spec.check_image_size(height, width)
     if last_block is not None and last_block < first_block:
         raise UserError(f"--last-block {last_block} is before --first-block {first_block}")
+    if weight_bits is None and group_size is not None:
+        raise UserError("--group-size needs --weight-bits (4 or 8)")
+    quant = WeightQuant(weight_bits, group_size or DEFAULT_GROUP_SIZE, quant_method) if weight_bits is not None else None
     calib = CalibrationConfig(
         samples=samples,
         steps=steps,
@@ -137,6 +148,7 @@ def prune_config(
         last_block=last_block,
         skip=tuple(skip),
         family=spec.family,
+        quant=quant,
     )
 
 
@@ -161,7 +173,7 @@ def prune_settings(
     config = prune_config(spec, sparsity, **options)
     prompts = calibration_prompts(read_prompts(prompts_file or default_prompts_file(spec)), config.calibration.samples)
     if out is None:
-        out = default_out(spec, sparsity, config.method)
+        out = default_out(spec, sparsity, config.method, config.quant)
     return PruneSettings(spec=spec, config=config, prompts=tuple(prompts), out=Path(out), device=device, dtype=dtype, offload=offload,
                          progress=progress)
 
@@ -195,16 +207,15 @@ def check_units(spec: ModelSpec, config: PruneConfig) -> int | None:
     line when the block range is outside the model or ``--groups`` asks for more packages than there are units (a
     package holds at least one). None when the transformer's config is not known here (a hub model not cached) or
     nothing is pruned."""
-    from obsdiff.packages import build_units
+    from obsdiff.packages import config_units
 
-    if config.sparsity.kind == "dense":
+    if not config.solves:
         return None
     transformer = meta_transformer(spec)
     if transformer is None:
         return None
-    structured = config.sparsity.kind == "structured"
-    units = build_units(transformer, spec.adapter, first_block=config.first_block, last_block=config.last_block, skip=config.skip,
-                        structured=structured)
+    structured = config.sparsity.kind == "structured" and config.quant is None
+    units = config_units(transformer, spec.adapter, config)
     if units and config.groups > len(units):
         blocks = spec.adapter.blocks(transformer)
         last = len(blocks) - 1 if config.last_block is None else config.last_block
@@ -247,13 +258,11 @@ def check_device_memory(pipe, spec: ModelSpec, config, device, offload: str) -> 
     """
     import torch
 
-    from obsdiff.packages import build_units, memory_estimate, split_packages
+    from obsdiff.packages import config_units, memory_estimate, split_packages
 
     comps = {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
     sizes = {n: sum(p.numel() * p.element_size() for p in m.parameters()) for n, m in comps.items()}
-    units = [] if config.sparsity.kind == "dense" else build_units(
-        pipe.transformer, spec.adapter, first_block=config.first_block, last_block=config.last_block, skip=config.skip,
-        structured=config.sparsity.kind == "structured")
+    units = config_units(pipe.transformer, spec.adapter, config)
     est = memory_estimate(pipe.transformer, split_packages(units, config.groups) if units else [],
                           weight_bytes_per_param=next(pipe.transformer.parameters()).element_size(), adapter=spec.adapter)
     on_device = {"none": sum(sizes.values()), "model": max(sizes.values()), "sequential": 0}

@@ -26,7 +26,6 @@ from obsdiff.stage import (
     OFFLOADS,
     PruneSettings,
     check_prune,
-    default_out,
     default_prompts_file,
     prune_config,
     prune_settings,
@@ -35,6 +34,7 @@ from obsdiff.stage import (
 
 def add_parser(subparsers) -> None:
     from obsdiff.packages import METHODS
+    from obsdiff.weight_quant import GROUP_SIZES, QUANT_METHODS, WEIGHT_BITS
 
     p = subparsers.add_parser("prune", help="OBS-Diff one-shot pruning of the transformer", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny-sd3", help="registry id or local diffusers directory (default tiny-sd3)")
@@ -62,6 +62,12 @@ def add_parser(subparsers) -> None:
     s.add_argument("--no-compensate", action="store_true", help="mask only, no OBS weight update")
     s.add_argument("--first-block", type=int_at_least(0), default=0, help="first transformer block to prune (default 0)")
     s.add_argument("--last-block", type=int_at_least(0), default=None, help="last transformer block to prune, inclusive (default: the last)")
+    q = p.add_argument_group("weight quantization (solved with the pattern; docs/quantization.md)")
+    q.add_argument("--weight-bits", type=int, choices=list(WEIGHT_BITS), default=None,
+                   help="also quantize the solved layers' weights to 4 or 8 bits (symmetric, one float16 scale per group)")
+    q.add_argument("--group-size", type=int, choices=list(GROUP_SIZES), default=None, help="input columns per scale (default 128)")
+    q.add_argument("--quant-method", default="obs", choices=list(QUANT_METHODS),
+                   help="obs: rounding errors compensated through the Hessians, jointly with the pattern (default); rtn: round to nearest")
     s.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave layers matching this glob dense (repeatable), e.g. 'transformer_blocks.3.*'")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
@@ -75,7 +81,8 @@ def _config_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(method=args.method, groups=args.groups, samples=args.samples, steps=args.steps, guidance=args.guidance, height=args.height,
                 width=args.width, batch_size=args.batch_size, seed=args.seed, weighting=args.weighting, w_max=args.w_max, w_min=args.w_min,
                 blocksize=args.blocksize, percdamp=args.percdamp, compensate=not args.no_compensate, first_block=args.first_block,
-                last_block=args.last_block, skip=tuple(args.skip))
+                last_block=args.last_block, skip=tuple(args.skip), weight_bits=args.weight_bits, group_size=args.group_size,
+                quant_method=args.quant_method)
 
 
 def build_config(args: argparse.Namespace, spec: ModelSpec):
@@ -94,8 +101,7 @@ def settings_from_args(args: argparse.Namespace) -> PruneSettings:
 
     spec = resolve_model(args.model)
     sparsity = parse_sparsity(args.sparsity)
-    out = Path(args.out) if args.out else default_out(spec, sparsity, args.method)
-    return prune_settings(spec, sparsity, out, prompts_file=args.prompts, device=args.device, dtype=args.dtype,
+    return prune_settings(spec, sparsity, Path(args.out) if args.out else None, prompts_file=args.prompts, device=args.device, dtype=args.dtype,
                           offload=args.offload, progress=not args.no_progress, **_config_options(args))
 
 
