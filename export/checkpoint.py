@@ -22,6 +22,7 @@ from torch import nn
 from common.errors import CheckFailed, UserError
 from common.input_files import check_input_tree
 from common.io import atomic_path, read_json, sha256_file
+from export.int_weights import INT_FILE, load_int, save_int
 from export.surgery import BlockShape, block_shapes, cut_to_shapes
 from obsdiff.plan import PrunePlan
 
@@ -69,6 +70,8 @@ def save_compact(model: nn.Module, out_dir: str | os.PathLike, plan: PrunePlan |
         tmp.mkdir()
         save_file(state, str(tmp / WEIGHTS), metadata={"format": COMPACT_FORMAT})
         desc["weights_sha256"] = sha256_file(tmp / WEIGHTS)
+        if save_int(model, tmp):  # the integer weights of a --weight-bits prune, beside the float ones
+            desc["int_weights"] = INT_FILE
         (tmp / DESCRIPTION).write_text(json.dumps(desc, indent=2) + "\n")
     log.info("compact checkpoint: %s (%d parameters)", out_dir, desc["num_parameters"])
     return out_dir
@@ -201,6 +204,8 @@ def load_compact(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -
         k = wrong[0]
         raise UserError(f"{weights} does not match {DESCRIPTION}: {k} has shape {list(got[k])}, expected {list(expected[k])}; re-run `python -m pipeline export`")
     model.load_state_dict(state, strict=True)
+    if desc.get("int_weights"):
+        load_int(model, path)
     model = model.to(dtype=dtype or getattr(torch, desc.get("dtype", "float32"))).eval()
     return model, plan
 

@@ -318,6 +318,10 @@ def _load_pruned(pruned: Path, dtype=torch.float32):
         transformer = cls.from_pretrained(str(pruned / "transformer"), dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot load {pruned / 'transformer'}: {str(e).splitlines()[0]}; re-run `python -m pipeline prune`") from None
+    if dtype == torch.float32:  # a --weight-bits prune: its integer weights ride along (exact in float32 only)
+        from export.int_weights import attach
+
+        attach(transformer, plan, pruned / "transformer")
     return plan, transformer.eval()
 
 

@@ -35,12 +35,33 @@ def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
+def _carry_quant(old: nn.Linear, new: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    """Carry the integer grid of a quantized layer (:mod:`export.int_weights`) to its cut copy: the scales of the kept
+    rows; for a column cut, the kept columns must include every column stage 1 quantized (``weight_columns``, indices
+    into ``old``'s columns), which become indices into ``new``'s (None once they are all of them)."""
+    scales = getattr(old, "weight_scales", None)
+    if scales is None:
+        return new
+    columns = old.weight_columns
+    if rows is not None:
+        scales = scales.index_select(0, rows.cpu())
+    if cols is not None:
+        where = {int(c): i for i, c in enumerate(cols.tolist())}
+        kept = columns.tolist() if columns is not None else list(range(old.in_features))
+        if any(c not in where for c in kept):
+            raise UserError("the plan cuts columns that stage 1 quantized: the plan and the integer weights disagree; re-run `python -m pipeline prune`")
+        columns = torch.as_tensor([where[c] for c in kept], dtype=torch.long)
+        columns = None if len(kept) == new.in_features else columns
+    new.weight_quant, new.weight_scales, new.weight_columns = old.weight_quant, scales, columns
+    return new
+
+
 def keep_rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
     """A new ``nn.Linear`` keeping output features ``rows`` (weight ``(out, in)`` -> ``(len(rows), in)``)."""
     rows = rows.to(linear.weight.device)
     weight = linear.weight.detach().index_select(0, rows)  # (R, in)
     bias = linear.bias.detach().index_select(0, rows) if linear.bias is not None else None
-    return _new_linear(weight, bias)
+    return _carry_quant(linear, _new_linear(weight, bias), rows=rows)
 
 
 def keep_cols(linear: nn.Linear, cols: torch.Tensor) -> nn.Linear:
@@ -51,7 +72,7 @@ def keep_cols(linear: nn.Linear, cols: torch.Tensor) -> nn.Linear:
     cols = cols.to(linear.weight.device)
     weight = linear.weight.detach().index_select(1, cols)  # (out, C)
     bias = linear.bias.detach().clone() if linear.bias is not None else None
-    return _new_linear(weight, bias)
+    return _carry_quant(linear, _new_linear(weight, bias), cols=cols)
 
 
 def head_channels(keep_heads: Sequence[int], head_dim: int) -> torch.Tensor:
