@@ -121,6 +121,9 @@ class FamilyAdapter:
     # ``sample_size``), by registry id: random-weight stand-ins of the real shapes, built without a download.
     published_configs: dict[str, dict[str, Any]] = {}
     published_vae_config: dict[str, Any] | None = None  # the family's hub VAE config, where one is carried
+    # The text encoders as published with the hub checkpoints, by pipeline attribute: ``(transformers class name,
+    # config keyword arguments)`` (families.components.CLIP_L...); shared by every published config of the family.
+    published_text_encoders: dict[str, tuple[str, dict[str, Any]]] = {}
 
     def latent_patch(self, transformer_config: dict) -> int:
         """VAE latents per token side (the transformer's patch size; Flux packs 2x2 latents per token)."""

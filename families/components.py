@@ -155,6 +155,26 @@ def latent_inputs(channels: int, batch: int, latent_hw: tuple[int, int], *, dtyp
 
 
 # --------------------------------------------------------------------------------------------------------
+# Text encoders as published with the hub checkpoints (``text_encoder*/config.json``: the transformers config
+# keyword arguments that decide the shapes): random-weight stand-ins and size arithmetic with no download
+# --------------------------------------------------------------------------------------------------------
+
+# OpenAI CLIP ViT-L/14's text tower (SD3's ``text_encoder``, Flux's ``text_encoder``): 123M parameters.
+CLIP_L: dict = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                    max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                    bos_token_id=0, eos_token_id=2, pad_token_id=1)
+# OpenCLIP ViT-bigG/14's text tower (SD3's ``text_encoder_2``): 695M parameters.
+CLIP_G: dict = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                    max_position_embeddings=77, projection_dim=1280, hidden_act="gelu", layer_norm_eps=1e-5,
+                    bos_token_id=0, eos_token_id=2, pad_token_id=1)
+# google/t5-v1_1-xxl's encoder (SD3's ``text_encoder_3``, Flux's ``text_encoder_2``): 4.76B parameters.
+T5_XXL: dict = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24, num_heads=64,
+                    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+                    dense_act_fn="gelu_new", layer_norm_epsilon=1e-6, tie_word_embeddings=False, decoder_start_token_id=0,
+                    eos_token_id=1, pad_token_id=0)
+
+
+# --------------------------------------------------------------------------------------------------------
 # Component descriptions
 # --------------------------------------------------------------------------------------------------------
 

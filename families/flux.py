@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from families.base import FamilyAdapter, RuntimeModule, Span, StructuredGroup, packed_token_shapes
-from families.components import ClipPooled, T5Encoder, TransformerComponent, VaeDecoder
+from families.components import CLIP_L, T5_XXL, ClipPooled, T5Encoder, TransformerComponent, VaeDecoder
 from families.sd3 import attention_group, check_attention, check_feedforward, feedforward_group, set_attention_heads
 
 
@@ -25,6 +25,12 @@ PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
     ),
 }
+# The FLUX.1 VAE (vae/config.json of both checkpoints): SD3's layout, with its own latent statistics.
+PUBLISHED_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32, sample_size=1024,
+    scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+)
 
 
 class FluxAdapter(FamilyAdapter):
@@ -68,6 +74,8 @@ class FluxAdapter(FamilyAdapter):
     # ``*proj_out.*`` rule would silently keep it in high precision.
     quant_exclude = ("x_embedder", "time_text_embed", "context_embedder", "*norm*", "proj_out")
     published_configs = PUBLISHED_CONFIGS
+    published_vae_config = PUBLISHED_VAE_CONFIG
+    published_text_encoders = {"text_encoder": ("CLIPTextModel", CLIP_L), "text_encoder_2": ("T5EncoderModel", T5_XXL)}
 
     def latent_patch(self, transformer_config: dict) -> int:
         return 2  # FluxPipeline packs 2x2 VAE latents into one token

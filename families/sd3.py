@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from families.base import FamilyAdapter, RuntimeModule, Span, StructuredGroup, get_module
-from families.components import ClipProjection, T5Encoder, TransformerComponent, VaeDecoder
+from families.components import CLIP_G, CLIP_L, T5_XXL, ClipProjection, T5Encoder, TransformerComponent, VaeDecoder
 
 _QKV = ("to_q", "to_k", "to_v")
 # Version-1 plans and compact descriptions (SD3 only, before the adapters) named the groups by field.
@@ -92,6 +92,7 @@ PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
         dual_attention_layers=(), qk_norm="rms_norm",
     ),
 }
+PUBLISHED_CONFIGS["sd3.5-large-turbo"] = PUBLISHED_CONFIGS["sd3.5-large"]  # the distilled model keeps the architecture
 # The SD3 VAE (vae/config.json of every SD3 / SD3.5 checkpoint).
 PUBLISHED_VAE_CONFIG: dict[str, Any] = dict(
     in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -140,6 +141,11 @@ class SD3Adapter(FamilyAdapter):
     quant_exclude = ("pos_embed", "time_text_embed", "context_embedder", "*norm*", "proj_out")
     published_configs = PUBLISHED_CONFIGS
     published_vae_config = PUBLISHED_VAE_CONFIG
+    published_text_encoders = {
+        "text_encoder": ("CLIPTextModelWithProjection", CLIP_L),
+        "text_encoder_2": ("CLIPTextModelWithProjection", CLIP_G),
+        "text_encoder_3": ("T5EncoderModel", T5_XXL),
+    }
     v1_plan_fields = V1_PLAN_FIELDS  # version-1 plans and compact checkpoints were SD3-only: their field names
     v1_compact_sizes = V1_COMPACT_SIZES
 
