@@ -1,5 +1,6 @@
 """The group-wise OBS-Diff driver on the real tiny-sd3 diffusers pipeline: plans, exact patterns,
-structured bookkeeping, resume after interruption, CLI errors."""
+structured bookkeeping, resume after interruption, CLI errors; with --weight-bits, the integer weights (exactly
+codes x scales, kept through resume and carried through the cut)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from torch import nn
 
 from common.errors import UserError
 from obsdiff.hessian import HessianCollector
-from obsdiff.packages import PARTIAL_DIR, build_units, prune, split_packages
+from export.int_weights import attach, int_layers, layer_codes
+from export.surgery import apply_plan
+from obsdiff.packages import PARTIAL_DIR, QUANT_FILE, build_units, prune, split_packages
 from obsdiff.plan import PrunePlan
+from obsdiff.weight_quant import WeightQuant, dequantize
 from tests.factories import tiny_sd3_transformer, tiny_transformer_inputs
 from tests.prune_helpers import digit_prompts, load_tiny_pipeline, require_tiny_sd3, single_thread, small_config
 
@@ -222,6 +226,99 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny, reference_
     with pytest.raises(UserError, match="other settings") as err:
         _run(tiny, small_config("4:8"), tmp_path)
     assert "\n" not in str(err.value)
+
+
+# -- --weight-bits: integer weights solved with the pattern ------------------------------------------------------------
+W4 = WeightQuant(4, 64)
+
+
+def _int_tensors(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "transformer" / QUANT_FILE))
+
+
+@pytest.fixture(scope="module")
+def w4_24(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("w4")
+    return out, _run(tiny, small_config("2:4", quant=W4), out)
+
+
+@pytest.mark.parametrize("pattern", ["dense", "2:4"])
+def test_weights_are_exactly_codes_times_scales_and_keep_the_pattern(tiny, w4_24, tmp_path, pattern):
+    if pattern == "2:4":
+        tmp_path, plan = w4_24
+    else:
+        plan = _run(tiny, small_config(pattern, groups=1, samples=1, quant=W4), tmp_path)
+    assert plan.weight_quant["bits"] == 4 and plan.weight_quant["group_size"] == 64 and plan.weight_quant["file"] == QUANT_FILE
+    model, tensors = _load(tmp_path), _int_tensors(tmp_path)
+    layers = [n for p in plan.packages for n in p]
+    assert len(layers) == 4 * 6 + 3 * 7 and all(plan.layers[n]["weight_bits"] == 4 for n in layers)
+    state = model.state_dict()
+    for name in layers:
+        codes, scales = tensors[f"{name}.codes"], tensors[f"{name}.scales"]
+        w = state[f"{name}.weight"]
+        assert codes.dtype == torch.int8 and scales.dtype == torch.float16 and scales.shape == (w.shape[0], -(-w.shape[1] // 64))
+        assert int(codes.min()) >= -8 and int(codes.max()) <= 7
+        assert torch.equal(dequantize(codes, scales, 64), w), name  # exact: stage 2 never re-quantizes
+        if pattern == "2:4":
+            assert int((w != 0).reshape(w.shape[0], -1, 4).sum(dim=2).max()) <= 2, name
+    _, dense = tiny
+    for key, value in state.items():  # everything else untouched
+        if key.rsplit(".", 1)[0] not in layers or key.endswith(".bias"):
+            assert torch.equal(value, dense[key]), key
+
+
+def test_structured_quantizes_every_layer_on_its_kept_columns_and_the_cut_carries_them(tiny, w4_24, tmp_path):
+    plan = _run(tiny, small_config("structured:0.3", groups=2, max_group_iters=64, quant=W4), tmp_path)
+    tensors = _int_tensors(tmp_path)
+    assert any(k.endswith(".columns") for k in tensors)
+    for b in plan.blocks:
+        assert len(b.keep["attn"]) == 3 and len(b.keep["ff"]) == 1024 - 307
+    model = _load(tmp_path)
+    assert attach(model, plan, tmp_path / "transformer") == len([n for p in plan.packages for n in p])
+    compact = apply_plan(model, plan)
+    layers = int_layers(compact)
+    assert len(layers) == 4 * 6 + 3 * 7
+    for name, layer in layers.items():
+        codes, scales, wq = layer_codes(layer)  # every column kept after the cut, weight on its grid
+        assert codes.shape == layer.weight.shape and scales.shape == (layer.weight.shape[0], -(-layer.weight.shape[1] // 64))
+        if f"{name}.columns" in tensors:  # an output projection (rows not cut): the stored compact codes, as they are
+            assert torch.equal(codes, tensors[f"{name}.codes"]) and torch.equal(scales, tensors[f"{name}.scales"].float()), name
+    # another prune's integer weights next to these float weights: one line
+    with pytest.raises(UserError, match="not the integer weights"):
+        attach(_load(tmp_path), plan, w4_24[0] / "transformer")
+
+
+def test_resume_keeps_the_integer_weights(tiny, w4_24, tmp_path):
+    config = small_config("2:4", quant=W4)
+    ref_out, ref = w4_24
+
+    def stop_after_first(k):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny, config, tmp_path / "run", on_package_done=stop_after_first)
+    assert (tmp_path / "run" / PARTIAL_DIR).is_dir()
+    plan = _run(tiny, config, tmp_path / "run")
+    assert plan.to_dict() == ref.to_dict()
+    got, want = _int_tensors(tmp_path / "run"), _int_tensors(ref_out)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)  # one computation, run twice here
+    with pytest.raises(UserError, match="weight_quant"):  # other grid in the same directory: one line naming it
+        _run(tiny, small_config("2:4", quant=WeightQuant(4, 128)), tmp_path / "run")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--group-size", "64"], "--group-size needs --weight-bits"),
+    (["--weight-bits", "4", "--method", "magnitude"], "--quant-method rtn"),
+])
+def test_cli_rejects_bad_weight_quant_in_one_line(capsys, tmp_path, argv, match):
+    from pipeline.__main__ import main
+
+    assert main(["prune", *argv, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and "\n" not in err.splitlines()[-1]
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_rejects_bad_input_in_one_line(capsys, tmp_path):
