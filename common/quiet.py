@@ -50,6 +50,9 @@ LOG_RECORDS: dict[str, tuple[str, bool, str]] = {
     "torchao.kernel.intmm": (
         r"Detected no triton", True,
         "Triton comes with a CUDA build of torch; the CPU build has none (kept under a CUDA build)"),
+    "onnxruntime.quantization.matmul_nbits_quantizer": (
+        r"^(start to quantize \S+ \.\.\.|complete quantization of \S+ with \d bits \.\.\.)$", False,
+        "ONNX Runtime's weight-only quantizer, two INFO lines per layer (export.encoder_quant logs one line per encoder)"),
 }
 
 

@@ -48,16 +48,25 @@ def export_float_transformer(spec, plan, holder: list, batches, settings: Export
 
 
 def export_other_component(spec, name: str, precision: str, batches, path: Path, served: ServedShapes, parity_memory: int | None = None) -> dict[str, Any]:
-    """Export a text encoder or the VAE decoder, loaded by itself in the precision it is exported in."""
+    """Export a text encoder or the VAE decoder, loaded by itself in the precision it is exported in.
+
+    precision ``int8``/``int4`` (weight-only, :mod:`export.encoder_quant`): a text encoder is exported in float32,
+    checked against torch, then its linear layers quantized and checked against that float ONNX; the VAE decoder
+    stays float32."""
+    from export.encoder_quant import weight_only_encoder, weight_only_for
     from families.registry import load_component
 
     comp = find_component(spec.adapter, name)
+    recipe = weight_only_for(precision)
+    precision = "fp32" if recipe is not None else precision
     shapes = spec.shapes
     module = load_component(spec, comp.attr, dtype=_export_dtype(comp, precision))
     res, parity_ref = _export(comp, module, path, precision, batches, served, seq_len=comp.sequence_length(spec),
                               latent_hw=(shapes.latent_height, shapes.latent_width), adapter=spec.adapter, parity_memory=parity_memory)
     del module
     _check_parity(name, res, parity_ref)
+    if recipe is not None and comp.weight_only:
+        res = weight_only_encoder(spec, comp, path, recipe, res, check=bool(batches))
     return res
 
 

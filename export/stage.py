@@ -39,6 +39,9 @@ QUANT_PRECISIONS = ("int8", "fp8")
 # The other components' default precision next to a transformer precision: INT8 Q/DQ runs in ONNX Runtime on a
 # CPU (float32 there); FP8 needs an Ada/Blackwell GPU (float16 there).
 OTHERS_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "fp32", "fp8": "fp16"}
+# The other components' precisions: float32 (CPU runtimes), float16 (GPU runtimes), or weight-only INT8/INT4 text
+# encoders for ONNX Runtime (export.encoder_quant; the VAE decoder then stays float32). docs/low-precision.md.
+OTHER_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 DEFAULT_QUANT_SAMPLES = 8
 DEFAULT_QUANT_CALLS = 64
 
@@ -83,7 +86,9 @@ class ExportSettings:
     directory). pruned: stage-1 directory (``plan.json`` + ``transformer/``), or None to export the dense
     model. precision: the transformer's, ``"fp32"`` (CPU runtimes), ``"fp16"`` (TensorRT, strongly typed),
     ``"int8"`` or ``"fp8"`` (quantized, see the module docstring). others_precision: the other components'
-    (``"fp32"`` or ``"fp16"``; None: :data:`OTHERS_PRECISION`). calibration: an INT8/FP8 export's
+    (:data:`OTHER_PRECISIONS`: ``"fp32"``, ``"fp16"``, or ``"int8"``/``"int4"``: weight-only text encoders for ONNX
+    Runtime and a float32 VAE decoder; None: :data:`OTHERS_PRECISION`). drop_t5: leave out the family's optional
+    T5 encoder (SD3's ``text_encoder_3``; the pipeline then runs with ``text_encoder_3=None``). calibration: an INT8/FP8 export's
     :class:`QuantCalibration` (None: its defaults). components:
     names from the family's components (exported in the family's order), None for all of them.
     parity_batches: batch sizes of the ONNX Runtime-vs-torch checks (empty: no checks). parity_memory: the
@@ -108,6 +113,7 @@ class ExportSettings:
     others_precision: str | None = None
     parity_memory: int | None = None
     share_from: Path | None = None
+    drop_t5: bool = False
 
     @property
     def quantized(self) -> bool:
@@ -133,8 +139,14 @@ class ExportSettings:
 
     @property
     def component_names(self) -> list[str]:
-        """The components to export, in the family's order."""
-        return resolve_components(self.spec, self.components)
+        """The components to export, in the family's order (without :attr:`dropped`)."""
+        return [c for c in resolve_components(self.spec, self.components) if c not in self.dropped]
+
+    @property
+    def dropped(self) -> tuple[str, ...]:
+        """The components the served pipeline runs without (``drop_t5``: the family's optional T5 encoder)."""
+        optional = self.spec.adapter.optional_text_encoder if self.drop_t5 else None
+        return tuple(c.name for c in self.spec.adapter.components if optional is not None and c.attr == optional)
 
     def to_json(self) -> dict[str, Any]:
         """The settings as a manifest records them."""
@@ -142,7 +154,7 @@ class ExportSettings:
                 "precision": self.precision, "components": self.component_names, "parity_batches": list(self.parity_batches),
                 "parity_memory": self.parity_memory, "share_from": str(self.share_from) if self.share_from else None,
                 "polygraphy": self.polygraphy, "force": self.force, "shapes": self.served.to_json(), "others_precision": self.other_precision,
-                "calibration": _calibration_json(self.quant_calibration)}
+                "drop_t5": self.drop_t5, "calibration": _calibration_json(self.quant_calibration)}
 
 
 def _calibration_json(calib: QuantCalibration | None) -> dict[str, Any] | None:
@@ -172,11 +184,17 @@ def check_export(settings: ExportSettings) -> list[str]:
     ``settings.pruned`` is checked by :func:`run_export` (``make engine`` checks its export stages before
     stage 1 has written the pruned directory).
     """
+    if settings.drop_t5 and settings.spec.adapter.optional_text_encoder is None:
+        raise UserError(f"{settings.spec.id} cannot run without its T5 encoder (the {settings.spec.family} transformer is conditioned on "
+                        f"T5's tokens; dropping T5 is for SD3-family models): remove --drop-t5")
+    if settings.drop_t5 and settings.components is not None and set(settings.dropped) & set(settings.components):
+        raise UserError(f"--drop-t5 leaves {', '.join(settings.dropped)} out of the pipeline; remove it from --components")
     components = settings.component_names
     if settings.precision not in PRECISIONS:
         raise UserError(f"unknown export precision {settings.precision!r}; choose from {', '.join(PRECISIONS)}")
-    if settings.others_precision is not None and settings.others_precision not in ("fp32", "fp16"):
-        raise UserError(f"the other components are exported in fp32 or fp16, got {settings.others_precision!r}")
+    if settings.others_precision is not None and settings.others_precision not in OTHER_PRECISIONS:
+        raise UserError(f"unknown precision {settings.others_precision!r} for the other components; choose from {', '.join(OTHER_PRECISIONS)} "
+                        f"(int8/int4: weight-only text encoders for ONNX Runtime)")
     if settings.quantized:
         settings.quant_calibration.check()
         served = settings.served
@@ -252,6 +270,8 @@ def run_export(settings: ExportSettings) -> dict[str, Any]:
 
     calibration = resolve_calibration(spec, pruned, settings.quant_calibration, served) if settings.quantized else None
     inputs = fingerprint(spec, pruned, settings.precision, components, served, calibration=calibration, others_precision=settings.other_precision)
+    if settings.dropped:  # an export that holds T5 does not serve a request without it, nor the other way round
+        inputs["dropped"] = list(settings.dropped)
     report_path = out / REPORT
     if report_path.is_file() and not settings.force:
         try:
@@ -299,7 +319,10 @@ def _expected_bytes(spec, pruned: Path | None, components, settings: ExportSetti
         else:
             comp = find_component(spec.adapter, name)
             numel = component_numel(spec, comp.attr) or 0
-            total += numel * (4 if comp.keep_fp32 else _BYTES.get(settings.other_precision, 4))
+            # weight-only INT8/INT4 (text encoders): float32 first, then the quantized copy beside it (at most 1 byte a
+            # weight); the VAE decoder float32
+            weight_only = settings.other_precision in ("int8", "int4")
+            total += numel * ((4 if comp.keep_fp32 or weight_only else _BYTES.get(settings.other_precision, 4)) + (weight_only and comp.weight_only))
     return total
 
 
@@ -351,6 +374,7 @@ def _load_and_export(spec, pruned: Path | None, components, batches, settings: E
         "served_shapes": settings.served.to_json(),
         "sparsity": plan.sparsity if plan is not None else "dense",
         "others_precision": settings.other_precision,
+        "dropped": list(settings.dropped),
     }
     results: dict[str, Any] = {}
     with atomic_path(out / "onnx") as onnx_dir:

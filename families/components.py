@@ -185,8 +185,10 @@ class Component:
     replaces; the subclass (its ``kind``) knows the rest.
 
     keep_fp32: exported in float32 whatever the precision asked for. sparse_weights: stage 1 prunes it, so
-    the engine build may use sparse-weight tactics. spatial: its input shapes follow the latent resolution
-    (dynamic height/width when several resolutions are served; engine profiles per resolution).
+    the engine build may use sparse-weight tactics. weight_only: may be exported with weight-only INT8/INT4
+    linear layers for ONNX Runtime (``--others-precision int8|int4``; :mod:`export.encoder_quant`). spatial:
+    its input shapes follow the latent resolution (dynamic height/width when several resolutions are served;
+    engine profiles per resolution).
     """
 
     name: str
@@ -195,6 +197,7 @@ class Component:
     kind: ClassVar[str] = ""
     keep_fp32: ClassVar[bool] = False
     sparse_weights: ClassVar[bool] = False
+    weight_only: ClassVar[bool] = False
     spatial: ClassVar[bool] = False
 
     def wrapper(self, module: nn.Module) -> nn.Module:
@@ -270,6 +273,7 @@ class TransformerComponent(Component):
 class _TextEncoder(Component):
     """A text encoder taking ``input_ids``; its tokenizer is the pipeline attribute named like it."""
 
+    weight_only: ClassVar[bool] = True
     wrapper_class: ClassVar[type[nn.Module]] = nn.Module
     runtime_class: ClassVar[type[RuntimeModule]] = RuntimeModule
 

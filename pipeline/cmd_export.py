@@ -29,7 +29,7 @@ from common.errors import UserError
 
 
 def add_parser(subparsers) -> None:
-    from export.stage import DEFAULT_QUANT_CALLS, DEFAULT_QUANT_SAMPLES, POLYGRAPHY_MODES, PRECISIONS
+    from export.stage import DEFAULT_QUANT_CALLS, DEFAULT_QUANT_SAMPLES, OTHER_PRECISIONS, POLYGRAPHY_MODES, PRECISIONS
     from families.shapes import add_shape_args
 
     p = subparsers.add_parser(
@@ -43,8 +43,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="the transformer's: fp32 for CPU runtimes, fp16 for TensorRT, int8 (Q/DQ; ONNX Runtime and TensorRT) or "
                         "fp8 (TensorRT on SM89/SM120 GPUs), both calibrated with ModelOpt on stage 1's trajectories (default fp32)")
-    p.add_argument("--others-precision", choices=("fp32", "fp16"), default=None,
-                   help="the other components' precision (default: fp32 next to fp32/int8, fp16 next to fp16/fp8)")
+    p.add_argument("--others-precision", choices=OTHER_PRECISIONS, default=None,
+                   help="the other components' precision: fp32, fp16, or int8/int4 (the text encoders' linear layers weight-only "
+                        "INT8/INT4 for ONNX Runtime, the VAE decoder float32; docs/low-precision.md). Default: fp32 next to fp32/int8, "
+                        "fp16 next to fp16/fp8")
+    p.add_argument("--drop-t5", action="store_true",
+                   help="leave the T5 encoder out (SD3-family models: the pipeline runs with text_encoder_3=None; FLUX needs T5)")
     q = p.add_argument_group("quantization (--precision int8/fp8)")
     q.add_argument("--calib-samples", type=int_at_least(1), default=DEFAULT_QUANT_SAMPLES,
                    help=f"trajectories to calibrate on: the first of stage 1's prompts and seeds (default {DEFAULT_QUANT_SAMPLES})")
@@ -120,6 +124,7 @@ def settings_from_args(args: argparse.Namespace):
         others_precision=args.others_precision,
         parity_memory=None if args.parity_memory is None else int(args.parity_memory * 2**30),
         share_from=Path(args.share_from) if args.share_from is not None else None,
+        drop_t5=args.drop_t5,
     )
 
 

@@ -133,7 +133,7 @@ def test_quantized_export_settings_are_checked(stage1, tmp_path):
     fails("one resolution", precision="int8", shapes=served_shapes(spec, [(32, 32), (64, 64)]))
     fails("include it in --components", precision="int8", components=("vae_decoder",))
     fails("at least 1", precision="fp8", calibration=QuantCalibration(samples=0))
-    fails("fp32 or fp16", precision="int8", others_precision="int8")
+    fails("unknown precision 'int2' for the other components", precision="int8", others_precision="int2")
     ok = ExportSettings(spec=spec, out=tmp_path / "o", precision="fp8")
     assert ok.other_precision == "fp16" and ok.quant_calibration == QuantCalibration() and ok.to_json()["calibration"]["samples"] == 8
     assert ExportSettings(spec=spec, out=tmp_path / "o").quant_calibration is None
