@@ -48,10 +48,16 @@ def add_engine_args(p) -> None:
     p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed warm-up runs (default 2)")
     p.add_argument("--bench-steps", type=int_at_least(1), default=None, help="denoising steps of the timed runs (default: the model's)")
     p.add_argument("--no-quality", action="store_true", help="skip the quality evaluation of each variant")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the benchmark's memory measurements (weights per component as loaded, peak memory of one image)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp8"],
                    help="the transformer's precision: fp32 (ONNX Runtime; float16 engines), int8 (Q/DQ, calibrated with ModelOpt on "
                         "stage 1's trajectories; ONNX Runtime and INT8 engines) or fp8 (engines for SM89/SM120 GPUs; ONNX Runtime cannot run "
                         "it: add --no-bench on a host without such a GPU). Default fp32")
+    p.add_argument("--others-precision", default=None, choices=["fp32", "fp16", "int8", "int4"],
+                   help="the ONNX Runtime exports' text encoders and VAE: fp32, fp16, or int8/int4 (weight-only text encoders, float32 VAE "
+                        "decoder; docs/low-precision.md). Default: the export's for the transformer's precision. Engines keep float16")
+    p.add_argument("--drop-t5", action="store_true", help="serve SD3-family models without their T5 encoder (text_encoder_3=None)")
     p.add_argument("--quant-samples", type=int_at_least(1), default=None,
                    help="--precision int8/fp8: trajectories to calibrate on, the first of stage 1's (default 8)")
     p.add_argument("--quant-calls", type=int_at_least(1), default=None,
@@ -145,6 +151,7 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
 
     shapes = shapes_from_args(args, spec)  # the resolutions and batch range every export and engine serves
     precision = getattr(args, "precision", "fp32")
+    others, drop_t5 = getattr(args, "others_precision", None), getattr(args, "drop_t5", False)  # ONNX Runtime's exports; engines: fp16
 
     prune = prune_settings(spec, sparsity, cfg.prune, method=args.method, groups=args.groups, samples=args.samples or DEFAULT_SAMPLES,
                            steps=args.calib_steps)
@@ -157,13 +164,15 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
             if bench_backend in ("ort", "torch"):  # torch: the float32 export's compact checkpoint
                 stages.append(Stage(f"export_{which}", dirs.export / "export_report.json",
                                     ExportSettings(spec=spec, out=dirs.export, pruned=pruned, precision="fp32", shapes=shapes,
-                                                   share_from=dense.export if pruned else None), inputs, {"dir": str(dirs.export)}))
+                                                   share_from=dense.export if pruned else None, others_precision=others, drop_t5=drop_t5),
+                                    inputs, {"dir": str(dirs.export)}))
             if args.no_engines or bench_backend == "torch":
                 continue
             engine_export = dirs.export_fp16
             stages.append(Stage(f"export_{which}_fp16", dirs.export_fp16 / "export_report.json",
                                 ExportSettings(spec=spec, out=dirs.export_fp16, pruned=pruned, precision="fp16", components=cpu_components,
-                                               parity_batches=(2,), shapes=shapes, share_from=dense.export_fp16 if pruned else None),
+                                               parity_batches=(2,), shapes=shapes, share_from=dense.export_fp16 if pruned else None,
+                                               drop_t5=drop_t5),
                                 inputs, {"dir": str(dirs.export_fp16)}))
             engine_components = None
         else:
@@ -173,8 +182,8 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
             ort_export = precision == "int8" and bench_backend == "ort"
             if ort_export or not args.no_engines:
                 settings = export_settings(spec, dirs, pruned, precision, shapes, quant,
-                                           components=None if ort_export else cpu_components, others="fp32" if ort_export else "fp16",
-                                           share_from=dense.export_for(precision) if pruned else None)
+                                           components=None if ort_export else cpu_components, others=others if ort_export else "fp16",
+                                           share_from=dense.export_for(precision) if pruned else None, drop_t5=drop_t5)
                 stages.append(Stage(f"export_{which}_{precision}", engine_export / "export_report.json", settings, inputs, {"dir": str(engine_export)}))
             if args.no_engines:
                 continue
@@ -203,18 +212,19 @@ def quant_calibration(args, prune):
 
 
 def export_settings(spec, dirs, pruned, precision: str, shapes, quant=None, *, components=None, others: str | None = None,
-                    share_from: Path | None = None):
+                    share_from: Path | None = None, drop_t5: bool = False):
     """Stage 2's settings for one configuration directory at a transformer precision, as ``make engine`` and
     ``python -m benchmarks.pareto`` run it (so either reuses what the other exported): ``fp32`` into ``export/``,
     ``int8``/``fp8`` (with ``quant``, a :class:`export.stage.QuantCalibration`) into ``export-<precision>/``; share_from:
-    the dense export whose text encoders and VAE a pruned one links (:mod:`export.component_reuse`)."""
+    the dense export whose text encoders and VAE a pruned one links (:mod:`export.component_reuse`); others: the other
+    components' precision (None: the export's default, :data:`export.stage.OTHERS_PRECISION`); drop_t5: without T5."""
     from export.stage import ExportSettings
 
     if precision == "fp32":
         return ExportSettings(spec=spec, out=dirs.export, pruned=pruned, precision="fp32", shapes=shapes, components=components,
-                              share_from=share_from)
+                              share_from=share_from, others_precision=others, drop_t5=drop_t5)
     return ExportSettings(spec=spec, out=dirs.export_for(precision), pruned=pruned, precision=precision, components=components, shapes=shapes,
-                          calibration=quant, others_precision=others, share_from=share_from)
+                          calibration=quant, others_precision=others, share_from=share_from, drop_t5=drop_t5)
 
 
 @dataclass(frozen=True)
@@ -239,9 +249,11 @@ class BenchSettings:
     resolutions: tuple[tuple[int, int], ...] | None = None
     precision: str = "fp32"
     torch_settings: Any = None  # backend "torch": runtime.torch_backend.TorchSettings
+    memory: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {"backend": self.backend, "runs": self.runs, "warmup": self.warmup, "steps": self.steps, "quality": self.quality, "eager": self.eager,
+                "memory": self.memory,
                 "resolutions": [list(r) for r in self.resolutions] if self.resolutions else None, "precision": self.precision,
                 "torch": self.torch_settings.to_json() if self.torch_settings else None}
 
@@ -276,6 +288,7 @@ def plan_bench(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str)
         resolutions=shapes_from_args(args, spec).resolutions,
         precision=precision,
         torch_settings=torch_settings_from_args(args) if bench_backend == "torch" else None,
+        memory=not getattr(args, "no_memory", False),
     )
     check_bench(settings)
     return settings
@@ -302,7 +315,7 @@ def run_bench(settings: BenchSettings) -> dict:
                    backend=settings.backend, provider=settings.provider, engines=settings.engines, sparsity=settings.sparsity,
                    threads=settings.threads, steps=settings.steps, quality=settings.quality, eager=settings.eager,
                    resolutions=list(settings.resolutions) if settings.resolutions else None, precision=settings.precision,
-                   torch_settings=settings.torch_settings)
+                   torch_settings=settings.torch_settings, memory=settings.memory)
 
 
 def run_engine(args) -> int:
@@ -364,6 +377,8 @@ def run_engine(args) -> int:
         manifest.data.update(total_seconds=round(time.perf_counter() - t_all, 1))
         manifest.save()
         _summary(None, cfg, dense, precision)
+        print(weights_summary(spec, next((d for d in (cfg.export_for(precision), cfg.export_fp16) if (d / "export_report.json").is_file()),
+                                         cfg.export_for(precision))))
         print(cfg.root)
         return 0
     log.info("== bench (%s, %s) ==", bench_backend, precision)
@@ -377,6 +392,7 @@ def run_engine(args) -> int:
     manifest.data.update(total_seconds=round(time.perf_counter() - t_all, 1), **{key: result["speedup"]})
     manifest.save()
     _summary(result, cfg, dense, precision)
+    print(weights_summary(spec, bench.pruned_export, result))
     print(cfg.root)
     return 0
 
@@ -385,6 +401,11 @@ def check_precision(args, cuda: bool, bench_backend: str) -> None:
     """One line, before any stage, for a precision this host cannot benchmark or build."""
     if args.precision == "fp32" and (args.quant_samples is not None or args.quant_calls is not None):
         raise UserError("--quant-samples/--quant-calls calibrate an INT8/FP8 transformer; add --precision int8 or fp8")
+    others = getattr(args, "others_precision", None)
+    if others is not None and (bench_backend != "ort" or args.precision == "fp8"):
+        runs = "TensorRT engines" if bench_backend == "trt" or args.precision == "fp8" else "the PyTorch backend"
+        raise UserError(f"--others-precision sets the ONNX Runtime exports' text encoders and VAE; this run benchmarks {runs}, whose "
+                        "other components are float16: drop --others-precision, or use --backend ort")
     if args.precision != "fp8":
         return
     if args.no_engines:
@@ -399,6 +420,35 @@ def check_precision(args, cuda: bool, bench_backend: str) -> None:
         if (major, minor) < (8, 9):
             raise UserError(f"--precision fp8 needs an Ada or later GPU (compute capability 8.9+); this one is {major}.{minor}: "
                             "use --precision int8, or add --no-bench to build FP8 engines for SM89/SM120")
+
+
+def weights_summary(spec, export_dir: Path, result: dict | None = None) -> str:
+    """What ``make engine`` prints last: the served pipeline's weights per component (``export_dir``'s ONNX files,
+    and the components it runs in PyTorch) next to the dense original's as the registry loads it, in all and as a
+    ratio (:mod:`export.weights`), and, after a benchmark that measured it, the peak memory of one image."""
+    from export.weights import compare, export_weights, format_table, model_weights
+
+    pruned = ((result or {}).get("pruned") or {}).get("memory")
+    if pruned:
+        table = pruned["weights"]
+    else:
+        try:
+            table = compare(export_weights(export_dir), model_weights(spec), spec.adapter.components)
+        except UserError as e:
+            return f"weights: not measured ({e})"
+    dense_dir = table.get("dense_directory") or spec.source
+    lines = [f"weights of the served pipeline ({export_dir}) next to the dense original ({dense_dir}, {table['dense_dtype']}):",
+             format_table(table)]
+    peaks = []
+    for name in ("pruned", "dense", "eager"):
+        gen = (((result or {}).get(name) or {}).get("memory") or {}).get("generation") or {}
+        if "peak_rss_bytes" in gen:
+            label = "dense original in PyTorch" if name == "eager" else name
+            peaks.append(f"{label} {gen['peak_rss_bytes'] / 2**20:.0f} MiB ({gen['peak_above_baseline_bytes'] / 2**20:.0f} above the libraries)")
+            shape = f"{gen['height']}x{gen['width']}"
+    if peaks:
+        lines.append(f"peak memory of one image at {shape} (process RSS, fresh process): " + ", ".join(peaks))
+    return "\n".join(lines)
 
 
 def _summary(result: dict | None, cfg, dense, precision: str = "fp32") -> None:
