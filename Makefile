@@ -9,7 +9,7 @@ EXTRAS ?= rtx,torch-gpu,serve
 PYTEST_ARGS ?=
 ENGINE_ARGS ?=
 
-.PHONY: setup test engine bench sheet train-tiny quality scale-fixture scale-check clean-artifacts pareto gpu-check gpu-wheels serve serve-stop serve-load
+.PHONY: setup test engine bench sheet train-tiny quality scale-fixture scale-check sizes clean-artifacts pareto gpu-check gpu-wheels serve serve-stop serve-load
 
 setup: $(VENV)/.installed
 
@@ -61,6 +61,13 @@ scale-fixture: setup
 
 scale-check: setup
 	$(PY) -m benchmarks.scale_check --family "$(FAMILY)" $(SCALE_ARGS)
+
+# Real sizes (seconds, no download): every hub model's whole served pipeline (transformer, text encoders, VAE
+# decoder) in each precision and pruning configuration, from the published configs, and the least aggressive
+# configuration within the goal's budgets: artifacts/sizes/pipeline_sizes.{json,md}.
+SIZES_ARGS ?=
+sizes: setup
+	$(PY) -m benchmarks.pipeline_sizes $(SIZES_ARGS)
 
 # The GPU check (benchmarks/gpu_check.py, at most 7.5 minutes on one GPU): on a CUDA host that has nothing but a CUDA
 # build of PyTorch it runs with that host's python3 (GPU_PY; no .venv), installing diffusers and torchao from WHEELS

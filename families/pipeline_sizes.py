@@ -6,11 +6,11 @@ Each component is built on the ``meta`` device from its config (a local director
 ``config.json``, else the published one the family adapter carries) and its state dict is sorted into roles:
 ``block`` (the ``nn.Linear`` weights of the transformer blocks' units, :meth:`FamilyAdapter.units`: what stage 1
 prunes and the INT8/INT4 exports quantize), ``modulation`` (the AdaLN linears, inside the blocks and ``norm_out``;
-float in this project's exports), ``linear`` (a text encoder's linears), ``embedding`` (a text encoder's token and
-position tables) and everything else (biases, norms, convolutions, embedders, the output layer, persistent
-buffers such as SD3's position table), which stays float. Bytes follow from the shapes and a
-:class:`WeightFormat` per role (:meth:`WeightFormat.matrix_bytes`: packed codes plus one scale per group). Tokenizers
-are not counted. Formats, what is quantized, the tables and the verification against real files: ``docs/scale.md``.
+float in this project's exports), ``linear`` (a text encoder's linears), ``embedding`` (a text encoder's token
+table: the ``nn.Embedding`` with a row per vocabulary entry) and everything else (biases, norms, convolutions,
+embedders, the output layer, position tables, persistent buffers such as SD3's position table), which stays float.
+Bytes follow from the shapes and a :class:`WeightFormat` per role (:meth:`WeightFormat.matrix_bytes`: packed codes
+plus one scale, and zero point where stored, per group). Tokenizers are not counted. Formats, what is quantized, the tables and the verification against real files: ``docs/scale.md``.
 """
 
 from __future__ import annotations
@@ -181,7 +181,8 @@ def inventory(module, name: str, kind: str, *, adapter=None, source: str = "publ
     from torch import nn
 
     linear = {f"{n}.weight": n for n, m in module.named_modules() if isinstance(m, nn.Linear)}
-    embedding = {f"{n}.weight": n for n, m in module.named_modules() if isinstance(m, nn.Embedding)}
+    vocab = getattr(getattr(module, "config", None), "vocab_size", None)
+    embedding = {f"{n}.weight": n for n, m in module.named_modules() if isinstance(m, nn.Embedding) and m.num_embeddings == vocab}
     units: set[str] = set()
     in_block: list[str] = []
     groups = []
@@ -407,7 +408,7 @@ def named_configs(weights: dict[str, ComponentWeights], *, can_drop_t5: bool) ->
         ]
     rows += [
         ("2:4 stored dense, INT4 transformer, INT4 encoders", PipelineConfig(Precision("int4-g128"), enc("int4-g128", "int4-g128"), sparse24="dense")),
-        ("2:4 compressed (cuSPARSELt layout; no runtime here), INT4 transformer, INT4 encoders",
+        ("2:4 compressed (cuSPARSELt layout), INT4 transformer, INT4 encoders",
          PipelineConfig(Precision("int4-g128"), enc("int4-g128", "int4-g128"), sparse24="compressed")),
     ]
     for r in STRUCTURED_RATIOS:
