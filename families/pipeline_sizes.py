@@ -6,8 +6,10 @@ Each component is built on the ``meta`` device from its config (a local director
 ``config.json``, else the published one the family adapter carries) and its state dict is sorted into roles:
 ``block`` (the ``nn.Linear`` weights of the transformer blocks' units, :meth:`FamilyAdapter.units`: what stage 1
 prunes and the INT8/INT4 exports quantize), ``modulation`` (the AdaLN linears, inside the blocks and ``norm_out``;
-float in this project's exports), ``linear`` (a text encoder's linears), ``embedding`` (a text encoder's token
-table: the ``nn.Embedding`` with a row per vocabulary entry) and everything else (biases, norms, convolutions,
+float in this project's exports), ``linear`` (the linears of a text encoder's layers), ``projection`` (a text
+encoder's linears outside its layers: CLIP's text projection, a ``Gemm`` on the pooled vector that
+:mod:`export.encoder_quant` leaves float), ``embedding`` (a text encoder's token table: the ``nn.Embedding`` with a
+row per vocabulary entry) and everything else (biases, norms, convolutions,
 embedders, the output layer, position tables, persistent buffers such as SD3's position table), which stays float.
 Bytes follow from the shapes and a :class:`WeightFormat` per role (:meth:`WeightFormat.matrix_bytes`: packed codes
 plus one scale, and zero point where stored, per group). Tokenizers are not counted. Formats, what is quantized, the tables and the verification against real files: ``docs/scale.md``.
@@ -181,6 +183,7 @@ def inventory(module, name: str, kind: str, *, adapter=None, source: str = "publ
     from torch import nn
 
     linear = {f"{n}.weight": n for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+    layers = tuple(f"{n}." for n, m in module.named_modules() if isinstance(m, nn.ModuleList))  # a text encoder's layers
     vocab = getattr(getattr(module, "config", None), "vocab_size", None)
     embedding = {f"{n}.weight": n for n, m in module.named_modules() if isinstance(m, nn.Embedding) and m.num_embeddings == vocab}
     units: set[str] = set()
@@ -207,7 +210,7 @@ def inventory(module, name: str, kind: str, *, adapter=None, source: str = "publ
                 elif any(n.startswith(p) for p in in_block) or any(part.startswith("norm") for part in n.split(".")):
                     role = "modulation"
             else:
-                role = "linear"
+                role = "linear" if n.startswith(layers) else "projection"
         elif key in embedding and adapter is None:
             role, n = "embedding", embedding[key]
         if role is None:
@@ -283,19 +286,20 @@ def pipeline_weights(spec) -> dict[str, ComponentWeights]:
 # ------------------------------------------------------------------------------------------------ sizes
 @dataclass(frozen=True)
 class Precision:
-    """The formats of one component's roles. weights: the quantizable matrices (``block`` / ``linear``); floats:
-    everything else (None: :func:`float_of` the weights); modulation (transformer) and embeddings (text encoders):
-    None keeps them with the floats."""
+    """The formats of one component's roles (names for :func:`weight_format`, or :class:`WeightFormat` objects).
+    weights: the quantizable matrices (``block`` / ``linear``); floats: everything else (None: :func:`float_of` the
+    weights), the ``projection`` role included; modulation (transformer) and embeddings (text encoders): None keeps
+    them with the floats."""
 
-    weights: str = "fp16"
-    floats: str | None = None
-    modulation: str | None = None
-    embeddings: str | None = None
+    weights: str | WeightFormat = "fp16"
+    floats: str | WeightFormat | None = None
+    modulation: str | WeightFormat | None = None
+    embeddings: str | WeightFormat | None = None
 
     def formats(self) -> dict[str, WeightFormat]:
         w = weight_format(self.weights)
         f = weight_format(self.floats) if self.floats else float_of(w)
-        return {"block": w, "linear": w, "other": f,
+        return {"block": w, "linear": w, "other": f, "projection": f,
                 "modulation": weight_format(self.modulation) if self.modulation else f,
                 "embedding": weight_format(self.embeddings) if self.embeddings else f}
 
@@ -303,13 +307,13 @@ class Precision:
         return [weight_format(x).rank for x in (self.weights, self.modulation, self.embeddings) if x]
 
     def label(self) -> str:
-        parts = [self.weights]
+        parts = [weight_format(self.weights).name]
         if self.floats:
-            parts.append(f"floats {self.floats}")
+            parts.append(f"floats {weight_format(self.floats).name}")
         if self.modulation:
-            parts.append(f"AdaLN {self.modulation}")
+            parts.append(f"AdaLN {weight_format(self.modulation).name}")
         if self.embeddings:
-            parts.append(f"embeddings {self.embeddings}")
+            parts.append(f"embeddings {weight_format(self.embeddings).name}")
         return ", ".join(parts)
 
 

@@ -151,6 +151,7 @@ def build(family: str, out: Path, *, sample_size: int, t5_layers: int, seed: int
             config.update(num_layers=blocks, dual_attention_layers=tuple(i for i in config.get("dual_attention_layers", ()) if i < blocks))
         transformer = getattr(diffusers, sd3.transformer_class)(sample_size=sample_size, **config)
         _randomise_zero_init(transformer, g)
+        transformer.to(torch.float16)  # the float32 buffers too (the position table), as in the hub checkpoint
         text_encoder_1, text_encoder_2 = clip("text_encoder", 768, 12), clip("text_encoder_2", 1280, 20)
     finally:
         torch.set_default_dtype(previous)
