@@ -32,13 +32,14 @@ log = logging.getLogger(__name__)
 
 REPORT = "export_report.json"
 POLYGRAPHY_MODES = ("auto", "on", "off")
-# Every transformer precision of stage 2: the float formats of export.dynamo_export, and the quantized ones
-# of export.quantize (the transformer only; the other components then use OTHERS_PRECISION).
-PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+# Every transformer precision of stage 2: the float formats of export.dynamo_export, the quantized ones of
+# export.quantize, and int4: stage 1's 4-bit weights as ONNX Runtime's MatMulNBits (export.int4_export; it needs a
+# `prune --weight-bits 4` directory). The transformer only; the other components then use OTHERS_PRECISION.
+PRECISIONS = ("fp32", "fp16", "int8", "fp8", "int4")
 QUANT_PRECISIONS = ("int8", "fp8")
 # The other components' default precision next to a transformer precision: INT8 Q/DQ runs in ONNX Runtime on a
 # CPU (float32 there); FP8 needs an Ada/Blackwell GPU (float16 there).
-OTHERS_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "fp32", "fp8": "fp16"}
+OTHERS_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "fp32", "fp8": "fp16", "int4": "fp32"}
 # The other components' precisions: float32 (CPU runtimes), float16 (GPU runtimes), or weight-only INT8/INT4 text
 # encoders for ONNX Runtime (export.encoder_quant; the VAE decoder then stays float32). docs/low-precision.md.
 OTHER_PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -85,7 +86,8 @@ class ExportSettings:
     spec: the model (:func:`families.registry.resolve_model`). out: output directory (may be the stage-1
     directory). pruned: stage-1 directory (``plan.json`` + ``transformer/``), or None to export the dense
     model. precision: the transformer's, ``"fp32"`` (CPU runtimes), ``"fp16"`` (TensorRT, strongly typed),
-    ``"int8"`` or ``"fp8"`` (quantized, see the module docstring). others_precision: the other components'
+    ``"int8"`` or ``"fp8"`` (quantized, see the module docstring), ``"int4"`` (stage 1's 4-bit weights, ONNX Runtime's
+    ``MatMulNBits``: :mod:`export.int4_export`). others_precision: the other components'
     (:data:`OTHER_PRECISIONS`: ``"fp32"``, ``"fp16"``, or ``"int8"``/``"int4"``: weight-only text encoders for ONNX
     Runtime and a float32 VAE decoder; None: :data:`OTHERS_PRECISION`). drop_t5: leave out the family's optional
     T5 encoder (SD3's ``text_encoder_3``; the pipeline then runs with ``text_encoder_3=None``). calibration: an INT8/FP8 export's
@@ -203,6 +205,10 @@ def check_export(settings: ExportSettings) -> list[str]:
                             f"exporter that writes Q/DQ fixes the spatial dims); got {served.describe()}: pass one --resolution")
         if "transformer" not in components:
             raise UserError(f"--precision {settings.precision} quantizes the transformer; include it in --components")
+    if settings.precision == "int4":
+        from export.int4_export import check_int4_export
+
+        check_int4_export(settings.pruned, components, read_plan=False)
     if settings.polygraphy not in POLYGRAPHY_MODES:
         raise UserError(f"polygraphy must be one of {', '.join(POLYGRAPHY_MODES)}, got {settings.polygraphy!r}")
     if any(int(b) < 1 for b in settings.parity_batches):
@@ -267,6 +273,10 @@ def run_export(settings: ExportSettings) -> dict[str, Any]:
     pruned = Path(settings.pruned) if settings.pruned is not None else None
     if pruned is not None:
         check_pruned(pruned, settings.spec)
+    if settings.precision == "int4":  # a float or 8-bit prune: one line before anything is loaded
+        from export.int4_export import check_int4_export
+
+        check_int4_export(pruned, components)
 
     calibration = resolve_calibration(spec, pruned, settings.quant_calibration, served) if settings.quantized else None
     inputs = fingerprint(spec, pruned, settings.precision, components, served, calibration=calibration, others_precision=settings.other_precision)
@@ -360,7 +370,7 @@ def _load_and_export(spec, pruned: Path | None, components, batches, settings: E
     from export.quant_export import export_quantized_transformer
     from families.registry import load_component
 
-    dtype = precision_dtype("fp32" if settings.quantized else settings.precision)
+    dtype = precision_dtype("fp32" if settings.quantized or settings.precision == "int4" else settings.precision)
     plan = None
     if pruned is not None:
         plan, transformer = _load_pruned(pruned, dtype)
@@ -384,6 +394,10 @@ def _load_and_export(spec, pruned: Path | None, components, batches, settings: E
         if "transformer" in components and settings.quantized:
             results["transformer"] = export_quantized_transformer(spec, plan, holder, batches, settings, out, onnx_dir / "transformer.onnx", report,
                                                                    calibration)
+        elif "transformer" in components and settings.precision == "int4":
+            from export.int4_export import export_int4_transformer
+
+            results["transformer"] = export_int4_transformer(spec, plan, holder, batches, settings, out, onnx_dir / "transformer.onnx", report)
         elif "transformer" in components:
             results["transformer"] = export_float_transformer(spec, plan, holder, batches, settings, out, onnx_dir / "transformer.onnx", report)
         else:

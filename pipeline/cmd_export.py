@@ -10,7 +10,9 @@ Writes, under ``--out``:
 ``--precision int8`` / ``fp8`` quantize the transformer with NVIDIA ModelOpt, calibrated on stage 1's
 trajectories (``--calib-samples`` of its prompts and seeds, its steps and guidance): a Q/DQ ONNX whose pruned
 weights stay zero (the N:M check reads through the DequantizeLinear), INT8 checked in ONNX Runtime against the
-fake-quantized model; the other components stay float32 (int8) or float16 (fp8).
+fake-quantized model; the other components stay float32 (int8) or float16 (fp8). ``--precision int4`` takes the
+4-bit weights a ``prune --weight-bits 4`` solved (``--pruned``) into ONNX Runtime's ``MatMulNBits`` (no calibration,
+no re-quantization), checked against the torch model with the same integer weights.
 
 The report is written last and marks the output complete. A rerun whose inputs (hash of ``plan.json`` and
 the transformer weights, model, precision, components, shapes, library versions, this stage's code) are
@@ -42,7 +44,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory (may be the stage-1 directory)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="the transformer's: fp32 for CPU runtimes, fp16 for TensorRT, int8 (Q/DQ; ONNX Runtime and TensorRT) or "
-                        "fp8 (TensorRT on SM89/SM120 GPUs), both calibrated with ModelOpt on stage 1's trajectories (default fp32)")
+                        "fp8 (TensorRT on SM89/SM120 GPUs), both calibrated with ModelOpt on stage 1's trajectories, or int4 (the 4-bit "
+                        "weights of a `prune --weight-bits 4` --pruned as ONNX Runtime's MatMulNBits, INT8 activations; default fp32)")
     p.add_argument("--others-precision", choices=OTHER_PRECISIONS, default=None,
                    help="the other components' precision: fp32, fp16, or int8/int4 (the text encoders' linear layers weight-only "
                         "INT8/INT4 for ONNX Runtime, the VAE decoder float32; docs/low-precision.md). Default: fp32 next to fp32/int8, "

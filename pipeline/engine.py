@@ -9,7 +9,10 @@ output is complete and whose inputs are unchanged is reused. The last line print
 ``--precision int8`` (or ``fp8``) quantizes the transformer in stage 2 (calibrated on stage 1's trajectories)
 into ``export-int8/`` and builds ``engines-int8/`` from it; on a CPU the benchmark runs the INT8 exports in ONNX
 Runtime and writes ``bench-int8/``. FP8 builds TensorRT-RTX engines for SM89/SM120 and is benchmarked only on
-such a GPU (``--no-bench`` elsewhere).
+such a GPU (``--no-bench`` elsewhere). ``--precision int4`` runs stage 1 with ``--weight-bits 4`` (group 128; the dense
+side too, as ``--sparsity dense``: 4-bit weights and no pruning), in ``<config>-w4g128/`` and ``dense-w4g128/``,
+exports those weights as ONNX Runtime's ``MatMulNBits`` into ``export-int4/`` and benchmarks them in ONNX Runtime
+(TensorRT has no INT4 path here yet: no engines are built).
 """
 
 from __future__ import annotations
@@ -48,10 +51,11 @@ def add_engine_args(p) -> None:
     p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed warm-up runs (default 2)")
     p.add_argument("--bench-steps", type=int_at_least(1), default=None, help="denoising steps of the timed runs (default: the model's)")
     p.add_argument("--no-quality", action="store_true", help="skip the quality evaluation of each variant")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp8"],
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp8", "int4"],
                    help="the transformer's precision: fp32 (ONNX Runtime; float16 engines), int8 (Q/DQ, calibrated with ModelOpt on "
                         "stage 1's trajectories; ONNX Runtime and INT8 engines) or fp8 (engines for SM89/SM120 GPUs; ONNX Runtime cannot run "
-                        "it: add --no-bench on a host without such a GPU). Default fp32")
+                        "it: add --no-bench on a host without such a GPU), or int4 (stage 1 solves 4-bit weights, group 128; ONNX Runtime's "
+                        "MatMulNBits with INT8 activations; no TensorRT engines yet). Default fp32")
     p.add_argument("--others-precision", default=None, choices=["fp32", "fp16", "int8", "int4"],
                    help="the ONNX Runtime exports' text encoders and VAE: fp32, fp16, or int8/int4 (weight-only text encoders, float32 VAE "
                         "decoder; docs/low-precision.md). Default: the export's for the transformer's precision. Engines keep float16")
@@ -151,13 +155,25 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
     precision = getattr(args, "precision", "fp32")
     others, drop_t5 = getattr(args, "others_precision", None), getattr(args, "drop_t5", False)  # ONNX Runtime's exports; engines: fp16
 
+    weights = weight_quant(precision)
     prune = prune_settings(spec, sparsity, cfg.prune, method=args.method, groups=args.groups, samples=args.samples or DEFAULT_SAMPLES,
-                           steps=args.calib_steps)
+                           steps=args.calib_steps, **weights)
     stages = [Stage("prune", cfg.prune / "plan.json", prune, {"model": spec.source}, {"dir": str(cfg.prune)})]
-    quant = quant_calibration(args, prune) if precision != "fp32" else None
+    if weights:  # the dense side's 4-bit weights, solved by the same stage 1 without pruning
+        stages.append(Stage("prune_dense", dense.prune / "plan.json",
+                            prune_settings(spec, parse_sparsity("dense"), dense.prune, groups=args.groups, samples=args.samples or DEFAULT_SAMPLES,
+                                           steps=args.calib_steps, **weights), {"model": spec.source}, {"dir": str(dense.prune)}))
+    quant = quant_calibration(args, prune) if precision in ("int8", "fp8") else None
+    if precision == "int4" and not args.no_engines:
+        log.info("--precision int4: no TensorRT engines (TensorRT has no INT4 path here yet); ONNX Runtime runs the INT4 exports")
     cpu_components = ("transformer",) if not cuda else None  # engines on a host without a GPU: the transformer's only; None: all
-    for which, dirs, pruned in (("dense", dense, None), ("pruned", cfg, cfg.prune)):
+    for which, dirs, pruned in (("dense", dense, dense.prune if weights else None), ("pruned", cfg, cfg.prune)):
         inputs = {"pruned": str(pruned) if pruned else None}
+        if precision == "int4":  # ONNX Runtime only: TensorRT has no INT4 path here yet
+            stages.append(Stage(f"export_{which}_int4", dirs.export_for("int4") / "export_report.json",
+                                export_settings(spec, dirs, pruned, "int4", shapes, others="fp32", share_from=dense.export_for("int4") if which == "pruned" else None),
+                                inputs, {"dir": str(dirs.export_for("int4"))}))
+            continue
         if precision == "fp32":
             if bench_backend in ("ort", "torch"):  # torch: the float32 export's compact checkpoint
                 stages.append(Stage(f"export_{which}", dirs.export / "export_report.json",
@@ -196,6 +212,20 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
     for st in stages:
         check_stage(st)
     return stages
+
+
+def weight_quant(precision: str) -> dict[str, int]:
+    """Stage 1's weight quantization for a ``make engine`` precision: ``int4`` solves 4-bit weights (group 128) in the
+    prune; the others prune float weights (``{}``)."""
+    from obsdiff.weight_quant import DEFAULT_GROUP_SIZE
+
+    return {"weight_bits": 4, "group_size": DEFAULT_GROUP_SIZE} if precision == "int4" else {}
+
+
+def weights_tail(precision: str) -> str:
+    """The configuration id's suffix for a precision whose weights stage 1 quantizes (``-w4g128``), else ``""``."""
+    w = weight_quant(precision)
+    return f"-w{w['weight_bits']}g{w['group_size']}" if w else ""
 
 
 def quant_calibration(args, prune):
@@ -326,10 +356,11 @@ def run_engine(args) -> int:
         raise UserError("SPARSITY=dense has nothing to prune or compare; use 2:4, 4:8, unstructured:<r> or structured:<r>")
     base = Path(args.artifacts) if args.artifacts else ARTIFACTS
     check_output(base, "parent", option="--artifacts")
-    cfg = config_dirs(spec, f"{sparsity.id}-{args.method}", base)
-    dense = config_dirs(spec, "dense", base)
+    tail = weights_tail(args.precision)  # 4-bit weights come from their own stage 1: a configuration of their own
+    cfg = config_dirs(spec, f"{sparsity.id}-{args.method}{tail}", base)
+    dense = config_dirs(spec, f"dense{tail}", base)
     cuda = _cuda()
-    bench_backend = args.backend if args.backend != "auto" else ("trt" if cuda else "ort")
+    bench_backend = args.backend if args.backend != "auto" else ("trt" if cuda and args.precision != "int4" else "ort")
     if bench_backend == "trt" and not cuda:
         raise UserError("--backend trt runs TensorRT engines and needs a CUDA GPU, and none is visible; use --backend ort")
     # Everything is checked before the first stage starts: a bad option costs seconds, not a prune.
@@ -391,8 +422,10 @@ def run_engine(args) -> int:
 
 def check_precision(args, cuda: bool, bench_backend: str) -> None:
     """One line, before any stage, for a precision this host cannot benchmark or build."""
-    if args.precision == "fp32" and (args.quant_samples is not None or args.quant_calls is not None):
+    if args.precision in ("fp32", "int4") and (args.quant_samples is not None or args.quant_calls is not None):
         raise UserError("--quant-samples/--quant-calls calibrate an INT8/FP8 transformer; add --precision int8 or fp8")
+    if args.precision == "int4" and bench_backend == "trt":
+        raise UserError("--precision int4 runs on ONNX Runtime (MatMulNBits); TensorRT INT4 engines are not built yet: use --backend ort")
     others = getattr(args, "others_precision", None)
     if others is not None and (bench_backend != "ort" or args.precision == "fp8"):
         runs = "TensorRT engines" if bench_backend == "trt" or args.precision == "fp8" else "the PyTorch backend"
