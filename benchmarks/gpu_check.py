@@ -12,7 +12,10 @@ measured):
 2. the GPU tests (``tests/gpu``): passed, failed, and skipped with their reasons (no TensorRT is a skip);
 3. per model (``sd3-medium``, ``flux.1-dev``): a random-weight transformer of the published config built on the GPU
    in bfloat16 (no download); variants dense, 2:4 (magnitude, for timing), structured 0.3 (cut), INT8, FP8,
-   FP8 + 2:4 (INT8 + 2:4 where torchao offers it), built through :mod:`runtime.torch_backend`; one denoising
+   FP8 + 2:4 (INT8 + 2:4 where torchao offers it), built through :mod:`runtime.torch_backend`, and for SD3-medium
+   INT4 weight-only (group 128: torchao's tinygemm tensors built from codes on stage 1's grid by
+   :mod:`runtime.torch_int4`, each layer checked against its dequantized weight, and how many of those codes
+   torchao's own quantizer would keep); one denoising
    step at 1024x1024 with the model's CFG batch, timed with CUDA events, variants interleaved round by round,
    eager and then compiled (``torch.compile``) in priority order while the budget allows (the report says
    which); per variant the median and spread, the ratio to dense bf16 (compiled when it was), the share of
@@ -21,6 +24,7 @@ measured):
 
 ``--dry-run`` runs the same program on the CPU with tiny configs of the same families (one block of each kind)
 at 64x64: layers are chosen but not converted (the kernels need CUDA), nothing is compiled, and the JSON says so.
+INT4 converts there too, on PyTorch's CPU tinygemm kernel (the same format; the CUDA kernel is skipped, and said so).
 """
 
 from __future__ import annotations
@@ -43,8 +47,11 @@ log = logging.getLogger("benchmarks.gpu_check")
 
 MODELS = ("sd3-medium", "flux.1-dev")
 # Built in this order; compiled in COMPILE_ORDER while the budget lasts.
-VARIANTS = ("dense bf16", "2:4 bf16", "structured 0.3", "int8", "fp8", "fp8 + 2:4")
-COMPILE_ORDER = ("dense bf16", "2:4 bf16", "fp8 + 2:4", "fp8", "int8", "structured 0.3")
+VARIANTS = ("dense bf16", "2:4 bf16", "structured 0.3", "int8", "fp8", "fp8 + 2:4", "int4 wo")
+COMPILE_ORDER = ("dense bf16", "2:4 bf16", "fp8 + 2:4", "fp8", "int8", "structured 0.3", "int4 wo")
+INT4 = "int4 wo"  # INT4 weight-only (runtime.torch_int4), group INT4_GROUP, on the models of INT4_MODELS only (the budget)
+INT4_GROUP = 128
+INT4_MODELS = ("sd3-medium",)
 BASELINE = "dense bf16"
 # diffusers-torchao (github.com/sayakpaul/diffusers-torchao), Flux.1-dev, 1024x1024, 28 steps, batch 1, one H100,
 # the whole pipeline (text encoders and VAE included), seconds.
@@ -223,12 +230,38 @@ def step_inputs(spec, model, device: str, tiny: bool) -> dict[str, Any]:
     return {k: v.to(device) for k, v in inputs.items()}
 
 
+def variants_for(model_id: str) -> tuple[str, ...]:
+    """The variants measured on ``model_id`` (INT4 on :data:`INT4_MODELS` only)."""
+    return tuple(v for v in VARIANTS if v != INT4 or model_id in INT4_MODELS)
+
+
+def build_int4(dense, *, device: str) -> tuple[Any, dict[str, Any]]:
+    """INT4 weight-only (:func:`runtime.torch_int4.quantize_int4_`) on a copy of ``dense``: the linears torchao may
+    quantize (the adapter's ``quant_exclude`` kept), codes on stage 1's grid. Converts on the CPU too (PyTorch's CPU
+    tinygemm kernel); raises when a converted layer fails its check against the dequantized weight."""
+    from runtime.torch_backend import quant_candidates
+    from runtime.torch_int4 import quantize_int4_
+
+    model = copy.deepcopy(dense)
+    names, kept = quant_candidates(model)
+    r = quantize_int4_(model, names, INT4_GROUP)
+    if not r.ok:
+        raise RuntimeError(f"INT4 layer check: max rel. error {r.layer_max_rel_error:.1e} against the dequantized weights")
+    notes = [] if device == "cuda" else ["CUDA kernel aten._weight_int4pack_mm not run (no CUDA): the CPU tinygemm kernel ran the same format"]
+    layers = {"kernel": None, "sparse_layers": 0, "quantized_dense_layers": len(r.converted), "refused": {},
+              "high_precision": {**kept, **r.left}, "notes": notes, "sparse": []}
+    return model, {"layers": layers, "converted": True, "int4": r.to_json()}
+
+
 def build_variant(name: str, dense, *, device: str, gpu, dry_run: bool):
     """``(module, report)`` of one variant, from a copy of ``dense`` (the dense variant is ``dense`` itself)."""
     from export.surgery import apply_plan, structured_plan
     from obsdiff.baselines import magnitude_prune_model
     from obsdiff.patterns import parse_sparsity
     from runtime import torch_backend as tb
+
+    if name == INT4:
+        return build_int4(dense, device=device)
 
     precision = {"int8": "int8", "fp8": "fp8", "fp8 + 2:4": "fp8"}.get(name, "bf16")
     settings = tb.TorchSettings(precision=tb.PRECISIONS[precision], compile=False)
@@ -386,7 +419,7 @@ def check_model(model_id: str, res: Results, *, device: str, gpu, dry_run: bool,
     res.save()
 
     modules: dict[str, Any] = {}
-    for name in VARIANTS:
+    for name in variants_for(model_id):
         v: dict[str, Any] = {}
         entry["variants"][name] = v
         if time.monotonic() > deadline:
@@ -399,6 +432,8 @@ def check_model(model_id: str, res: Results, *, device: str, gpu, dry_run: bool,
             v.update(kernel=layers["kernel"], sparse_layers=layers["sparse_layers"], quantized_layers=layers["quantized_dense_layers"],
                      refused=layers["refused"], notes=layers["notes"], converted=report["converted"],
                      sparse_by_kind=layers_by_kind(layers["sparse"]), build_s=round(time.monotonic() - t, 1))
+            if "int4" in report:
+                v["int4"] = report["int4"]
             v.update(memory_probe(module, inputs, device))  # also the first (eager) call
             call(module, inputs)
             _sync(device)
@@ -496,7 +531,8 @@ def _compile_text(c: dict[str, Any] | None) -> str:
 def render_markdown(d: dict[str, Any]) -> str:
     env = d.get("environment", {})
     gpu = env.get("gpu") or {}
-    lines = [f"# GPU check{' (DRY RUN on CPU: tiny configs, nothing converted or compiled)' if d.get('dry_run') else ''}", "",
+    dry = " (DRY RUN on CPU: tiny configs, nothing converted but INT4 on the CPU kernel, nothing compiled)"
+    lines = [f"# GPU check{dry if d.get('dry_run') else ''}", "",
              f"GPU: {gpu.get('name', 'none')} (compute {gpu.get('compute_capability', '-')}), CUDA {env.get('cuda')}, "
              f"cuSPARSELt {env.get('cusparselt')}, torchao FP8+2:4 kernel loaded: {env.get('torchao_fp8_sparse_kernel')}. "
              f"Versions: {', '.join(f'{k} {v}' for k, v in (env.get('versions') or {}).items())}. "
@@ -529,6 +565,14 @@ def render_markdown(d: dict[str, Any]) -> str:
             lines += ["Not compiled: " + "; ".join(f"{k}: {why}" for k, why in e["not_compiled"].items()), ""]
         for name, why in e.get("unavailable", {}).items():
             lines += [f"Not measured ({name}): {why}.", ""]
+        int4 = e.get("variants", {}).get(INT4, {}).get("int4")
+        if int4:
+            req = int4.get("torchao_requantization") or {}
+            lines += [f"INT4 weight-only ({INT4}): {int4['int4_layers']} linears, group {int4['group_size']}, codes from {int4['codes_from']}, "
+                      f"{int4['kernel']}; each layer against its dequantized weight: max rel. error {int4['layer_check']['max_rel_error']:.1e} "
+                      f"(tolerance {int4['layer_check']['tolerance']:.0e}); scales rounded by at most {int4['scale_rounding_max_rel']:.1e}. "
+                      f"torchao's own quantizer (Int4WeightOnlyConfig's grid) fed these weights keeps {req.get('codes_kept', 0):.1%} of the codes "
+                      f"(weights {req.get('weight_rel_error', 0):.1%} off).", ""]
         refusals = {why for v in e.get("variants", {}).values() for why in v.get("refused", {}).values()}
         if refusals:
             lines += ["2:4 layers left dense, reasons: " + "; ".join(sorted(refusals)[:6]), ""]
@@ -639,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             signal.alarm(0)
         if args.dry_run:
-            res.data["notes"].append("dry run: CPU, tiny configs at 64x64, layers chosen but not converted, nothing compiled")
+            res.data["notes"].append("dry run: CPU, tiny configs at 64x64, layers chosen but not converted (INT4 converted on PyTorch's CPU "
+                                     "tinygemm kernel), nothing compiled")
         res.save()
         log.info("GPU check written to %s (%.0f s)", out, time.monotonic() - t0)
         print(out / "gpu_check.md")

@@ -26,18 +26,24 @@ def test_dry_run_writes_the_report(tmp_path, capsys):
     assert set(data["models"]) == {"sd3-medium", "flux.1-dev"}
     for model_id, entry in data["models"].items():
         variants = entry["variants"]
-        assert list(variants) == list(gpu_check.VARIANTS), model_id
+        assert list(variants) == list(gpu_check.variants_for(model_id)), model_id
         for name, v in variants.items():
             assert "error" not in v, (model_id, name, v)
-            assert v["eager"]["runs"] == 1 and v["converted"] is False
+            # INT4 converts on the CPU too (PyTorch's CPU tinygemm kernel runs the same format); the rest need CUDA
+            assert v["eager"]["runs"] == 1 and v["converted"] is (name == gpu_check.INT4)
         assert variants["2:4 bf16"]["sparse_layers"] > 0 and variants["2:4 bf16"]["kernel"] in ("cusparselt", "cutlass")
         assert variants["fp8 + 2:4"]["kernel"] == "torchao-cutlass-sm90a-f8f8"
         assert variants["int8"]["quantized_layers"] > 0 and variants["dense bf16"]["sparse_layers"] == 0
         assert set(entry["not_compiled"].values()) == {"dry run"}
         assert "int8 + 2:4" in entry["unavailable"]
     assert data["models"]["flux.1-dev"]["flux_28_steps_s"]["dense bf16 (eager)"] > 0
+    int4 = data["models"]["sd3-medium"]["variants"][gpu_check.INT4]
+    assert gpu_check.INT4 not in data["models"]["flux.1-dev"]["variants"]
+    # the tiny config's K=256 feed-forward outputs are the linears a 128-group fits; each checked against its dequantized weight
+    assert int4["quantized_layers"] == int4["int4"]["int4_layers"] > 0 and int4["int4"]["layer_check"]["ok"]
+    assert "_for_cpu" in int4["int4"]["kernel"] and any("CUDA kernel" in n for n in int4["notes"])
     md = (out / "gpu_check.md").read_text()
-    assert "DRY RUN" in md and "| fp8 + 2:4 |" in md and "diffusers-torchao" in md
+    assert "DRY RUN" in md and "| fp8 + 2:4 |" in md and "diffusers-torchao" in md and "INT4 weight-only (int4 wo)" in md
     assert capsys.readouterr().out.strip().endswith("gpu_check.md")
 
 
