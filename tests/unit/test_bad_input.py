@@ -149,6 +149,12 @@ def truncated_safetensors(tmp: Path) -> None:
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
 
 
+def float_prune(tmp: Path) -> None:
+    """A finished stage-1 directory of tiny-sd3 with float weights (no --weight-bits)."""
+    _copy_tiny_transformer(tmp)
+    _complete_plan(tmp)
+
+
 def wrong_kind_safetensors(tmp: Path) -> None:
     w = _copy_tiny_transformer(tmp)
     w.write_text("this is not a weights file\n" * 10)
@@ -466,6 +472,13 @@ CASES = [
          regular_file),
     Case("export-share-from-is-file", [*EXPORT, "--share-from", "{tmp}/afile", "--out", "{tmp}/e"], "--share-from {tmp}/afile is not a directory",
          regular_file),
+    # 17. 4-bit weights exported from a prune that did not solve them (issue 24)
+    Case("export-int4-without-pruned", [*EXPORT, "--precision", "int4", "--out", "{tmp}/e"],
+         "--precision int4 exports the 4-bit weights stage 1 solved, and no --pruned was given: prune with --weight-bits 4"),
+    Case("export-int4-float-prune", [*EXPORT, "--precision", "int4", "--pruned", "{tmp}/pruned", "--out", "{tmp}/e"],
+         "--pruned {tmp}/pruned holds float weights (a prune without --weight-bits): prune with --weight-bits 4", float_prune),
+    Case("engine-int4-calibration", [*ENGINE, "--precision", "int4", "--quant-samples", "2"],
+         "--quant-samples/--quant-calls calibrate an INT8/FP8 transformer"),
 ]
 
 
