@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -26,8 +26,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def export_float_transformer(spec, plan, holder: list, batches, settings: ExportSettings, out: Path, path: Path, report: dict[str, Any]) -> dict[str, Any]:
+def export_float_transformer(spec, plan, holder: list, batches, settings: ExportSettings, out: Path, path: Path, report: dict[str, Any],
+                             graph_pass: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Surgery, compact checkpoint, ONNX, 2:4 checks, then ONNX Runtime parity after the torch model is freed.
+
+    graph_pass: rewrites the written ONNX before its checks and parity (the INT4 ``DequantizeLinear`` weights of
+    :mod:`export.int4_qdq`); what it returns goes into the component's result, and the graph is checked as a
+    quantized one (its GEMM weights read through their ``DequantizeLinear``).
 
     Peak memory: the transformer in the export precision (loaded straight in it), plus the graph and one
     tensor at a time while the ONNX is post-processed and checked, or ONNX Runtime's copy during parity.
@@ -39,7 +44,10 @@ def export_float_transformer(spec, plan, holder: list, batches, settings: Export
     comp = find_component(spec.adapter, "transformer")
     res, parity_ref = _export(comp, compact, path, settings.precision, batches, served, seq_len=shapes.text_seq_len,
                               latent_hw=(shapes.latent_height, shapes.latent_width), adapter=spec.adapter, parity_memory=settings.parity_memory)
-    report["transformer"].update(transformer_onnx_checks(path, compact, plan, shapes, shapes.batch_opt, settings.polygraphy, res))
+    if graph_pass is not None:
+        res.update(graph_pass(path))
+    report["transformer"].update(transformer_onnx_checks(path, compact, plan, shapes, shapes.batch_opt, settings.polygraphy, res,
+                                                         quantized=graph_pass is not None))
     del compact
     release_to_os()
     log_memory("export: torch transformer freed", log)

@@ -53,12 +53,12 @@ def current_gpu() -> GpuInfo | None:
     return GpuInfo(torch.cuda.get_device_name(idx), f"{major}.{minor}")
 
 
-QUANTIZED_PRECISIONS = ("int8", "fp8")
+QUANTIZED_PRECISIONS = ("int8", "fp8", "w4a16")  # w4a16: INT4 weight-only DequantizeLinear (export.int4_qdq)
 
 
 def engine_stem(backend: str, version: str, precision: str | None = None) -> str:
     """``engine_<backend><version>`` (``engine_trtrtx1.7.1.116``, ``engine_trt10.13.3.9``), with ``_int8`` /
-    ``_fp8`` appended for an engine of a quantized ONNX (``engine_trtrtx1.7.1.116_int8``); a float engine's
+    ``_fp8`` / ``_w4a16`` appended for an engine of a quantized ONNX (``engine_trtrtx1.7.1.116_int8``); a float engine's
     precision is its ONNX's dtype (strongly typed) and the manifest's ``precision``."""
     stem = f"engine_{backend}{version}"
     return f"{stem}_{precision}" if precision in QUANTIZED_PRECISIONS else stem

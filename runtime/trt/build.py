@@ -16,8 +16,8 @@ from families import ADAPTERS
 from families.components import component_names, sparse_component_names
 from runtime.manifest import MANIFEST_VERSION, current_gpu, engine_stem, manifest_path_for, sha256_onnx
 from runtime.trt.backend import RTX_DEFAULT_TARGETS, Backend, get_backend, sm_name
-from runtime.trt.builder_log import capturing_logger, parse_sparsity_log
-from runtime.trt.onnx_inspect import io_signature, onnx_nm_weights, onnx_precision
+from runtime.trt.builder_log import capturing_logger, parse_engine_layers, parse_sparsity_log
+from runtime.trt.onnx_inspect import int4_dequantize_nodes, io_signature, onnx_nm_weights, onnx_precision
 from runtime.trt.options import BuildOptions, expected_profile
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,11 @@ def _build_engine(onnx_path: Path, out_dir: Path, options: BuildOptions, be: Bac
     parser = trt.OnnxParser(network, lg)
     if not parser.parse_from_file(str(onnx_path)):
         errs = "; ".join(str(parser.get_error(i)).splitlines()[0] for i in range(parser.num_errors))
-        raise UserError(f"{be.name} cannot parse {onnx_path}: {errs or 'unknown error'}; check the export (opset 18) or the TensorRT version")
+        raise UserError(f"{be.name} cannot parse {onnx_path}: {errs or 'unknown error'}; check the export (opset 18; 21 for w4a16) or the TensorRT version")
 
     config = builder.create_builder_config()
+    if precision == "w4a16":  # the builder then logs its layer table: which layers hold INT4 constants (the manifest's)
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if options.opt_level is not None:
         config.builder_optimization_level = int(options.opt_level)
     sparse = options.use_sparse_weights
@@ -180,15 +182,17 @@ def _build_engine(onnx_path: Path, out_dir: Path, options: BuildOptions, be: Bac
     nm = re.fullmatch(r"\s*(\d+):(\d+)\s*", options.sparsity)
     nm_weights = onnx_nm_weights(onnx_path, int(nm.group(1)), int(nm.group(2))) if nm else None
     quantization = None
-    if precision in ("int8", "fp8"):
+    if precision in ("int8", "fp8", "w4a16"):
         qw = nm_weights if nm_weights is not None else onnx_nm_weights(onnx_path)
         quantization = {
             "precision": precision,
             "quantized_layers": qw["quantized"],
             # both quantized and N:M: TensorRT can pick sparse INT8/FP8 kernels for these (SPARSE_WEIGHTS on)
-            "quantized_nm_layers": qw["quantized_eligible"] if nm_weights is not None else [],
+            "quantized_nm_layers": qw["quantized_eligible"] if nm_weights is not None and precision != "w4a16" else [],
             "nm_pattern": nm_weights["pattern"] if nm_weights is not None else None,
         }
+        if precision == "w4a16":
+            quantization.update(_int4_in_engine(onnx_path, lg.text()))
     manifest = {
         "format": MANIFEST_VERSION,
         "component": component or onnx_path.stem,
@@ -232,6 +236,26 @@ def _build_engine(onnx_path: Path, out_dir: Path, options: BuildOptions, be: Bac
     write_json(manifest_path_for(plan), manifest)
     log.info("wrote %s (%.1f MiB, %.1f s)", plan, plan.stat().st_size / 2**20, build_s)
     return plan
+
+
+def _int4_in_engine(onnx_path: Path, log_lines: list[str]) -> dict[str, Any]:
+    """Which INT4 weights of a W4A16 ONNX the engine holds as INT4 constants (from the builder's DETAILED layer
+    table), the engine's weight bytes and its constants by dtype. No runtime here has a kernel for 2:4 and 4-bit at
+    once: a 2:4 + 4-bit engine runs dense 4-bit (``quantized_nm_layers`` stays empty)."""
+    engine = parse_engine_layers(log_lines)
+    dq = int4_dequantize_nodes(onnx_path)
+    if not engine["layers"]:  # a TensorRT whose log has no layer table in this form: say so rather than "none"
+        return {"int4_weights": len(dq), "int4_weights_in_engine": None, "int4_weights_not_int4_in_engine": None,
+                "engine_weights_bytes": engine["weights_memory_bytes"], "note": "the builder logged no layer table to read"}
+    kept = sorted(w for node, w in dq.items() if node in engine["int4_onnx_nodes"])
+    return {
+        "int4_weights": len(dq),
+        "int4_weights_in_engine": kept,
+        "int4_weights_not_int4_in_engine": sorted(set(dq.values()) - set(kept)),
+        "engine_weights_bytes": engine["weights_memory_bytes"],
+        "engine_constant_dtypes": engine["constant_dtypes"],
+        "note": "INT4 weight-only: the engine keeps the INT4 constants and dequantizes them in its GEMMs' prologue (float16 activations)",
+    }
 
 
 def engine_is_current(plan: str | os.PathLike, onnx_path: str | os.PathLike, options: BuildOptions, backend: Backend) -> bool:

@@ -82,3 +82,34 @@ def parse_sparsity_log(lines: Iterable[str]) -> dict[str, Any]:
                     out[key].append(n)
         i = j
     return out
+
+
+_WEIGHTS_MEMORY = re.compile(r"Total Weights Memory:\s*(\d+)\s*bytes")
+_CONSTANTS = re.compile(r"Constants: \[(.*?)\], Outputs:")
+_ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
+
+
+def parse_engine_layers(lines: Iterable[str]) -> dict[str, Any]:
+    """What the builder says it built, from the layer table it logs at ``ProfilingVerbosity.DETAILED``
+    (``Name: ..., LayerType: ..., Constants: [ { ..., Datatype: Int4, ... } ], ..., Metadata: [ONNX Layer: a]...``)
+    and its ``Total Weights Memory: N bytes`` line.
+
+    Returns ``{"layers": engine layers listed, "weights_memory_bytes": int or None, "constant_dtypes": {dtype:
+    count of constants}, "int4_onnx_nodes": [ONNX node names of the engine layers holding an INT4 constant]}``."""
+    out: dict[str, Any] = {"layers": 0, "weights_memory_bytes": None, "constant_dtypes": {}, "int4_onnx_nodes": []}
+    for text in lines:
+        for ln in str(text).splitlines():
+            hit = _WEIGHTS_MEMORY.search(ln)
+            if hit:
+                out["weights_memory_bytes"] = int(hit.group(1))
+                continue
+            if not ln.startswith("Name: ") or "LayerType:" not in ln:
+                continue
+            out["layers"] += 1
+            consts = _CONSTANTS.search(ln)
+            dtypes = re.findall(r"Datatype: (\w+)", consts.group(1)) if consts else []
+            for d in dtypes:
+                out["constant_dtypes"][d] = out["constant_dtypes"].get(d, 0) + 1
+            if "Int4" in dtypes:
+                out["int4_onnx_nodes"] += [n for n in _ONNX_LAYER.findall(ln) if n not in out["int4_onnx_nodes"]]
+    return out

@@ -8,8 +8,9 @@ from typing import Any
 
 def onnx_precision(onnx_path: str | os.PathLike) -> str:
     """The precision of an ONNX as TensorRT builds it strongly typed: ``"fp8"`` (TensorRT's FP8 Q/DQ),
-    ``"int8"`` (``DequantizeLinear`` of INT8/UINT8 constants), else ``"fp16"`` when its floating-point
-    weights are float16 (the majority of their elements), else ``"fp32"``. Reads no weight data."""
+    ``"w4a16"`` (``DequantizeLinear`` of INT4 constants: 4-bit weights, float16 activations, see
+    :mod:`export.int4_qdq`), ``"int8"`` (``DequantizeLinear`` of INT8/UINT8 constants), else ``"fp16"`` when its
+    floating-point weights are float16 (the majority of their elements), else ``"fp32"``. Reads no weight data."""
     import numpy as np
     import onnx
 
@@ -17,6 +18,8 @@ def onnx_precision(onnx_path: str | os.PathLike) -> str:
     ops = {n.op_type for n in model.graph.node}
     if ops & {"TRT_FP8DequantizeLinear", "TRT_FP8QuantizeLinear"}:
         return "fp8"
+    if int4_dequantize_nodes(onnx_path):
+        return "w4a16"
     if "DequantizeLinear" in ops:
         return "int8"
     sizes: dict[int, int] = {}
@@ -24,6 +27,15 @@ def onnx_precision(onnx_path: str | os.PathLike) -> str:
         sizes[t.data_type] = sizes.get(t.data_type, 0) + int(np.prod(t.dims))
     half = sizes.get(onnx.TensorProto.FLOAT16, 0) + sizes.get(onnx.TensorProto.BFLOAT16, 0)
     return "fp16" if half > sizes.get(onnx.TensorProto.FLOAT, 0) else "fp32"
+
+
+def int4_dequantize_nodes(onnx_path: str | os.PathLike) -> dict[str, str]:
+    """``{DequantizeLinear node name: its INT4 constant}`` of an ONNX (a W4A16 graph's weights). Reads no weight data."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    int4 = {t.name for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)}
+    return {n.name: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int4}
 
 
 def onnx_nm_weights(onnx_path: str | os.PathLike, n: int = 2, m: int = 4) -> dict[str, Any]:

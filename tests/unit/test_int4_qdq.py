@@ -1,0 +1,158 @@
+"""export.int4_qdq: the W4A16 graph for TensorRT (blocked INT4 ``DequantizeLinear`` of stage 1's codes in a float16
+graph) on a small module exported by stage 2's exporter: valid ONNX holding exactly the stored codes, run by ONNX
+Runtime like the float16 model, refused when the ONNX is not the codes' model, written with external data, and
+built by TensorRT-RTX with its weights as INT4 constants."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from common.errors import CheckFailed
+
+GROUP = 64  # K = 256 and 128 are multiples: INT4; K = 96 is not: its layer stays float16 for TensorRT
+
+
+class _Mlp(nn.Module):
+    input_names = ["x"]
+    output_names = ["y"]
+
+    def __init__(self):
+        super().__init__()
+        self.proj_in, self.mid, self.proj_out = nn.Linear(256, 128), nn.Linear(128, 96), nn.Linear(96, 64)
+
+    def forward(self, x):
+        return self.proj_out(nn.functional.gelu(self.mid(nn.functional.gelu(self.proj_in(x)))))
+
+
+@pytest.fixture(scope="module")
+def w4a16(tmp_path_factory):
+    """``(dir, codes by layer, report, feeds, torch reference)``: every linear on the 4-bit grid with its integer weights
+    attached and saved as a compact checkpoint saves them, the float16 export, then the W4A16 pass; a copy of the
+    float16 ONNX stays in ``dir/fp16``."""
+    from export.dynamo_export import export_module
+    from export.int4_qdq import int4_dq_onnx
+    from export.int_weights import int_state, save_int
+    from export.parity import fp32_compute
+    from obsdiff.weight_quant import WeightQuant, codes_of, rtn_quantize
+
+    d = tmp_path_factory.mktemp("w4a16")
+    torch.manual_seed(0)
+    model = _Mlp()
+    wq = WeightQuant(4, GROUP, "rtn")
+    with torch.no_grad():
+        for layer in (model.proj_in, model.mid, model.proj_out):
+            w, scales = rtn_quantize(layer.weight, wq)
+            layer.weight.copy_(w)
+            layer.weight_quant, layer.weight_scales, layer.weight_columns = wq, scales, None
+    (d / "compact").mkdir()
+    assert save_int(model, d / "compact")
+    codes = {k.removesuffix(".codes"): v for k, v in int_state(model)[0].items() if k.endswith(".codes")}
+    model.half()
+    x = torch.randn(3, 5, 256).half()
+    with torch.no_grad(), fp32_compute(model) as m:  # the export's float16 reference: its weights, float32 arithmetic
+        ref = m(x.float()).numpy()
+    export_module(model, {"x": torch.randn(2, 5, 256).half()}, d / "onnx" / "mlp.onnx", fp32_layernorm=True)
+    shutil.copytree(d / "onnx", d / "fp16")
+    report = int4_dq_onnx(d / "onnx" / "mlp.onnx", d / "compact")
+    return d, codes, report, {"x": x.numpy()}, ref
+
+
+def test_the_graph_is_valid_onnx_holding_the_stored_codes(w4a16):
+    from export.int4_qdq import W4A16_OPSET, int4_codes
+    from runtime.trt.onnx_inspect import onnx_precision
+
+    d, codes, report, _, _ = w4a16
+    path = d / "onnx" / "mlp.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == W4A16_OPSET and model.ir_version == 10
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert sorted(n.input[0] for n in dq) == ["mid.weight", "proj_in.weight"]
+    for n in dq:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs == {"axis": 0, "block_size": GROUP} and len(n.input) == 2  # no zero point: symmetric
+    for layer in ("proj_in", "mid"):
+        got, scales = int4_codes(model, layer)
+        assert got.dtype == np.int8 and np.array_equal(got, codes[layer].numpy())  # copied, not computed: exact
+        assert scales.dtype == np.float16 and scales.shape == (codes[layer].shape[0], codes[layer].shape[1] // GROUP)
+    weights = {t.name: t for t in model.graph.initializer}
+    assert weights["proj_in.weight"].data_type == onnx.TensorProto.INT4 and list(weights["proj_in.weight"].dims) == [256, 128]
+    assert weights["proj_out.weight"].data_type == onnx.TensorProto.FLOAT16  # K=96: kept, and said why
+    assert report["int4_layers"] == 2 and "K=96 is not a multiple of the group size 64" in report["fp16_quantized_layers"]["proj_out"]
+    assert report["int4_weight_bytes"] == (256 * 128 + 128 * 96) // 2 + 2 * (256 * 128 + 128 * 96) // GROUP
+    assert onnx_precision(path) == "w4a16" and onnx_precision(d / "fp16" / "mlp.onnx") == "fp16"
+
+
+def test_onnx_runtime_runs_it_as_the_float16_model(w4a16):
+    from export.parity import FP16_TOLERANCE, ort_session, rel_error
+
+    d, _, _, feeds, ref = w4a16
+    # as the export's parity check runs a float16 graph: unoptimised, DequantizeLinear then MatMul in float16
+    got = ort_session(d / "onnx" / "mlp.onnx", optimize=False).run(None, feeds)[0]
+    # each DequantizeLinear returns float16(code x scale), the very weights of the float16 model; what differs is
+    # float16 rounding of the activations, as for any float16 export (measured 2.5e-4)
+    assert rel_error(got, ref) <= FP16_TOLERANCE
+    fp16 = ort_session(d / "fp16" / "mlp.onnx", optimize=False).run(None, feeds)[0]
+    assert rel_error(got, fp16) <= FP16_TOLERANCE  # measured 0: the same weights through the same kernels
+
+
+def test_an_onnx_that_is_not_the_codes_model_is_refused(w4a16, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from export.int4_qdq import int4_dq_onnx
+    from export.int_weights import INT_FILE
+
+    d, _, _, _, _ = w4a16
+    shutil.copytree(d / "fp16", tmp_path / "onnx")
+    (tmp_path / "compact").mkdir()
+    tensors = load_file(str(d / "compact" / INT_FILE))
+    tensors["mid.codes"][0, 0] = -tensors["mid.codes"][0, 0] - 1  # another code: another weight
+    from safetensors import safe_open
+
+    with safe_open(str(d / "compact" / INT_FILE), "pt") as f:
+        meta = f.metadata()
+    save_file(tensors, str(tmp_path / "compact" / INT_FILE), metadata=meta)
+    before = (tmp_path / "onnx" / "mlp.onnx").read_bytes()
+    with pytest.raises(CheckFailed, match=r"mid\.weight: 1 of 12288 float16 weights in the ONNX are not float16\(codes x scales\)"):
+        int4_dq_onnx(tmp_path / "onnx" / "mlp.onnx", tmp_path / "compact")
+    assert (tmp_path / "onnx" / "mlp.onnx").read_bytes() == before  # nothing half-written
+
+
+def test_big_models_write_the_int4_weights_as_external_data(w4a16, tmp_path, monkeypatch):
+    import export.onnx_files as onnx_files
+    from export.int4_qdq import int4_codes, int4_dq_onnx
+
+    d, codes, _, _, _ = w4a16
+    shutil.copytree(d / "fp16", tmp_path / "onnx")
+    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_THRESHOLD", 1024)  # every weight past 1 KiB is "big"
+    path = tmp_path / "onnx" / "mlp.onnx"
+    int4_dq_onnx(path, d / "compact")
+    assert (tmp_path / "onnx" / "mlp.onnx.data").is_file() and sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["mlp.onnx", "mlp.onnx.data"]
+    onnx.checker.check_model(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    assert np.array_equal(int4_codes(model, "proj_in", base_dir=tmp_path / "onnx")[0], codes["proj_in"].numpy())
+
+
+def test_tensorrt_rtx_builds_it_with_int4_constants(w4a16, tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx)")
+    import json
+
+    from runtime.trt.build import build_engine
+    from runtime.trt.options import BuildOptions
+
+    d, _, _, _, _ = w4a16
+    plan = build_engine(d / "onnx" / "mlp.onnx", tmp_path, BuildOptions(sparsity="dense", opt_level=0, target_cc=("8.6",), batch=(1, 2, 4)),
+                        backend="trtrtx", component="transformer")
+    assert plan.name.endswith("_w4a16.plan")
+    m = json.loads(plan.with_suffix(".json").read_text())
+    q = m["precision"], m["quantization"]
+    assert q[0] == "w4a16" and q[1]["int4_weights"] == 2
+    # the builder's DETAILED layer table: both INT4 weights stay INT4 constants of the engine's fused GEMMs
+    assert q[1]["int4_weights_in_engine"] == ["mid.weight", "proj_in.weight"] and q[1]["int4_weights_not_int4_in_engine"] == []
+    assert q[1]["engine_constant_dtypes"]["Int4"] == 2 and q[1]["engine_weights_bytes"] > 0
