@@ -135,12 +135,16 @@ def quantize_encoder(src: str | os.PathLike, dst: str | os.PathLike, recipe: Wei
     quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric, bits=recipe.bits))
     done = QuantizedEncoder(recipe, {}, {}, {})
     nodes = []
+    dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as scratch:
         scratch = Path(scratch)
+
+        moved: set[str] = set()  # tensors already in the scratch data file
 
         def owned(t):  # its bytes in memory, or copied into the scratch data file when the model streams
             if streaming and len(t.raw_data) > 1 << 20:
                 append_external(t, numpy_helper.to_array(t), scratch, "weights.data")
+                moved.add(t.name)
             return t
 
         for node in graph.node:
@@ -173,7 +177,7 @@ def quantize_encoder(src: str | os.PathLike, dst: str | os.PathLike, recipe: Wei
         graph.node.extend(nodes)
         if streaming:  # the float tensors left (norms, biases, position tables) follow into the scratch file
             for t in graph.initializer:
-                if uses_external_data(t):
+                if uses_external_data(t) and t.name not in moved:
                     _load(t, src.parent)
                     owned(t)
         for domain in ("com.microsoft",):

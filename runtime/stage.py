@@ -81,7 +81,12 @@ def check_build(settings: BuildSettings, *, check_onnx: bool = True) -> None:
     if check_onnx:  # an export of another model or pattern than this build is told: one line naming both
         from export.fingerprint import check_export_for
 
-        check_export_for(settings.onnx_dir, settings.spec, sparsity=str(settings.sparsity))
+        report = check_export_for(settings.onnx_dir, settings.spec, sparsity=str(settings.sparsity))
+        weight_only = [c for c, e in (report.get("components") or {}).items()
+                       if isinstance(e, dict) and e.get("weight_only") and (settings.components is None or c in settings.components)]
+        if weight_only and settings.backend != "torch":
+            raise UserError(f"{', '.join(weight_only)} in {settings.onnx_dir}: weight-only INT8/INT4 text encoders for ONNX Runtime (MatMulNBits), "
+                            "which TensorRT cannot build: pass --components without them, or export them for engines (--others-precision fp16)")
     if settings.backend == "torch":  # no engines: the compact checkpoint converted on this GPU
         from runtime.manifest import current_gpu
         from runtime.torch_backend import TorchSettings

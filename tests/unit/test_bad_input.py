@@ -254,6 +254,12 @@ def sparse_onnx_dir(tmp: Path) -> None:
     _export_report(tmp, sparsity="2:4")
 
 
+def weight_only_onnx_dir(tmp: Path) -> None:
+    """Stage 2's output as far as build reads it first: its report says its CLIP is weight-only INT4 (MatMulNBits)."""
+    _small_onnx(tmp / "onnx")
+    _export_report(tmp, components={"text_encoder": {"file": "text_encoder.onnx", "precision": "int4", "weight_only": {"bits": 4}}})
+
+
 def flux_dense_export(tmp: Path) -> None:
     """The e2e benchmark's two exports, the dense one made for tiny-flux."""
     fake_exports(tmp)
@@ -479,6 +485,17 @@ CASES = [
          "--pruned {tmp}/pruned holds float weights (a prune without --weight-bits): prune with --weight-bits 4", float_prune),
     Case("engine-int4-calibration", [*ENGINE, "--precision", "int4", "--quant-samples", "2"],
          "--quant-samples/--quant-calls calibrate an INT8/FP8 transformer"),
+    # 18. compressed text encoders (issue 24): weight-only values, T5 where the family needs it, engines of ONNX Runtime graphs
+    Case("export-others-precision-unknown", [*EXPORT, "--others-precision", "int3", "--out", "{tmp}/e"], "--others-precision: invalid choice: 'int3'"),
+    Case("export-drop-t5-flux", [*EXPORT, "--model", "tiny-flux", "--drop-t5", "--out", "{tmp}/e"],
+         "tiny-flux cannot run without its T5 encoder (the flux transformer is conditioned on T5's tokens"),
+    Case("export-drop-t5-and-export-it", [*EXPORT, "--drop-t5", "--components", "transformer,text_encoder_3", "--out", "{tmp}/e"],
+         "--drop-t5 leaves text_encoder_3 out of the pipeline; remove it from --components"),
+    Case("engine-drop-t5-flux", [*ENGINE, "--model", "tiny-flux", "--drop-t5"], "tiny-flux cannot run without its T5 encoder"),
+    Case("build-weight-only-encoder", [*BUILD, "--out", "{tmp}/eng"], "text_encoder in {tmp}/onnx: weight-only INT8/INT4 text encoders for ONNX Runtime",
+         weight_only_onnx_dir),
+    Case("encoder-quality-flux-without-t5", ["benchmarks.encoder_quality", "--model", "tiny-flux", "--variants", "int8-no-t5", "--out", "{tmp}/q.json"],
+         "unknown variant(s) int8-no-t5; choose from fp32, int8, int4 (tiny-flux needs its T5 encoder: no -no-t5 variant)"),
 ]
 
 
