@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int_at_least(1), default=None, help="CPU threads for PyTorch and ONNX Runtime (default: PyTorch's)")
     p.add_argument("--no-eager", action="store_true")
     p.add_argument("--no-quality", action="store_true")
+    p.add_argument("--no-memory", action="store_true", help="skip the weights per component and the one-image peak memory (docs/memory.md)")
     p.add_argument("--resolution", default=None, metavar="HxW[,HxW...]", help="image sizes to time, each every round (default: the model's)")
     p.add_argument("--correction", default=None, metavar="FILE", help="Q-Sched scheduler correction (runtime.qsched JSON) for the pruned variant")
     from runtime.torch_backend import add_torch_arguments, torch_settings_from_args
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         res = run_e2e(resolve_model(args.model), args.dense, args.pruned, args.out, runs=args.runs, warmup=args.warmup, backend=args.backend,
                       provider=args.provider, engines=engines or None, sparsity=parse_sparsity(args.sparsity) if args.sparsity else None,
                       eager=not args.no_eager, quality=not args.no_quality, steps=args.steps, threads=args.threads, resolutions=resolutions,
-                      correction=args.correction,
+                      correction=args.correction, memory=not args.no_memory,
                       torch_settings=torch_settings_from_args(args, sparse_kernels=not args.no_sparse_kernels)
                       if args.backend == "torch" or args.also_torch else None)
         print(f"speedup {res['speedup']:.3f}x -> {Path(args.out) / 'bench.json'}")

@@ -9,7 +9,8 @@ file and what to do, never with the parsing library's traceback (protobuf's ``De
   and is long enough;
 - :func:`check_input_tree`: every safetensors, ONNX and JSON file under a directory (a diffusers model, a
   stage's output), headers only: seconds even for many GiB of weights;
-- :func:`safetensors_numel`: how many weights a file holds (a stage's disk-space estimate), header only;
+- :func:`safetensors_numel`, :func:`safetensors_tensors`: how many weights a file holds (a stage's disk-space
+  estimate), and each tensor's dtype and bytes, header only;
 - :func:`reading`: around a library call that parses a file, turns its parse error into that one line.
 """
 
@@ -66,9 +67,10 @@ def reading(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
         raise UserError(f"cannot read {what} {path}: {_first_line(e)}; {fix}") from None
 
 
-def check_safetensors(path: str | os.PathLike, *, fix: str = "replace it (rerun the stage that wrote it)") -> None:
+def check_safetensors(path: str | os.PathLike, *, fix: str = "replace it (rerun the stage that wrote it)") -> dict:
     """One line unless ``path`` is a complete safetensors file: an 8-byte header length, a JSON header, and
-    exactly the data bytes its tensors' offsets cover."""
+    exactly the data bytes its tensors' offsets cover. Returns the header (``{name: {dtype, shape, data_offsets}}``
+    and ``__metadata__``)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -92,22 +94,26 @@ def check_safetensors(path: str | os.PathLike, *, fix: str = "replace it (rerun 
         raise UserError(f"{path} is not a safetensors file (malformed tensor entries in its header); {fix}") from None
     if size != 8 + n + end:
         raise UserError(f"{path} is truncated or damaged: {size} bytes, its header describes {8 + n + end}; {fix}")
+    return header
 
 
-def safetensors_numel(path: str | os.PathLike) -> int:
-    """The number of tensor elements a (checked) safetensors file holds, from its header alone."""
-    check_safetensors(path)
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n).decode("utf-8"))
-    total = 0
-    for k, v in header.items():
+def safetensors_tensors(path: str | os.PathLike) -> dict[str, tuple[str, int, int]]:
+    """``{tensor name: (safetensors dtype, elements, bytes)}`` of a (checked) safetensors file, from its header
+    alone (dtype as safetensors names it: ``F32``, ``F16``, ``BF16``, ``I8``...)."""
+    out = {}
+    for k, v in check_safetensors(path).items():
         if k != "__metadata__":
             count = 1
             for d in v.get("shape", []):
                 count *= int(d)
-            total += count
-    return total
+            start, end = v["data_offsets"]
+            out[k] = (str(v["dtype"]), count, int(end) - int(start))
+    return out
+
+
+def safetensors_numel(path: str | os.PathLike) -> int:
+    """The number of tensor elements a (checked) safetensors file holds, from its header alone."""
+    return sum(numel for _, numel, _ in safetensors_tensors(path).values())
 
 
 def check_onnx(path: str | os.PathLike, *, fix: str = "re-export it (python -m pipeline export)") -> None:

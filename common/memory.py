@@ -1,11 +1,16 @@
 """Process memory, for stages that must stay within a stated bound and benchmarks that report it: current
-and peak resident set size, and :class:`PeakMemory`, the highest use sampled while a block runs."""
+and peak resident set size (:func:`hwm_bytes` can be started over with :func:`reset_peak_rss`),
+:class:`PeakMemory`, the highest use sampled while a block runs, and :func:`run_child_json`, a measurement in a
+fresh Python process (whose memory is then its own)."""
 
 from __future__ import annotations
 
 import logging
+import json
 import os
 import resource
+import subprocess
+import sys
 import threading
 
 log = logging.getLogger(__name__)
@@ -25,6 +30,52 @@ def rss_bytes() -> int:
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (``ru_maxrss``, KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def hwm_bytes() -> int:
+    """Peak resident set size of this process since it started or since :func:`reset_peak_rss` (Linux ``VmHWM``;
+    :func:`peak_rss_bytes` elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
+def reset_peak_rss() -> bool:
+    """Start :func:`hwm_bytes` over from the current RSS (Linux ``/proc/self/clear_refs``, value 5), so that it
+    measures one phase of a process; False where the kernel does not allow it (the peak then includes before)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_child_json(module: str, args: list[str], *, timeout: float | None = None, what: str = "measurement") -> dict:
+    """Run ``python -m module *args`` in a fresh process and return the JSON object its last stdout line holds.
+
+    For a measurement whose memory must be its own (a fresh process starts from the libraries alone, and what
+    it allocates is not mixed with the caller's heap). Raises :class:`RuntimeError` with the child's last
+    error line when it fails, is killed (out of memory) or runs past ``timeout`` seconds.
+    """
+    from common.paths import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    try:
+        proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"the {what} ran past {timeout:.0f} s") from None
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise RuntimeError(f"the {what} failed ({'killed by signal ' + str(-proc.returncode) if proc.returncode < 0 else err})")
+    return json.loads(lines[-1])
 
 
 def log_memory(label: str, logger: logging.Logger | None = None) -> tuple[int, int]:

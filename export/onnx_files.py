@@ -32,9 +32,16 @@ def load_small_external(model, base_dir: str | os.PathLike, max_bytes: int = 1 <
     return n
 
 
+# ONNX's 4-bit element types (UINT4, INT4, FLOAT4E2M1) store two elements per byte
+_PACKED_4BIT = (21, 22, 23)
+
+
 def tensor_bytes(t) -> int:
-    """Bytes of an initializer's data (from its dims and type; wherever the data lives)."""
-    return int(np.prod(t.dims)) * np.dtype(_np_dtype(t.data_type)).itemsize
+    """Bytes of an initializer's data (from its dims and type; wherever the data lives; 4-bit types packed)."""
+    numel = int(np.prod(t.dims))
+    if t.data_type in _PACKED_4BIT:
+        return (numel + 1) // 2
+    return numel * np.dtype(_np_dtype(t.data_type)).itemsize
 
 
 def _point_external(t, location: str, offset: int, length: int) -> None:

@@ -303,10 +303,25 @@ def run_export(settings: ExportSettings) -> dict[str, Any]:
         report = _load_and_export(spec, pruned, components, list(settings.parity_batches), settings, out, calibration, inputs)
         report["inputs"] = inputs
         report["pruned_dir"] = str(pruned) if pruned is not None else None
+        report["weights"] = _weights(out, report)
         report["elapsed_s"] = round(time.perf_counter() - t_start, 1)
         write_json(report_path, report)
     log.info("export complete: %s (%.1f s)", report_path, report["elapsed_s"])
     return report
+
+
+def _weights(out: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """The report's ``weights`` section: each component's bytes on disk and as ONNX Runtime holds them
+    (:func:`export.weights.measure_export_weights`; docs/memory.md), logged as one line."""
+    from export.onnx_files import human_bytes
+    from export.weights import measure_export_weights
+
+    precisions = {k: v.get("precision") for k, v in report.get("components", {}).items() if isinstance(v, dict)}
+    weights = measure_export_weights(out, precisions=precisions, dropped=report.get("dropped") or ())
+    total = weights["total"]
+    loaded = human_bytes(total["loaded_bytes"]) if total["loaded_bytes"] is not None else "(not measured for every component)"
+    log.info("weights: %s on disk, %s as ONNX Runtime holds them (per component: the report's weights)", human_bytes(total["disk_bytes"] or 0), loaded)
+    return weights
 
 
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}

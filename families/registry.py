@@ -266,12 +266,15 @@ def _spec_from_directory(path: Path) -> ModelSpec:
     )
 
 
-def load_pipeline(spec: ModelSpec, *, drop_t5: bool = False, dtype=None, transformer=None):
+def load_pipeline(spec: ModelSpec, *, drop_t5: bool = False, dtype=None, transformer=None, without_weights=()):
     """Load the diffusers pipeline of ``spec`` (offline for local models, HF cache for hub models).
 
     drop_t5: load without the family's optional text encoder (SD3's T5: ``text_encoder_3=None``), as many
         deployments do.
     transformer: an already-built transformer to use instead of the stored one.
+    without_weights: pipeline attributes (``text_encoder``, ``vae``...) built on the ``meta`` device from their
+        configs instead of loaded (:func:`load_component` with ``weights=False``): for a pipeline whose runner
+        replaces them, which then never holds their weights. Its ``device`` is ``meta`` until they are replaced.
     """
     import diffusers
     import torch
@@ -287,6 +290,8 @@ def load_pipeline(spec: ModelSpec, *, drop_t5: bool = False, dtype=None, transfo
         kwargs.update({attr: None, attr.replace("text_encoder", "tokenizer"): None})
     if transformer is not None:
         kwargs["transformer"] = transformer
+    for attr in without_weights:
+        kwargs[attr] = load_component(spec, attr, dtype=dtype, weights=False)
     where = str(spec.path) if spec.local else spec.source
     if spec.local:  # a file cut short or of another kind: one line naming it, before from_pretrained's traceback
         check_input_tree(where, fix=f"the model directory {where} is damaged: restore or re-download it")
@@ -440,12 +445,14 @@ def _pipeline_dir(spec: ModelSpec) -> tuple[str, bool]:
     return (str(spec.path), True) if spec.local else (spec.source, False)
 
 
-def load_component(spec: ModelSpec, name: str, *, dtype=None):
+def load_component(spec: ModelSpec, name: str, *, dtype=None, weights: bool = True):
     """Load one component of ``spec``'s pipeline (``transformer``, ``text_encoder``..., ``vae``,
     ``tokenizer``...) by itself, in ``dtype`` (default float32; ignored for tokenizers).
 
     Stages that need one component at a time use this instead of :func:`load_pipeline`: a 2B-parameter
     transformer then loads straight into float16 without a float32 copy, and without the text encoders.
+    weights=False: the component built from its config alone on the ``meta`` device (class, config and dtype,
+    no weights read or held), for a pipeline in which it is replaced.
     """
     import importlib
 
@@ -462,6 +469,8 @@ def load_component(spec: ModelSpec, name: str, *, dtype=None):
             index = read_json(hf_hub_download(spec.source, "model_index.json", local_files_only=True), what="diffusers model index")
         library, cls_name = index[name]
         cls = getattr(importlib.import_module(library), cls_name)
+        if not weights:
+            return _on_meta(cls, where, name, local, dtype or torch.float32)
         kwargs = {} if "Tokenizer" in cls_name else {"dtype": dtype or torch.float32}
         if spec.local and (Path(where) / name).is_dir():
             check_input_tree(Path(where) / name, fix=f"the model directory {where} is damaged: restore or re-download it")
@@ -476,6 +485,20 @@ def load_component(spec: ModelSpec, name: str, *, dtype=None):
         ) from None
     except (KeyError, TypeError, ValueError):
         raise UserError(f"model {spec.id!r} has no {name} component; check its model_index.json") from None
+
+
+def _on_meta(cls, where: str, name: str, local: bool, dtype):
+    """A diffusers or transformers model class built from the config in ``where/name`` on the ``meta`` device."""
+    import torch
+
+    if hasattr(cls, "load_config"):  # diffusers
+        config = cls.load_config(where, subfolder=name, local_files_only=local)
+        build = lambda: cls.from_config(config)  # noqa: E731
+    else:  # transformers
+        config = cls.config_class.from_pretrained(where, subfolder=name, local_files_only=local)
+        build = lambda: cls._from_config(config, dtype=dtype)  # noqa: E731  (also the config's dtype, as from_pretrained sets it)
+    with torch.device("meta"):
+        return build().to(dtype).eval()
 
 
 def quiet_libraries() -> None:

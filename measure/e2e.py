@@ -170,6 +170,7 @@ def run_e2e(
     precision: str | None = None,
     correction=None,
     torch_settings=None,
+    memory: bool = True,
 ) -> dict[str, Any]:
     """Benchmark dense vs pruned (and PyTorch eager) end to end; write the JSON, Markdown, plot and grid.
 
@@ -193,6 +194,10 @@ def run_e2e(
     e.g. ``<config>/qsched/...json``) that the pruned variant's sampler applies.
     precision: the transformer precision of both exports (``fp32``, ``int8``...), recorded (default: the
     pruned export report's).
+    memory: before the timed runs, measure each variant's weights per component next to the dense original's, and
+    the peak memory of generating one image at the first resolution, each in a fresh process
+    (:func:`measure.memory.variant_memory`; ``memory`` in each variant's entry, a section of ``bench.md``). Not
+    for the torch backend's variants.
 
     Returns the dict written to ``out_dir/bench.json``: ``dense``/``pruned``/``eager`` entries with
     ``latency_ms`` {median, p90, mean, min, n}, ``stages_ms``, ``transformer_step_ms``, ``images_per_s``,
@@ -244,14 +249,15 @@ def run_e2e(
             return _run(spec, dense_export_dir, pruned_export_dir, out_dir, runs=runs, warmup=warmup, backend=backend, provider=provider,
                         engines=engines, sparsity=sparsity, eager=eager, quality=quality, quality_seeds=quality_seeds, prompt=prompt,
                         seed=seed, steps=steps, grid_prompts=grid_prompts, base_pipe=base_pipe, cuda=cuda, device=device, resolutions=resolutions,
-                        precision=precision or export_precision(pruned_export_dir), correction=correction, torch_settings=torch_settings)
+                        precision=precision or export_precision(pruned_export_dir), correction=correction, torch_settings=torch_settings,
+                        memory=memory)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warmup, backend, provider, engines, sparsity, eager, quality,
          quality_seeds, prompt, seed, steps, grid_prompts, base_pipe, cuda, device, resolutions, precision=None, correction=None,
-         torch_settings=None) -> dict[str, Any]:
+         torch_settings=None, memory=True) -> dict[str, Any]:
     from tqdm import tqdm
 
     from measure.report import write_reports
@@ -261,15 +267,17 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
 
     threads = torch.get_num_threads()
 
-    base = base_pipe if base_pipe is not None else load_pipeline(spec)
-    base = base.to(device)
     dense_onnx, pruned_onnx = _onnx_dir(dense_export_dir), _onnx_dir(pruned_export_dir)
-    if not eager and base_pipe is None and backend == "ort":
-        _free_replaced_modules(base, dense_onnx, pruned_onnx)
     eng = {k: Path(v) for k, v in (engines or {}).items()}
     if backend == "trt":
         eng.setdefault("dense", dense_onnx.parent / "engines")
         eng.setdefault("pruned", pruned_onnx.parent / "engines")
+    # first, while this process holds no model: each measurement loads its own pipeline in a process of its own
+    memory_of = _memory(spec, backend, provider, {"dense": dense_onnx, "pruned": pruned_onnx}, eng, eager, resolutions[0], steps, threads) if memory else {}
+    base = base_pipe if base_pipe is not None else load_pipeline(spec)
+    base = base.to(device)
+    if not eager and base_pipe is None and backend == "ort":
+        _free_replaced_modules(base, dense_onnx, pruned_onnx)
     if backend == "torch":  # the compact checkpoints on this GPU through runtime.torch_backend
         variants = _torch_variants(base, dense_export_dir, pruned_export_dir, torch_settings, sparsity, correction)
     else:
@@ -334,6 +342,7 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
             "peak_memory_delta_mib": round(v.peak_delta_mib, 1),  # growth during its own runs (activations, workspaces)
             "memory_kind": "cuda device memory in use (all variants loaded)" if cuda else "process RSS (all variants loaded)",
             "size_mib": {"transformer": round(v.transformer_bytes / 2**20, 3), "total": round(v.total_bytes / 2**20, 3)},
+            "memory": memory_of.get(v.name),
             "quality": None,
         }
     d, p = result["dense"], result["pruned"]
@@ -373,6 +382,27 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
     write_reports(result, out_dir)
     log.info("speedup dense/pruned %.3fx (transformer %.3fx) -> %s", result["speedup"], result["speedup_transformer"], out_dir / "bench.json")
     return result
+
+
+def _memory(spec, backend: str, provider: str, onnx_dirs: dict[str, Path], engines: dict[str, Path], eager: bool, hw: tuple[int, int],
+            steps: int, threads: int) -> dict[str, Any]:
+    """Each variant's memory (:func:`measure.memory.variant_memory`): the ONNX Runtime or TensorRT variants, and the
+    eager one (the dense model in PyTorch). The torch backend's variants are not measured."""
+    from export.weights import model_weights
+    from measure.memory import variant_memory
+
+    dense = model_weights(spec)
+    plan = {name: {"backend": backend, "onnx_dir": onnx_dirs[name], "engine_dir": engines.get(name)} for name in onnx_dirs} if backend in ("ort", "trt") else {}
+    if eager:
+        plan["eager"] = {"backend": "pytorch"}
+    out, done = {}, {}
+    for name, kw in plan.items():
+        key = tuple(str(Path(v).resolve()) if v is not None and k != "backend" else v for k, v in sorted(kw.items()))
+        if key not in done:  # the same export under two names (a benchmark of one export against itself) is measured once
+            log.info("memory of %s: weights, and one image at %dx%d in a fresh process", name, *hw)
+            done[key] = variant_memory(spec, dense, **kw, provider=provider, height=hw[0], width=hw[1], steps=steps, threads=threads)
+        out[name] = done[key]
+    return out
 
 
 def export_precision(export_dir: str | os.PathLike) -> str | None:

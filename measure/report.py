@@ -73,7 +73,9 @@ def markdown_table(bench: dict[str, Any]) -> str:
             f"{bench.get('model')} {bench.get('sparsity')}{', transformer ' + bench['precision'] if bench.get('precision') else ''}, {st.get('steps')} steps, {st.get('runs')} timed runs after {st.get('warmup')} warm-up, "
             f"variants interleaved; {bench.get('device', {}).get('summary', '')}."
         )
-    return "\n".join(lines) + "\n"
+    from measure.memory import memory_markdown
+
+    return "\n".join(lines) + "\n" + memory_markdown(bench, variants_of(bench))
 
 
 def plot(bench: dict[str, Any], path: str | os.PathLike) -> Path:

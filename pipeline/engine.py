@@ -51,6 +51,8 @@ def add_engine_args(p) -> None:
     p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed warm-up runs (default 2)")
     p.add_argument("--bench-steps", type=int_at_least(1), default=None, help="denoising steps of the timed runs (default: the model's)")
     p.add_argument("--no-quality", action="store_true", help="skip the quality evaluation of each variant")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the benchmark's memory measurements (weights per component as loaded, peak memory of one image)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp8", "int4"],
                    help="the transformer's precision: fp32 (ONNX Runtime; float16 engines), int8 (Q/DQ, calibrated with ModelOpt on "
                         "stage 1's trajectories; ONNX Runtime and INT8 engines) or fp8 (engines for SM89/SM120 GPUs; ONNX Runtime cannot run "
@@ -277,9 +279,11 @@ class BenchSettings:
     resolutions: tuple[tuple[int, int], ...] | None = None
     precision: str = "fp32"
     torch_settings: Any = None  # backend "torch": runtime.torch_backend.TorchSettings
+    memory: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {"backend": self.backend, "runs": self.runs, "warmup": self.warmup, "steps": self.steps, "quality": self.quality, "eager": self.eager,
+                "memory": self.memory,
                 "resolutions": [list(r) for r in self.resolutions] if self.resolutions else None, "precision": self.precision,
                 "torch": self.torch_settings.to_json() if self.torch_settings else None}
 
@@ -314,6 +318,7 @@ def plan_bench(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str)
         resolutions=shapes_from_args(args, spec).resolutions,
         precision=precision,
         torch_settings=torch_settings_from_args(args) if bench_backend == "torch" else None,
+        memory=not getattr(args, "no_memory", False),
     )
     check_bench(settings)
     return settings
@@ -340,7 +345,7 @@ def run_bench(settings: BenchSettings) -> dict:
                    backend=settings.backend, provider=settings.provider, engines=settings.engines, sparsity=settings.sparsity,
                    threads=settings.threads, steps=settings.steps, quality=settings.quality, eager=settings.eager,
                    resolutions=list(settings.resolutions) if settings.resolutions else None, precision=settings.precision,
-                   torch_settings=settings.torch_settings)
+                   torch_settings=settings.torch_settings, memory=settings.memory)
 
 
 def run_engine(args) -> int:
@@ -403,6 +408,8 @@ def run_engine(args) -> int:
         manifest.data.update(total_seconds=round(time.perf_counter() - t_all, 1))
         manifest.save()
         _summary(None, cfg, dense, precision)
+        print(weights_summary(spec, next((d for d in (cfg.export_for(precision), cfg.export_fp16) if (d / "export_report.json").is_file()),
+                                         cfg.export_for(precision))))
         print(cfg.root)
         return 0
     log.info("== bench (%s, %s) ==", bench_backend, precision)
@@ -416,6 +423,7 @@ def run_engine(args) -> int:
     manifest.data.update(total_seconds=round(time.perf_counter() - t_all, 1), **{key: result["speedup"]})
     manifest.save()
     _summary(result, cfg, dense, precision)
+    print(weights_summary(spec, bench.pruned_export, result))
     print(cfg.root)
     return 0
 
@@ -445,6 +453,35 @@ def check_precision(args, cuda: bool, bench_backend: str) -> None:
         if (major, minor) < (8, 9):
             raise UserError(f"--precision fp8 needs an Ada or later GPU (compute capability 8.9+); this one is {major}.{minor}: "
                             "use --precision int8, or add --no-bench to build FP8 engines for SM89/SM120")
+
+
+def weights_summary(spec, export_dir: Path, result: dict | None = None) -> str:
+    """What ``make engine`` prints last: the served pipeline's weights per component (``export_dir``'s ONNX files,
+    and the components it runs in PyTorch) next to the dense original's as the registry loads it, in all and as a
+    ratio (:mod:`export.weights`), and, after a benchmark that measured it, the peak memory of one image."""
+    from export.weights import compare, export_weights, format_table, model_weights
+
+    pruned = ((result or {}).get("pruned") or {}).get("memory")
+    if pruned:
+        table = pruned["weights"]
+    else:
+        try:
+            table = compare(export_weights(export_dir), model_weights(spec), spec.adapter.components)
+        except UserError as e:
+            return f"weights: not measured ({e})"
+    dense_dir = table.get("dense_directory") or spec.source
+    lines = [f"weights of the served pipeline ({export_dir}) next to the dense original ({dense_dir}, {table['dense_dtype']}):",
+             format_table(table)]
+    peaks = []
+    for name in ("pruned", "dense", "eager"):
+        gen = (((result or {}).get(name) or {}).get("memory") or {}).get("generation") or {}
+        if "peak_rss_bytes" in gen:
+            label = "dense original in PyTorch" if name == "eager" else name
+            peaks.append(f"{label} {gen['peak_rss_bytes'] / 2**20:.0f} MiB ({gen['peak_above_baseline_bytes'] / 2**20:.0f} above the libraries)")
+            shape = f"{gen['height']}x{gen['width']}"
+    if peaks:
+        lines.append(f"peak memory of one image at {shape} (process RSS, fresh process): " + ", ".join(peaks))
+    return "\n".join(lines)
 
 
 def _summary(result: dict | None, cfg, dense, precision: str = "fp32") -> None:

@@ -158,6 +158,8 @@ def runner_pipeline(
 ):
     """Load ``spec``'s PyTorch pipeline (or reuse ``base_pipe``) and swap in ORT sessions / TRT engines.
 
+    Without ``base_pipe``, the components the runners replace are built without weights
+    (:func:`families.registry.load_pipeline`'s ``without_weights``): the process never holds their PyTorch copies.
     device: where latents and remaining PyTorch modules live (default ``cuda`` for ``trt``, else ``cpu``).
     correction: a :class:`runtime.qsched.correction.SchedulerCorrection` (or its JSON path) that the new pipeline's scheduler
     applies (:func:`runtime.qsched.apply.apply_correction`; the base pipeline is left as it was).
@@ -167,11 +169,16 @@ def runner_pipeline(
 
     correction = check_runner_inputs(spec, onnx_dir=onnx_dir, engine_dir=engine_dir, correction=correction)
     device = device or ("cuda" if backend == "trt" else "cpu")
-    base = base_pipe if base_pipe is not None else load_pipeline(spec)
-    if base.device != torch.device(device):
-        base = base.to(device)
     runners = load_runners(backend=backend, onnx_dir=onnx_dir, engine_dir=engine_dir, provider=provider, components=components, threads=threads)
-    pipe = with_runners(base, runners, device=device)
+    if base_pipe is None:
+        attrs = {c.name: c.attr for c in spec.adapter.components}
+        pipe = with_runners(load_pipeline(spec, without_weights=[attrs[c] for c in runners if c in attrs]), runners, device=device)
+        for module in pipe.components.values():  # the PyTorch modules left (RuntimeModules hold no tensors)
+            if isinstance(module, torch.nn.Module):
+                module.to(device)
+    else:
+        base = base_pipe if base_pipe.device == torch.device(device) else base_pipe.to(device)
+        pipe = with_runners(base, runners, device=device)
     pipe.runners = runners
     if correction is not None:
         from runtime.qsched.apply import apply_correction

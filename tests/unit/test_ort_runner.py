@@ -95,7 +95,8 @@ def test_e2e_benchmark_program_writes_json_table_plot_grid(tmp_path):
     onnx_dir = fx.component_exports()
     threads_before = torch.get_num_threads()
     res = run_e2e(spec, onnx_dir, onnx_dir, tmp_path, runs=2, warmup=1, steps=2, quality=False, sparsity="2:4",
-                  grid_prompts=["a handwritten digit 1", "a handwritten digit 2"], base_pipe=pipe, threads=1)
+                  grid_prompts=["a handwritten digit 1", "a handwritten digit 2"], base_pipe=pipe, threads=1,
+                  memory=False)  # the memory section's parts: tests/unit/test_pipeline_memory.py
     assert torch.get_num_threads() == threads_before  # the thread setting is restored
     bench = json.loads((tmp_path / "bench.json").read_text())
     for v in ("dense", "pruned", "eager"):
