@@ -32,17 +32,24 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def hwm_bytes() -> int:
-    """Peak resident set size of this process since it started or since :func:`reset_peak_rss` (Linux ``VmHWM``;
-    :func:`peak_rss_bytes` elsewhere)."""
+def proc_bytes(path: str, key: str) -> int | None:
+    """A ``key:  N kB`` line of a Linux ``/proc`` file (``/proc/meminfo``, ``/proc/self/status``) in bytes; None
+    where there is no such file or line."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return peak_rss_bytes()
+    return None
+
+
+def hwm_bytes() -> int:
+    """Peak resident set size of this process since it started or since :func:`reset_peak_rss` (Linux ``VmHWM``;
+    :func:`peak_rss_bytes` elsewhere)."""
+    hwm = proc_bytes("/proc/self/status", "VmHWM")
+    return hwm if hwm is not None else peak_rss_bytes()
 
 
 def reset_peak_rss() -> bool:

@@ -96,16 +96,12 @@ def ort_activation_bytes(batch: int, heads: int, tokens: int) -> int:
 
 def available_bytes() -> int:
     """Memory a new allocation can have now (``MemAvailable``; ``SDD_PARITY_BUDGET_BYTES`` overrides)."""
+    from common.memory import proc_bytes
+
     if os.environ.get(_BUDGET_ENV):
         return int(os.environ[_BUDGET_ENV])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
+    return available if available is not None else 1 << 62
 
 
 def parity_memory_cap(weight_bytes: int) -> int:
