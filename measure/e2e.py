@@ -273,7 +273,8 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
         eng.setdefault("dense", dense_onnx.parent / "engines")
         eng.setdefault("pruned", pruned_onnx.parent / "engines")
     # first, while this process holds no model: each measurement loads its own pipeline in a process of its own
-    memory_of = _memory(spec, backend, provider, {"dense": dense_onnx, "pruned": pruned_onnx}, eng, eager, resolutions[0], steps, threads) if memory else {}
+    memory_of = (_memory(spec, backend, provider, {"dense": dense_onnx, "pruned": pruned_onnx}, eng, eager, resolutions[0], steps, threads, cuda)
+                 if memory else {})
     base = base_pipe if base_pipe is not None else load_pipeline(spec)
     base = base.to(device)
     if not eager and base_pipe is None and backend == "ort":
@@ -385,22 +386,24 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
 
 
 def _memory(spec, backend: str, provider: str, onnx_dirs: dict[str, Path], engines: dict[str, Path], eager: bool, hw: tuple[int, int],
-            steps: int, threads: int) -> dict[str, Any]:
+            steps: int, threads: int, cuda: bool) -> dict[str, Any]:
     """Each variant's memory (:func:`measure.memory.variant_memory`): the ONNX Runtime or TensorRT variants, and the
-    eager one (the dense model in PyTorch). The torch backend's variants are not measured."""
+    eager one (the dense model in PyTorch, on the GPU when the benchmark runs there). The torch backend's variants
+    are not measured."""
     from export.weights import model_weights
     from measure.memory import variant_memory
 
     dense = model_weights(spec)
-    plan = {name: {"backend": backend, "onnx_dir": onnx_dirs[name], "engine_dir": engines.get(name)} for name in onnx_dirs} if backend in ("ort", "trt") else {}
+    plan = {name: {"backend": backend, "onnx_dir": onnx_dirs[name], "engine_dir": engines.get(name), "provider": provider}
+            for name in onnx_dirs} if backend in ("ort", "trt") else {}
     if eager:
-        plan["eager"] = {"backend": "pytorch"}
+        plan["eager"] = {"backend": "pytorch", "provider": "cuda" if cuda else "cpu"}
     out, done = {}, {}
     for name, kw in plan.items():
-        key = tuple(str(Path(v).resolve()) if v is not None and k != "backend" else v for k, v in sorted(kw.items()))
+        key = tuple(str(Path(v).resolve()) if v is not None and k.endswith("_dir") else v for k, v in sorted(kw.items()))
         if key not in done:  # the same export under two names (a benchmark of one export against itself) is measured once
             log.info("memory of %s: weights, and one image at %dx%d in a fresh process", name, *hw)
-            done[key] = variant_memory(spec, dense, **kw, provider=provider, height=hw[0], width=hw[1], steps=steps, threads=threads)
+            done[key] = variant_memory(spec, dense, **kw, height=hw[0], width=hw[1], steps=steps, threads=threads)
         out[name] = done[key]
     return out
 
