@@ -29,24 +29,25 @@ BITS = 4
 NM_NOTE = "stores the {pattern} pattern and 4-bit codes, runs dense 4-bit (no runtime here has a {pattern} x 4-bit kernel)"
 
 
-def check_int4_export(pruned: Path | None, components, *, read_plan: bool = True) -> dict[str, Any] | None:
+def check_int4_export(pruned: Path | None, components, *, read_plan: bool = True, precision: str = "int4") -> dict[str, Any] | None:
     """One line naming the prune to run when an INT4 export cannot be made: no ``--pruned``, no transformer in
     ``components``, or (``read_plan``; ``make engine`` checks before stage 1 has written it) a plan whose weights are
-    float or not 4-bit. Returns the plan's ``weight_quant`` (None when not read)."""
+    float or not 4-bit. ``precision``: the export's (``int4``, or ``w4a16``: :mod:`export.int4_qdq`), for the message.
+    Returns the plan's ``weight_quant`` (None when not read)."""
     from obsdiff.plan import PrunePlan
 
     fix = "prune with --weight-bits 4 (e.g. `python -m pipeline prune --sparsity dense --weight-bits 4 --out DIR`, or 2:4 / structured:<r>) and pass that directory"
     if "transformer" not in components:
-        raise UserError("--precision int4 exports the transformer's 4-bit weights; include transformer in --components")
+        raise UserError(f"--precision {precision} exports the transformer's 4-bit weights; include transformer in --components")
     if pruned is None:
-        raise UserError(f"--precision int4 exports the 4-bit weights stage 1 solved, and no --pruned was given: {fix}")
+        raise UserError(f"--precision {precision} exports the 4-bit weights stage 1 solved, and no --pruned was given: {fix}")
     if not read_plan:
         return None
     wq = PrunePlan.load(Path(pruned) / "plan.json").weight_quant or {}
     if not wq:
         raise UserError(f"--pruned {pruned} holds float weights (a prune without --weight-bits): {fix}")
     if int(wq.get("bits", 0)) != BITS:
-        raise UserError(f"--pruned {pruned} holds {wq.get('bits')}-bit weights; --precision int4 needs 4-bit ones: {fix}")
+        raise UserError(f"--pruned {pruned} holds {wq.get('bits')}-bit weights; --precision {precision} needs 4-bit ones: {fix}")
     return wq
 
 

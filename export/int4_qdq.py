@@ -11,9 +11,11 @@ whose activations stay float16. :func:`int4_dq_onnx` rewrites the float16 transf
 with the codes and scales of ``compact/weights_int.safetensors`` (:mod:`export.int_weights`): what stage 1 solved,
 never re-quantized, checked against the float16 weight they replace (which must be exactly ``float16(codes x
 scales)``). Symmetric, so there is no zero point (TensorRT's parser refuses a non-zero one). The graph's opset
-becomes 21 (INT4 and ``block_size`` are opset 21), IR version 10. A layer whose K is not a multiple of the group
-keeps its float16 weight (TensorRT infers the block size from the shapes, K / scale rows, which then differs
-from the ONNX meaning of a shorter last block); :func:`tensorrt_block_problem` says why, and the report lists it.
+becomes 21 (INT4 and ``block_size`` are opset 21), IR version 10. TensorRT's parser takes the block size from the
+shapes (K / scale rows) and refuses a K that is not whole blocks, so a group with a shorter last block (a
+structured cut's K) cannot be written as it is: where ``gcd(K, g)`` is at least :data:`MIN_BLOCK` the layer gets
+blocks of that size with each group's scale repeated (the same weights), else it keeps its float16 weight
+(:func:`tensorrt_block`; the report lists it with the reason).
 
 No runtime here has a kernel for 2:4 and 4-bit at once: a 2:4 + 4-bit prune stores both and runs dense 4-bit.
 The layout, the accepted block sizes and what TensorRT-RTX's builder makes of it: ``docs/tensorrt.md``.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +39,7 @@ from export.int_weights import INT_FILE
 log = logging.getLogger(__name__)
 
 W4A16_OPSET = 21  # INT4 tensors and DequantizeLinear's block_size
-TWO_FOUR_NOTE = "stores the 2:4 pattern and 4-bit codes, runs dense 4-bit (no runtime here has a 2:4 x 4-bit kernel)"
+MIN_BLOCK = 32  # smaller blocks of repeated scales would cost more than half a bit a weight in float16 scales
 
 
 @dataclass(frozen=True)
@@ -77,14 +80,18 @@ def read_int_weights(directory: str | os.PathLike) -> IntWeights:
     return IntWeights(file, grid.bits, grid.group_size, layers)
 
 
-def tensorrt_block_problem(k: int, group_size: int) -> str | None:
-    """Why a ``K``-column weight at ``group_size`` cannot be a TensorRT INT4 block-quantized weight, or None.
+def tensorrt_block(k: int, group_size: int) -> tuple[int | None, str | None]:
+    """``(block, None)``: the block size a ``K``-column weight quantized in groups of ``group_size`` gets in TensorRT
+    (the group, or ``gcd(K, group)`` with the scales repeated), or ``(None, why not)``.
 
-    TensorRT's ONNX parser takes the block size from the shapes (``K / scale rows``); with a shorter last group
-    (``K`` not a multiple of the group) that is another grouping than the ONNX one."""
-    if k % group_size:
-        return f"K={k} is not a multiple of the group size {group_size} (TensorRT infers the block size as K / scale rows)"
-    return None
+    TensorRT's ONNX parser takes the block size from the shapes (``K / scale rows``) and refuses a K that is not
+    whole blocks (TensorRT-RTX 1.7: "The quantization axis must divide into whole blocks"), so a shorter last group
+    is written as blocks of ``gcd(K, group)``: exactly the same weights."""
+    block = math.gcd(k, group_size)
+    if block == group_size or block >= MIN_BLOCK:
+        return block, None
+    return None, (f"K={k} is not a multiple of the group size {group_size} and gcd {block} < {MIN_BLOCK}: TensorRT takes the block size "
+                  "from the shapes (K / scale rows) and needs whole blocks")
 
 
 def int4_dq_tensors(name: str, codes: np.ndarray, scales: np.ndarray, group_size: int):
@@ -123,6 +130,7 @@ class W4A16Report:
     group_size: int
     int4_layers: list[str] = field(default_factory=list)
     fp16_layers: dict[str, str] = field(default_factory=dict)
+    smaller_blocks: dict[str, int] = field(default_factory=dict)  # layers written in blocks of gcd(K, g) (repeated scales)
     int4_bytes: int = 0  # packed codes + float16 scales of the INT4 layers
     replaced_fp16_bytes: int = 0  # the float16 weights they replace
 
@@ -134,6 +142,7 @@ class W4A16Report:
             "group_size": self.group_size,
             "int4_layers": len(self.int4_layers),
             "fp16_quantized_layers": self.fp16_layers,
+            "smaller_blocks": self.smaller_blocks,
             "int4_weight_bytes": self.int4_bytes,
             "replaced_fp16_bytes": self.replaced_fp16_bytes,
         }
@@ -178,7 +187,8 @@ def to_int4_dq(model, weights: IntWeights, base_dir: str | os.PathLike | None = 
         n, k = codes.shape
         if mm is not None and list(inits[name].dims) != [k, n]:
             why = f"{name} is {list(inits[name].dims)} in the ONNX, the codes are (N={n}, K={k})"
-        why = why or tensorrt_block_problem(k, g)
+        block, problem = tensorrt_block(k, g)
+        why = why or problem
         if why is not None:
             if mm is None and name not in inits:
                 raise CheckFailed(f"{layer}: {why}; the ONNX does not hold the quantized layers of compact/ (export again with --force)")
@@ -193,7 +203,10 @@ def to_int4_dq(model, weights: IntWeights, base_dir: str | os.PathLike | None = 
             raise CheckFailed(f"{name}: {bad} of {w16.size} float16 weights in the ONNX are not float16(codes x scales) of {weights.path}; "
                               "export again with --force")
         del w16, expected
-        w, s = int4_dq_tensors(name, codes, scales, g)
+        if block != g:  # each group's scale over its g / block blocks (the short last group: fewer)
+            scales = np.repeat(scales, g // block, axis=1)[:, : k // block]
+            report.smaller_blocks[layer] = block
+        w, s = int4_dq_tensors(name, codes, scales, block)
         report.replaced_fp16_bytes += tensor_bytes(inits[name])
         report.int4_bytes += len(w.raw_data) + len(s.raw_data)
         if extra_data is not None:  # the big models: the packed codes go to a data file, not into the protobuf
@@ -202,7 +215,7 @@ def to_int4_dq(model, weights: IntWeights, base_dir: str | os.PathLike | None = 
         inits[name].CopyFrom(w)
         model.graph.initializer.append(s)
         dq_out = f"{name}_dequantized"
-        new_nodes.append((mm, helper.make_node("DequantizeLinear", [name, s.name], [dq_out], name=f"{layer}/weight_dq", axis=0, block_size=g)))
+        new_nodes.append((mm, helper.make_node("DequantizeLinear", [name, s.name], [dq_out], name=f"{layer}/weight_dq", axis=0, block_size=block)))
         mm.input[1] = dq_out
         replaced.add(name)
         report.int4_layers.append(layer)
@@ -267,16 +280,15 @@ def export_w4a16_transformer(spec, plan, holder: list, batches, settings, out: P
     :func:`int4_dq_onnx` run on the written graph before the checks, then the ONNX Runtime parity check against the
     torch model's float16 weights, which are exactly what each ``DequantizeLinear`` returns (``float16(codes x
     scales)``): the float16 export's tolerance holds. ``holder[0]`` is the pruned transformer in float32 with its
-    integer weights attached (:func:`export.int_weights.attach`). Adds the report's ``quantization`` entry."""
+    integer weights attached (:func:`export.int_weights.attach`; :func:`export.int4_export.check_int4_export` has
+    checked the plan). Adds the report's ``quantization`` entry."""
     from dataclasses import replace
 
     from export.float_export import export_float_transformer
+    from export.int4_export import NM_NOTE
     from obsdiff.patterns import parse_sparsity
 
-    wq = (plan.weight_quant if plan is not None else None) or {}
-    if int(wq.get("bits", 0)) != 4:
-        raise UserError("--precision w4a16 runs the 4-bit weights stage 1 solved: prune with --weight-bits 4 (e.g. `python -m pipeline prune "
-                        "--sparsity dense --weight-bits 4 --out DIR`) and pass that directory as --pruned")
+    wq = plan.weight_quant
     section: dict[str, Any] = {}
 
     def graph_pass(p: Path) -> dict[str, Any]:
@@ -294,9 +306,10 @@ def export_w4a16_transformer(spec, plan, holder: list, batches, settings, out: P
         "weights": f"stage 1's codes and scales ({wq.get('method', 'obs')}), stored as they are: never re-quantized",
         "int4_layers": section["int4_layers"],
         "fp16_quantized_layers": section["fp16_quantized_layers"],
+        "smaller_blocks": section["smaller_blocks"],
         "float_gemm_weights": "the layers stage 1 did not quantize stay float16 MatMul/Gemm (embeddings, AdaLN modulations, the output projection)",
         "transformer_onnx_bytes": res["bytes"],
-        "nm_note": TWO_FOUR_NOTE if pattern.is_semi_structured else None,
+        "nm_note": NM_NOTE.format(pattern=str(pattern)) if pattern.is_semi_structured else None,
         "parity": res.get("parity"),
     }
     return res

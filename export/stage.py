@@ -33,13 +33,15 @@ log = logging.getLogger(__name__)
 REPORT = "export_report.json"
 POLYGRAPHY_MODES = ("auto", "on", "off")
 # Every transformer precision of stage 2: the float formats of export.dynamo_export, the quantized ones of
-# export.quantize, and int4: stage 1's 4-bit weights as ONNX Runtime's MatMulNBits (export.int4_export; it needs a
-# `prune --weight-bits 4` directory). The transformer only; the other components then use OTHERS_PRECISION.
-PRECISIONS = ("fp32", "fp16", "int8", "fp8", "int4")
+# export.quantize, and stage 1's 4-bit weights (they need a `prune --weight-bits 4` directory): int4 as ONNX Runtime's
+# MatMulNBits (export.int4_export), w4a16 as TensorRT's INT4 DequantizeLinear in a float16 graph (export.int4_qdq).
+# The transformer only; the other components then use OTHERS_PRECISION.
+PRECISIONS = ("fp32", "fp16", "int8", "fp8", "int4", "w4a16")
 QUANT_PRECISIONS = ("int8", "fp8")
 # The other components' default precision next to a transformer precision: INT8 Q/DQ runs in ONNX Runtime on a
 # CPU (float32 there); FP8 needs an Ada/Blackwell GPU (float16 there).
-OTHERS_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "fp32", "fp8": "fp16", "int4": "fp32"}
+OTHERS_PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "fp32", "fp8": "fp16", "int4": "fp32", "w4a16": "fp16"}
+INT4_PRECISIONS = ("int4", "w4a16")  # stage 1's 4-bit weights, loaded in float32 with their codes attached
 # The other components' precisions: float32 (CPU runtimes), float16 (GPU runtimes), or weight-only INT8/INT4 text
 # encoders for ONNX Runtime (export.encoder_quant; the VAE decoder then stays float32). docs/low-precision.md.
 OTHER_PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -87,7 +89,8 @@ class ExportSettings:
     directory). pruned: stage-1 directory (``plan.json`` + ``transformer/``), or None to export the dense
     model. precision: the transformer's, ``"fp32"`` (CPU runtimes), ``"fp16"`` (TensorRT, strongly typed),
     ``"int8"`` or ``"fp8"`` (quantized, see the module docstring), ``"int4"`` (stage 1's 4-bit weights, ONNX Runtime's
-    ``MatMulNBits``: :mod:`export.int4_export`). others_precision: the other components'
+    ``MatMulNBits``: :mod:`export.int4_export`), ``"w4a16"`` (the same weights as TensorRT's INT4 ``DequantizeLinear``
+    in a float16 graph: :mod:`export.int4_qdq`). others_precision: the other components'
     (:data:`OTHER_PRECISIONS`: ``"fp32"``, ``"fp16"``, or ``"int8"``/``"int4"``: weight-only text encoders for ONNX
     Runtime and a float32 VAE decoder; None: :data:`OTHERS_PRECISION`). drop_t5: leave out the family's optional
     T5 encoder (SD3's ``text_encoder_3``; the pipeline then runs with ``text_encoder_3=None``). calibration: an INT8/FP8 export's
@@ -205,10 +208,10 @@ def check_export(settings: ExportSettings) -> list[str]:
                             f"exporter that writes Q/DQ fixes the spatial dims); got {served.describe()}: pass one --resolution")
         if "transformer" not in components:
             raise UserError(f"--precision {settings.precision} quantizes the transformer; include it in --components")
-    if settings.precision == "int4":
+    if settings.precision in INT4_PRECISIONS:
         from export.int4_export import check_int4_export
 
-        check_int4_export(settings.pruned, components, read_plan=False)
+        check_int4_export(settings.pruned, components, read_plan=False, precision=settings.precision)
     if settings.polygraphy not in POLYGRAPHY_MODES:
         raise UserError(f"polygraphy must be one of {', '.join(POLYGRAPHY_MODES)}, got {settings.polygraphy!r}")
     if any(int(b) < 1 for b in settings.parity_batches):
@@ -273,10 +276,10 @@ def run_export(settings: ExportSettings) -> dict[str, Any]:
     pruned = Path(settings.pruned) if settings.pruned is not None else None
     if pruned is not None:
         check_pruned(pruned, settings.spec)
-    if settings.precision == "int4":  # a float or 8-bit prune: one line before anything is loaded
+    if settings.precision in INT4_PRECISIONS:  # a float or 8-bit prune: one line before anything is loaded
         from export.int4_export import check_int4_export
 
-        check_int4_export(pruned, components)
+        check_int4_export(pruned, components, precision=settings.precision)
 
     calibration = resolve_calibration(spec, pruned, settings.quant_calibration, served) if settings.quantized else None
     inputs = fingerprint(spec, pruned, settings.precision, components, served, calibration=calibration, others_precision=settings.other_precision)
@@ -324,7 +327,7 @@ def _weights(out: Path, report: dict[str, Any]) -> dict[str, Any]:
     return weights
 
 
-_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
+_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1, "w4a16": 3}  # w4a16: a float32 compact/ and a float16 ONNX
 
 
 def _expected_bytes(spec, pruned: Path | None, components, settings: ExportSettings) -> int:
@@ -385,7 +388,7 @@ def _load_and_export(spec, pruned: Path | None, components, batches, settings: E
     from export.quant_export import export_quantized_transformer
     from families.registry import load_component
 
-    dtype = precision_dtype("fp32" if settings.quantized or settings.precision == "int4" else settings.precision)
+    dtype = precision_dtype("fp32" if settings.quantized or settings.precision in INT4_PRECISIONS else settings.precision)
     plan = None
     if pruned is not None:
         plan, transformer = _load_pruned(pruned, dtype)
@@ -413,6 +416,10 @@ def _load_and_export(spec, pruned: Path | None, components, batches, settings: E
             from export.int4_export import export_int4_transformer
 
             results["transformer"] = export_int4_transformer(spec, plan, holder, batches, settings, out, onnx_dir / "transformer.onnx", report)
+        elif "transformer" in components and settings.precision == "w4a16":
+            from export.int4_qdq import export_w4a16_transformer
+
+            results["transformer"] = export_w4a16_transformer(spec, plan, holder, batches, settings, out, onnx_dir / "transformer.onnx", report)
         elif "transformer" in components:
             results["transformer"] = export_float_transformer(spec, plan, holder, batches, settings, out, onnx_dir / "transformer.onnx", report)
         else:

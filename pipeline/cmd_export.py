@@ -12,7 +12,9 @@ trajectories (``--calib-samples`` of its prompts and seeds, its steps and guidan
 weights stay zero (the N:M check reads through the DequantizeLinear), INT8 checked in ONNX Runtime against the
 fake-quantized model; the other components stay float32 (int8) or float16 (fp8). ``--precision int4`` takes the
 4-bit weights a ``prune --weight-bits 4`` solved (``--pruned``) into ONNX Runtime's ``MatMulNBits`` (no calibration,
-no re-quantization), checked against the torch model with the same integer weights.
+no re-quantization), checked against the torch model with the same integer weights; ``--precision w4a16`` takes the
+same weights to TensorRT: a float16 graph whose quantized MatMuls read them through blocked INT4 ``DequantizeLinear``
+(the other components float16), checked in ONNX Runtime against the float16 model (docs/tensorrt.md).
 
 The report is written last and marks the output complete. A rerun whose inputs (hash of ``plan.json`` and
 the transformer weights, model, precision, components, shapes, library versions, this stage's code) are
@@ -45,7 +47,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="the transformer's: fp32 for CPU runtimes, fp16 for TensorRT, int8 (Q/DQ; ONNX Runtime and TensorRT) or "
                         "fp8 (TensorRT on SM89/SM120 GPUs), both calibrated with ModelOpt on stage 1's trajectories, or int4 (the 4-bit "
-                        "weights of a `prune --weight-bits 4` --pruned as ONNX Runtime's MatMulNBits, INT8 activations; default fp32)")
+                        "weights of a `prune --weight-bits 4` --pruned as ONNX Runtime's MatMulNBits, INT8 activations), or w4a16 (those weights "
+                        "as TensorRT's INT4 DequantizeLinear in a float16 graph; default fp32)")
     p.add_argument("--others-precision", choices=OTHER_PRECISIONS, default=None,
                    help="the other components' precision: fp32, fp16, or int8/int4 (the text encoders' linear layers weight-only "
                         "INT8/INT4 for ONNX Runtime, the VAE decoder float32; docs/low-precision.md). Default: fp32 next to fp32/int8, "

@@ -240,21 +240,25 @@ def _build_engine(onnx_path: Path, out_dir: Path, options: BuildOptions, be: Bac
 
 def _int4_in_engine(onnx_path: Path, log_lines: list[str]) -> dict[str, Any]:
     """Which INT4 weights of a W4A16 ONNX the engine holds as INT4 constants (from the builder's DETAILED layer
-    table), the engine's weight bytes and its constants by dtype. No runtime here has a kernel for 2:4 and 4-bit at
-    once: a 2:4 + 4-bit engine runs dense 4-bit (``quantized_nm_layers`` stays empty)."""
+    table): dequantized inside their GEMM, or on their own into a float16 copy the GEMM reads (TensorRT-RTX 1.7 does
+    that for an odd N); the engine's weight bytes and its constants by dtype. No runtime here has a kernel for 2:4
+    and 4-bit at once: a 2:4 + 4-bit engine runs dense 4-bit (``quantized_nm_layers`` stays empty)."""
     engine = parse_engine_layers(log_lines)
     dq = int4_dequantize_nodes(onnx_path)
     if not engine["layers"]:  # a TensorRT whose log has no layer table in this form: say so rather than "none"
         return {"int4_weights": len(dq), "int4_weights_in_engine": None, "int4_weights_not_int4_in_engine": None,
                 "engine_weights_bytes": engine["weights_memory_bytes"], "note": "the builder logged no layer table to read"}
-    kept = sorted(w for node, w in dq.items() if node in engine["int4_onnx_nodes"])
+    fused = sorted(w for node, w in dq.items() if node in engine["int4_onnx_nodes"])
+    unfused = sorted(w for node, w in dq.items() if node in engine["int4_unfused_onnx_nodes"] and w not in fused)
     return {
         "int4_weights": len(dq),
-        "int4_weights_in_engine": kept,
-        "int4_weights_not_int4_in_engine": sorted(set(dq.values()) - set(kept)),
+        "int4_weights_in_engine": fused,
+        "int4_weights_dequantized_apart": unfused,
+        "int4_weights_not_int4_in_engine": sorted(set(dq.values()) - set(fused) - set(unfused)),
         "engine_weights_bytes": engine["weights_memory_bytes"],
         "engine_constant_dtypes": engine["constant_dtypes"],
-        "note": "INT4 weight-only: the engine keeps the INT4 constants and dequantizes them in its GEMMs' prologue (float16 activations)",
+        "note": "INT4 weight-only, float16 activations: int4_weights_in_engine are dequantized inside their GEMMs; int4_weights_dequantized_apart "
+                "are stored INT4 but dequantized by a kernel of their own (no activation input) into a float16 copy the GEMM reads",
     }
 
 

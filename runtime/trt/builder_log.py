@@ -86,6 +86,7 @@ def parse_sparsity_log(lines: Iterable[str]) -> dict[str, Any]:
 
 _WEIGHTS_MEMORY = re.compile(r"Total Weights Memory:\s*(\d+)\s*bytes")
 _CONSTANTS = re.compile(r"Constants: \[(.*?)\], Outputs:")
+_INPUTS = re.compile(r"Inputs: \[(.*?)\], Constants:")
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
 
 
@@ -95,8 +96,10 @@ def parse_engine_layers(lines: Iterable[str]) -> dict[str, Any]:
     and its ``Total Weights Memory: N bytes`` line.
 
     Returns ``{"layers": engine layers listed, "weights_memory_bytes": int or None, "constant_dtypes": {dtype:
-    count of constants}, "int4_onnx_nodes": [ONNX node names of the engine layers holding an INT4 constant]}``."""
-    out: dict[str, Any] = {"layers": 0, "weights_memory_bytes": None, "constant_dtypes": {}, "int4_onnx_nodes": []}
+    count of constants}, "int4_onnx_nodes": [ONNX node names of the engine layers that hold an INT4 constant and take
+    an activation (the dequantization fused into a GEMM)], "int4_unfused_onnx_nodes": [those of layers that hold one
+    and take no input: the weight dequantized on its own into a float16 tensor the GEMM then reads]}``."""
+    out: dict[str, Any] = {"layers": 0, "weights_memory_bytes": None, "constant_dtypes": {}, "int4_onnx_nodes": [], "int4_unfused_onnx_nodes": []}
     for text in lines:
         for ln in str(text).splitlines():
             hit = _WEIGHTS_MEMORY.search(ln)
@@ -111,5 +114,7 @@ def parse_engine_layers(lines: Iterable[str]) -> dict[str, Any]:
             for d in dtypes:
                 out["constant_dtypes"][d] = out["constant_dtypes"].get(d, 0) + 1
             if "Int4" in dtypes:
-                out["int4_onnx_nodes"] += [n for n in _ONNX_LAYER.findall(ln) if n not in out["int4_onnx_nodes"]]
+                inputs = _INPUTS.search(ln)
+                key = "int4_onnx_nodes" if inputs and inputs.group(1).strip() else "int4_unfused_onnx_nodes"
+                out[key] += [n for n in _ONNX_LAYER.findall(ln) if n not in out[key]]
     return out

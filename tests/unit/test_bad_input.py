@@ -485,6 +485,8 @@ CASES = [
          "--pruned {tmp}/pruned holds float weights (a prune without --weight-bits): prune with --weight-bits 4", float_prune),
     Case("engine-int4-calibration", [*ENGINE, "--precision", "int4", "--quant-samples", "2"],
          "--quant-samples/--quant-calls calibrate an INT8/FP8 transformer"),
+    Case("export-w4a16-float-prune", [*EXPORT, "--precision", "w4a16", "--pruned", "{tmp}/pruned", "--out", "{tmp}/e"],
+         "--pruned {tmp}/pruned holds float weights (a prune without --weight-bits): prune with --weight-bits 4", float_prune),
     # 18. compressed text encoders (issue 24): weight-only values, T5 where the family needs it, engines of ONNX Runtime graphs
     Case("export-others-precision-unknown", [*EXPORT, "--others-precision", "int3", "--out", "{tmp}/e"], "--others-precision: invalid choice: 'int3'"),
     Case("export-drop-t5-flux", [*EXPORT, "--model", "tiny-flux", "--drop-t5", "--out", "{tmp}/e"],

@@ -15,7 +15,7 @@ from torch import nn
 
 from common.errors import CheckFailed
 
-GROUP = 64  # K = 256 and 128 are multiples: INT4; K = 96 is not: its layer stays float16 for TensorRT
+GROUP = 64  # K = 256, 128: INT4 in blocks of 64; K = 96: blocks of gcd(96, 64) = 32; K = 99: gcd 1, stays float16
 
 
 class _Mlp(nn.Module):
@@ -24,10 +24,11 @@ class _Mlp(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.proj_in, self.mid, self.proj_out = nn.Linear(256, 128), nn.Linear(128, 96), nn.Linear(96, 64)
+        self.proj_in, self.mid, self.cut, self.proj_out = nn.Linear(256, 128), nn.Linear(128, 96), nn.Linear(96, 99), nn.Linear(99, 64)
 
     def forward(self, x):
-        return self.proj_out(nn.functional.gelu(self.mid(nn.functional.gelu(self.proj_in(x)))))
+        gelu = nn.functional.gelu
+        return self.proj_out(gelu(self.cut(gelu(self.mid(gelu(self.proj_in(x)))))))
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +47,14 @@ def w4a16(tmp_path_factory):
     model = _Mlp()
     wq = WeightQuant(4, GROUP, "rtn")
     with torch.no_grad():
-        for layer in (model.proj_in, model.mid, model.proj_out):
+        for layer in (model.proj_in, model.mid, model.cut, model.proj_out):
             w, scales = rtn_quantize(layer.weight, wq)
             layer.weight.copy_(w)
             layer.weight_quant, layer.weight_scales, layer.weight_columns = wq, scales, None
     (d / "compact").mkdir()
     assert save_int(model, d / "compact")
     codes = {k.removesuffix(".codes"): v for k, v in int_state(model)[0].items() if k.endswith(".codes")}
+    np.save(d / "scales_cut.npy", model.cut.weight_scales.numpy().astype(np.float16))  # (99, 2): groups [0, 64) and [64, 96)
     model.half()
     x = torch.randn(3, 5, 256).half()
     with torch.no_grad(), fp32_compute(model) as m:  # the export's float16 reference: its weights, float32 arithmetic
@@ -72,20 +74,24 @@ def test_the_graph_is_valid_onnx_holding_the_stored_codes(w4a16):
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path))
     assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == W4A16_OPSET and model.ir_version == 10
-    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    assert sorted(n.input[0] for n in dq) == ["mid.weight", "proj_in.weight"]
-    for n in dq:
+    dq = {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    assert sorted(dq) == ["cut.weight", "mid.weight", "proj_in.weight"]
+    for name, n in dq.items():
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        assert attrs == {"axis": 0, "block_size": GROUP} and len(n.input) == 2  # no zero point: symmetric
-    for layer in ("proj_in", "mid"):
+        assert attrs == {"axis": 0, "block_size": 32 if name == "cut.weight" else GROUP} and len(n.input) == 2  # no zero point
+    for layer in ("proj_in", "mid", "cut"):
         got, scales = int4_codes(model, layer)
         assert got.dtype == np.int8 and np.array_equal(got, codes[layer].numpy())  # copied, not computed: exact
-        assert scales.dtype == np.float16 and scales.shape == (codes[layer].shape[0], codes[layer].shape[1] // GROUP)
+        assert scales.dtype == np.float16 and scales.shape == (codes[layer].shape[0], codes[layer].shape[1] // (32 if layer == "cut" else GROUP))
+    # K=96 in groups of 64: blocks of 32, the first group's scale twice and the short last group's once
+    stored = np.load(d / "scales_cut.npy")
+    assert np.array_equal(int4_codes(model, "cut")[1], np.repeat(stored, 2, axis=1)[:, :3])
     weights = {t.name: t for t in model.graph.initializer}
     assert weights["proj_in.weight"].data_type == onnx.TensorProto.INT4 and list(weights["proj_in.weight"].dims) == [256, 128]
-    assert weights["proj_out.weight"].data_type == onnx.TensorProto.FLOAT16  # K=96: kept, and said why
-    assert report["int4_layers"] == 2 and "K=96 is not a multiple of the group size 64" in report["fp16_quantized_layers"]["proj_out"]
-    assert report["int4_weight_bytes"] == (256 * 128 + 128 * 96) // 2 + 2 * (256 * 128 + 128 * 96) // GROUP
+    assert weights["proj_out.weight"].data_type == onnx.TensorProto.FLOAT16  # K=99: kept, and said why
+    assert report["int4_layers"] == 3 and report["smaller_blocks"] == {"cut": 32}
+    assert "K=99 is not a multiple of the group size 64 and gcd 1 < 32" in report["fp16_quantized_layers"]["proj_out"]
+    assert report["int4_weight_bytes"] == (256 * 128 + 128 * 96 + 96 * 99) // 2 + 2 * (256 * 128 + 128 * 96) // GROUP + 2 * 96 * 99 // 32
     assert onnx_precision(path) == "w4a16" and onnx_precision(d / "fp16" / "mlp.onnx") == "fp16"
 
 
@@ -152,7 +158,9 @@ def test_tensorrt_rtx_builds_it_with_int4_constants(w4a16, tmp_path):
     assert plan.name.endswith("_w4a16.plan")
     m = json.loads(plan.with_suffix(".json").read_text())
     q = m["precision"], m["quantization"]
-    assert q[0] == "w4a16" and q[1]["int4_weights"] == 2
-    # the builder's DETAILED layer table: both INT4 weights stay INT4 constants of the engine's fused GEMMs
-    assert q[1]["int4_weights_in_engine"] == ["mid.weight", "proj_in.weight"] and q[1]["int4_weights_not_int4_in_engine"] == []
-    assert q[1]["engine_constant_dtypes"]["Int4"] == 2 and q[1]["engine_weights_bytes"] > 0
+    assert q[0] == "w4a16" and q[1]["int4_weights"] == 3
+    # the builder's DETAILED layer table: every INT4 weight stays an INT4 constant of the engine, dequantized inside its
+    # GEMM or (TensorRT-RTX 1.7, for cut's odd N = 99) by a kernel of its own into a float16 copy
+    assert sorted(q[1]["int4_weights_in_engine"] + q[1]["int4_weights_dequantized_apart"]) == ["cut.weight", "mid.weight", "proj_in.weight"]
+    assert "mid.weight" in q[1]["int4_weights_in_engine"] and q[1]["int4_weights_not_int4_in_engine"] == []
+    assert q[1]["engine_constant_dtypes"]["Int4"] >= 3 and q[1]["engine_weights_bytes"] > 0
