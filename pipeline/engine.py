@@ -11,8 +11,9 @@ into ``export-int8/`` and builds ``engines-int8/`` from it; on a CPU the benchma
 Runtime and writes ``bench-int8/``. FP8 builds TensorRT-RTX engines for SM89/SM120 and is benchmarked only on
 such a GPU (``--no-bench`` elsewhere). ``--precision int4`` runs stage 1 with ``--weight-bits 4`` (group 128; the dense
 side too, as ``--sparsity dense``: 4-bit weights and no pruning), in ``<config>-w4g128/`` and ``dense-w4g128/``,
-exports those weights as ONNX Runtime's ``MatMulNBits`` into ``export-int4/`` and benchmarks them in ONNX Runtime
-(TensorRT has no INT4 path here yet: no engines are built).
+exports those weights as ONNX Runtime's ``MatMulNBits`` into ``export-int4/`` and benchmarks them in ONNX Runtime;
+the engines get the same weights as TensorRT's INT4 weight-only ``DequantizeLinear`` in a float16 graph
+(``export-w4a16/``, ``engines-w4a16/``; built, not benchmarked yet).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def add_engine_args(p) -> None:
                    help="the transformer's precision: fp32 (ONNX Runtime; float16 engines), int8 (Q/DQ, calibrated with ModelOpt on "
                         "stage 1's trajectories; ONNX Runtime and INT8 engines) or fp8 (engines for SM89/SM120 GPUs; ONNX Runtime cannot run "
                         "it: add --no-bench on a host without such a GPU), or int4 (stage 1 solves 4-bit weights, group 128; ONNX Runtime's "
-                        "MatMulNBits with INT8 activations; no TensorRT engines yet). Default fp32")
+                        "MatMulNBits with INT8 activations; its engines: INT4 weight-only, float16 activations). Default fp32")
     p.add_argument("--others-precision", default=None, choices=["fp32", "fp16", "int8", "int4"],
                    help="the ONNX Runtime exports' text encoders and VAE: fp32, fp16, or int8/int4 (weight-only text encoders, float32 VAE "
                         "decoder; docs/low-precision.md). Default: the export's for the transformer's precision. Engines keep float16")
@@ -166,17 +167,22 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
                             prune_settings(spec, parse_sparsity("dense"), dense.prune, groups=args.groups, samples=args.samples or DEFAULT_SAMPLES,
                                            steps=args.calib_steps, **weights), {"model": spec.source}, {"dir": str(dense.prune)}))
     quant = quant_calibration(args, prune) if precision in ("int8", "fp8") else None
-    if precision == "int4" and not args.no_engines:
-        log.info("--precision int4: no TensorRT engines (TensorRT has no INT4 path here yet); ONNX Runtime runs the INT4 exports")
     cpu_components = ("transformer",) if not cuda else None  # engines on a host without a GPU: the transformer's only; None: all
     for which, dirs, pruned in (("dense", dense, dense.prune if weights else None), ("pruned", cfg, cfg.prune)):
         inputs = {"pruned": str(pruned) if pruned else None}
-        if precision == "int4":  # ONNX Runtime only: TensorRT has no INT4 path here yet
+        if precision == "int4":  # ONNX Runtime runs export-int4/ (MatMulNBits); the engines get the same weights as W4A16
             stages.append(Stage(f"export_{which}_int4", dirs.export_for("int4") / "export_report.json",
                                 export_settings(spec, dirs, pruned, "int4", shapes, others="fp32", share_from=dense.export_for("int4") if which == "pruned" else None),
                                 inputs, {"dir": str(dirs.export_for("int4"))}))
-            continue
-        if precision == "fp32":
+            if args.no_engines:
+                continue
+            engine_export = dirs.export_for("w4a16")  # float16 around TensorRT's INT4 DequantizeLinear (export.int4_qdq)
+            stages.append(Stage(f"export_{which}_w4a16", engine_export / "export_report.json",
+                                export_settings(spec, dirs, pruned, "w4a16", shapes, components=cpu_components, others="fp16",
+                                                share_from=dense.export_for("w4a16") if which == "pruned" else None, drop_t5=drop_t5),
+                                inputs, {"dir": str(engine_export)}))
+            engine_components = None
+        elif precision == "fp32":
             if bench_backend in ("ort", "torch"):  # torch: the float32 export's compact checkpoint
                 stages.append(Stage(f"export_{which}", dirs.export / "export_report.json",
                                     ExportSettings(spec=spec, out=dirs.export, pruned=pruned, precision="fp32", shapes=shapes,
@@ -204,11 +210,12 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
             if args.no_engines:
                 continue
             engine_components = cpu_components if ort_export else None
-        engines = dirs.engines_for(precision if precision != "fp32" else "fp16")
+        engine_precision = {"fp32": "fp16", "int4": "w4a16"}.get(precision, precision)
+        engines = dirs.engines_for(engine_precision)
         build = BuildSettings(spec=spec, sparsity=sparsity if pruned else parse_sparsity("dense"), onnx_dir=engine_export / "onnx",
                               out=engines, opt_level=args.opt_level, components=engine_components,
                               triton=Path(args.triton) if args.triton and which == "pruned" else None, static_shapes=shapes.static)
-        suffix = "" if precision == "fp32" else f"_{precision}"
+        suffix = "" if precision == "fp32" else f"_{engine_precision}"
         stages.append(Stage(f"engines_{which}{suffix}", engines / "transformer", build, {"onnx": str(engine_export / "onnx")},
                             {"dir": str(engines)}))
     for st in stages:
@@ -433,7 +440,8 @@ def check_precision(args, cuda: bool, bench_backend: str) -> None:
     if args.precision in ("fp32", "int4") and (args.quant_samples is not None or args.quant_calls is not None):
         raise UserError("--quant-samples/--quant-calls calibrate an INT8/FP8 transformer; add --precision int8 or fp8")
     if args.precision == "int4" and bench_backend == "trt":
-        raise UserError("--precision int4 runs on ONNX Runtime (MatMulNBits); TensorRT INT4 engines are not built yet: use --backend ort")
+        raise UserError("--precision int4 is benchmarked on ONNX Runtime (MatMulNBits); its TensorRT engines (engines-w4a16/, INT4 weight-only) "
+                        "are built but not benchmarked yet: use --backend ort")
     others = getattr(args, "others_precision", None)
     if others is not None and (bench_backend != "ort" or args.precision == "fp8"):
         runs = "TensorRT engines" if bench_backend == "trt" or args.precision == "fp8" else "the PyTorch backend"

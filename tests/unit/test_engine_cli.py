@@ -214,3 +214,18 @@ def test_build_takes_the_exports_sparsity_unless_told(tmp_path):
     (onnx.parent / "export_report.json").write_text(json.dumps({"sparsity": "2:4"}))
     assert str(parse().sparsity) == "2:4"
     assert str(parse("--sparsity", "4:8").sparsity) == "4:8"  # told: check_export_for then refuses the mismatch in one line
+
+
+def test_int4_plan_exports_matmul_nbits_for_onnx_runtime_and_w4a16_for_the_engines(tmp_path):
+    """``--precision int4``: ONNX Runtime's MatMulNBits export and, unless --no-engines, the same 4-bit weights as TensorRT's
+    INT4 DequantizeLinear (export-w4a16/) built into engines-w4a16/, on both sides (the dense side prunes nothing, 4-bit)."""
+    _, cfg, dense, stages = _plan(tmp_path, "--precision", "int4")
+    assert [s.name for s in stages] == ["prune", "prune_dense", "export_dense_int4", "export_dense_w4a16", "engines_dense_w4a16",
+                                        "export_pruned_int4", "export_pruned_w4a16", "engines_pruned_w4a16"]
+    by_name = {s.name: s for s in stages}
+    w4 = by_name["export_pruned_w4a16"].settings
+    assert w4.precision == "w4a16" and w4.out == cfg.export_for("w4a16") and w4.other_precision == "fp16" and w4.components == ("transformer",)
+    assert by_name["engines_pruned_w4a16"].settings.onnx_dir == cfg.export_for("w4a16") / "onnx"
+    assert by_name["engines_dense_w4a16"].settings.out == dense.engines_for("w4a16")
+    _, _, _, stages = _plan(tmp_path, "--precision", "int4", "--no-engines")
+    assert [s.name for s in stages] == ["prune", "prune_dense", "export_dense_int4", "export_pruned_int4"]

@@ -129,7 +129,7 @@ def test_quantized_export_settings_are_checked(stage1, tmp_path):
         with pytest.raises(UserError, match=match):
             check_export(ExportSettings(spec=spec, out=tmp_path / "o", **kw))
 
-    fails("unknown export precision", precision="int4")
+    fails("unknown export precision", precision="int3")
     fails("one resolution", precision="int8", shapes=served_shapes(spec, [(32, 32), (64, 64)]))
     fails("include it in --components", precision="int8", components=("vae_decoder",))
     fails("at least 1", precision="fp8", calibration=QuantCalibration(samples=0))
