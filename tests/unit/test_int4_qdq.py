@@ -164,3 +164,38 @@ def test_tensorrt_rtx_builds_it_with_int4_constants(w4a16, tmp_path):
     assert sorted(q[1]["int4_weights_in_engine"] + q[1]["int4_weights_dequantized_apart"]) == ["cut.weight", "mid.weight", "proj_in.weight"]
     assert "mid.weight" in q[1]["int4_weights_in_engine"] and q[1]["int4_weights_not_int4_in_engine"] == []
     assert q[1]["engine_constant_dtypes"]["Int4"] >= 3 and q[1]["engine_weights_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_prune_w4_export_w4a16_and_build_end_to_end(tmp_path):
+    """tiny-sd3 through the commands (opt-in, RUN_SLOW=1; ~2 minutes on 2 cores): `prune --sparsity structured:0.3
+    --weight-bits 4`, `export --precision w4a16`, `build` with TensorRT-RTX. The structured cut leaves K that are not
+    whole groups: some layers in smaller blocks, some float16, every other quantized layer INT4 in the engine."""
+    import json
+
+    from export.int4_qdq import int4_codes
+    from pipeline.__main__ import main
+    from tests.runtime_fixtures import tiny_sd3
+
+    tiny_sd3()  # skips without models/tiny-sd3
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx)")
+    pruned, out = tmp_path / "p", tmp_path / "e"
+    assert main(["prune", "--model", "tiny-sd3", "--sparsity", "structured:0.3", "--weight-bits", "4", "--samples", "2", "--out", str(pruned)]) == 0
+    assert main(["export", "--pruned", str(pruned), "--precision", "w4a16", "--components", "transformer", "--out", str(out)]) == 0
+    report = json.loads((out / "export_report.json").read_text())
+    q, t = report["quantization"], report["components"]["transformer"]
+    assert report["precision"] == "w4a16" and t["precision"] == "w4a16" and t["parity"]["ok"]
+    plan = json.loads((pruned / "plan.json").read_text())
+    quantized = sorted(n for n, e in plan["layers"].items() if e.get("weight_bits"))
+    assert q["int4_layers"] + len(q["fp16_quantized_layers"]) == len(quantized)
+    from safetensors.torch import load_file
+
+    stored = load_file(str(out / "compact" / "weights_int.safetensors"))
+    model = onnx.load(str(out / "onnx" / "transformer.onnx"))
+    for layer in sorted(set(quantized) - set(q["fp16_quantized_layers"])):
+        assert np.array_equal(int4_codes(model, layer)[0], stored[f"{layer}.codes"].numpy()), layer
+    assert main(["build", "--onnx-dir", str(out / "onnx"), "--opt-level", "0"]) == 0
+    plan_file = next((out / "engines" / "transformer").glob("*_w4a16.plan"))
+    m = json.loads(plan_file.with_suffix(".json").read_text())["quantization"]
+    assert sorted(m["int4_weights_in_engine"] + m["int4_weights_dequantized_apart"]) == sorted(f"{n}.weight" for n in quantized
+                                                                                             if n not in q["fp16_quantized_layers"])
