@@ -9,7 +9,7 @@ EXTRAS ?= rtx,torch-gpu,serve
 PYTEST_ARGS ?=
 ENGINE_ARGS ?=
 
-.PHONY: setup test engine bench sheet train-tiny quality scale-fixture scale-check sizes clean-artifacts pareto gpu-check gpu-wheels serve serve-stop serve-load
+.PHONY: setup test engine bench sheet train-tiny quality scale-fixture scale-check sizes size-check clean-artifacts pareto gpu-check gpu-wheels serve serve-stop serve-load
 
 setup: $(VENV)/.installed
 
@@ -68,6 +68,12 @@ scale-check: setup
 SIZES_ARGS ?=
 sizes: setup
 	$(PY) -m benchmarks.pipeline_sizes $(SIZES_ARGS)
+
+# Those sizes against real files (not part of `make test`; about 45 minutes, < 9 GiB, 35 GB of disk): the SD3-medium
+# fixture with published-size text encoders (T5-XXL 4.76B, built without a float32 copy), its float16 files, and
+# stage 2's INT8/INT4 exports at two depths extrapolated to 24 blocks/layers: artifacts/sizes/check/size_check.{json,md}.
+size-check: setup
+	$(PY) -m benchmarks.size_check $(SIZES_ARGS)
 
 # The GPU check (benchmarks/gpu_check.py, at most 7.5 minutes on one GPU): on a CUDA host that has nothing but a CUDA
 # build of PyTorch it runs with that host's python3 (GPU_PY; no .venv), installing diffusers and torchao from WHEELS

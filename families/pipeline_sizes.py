@@ -164,7 +164,7 @@ class ComponentWeights:
         return replace(self, matrices=tuple(replace(m, rows=shape[m.name][0], cols=shape[m.name][1]) for m in self.matrices))
 
 
-def _state_tensors(module) -> list[tuple[str, Any]]:
+def state_tensors(module) -> list[tuple[str, Any]]:
     """``(key, tensor)`` of ``module``'s state dict (parameters and persistent buffers), a tied tensor once."""
     seen: set[int] = set()
     out = []
@@ -195,7 +195,7 @@ def inventory(module, name: str, kind: str, *, adapter=None, source: str = "publ
             units |= {f"{block_prefix}.{n}" for _, names in adapter.units(block) for n in names}
             groups.append((block_prefix, tuple(adapter.structured_groups(block))))
     keep = (lambda k: k.startswith(prefix) or k.startswith("post_quant_conv.")) if prefix else (lambda k: True)
-    tensors = dict(_state_tensors(module))
+    tensors = dict(state_tensors(module))
     matrices, other = [], 0
     used: set[str] = set()
     for key, t in tensors.items():

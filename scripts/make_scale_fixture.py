@@ -84,14 +84,11 @@ def write_streamed(module: torch.nn.Module, out: Path, generator: torch.Generato
     Returns the weight bytes written."""
     from safetensors.torch import save_file
 
+    from families.pipeline_sizes import state_tensors
+
     out.mkdir(parents=True)
     module.config.save_pretrained(out)
-    seen: set[int] = set()
-    entries = []
-    for key, t in module.state_dict(keep_vars=True).items():
-        if id(t) not in seen:
-            seen.add(id(t))
-            entries.append((key, t))
+    entries = state_tensors(module)
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
     for key, t in entries:
