@@ -165,6 +165,7 @@ def to_int4_dq(model, weights: IntWeights, base_dir: str | os.PathLike | None = 
     base_dir: where the model's external data lives (its float16 weights are read from there one at a time);
     extra_data: the file the new INT4 tensors are appended to (external), or None to embed them.
     """
+    import onnx
     from onnx import helper, numpy_helper
 
     from export.onnx_files import append_external, tensor_bytes
@@ -219,13 +220,14 @@ def to_int4_dq(model, weights: IntWeights, base_dir: str | os.PathLike | None = 
         mm.input[1] = dq_out
         replaced.add(name)
         report.int4_layers.append(layer)
-    # each DequantizeLinear right before its MatMul (the graph stays topologically sorted)
-    order = {id(mm): dq for mm, dq in new_nodes}
+    # each DequantizeLinear right before its MatMul (the graph stays topologically sorted); copies, as the old list goes
+    before = {mm.output[0]: dq for mm, dq in new_nodes}
     nodes = []
     for node in model.graph.node:
-        if id(node) in order:
-            nodes.append(order[id(node)])
-        nodes.append(node)
+        if node.output and node.output[0] in before:
+            nodes.append(before[node.output[0]])
+        nodes.append(onnx.NodeProto())
+        nodes[-1].CopyFrom(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     stale = [v for v in model.graph.value_info if v.name in replaced]  # the float16 weights' old type
