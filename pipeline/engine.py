@@ -212,7 +212,7 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
             engine_components = cpu_components if ort_export else None
         engine_precision = {"fp32": "fp16", "int4": "w4a16"}.get(precision, precision)
         engines = dirs.engines_for(engine_precision)
-        build = BuildSettings(spec=spec, sparsity=sparsity if pruned else parse_sparsity("dense"), onnx_dir=engine_export / "onnx",
+        build = BuildSettings(spec=spec, sparsity=sparsity if which == "pruned" else parse_sparsity("dense"), onnx_dir=engine_export / "onnx",
                               out=engines, opt_level=args.opt_level, components=engine_components,
                               triton=Path(args.triton) if args.triton and which == "pruned" else None, static_shapes=shapes.static)
         suffix = "" if precision == "fp32" else f"_{engine_precision}"
