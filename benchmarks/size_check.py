@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 import sys
 from pathlib import Path
@@ -88,6 +89,29 @@ def onnx_bytes(path: Path) -> dict[str, int]:
     from export.onnx_files import initializer_bytes, onnx_size
 
     return {"file": onnx_size(path), "initializers": initializer_bytes(onnx.load(str(path), load_external_data=False))}
+
+
+def export_adjustment(w, precision, report: dict[str, Any], entry: dict[str, Any], configs: dict[str, dict[str, Any]]) -> int:
+    """Bytes an export stores differently from the loaded component ``w`` (``configs``: the fixture's component
+    configs), because the exporter folds a table into the constant the served shapes need:
+
+    - SD3's persistent position table (``pos_embed.pos_embed``, ``(1, G*G, D)``: 56.6M values for SD3-medium) is
+      cropped to the largest served token grid: ``(h/p) * (w/p) * D`` values, not ``G*G*D``;
+    - T5's relative position bias (an embedding of ``buckets x heads`` values in the first layer) becomes the
+      float32 ``(1, heads, L, L)`` bias of the exported sequence length ``L`` (16 MiB for T5-XXL at 256 tokens)."""
+    bytes_per = precision.formats()["other"].bits // 8
+    if w.kind == "transformer":
+        served = report["served_shapes"]
+        lat = max((h // served["vae_scale"], wd // served["vae_scale"]) for h, wd in served["resolutions"])
+        patch = int(configs["transformer"].get("patch_size", 2))
+        for key, shape in w.buffers:
+            if key.endswith("pos_embed.pos_embed"):
+                return ((lat[0] // patch) * (lat[1] // patch) * shape[-1] - math.prod(shape)) * bytes_per
+    if w.kind == "t5":
+        cfg = configs[w.name]
+        length = int(entry["inputs"]["input_ids"]["shape"][1])
+        return cfg["num_heads"] * length * length * 4 - cfg["relative_attention_num_buckets"] * cfg["num_heads"] * bytes_per
+    return 0
 
 
 def _component_of(export_name: str) -> str:
@@ -186,13 +210,15 @@ def _measure_export(fixture: Path, export_dir: Path) -> dict[str, dict[str, Any]
         return {}
     report = json.loads(report_file.read_text())
     weights = pipeline_weights(resolve_model(str(fixture)))
+    configs = {n: json.loads((fixture / n / "config.json").read_text()) for n in ("transformer", "text_encoder_3") if (fixture / n / "config.json").is_file()}
     out = {}
     for name, entry in report.get("components", {}).items():
         path = export_dir / "onnx" / entry.get("file", f"{name}.onnx")
         if not path.is_file():
             continue
         precision = export_precision(name, entry, report)
-        computed = component_bytes(weights[_component_of(name)], precision)
+        w = weights[_component_of(name)]
+        computed = component_bytes(w, precision) + export_adjustment(w, precision, report, entry, configs)
         measured = onnx_bytes(path)
         out[name] = {"layout": precision.label(), "computed": computed, **measured, "ratio": measured["file"] / computed}
     return out
@@ -235,6 +261,7 @@ def run(args) -> dict[str, Any]:
                 reports.setdefault(f"{label}:{name}", export_dir / "export_report.json")
     result["exports"] = {str(d): rows for d, rows in measured.items()}
     published = pipeline_weights(resolve_model(FAMILY))
+    configs = {"transformer": published_config(FAMILY)[1], "text_encoder_3": T5_XXL}
     target = {"transformer": published_config(FAMILY)[1]["num_layers"], "text_encoder_3": T5_XXL["num_layers"]}  # the depth-dependent ones
     extrapolated = {}
     for key in sorted(measured[b]):
@@ -250,7 +277,8 @@ def run(args) -> dict[str, Any]:
         else:  # the published size in the fixture already: the file itself
             row["file"] = rb["file"]
         report = json.loads(reports[key].read_text())
-        row["computed"] = component_bytes(published[_component_of(name)], export_precision(name, report["components"][name], report))
+        w, precision = published[_component_of(name)], export_precision(name, report["components"][name], report)
+        row["computed"] = component_bytes(w, precision) + export_adjustment(w, precision, report, report["components"][name], configs)
         row["ratio"] = row["file"] / row["computed"]
         row["ok"] = abs(row["ratio"] - 1) <= args.tolerance
         extrapolated[key] = row

@@ -132,6 +132,7 @@ class ComponentWeights:
     other: int
     source: str  # where the config came from: "local", "cache" or "published"
     groups: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # transformer: (block prefix, structured groups)
+    buffers: tuple[tuple[str, tuple[int, ...]], ...] = ()  # persistent buffers (key, shape), counted in ``other``
 
     @property
     def numel(self) -> int:
@@ -178,8 +179,8 @@ def state_tensors(module) -> list[tuple[str, Any]]:
 def inventory(module, name: str, kind: str, *, adapter=None, source: str = "published", prefix: str = "") -> ComponentWeights:
     """Sort ``module``'s state dict (a meta-device module is enough) into :class:`ComponentWeights`. adapter: the
     family adapter of a transformer (its blocks' units are the ``block`` role, their other linears the
-    ``modulation`` role). prefix: only the keys under it (``decoder.`` keeps the VAE's decoder; the keys then
-    start after ``prefix``), plus ``post_quant_conv`` for a VAE decoder."""
+    ``modulation`` role). prefix: only the keys under it and ``post_quant_conv`` (``decoder.`` keeps a VAE's
+    decoder: what a text-to-image pipeline runs)."""
     from torch import nn
 
     linear = {f"{n}.weight": n for n, m in module.named_modules() if isinstance(m, nn.Linear)}
@@ -196,6 +197,8 @@ def inventory(module, name: str, kind: str, *, adapter=None, source: str = "publ
             groups.append((block_prefix, tuple(adapter.structured_groups(block))))
     keep = (lambda k: k.startswith(prefix) or k.startswith("post_quant_conv.")) if prefix else (lambda k: True)
     tensors = dict(state_tensors(module))
+    params = {k for k, _ in module.named_parameters()}
+    buffers = tuple((k, tuple(t.shape)) for k, t in tensors.items() if k not in params and keep(k))
     matrices, other = [], 0
     used: set[str] = set()
     for key, t in tensors.items():
@@ -221,7 +224,7 @@ def inventory(module, name: str, kind: str, *, adapter=None, source: str = "publ
         if has_bias:
             used.add(bias)
         matrices.append(Matrix(n, int(t.shape[0]), int(t.shape[1]), role, has_bias))
-    return ComponentWeights(name, kind, type(module).__name__, tuple(matrices), other, source, tuple(groups))
+    return ComponentWeights(name, kind, type(module).__name__, tuple(matrices), other, source, tuple(groups), buffers)
 
 
 def _component_source(spec, attr: str) -> tuple[str, str, dict[str, Any], str]:
