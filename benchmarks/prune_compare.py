@@ -48,16 +48,30 @@ def record_dense_trajectories(pipe, spec, prompts: list[str], seeds: list[int], 
     return [({k: v for k, v in c.inputs.items() if isinstance(v, torch.Tensor)}, c.output) for c in calls]
 
 
+def transformer_outputs(transformer, records: list[tuple]) -> list[torch.Tensor]:
+    """``transformer``'s output (float32, CPU) on the inputs of each recorded call."""
+    dev = next(transformer.parameters()).device
+    dt = next(transformer.parameters()).dtype
+    outs = []
+    with torch.no_grad():
+        for ins, _ in records:
+            out = transformer(**{k: v.to(dev, dt if v.is_floating_point() else v.dtype) for k, v in ins.items()}, return_dict=False)[0]
+            outs.append(out.float().cpu())
+    return outs
+
+
+def relative_error(outputs: list[torch.Tensor], references: list[torch.Tensor]) -> float:
+    """``sqrt(sum ||out - ref||^2 / sum ||ref||^2)`` over paired tensors (one number for all the calls)."""
+    if len(outputs) != len(references):
+        raise ValueError(f"{len(outputs)} outputs for {len(references)} references")
+    num = sum(float(((o.float() - r.float()) ** 2).sum()) for o, r in zip(outputs, references))
+    den = sum(float((r.float() ** 2).sum()) for r in references)
+    return (num / den) ** 0.5
+
+
 def output_rel_error(transformer, records: list[tuple]) -> float:
     """``sqrt(sum ||F_p(x) - F_d(x)||^2 / sum ||F_d(x)||^2)`` over the recorded dense calls."""
-    num = den = 0.0
-    dev, dt = transformer.device, transformer.dtype
-    with torch.no_grad():
-        for ins, ref in records:
-            out = transformer(**{k: v.to(dev, dt if v.is_floating_point() else v.dtype) for k, v in ins.items()}, return_dict=False)[0]
-            num += float(((out.float().cpu() - ref.float()) ** 2).sum())
-            den += float((ref.float() ** 2).sum())
-    return (num / den) ** 0.5
+    return relative_error(transformer_outputs(transformer, records), [ref for _, ref in records])
 
 
 def markdown(bench: dict[str, Any]) -> str:

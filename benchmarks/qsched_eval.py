@@ -1,8 +1,9 @@
 """What a Q-Sched scheduler correction buys a compressed model, on ``tiny-sd3``.
 
 For each sparsity pattern (OBS-Diff, small calibration: ``--prune-samples`` prompts x the model's steps, reused from
-``--work`` when already there) and each precision (float; INT8 / FP8 ModelOpt fake quantization of the pruned
-transformer in PyTorch), at each step count (the model's default and a few-step setting), three samplers are
+``--work`` when already there; ``dense`` for the quantized dense model) and each precision (float; INT8 / FP8 ModelOpt
+fake quantization of the pruned transformer in PyTorch; INT4: the pattern pruned with ``--weight-bits 4``, OBS-solved
+4-bit weights in groups of 128), at each step count (the model's default and a few-step setting), three samplers are
 compared on the same evaluation set:
 
 - ``none``: the compressed model with the stock scheduler;
@@ -51,15 +52,18 @@ def calibration_set(n: int, first_seed: int) -> tuple[list[str], list[int]]:
     return prompts, [first_seed + i for i in range(n)]
 
 
-def pruned_transformer(spec, pattern: str, config_dir: Path, *, samples: int, device: str):
-    """Prune tiny-sd3 with OBS-Diff into ``config_dir/prune`` (or reuse it) and load the masked transformer.
+def pruned_transformer(spec, pattern: str, config_dir: Path, *, samples: int, device: str, weight_bits: int | None = None):
+    """Prune tiny-sd3 with OBS-Diff into ``config_dir/prune`` (or reuse it) and load the masked transformer; with
+    ``weight_bits``, its weights are also solved onto that integer grid (``prune --weight-bits``, group 128: the
+    loaded float32 weights are exactly codes x scales).
 
     Returns ``(transformer, {"seconds": ..., "reused": ...})``."""
     from export.checkpoint import load_any_transformer
     from obsdiff.patterns import parse_sparsity
     from obsdiff.stage import prune_settings, run_prune
 
-    settings = prune_settings(spec, parse_sparsity(pattern), config_dir / "prune", samples=samples, device=device, progress=False)
+    settings = prune_settings(spec, parse_sparsity(pattern), config_dir / "prune", samples=samples, device=device, progress=False,
+                              weight_bits=weight_bits)
     reused = (config_dir / "prune" / "transformer" / "config.json").is_file()
     t0 = time.perf_counter()
     run_prune(settings)  # returns at once when config_dir/prune holds this pruning
@@ -145,10 +149,20 @@ def run(args) -> dict[str, Any]:
     for pattern in patterns:
         sparsity = parse_sparsity(pattern)
         config_dir = work / f"{sparsity.id}-obs-diff"
-        transformer, prune_seconds[str(sparsity)] = pruned_transformer(spec, pattern, config_dir, samples=args.prune_samples, device="cpu")
+        if sparsity.kind == "dense":  # the dense rows above are its float variant
+            transformer = dense.transformer
+        else:
+            transformer, prune_seconds[str(sparsity)] = pruned_transformer(spec, pattern, config_dir, samples=args.prune_samples, device="cpu")
         for precision in precisions:
+            if precision == "float" and sparsity.kind == "dense":
+                continue
+            variant_dir = config_dir
             if precision == "float":
                 t = transformer
+            elif precision == "int4":  # OBS-solved 4-bit weights (stage 1), a configuration of its own
+                variant_dir = work / f"{sparsity.id}-obs-diff-w4g128"
+                t, prune_seconds[f"{sparsity} int4"] = pruned_transformer(spec, pattern, variant_dir, samples=args.prune_samples,
+                                                                           device="cpu", weight_bits=4)
             else:
                 try:
                     t = quantized(transformer, dense, spec, precision, quant_calib)
@@ -169,7 +183,7 @@ def run(args) -> dict[str, Any]:
                     corr = corrections[name]
                     row = {"variant": variant, "pattern": str(sparsity), "precision": precision, "steps": n, "correction": name}
                     if corr is not None:
-                        path = artifact_file(config_dir, n, precision=None if precision == "float" else precision, objective=name)
+                        path = artifact_file(variant_dir, n, precision=None if precision == "float" else precision, objective=name)
                         corr.save(path)
                         row.update(coefficients=_summary(corr), fit_seconds=corr.fit["seconds"], file=str(path))
                     row.update(measure(pipe, n, corr))
@@ -254,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = program.parser("qsched_eval", __doc__)
     ap.add_argument("--model", default="tiny-sd3")
     ap.add_argument("--patterns", default="2:4,structured:0.3")
-    ap.add_argument("--precisions", default="float,int8,fp8", help="float, int8, fp8 (ModelOpt fake quantization in PyTorch)")
+    ap.add_argument("--precisions", default="float,int8,fp8",
+                    help="float, int8, fp8 (ModelOpt fake quantization in PyTorch), int4 (prune --weight-bits 4: OBS-solved weights, group 128)")
     ap.add_argument("--steps", default="20,4", help="sampling step counts (default: the model's 20, and 4)")
     ap.add_argument("--prune-samples", type=int, default=8, help="OBS-Diff calibration prompts (default 8)")
     ap.add_argument("--calib", type=int, default=20, help="trajectory-fit calibration prompts (default 20)")

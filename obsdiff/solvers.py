@@ -270,13 +270,18 @@ def _obs_leaf(
             torch.le(score.unsqueeze(1), score.unsqueeze(0), out=le)  # (m, m, rows) = s_j <= s_k
             torch.ge(torch.addmm(c, A, le.view(m * m, -1)), m - n_keep, out=keep)  # rank >= m - n_keep
         if quant is not None:
+            # one buffer for every column's q, in-place steps: the per-column cost on small layers is the number of
+            # calls and allocations, not arithmetic (the same operations as round_to_grid(w, s) * keep, the same values)
+            q = torch.empty_like(W1[g1])  # (rows,)
             for i in range(g1, g2):
-                q = round_to_grid(W1[i], scale, quant).mul_(keep[i - g1])  # (rows,)
+                w = W1[i]  # (rows,) view
+                round_to_grid(w, scale, quant, out=q).mul_(keep[i - g1])
                 if compensate:
-                    torch.sub(W1[i], q, out=E1[i]).mul_(inv_d[i - lo])  # (rows,) = (w - q) / U_ii
+                    e = E1[i]
+                    torch.sub(w, q, out=e).mul_(inv_d[i - lo])  # (rows,) = (w - q) / U_ii
                     if i + 1 < hi:
-                        W1[i + 1 : hi].addr_(U1[i, i + 1 : hi], E1[i], alpha=-1.0)
-                W1[i].copy_(q)
+                        W1[i + 1 : hi].addr_(U1[i, i + 1 : hi], e, alpha=-1.0)
+                w.copy_(q)
             continue
         if compensate:
             inv_dg = inv_d[g1 - lo : g2 - lo]  # (g, 1)

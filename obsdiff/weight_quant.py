@@ -80,9 +80,12 @@ def scales_for(W: torch.Tensor, wq: WeightQuant) -> torch.Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
-def round_to_grid(w: torch.Tensor, s: torch.Tensor, wq: WeightQuant) -> torch.Tensor:
-    """``w`` rounded to the codes of scale ``s`` (same shape, broadcast), as float values ``q * s``."""
-    return torch.clamp(torch.round(w / s), wq.qmin, wq.qmax) * s
+def round_to_grid(w: torch.Tensor, s: torch.Tensor, wq: WeightQuant, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``w`` rounded to the codes of scale ``s`` (same shape, broadcast), as float values ``q * s``; written into
+    ``out`` (``w``'s shape, not ``w`` itself) when given, with the same operations and so the same values."""
+    if out is None:
+        return torch.clamp(torch.round(w / s), wq.qmin, wq.qmax) * s
+    return torch.div(w, s, out=out).round_().clamp_(wq.qmin, wq.qmax).mul_(s)
 
 
 def group_scales(W: torch.Tensor, wq: WeightQuant) -> torch.Tensor:
