@@ -69,7 +69,7 @@ SIZES_ARGS ?=
 sizes: setup
 	$(PY) -m benchmarks.pipeline_sizes $(SIZES_ARGS)
 
-# Those sizes against real files (not part of `make test`; about 45 minutes, < 9 GiB, 35 GB of disk): the SD3-medium
+# Those sizes against real files (not part of `make test`; about 35 minutes, < 9.2 GiB, 35 GB of disk): the SD3-medium
 # fixture with published-size text encoders (T5-XXL 4.76B, built without a float32 copy), its float16 files, and
 # stage 2's INT8/INT4 exports at two depths extrapolated to 24 blocks/layers: artifacts/sizes/check/size_check.{json,md}.
 size-check: setup

@@ -1,5 +1,5 @@
 """``make size-check``: the sizes :mod:`families.pipeline_sizes` computes, against real files (opt-in, not part of
-``make test``; about 45 minutes and at most ~9 GiB on 2 cores; 20 GB of disk).
+``make test``; about 35 minutes with the fixtures, at most ~9.2 GiB on 2 cores; 35 GB of disk).
 
 1. The SD3-medium fixture with its text encoders at their published sizes (``scripts/make_scale_fixture.py
    --encoders published``: 2.03B transformer, CLIP-L, CLIP-G, T5-XXL with 4.76B parameters; 15 GB of float16
@@ -160,6 +160,10 @@ PIPELINES: dict[str, tuple[str, ...]] = {
                                                           "encoders-int8:text_encoder_3", "vae-fp16:vae_decoder"),
     "INT4 transformer (MatMulNBits), INT4 encoders, VAE fp16": ("transformer-int4:transformer", "encoders-int4:text_encoder",
                                                                 "encoders-int4:text_encoder_2", "encoders-int4:text_encoder_3", "vae-fp16:vae_decoder"),
+    "INT8 transformer (Q/DQ), INT8 CLIP, T5 dropped, VAE fp16": ("transformer-int8:transformer", "encoders-int8:text_encoder",
+                                                                 "encoders-int8:text_encoder_2", "vae-fp16:vae_decoder"),
+    "INT4 transformer (MatMulNBits), INT4 CLIP, T5 dropped, VAE fp16": ("transformer-int4:transformer", "encoders-int4:text_encoder",
+                                                                        "encoders-int4:text_encoder_2", "vae-fp16:vae_decoder"),
     "W4A16 transformer, INT4 CLIP, T5 dropped, VAE fp16": ("transformer-w4a16:transformer", "encoders-int4:text_encoder", "encoders-int4:text_encoder_2",
                                                            "vae-fp16:vae_decoder"),
     "W4A16 transformer, INT8 CLIP, T5 dropped, VAE fp16": ("transformer-w4a16:transformer", "encoders-int8:text_encoder", "encoders-int8:text_encoder_2",
