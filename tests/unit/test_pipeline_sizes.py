@@ -144,3 +144,19 @@ def test_formats_2_4_and_the_goal_search():
     fits = least_aggressive(w, budget, [dense, dropped])
     assert [c for c, _ in fits] == [dropped]  # fp16 with T5 is over the budget
     assert budget / GIB < 1
+
+
+def test_benchmark_writes_the_table_and_the_goal_and_refuses_a_bad_goal(tmp_path, capsys):
+    import json
+
+    from benchmarks import pipeline_sizes
+
+    out = tmp_path / "sizes.json"
+    assert pipeline_sizes.main(["--models", "tiny-sd3,tiny-flux", "--goal", "tiny-sd3=0.01", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    goal = r["models"]["tiny-sd3"]["goal"]["export_scope"]
+    assert goal["least_aggressive"]["total_gib"] <= 0.01 and "goal" not in r["models"]["tiny-flux"]
+    assert "## tiny-flux" in out.with_suffix(".md").read_text()
+    capsys.readouterr()
+    assert pipeline_sizes.main(["--models", "tiny-sd3", "--goal", "tiny-flux=4", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
