@@ -47,7 +47,7 @@ def save_compact_transformer(spec, plan, holder: list, batches, out: Path, repor
     dense_flops = transformer_flops(transformer, step_batch, latent_hw, shapes.text_seq_len)
     # 2:4 can speed up the GEMMs of the layers stage 1 prunes (those of an N:M plan, else all it would prune)
     pattern = parse_sparsity(plan.sparsity) if plan is not None else None
-    eligible = set(plan.layers) if pattern is not None and pattern.is_semi_structured else {n for u in build_units(transformer) for n in u.layers}
+    eligible = set(plan.pruned_layers) if pattern is not None and pattern.is_semi_structured else {n for u in build_units(transformer) for n in u.layers}
     table = shape_table(transformer, served.resolutions, vae_scale=served.vae_scale, batch=step_batch, text_seq_len=served.text_seq_len, eligible=eligible)
     is_cut = plan is not None and any(b.is_cut for b in plan.blocks)
     if is_cut:

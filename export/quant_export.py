@@ -89,7 +89,7 @@ def export_quantized_transformer(spec, plan, holder: list, batches, settings: Ex
     checks = transformer_onnx_checks(path, compact, plan, shapes, shapes.batch_opt, "off", res, quantized=True)
     report["transformer"].update(checks)
     sp = checks["sparsity_check"]
-    expected_nm = set(plan.layers) if nm is not None else set()
+    expected_nm = set(plan.pruned_layers) if nm is not None else set()
     quant_nm = sorted(set(quant_layers) & expected_nm & set(sp["sparse_layers"]))
     comp = find_component(adapter, "transformer")
     res["profiles"] = served.profiles(lambda b, hw: comp.input_shapes(compact, b, hw, served.text_seq_len))

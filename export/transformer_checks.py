@@ -64,7 +64,7 @@ def transformer_onnx_checks(path: Path, compact, plan, shapes, step_batch: int, 
         raise CheckFailed(f"{len(missing)} transformer-block linears are not MatMul/Gemm with a constant weight (e.g. {missing[0]})")
     pattern = parse_sparsity(plan.sparsity) if plan is not None else None
     nm = (pattern.n, pattern.m) if pattern is not None and pattern.is_semi_structured else (2, 4)
-    expected = sorted(plan.layers) if pattern is not None and pattern.is_semi_structured else []
+    expected = sorted(plan.pruned_layers) if pattern is not None and pattern.is_semi_structured else []
     from families import adapter_for
 
     in_shapes = adapter_for(compact).transformer_input_shapes(compact, step_batch, (shapes.latent_height, shapes.latent_width), shapes.text_seq_len)

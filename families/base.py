@@ -102,6 +102,9 @@ class FamilyAdapter:
     block_lists: tuple[str, ...] = ("transformer_blocks",)
     # Per block kind (see block_kind): ordered units (kind, layer names inside the block).
     unit_layers: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {}
+    # Per block kind: the AdaLN modulation linears (names inside the block). Never pruned; with --quant-modulation a
+    # --weight-bits prune quantizes them too (their weights are a third of SD3-medium's and FLUX.1's transformer).
+    modulation_layers: dict[str, tuple[str, ...]] = {}
     # Layers that receive the very same input tensor (names inside a block): one Hessian for all.
     shared_inputs: tuple[tuple[str, ...], ...] = ()
     scope_note: str = ""
@@ -148,6 +151,10 @@ class FamilyAdapter:
             if present:
                 out.append((kind, present))
         return out
+
+    def modulation(self, block: nn.Module) -> tuple[str, ...]:
+        """The AdaLN modulation linears of ``block`` (:attr:`modulation_layers`, those the block has)."""
+        return tuple(n for n in self.modulation_layers.get(self.block_kind(block), ()) if isinstance(get_module(block, n), nn.Linear))
 
     def structured_groups(self, block: nn.Module) -> list[StructuredGroup]:
         """The block's structured groups at its current shape, in the order stage 1 solves them."""

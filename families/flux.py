@@ -53,6 +53,7 @@ class FluxAdapter(FamilyAdapter):
     # In a single block proj_mlp reads the same normed tensor as q/k/v, and runs first (the first layer of a
     # shared group is the one the Hessian hooks see first); double blocks have no proj_mlp.
     shared_inputs = (("proj_mlp", "attn.to_q", "attn.to_k", "attn.to_v"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))
+    modulation_layers = {"FluxTransformerBlock": ("norm1.linear", "norm1_context.linear"), "FluxSingleTransformerBlock": ("norm.linear",)}
     scope_note = (
         "only the nn.Linear layers inside the double- and single-stream blocks are pruned (attention q/k/v and "
         "context q/k/v, attention outputs, FFN in/out, single-block proj_mlp and proj_out); AdaLN modulations "

@@ -117,6 +117,7 @@ class SD3Adapter(FamilyAdapter):
         )
     }
     shared_inputs = (("attn.to_q", "attn.to_k", "attn.to_v"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), ("attn2.to_q", "attn2.to_k", "attn2.to_v"))
+    modulation_layers = {"JointTransformerBlock": ("norm1.linear", "norm1_context.linear")}
     scope_note = (
         "only the nn.Linear layers inside the transformer blocks are pruned (attention q/k/v and context "
         "q/k/v, attention outputs, FFN in/out); AdaLN modulations (norm*.linear), embedders, context embedder "

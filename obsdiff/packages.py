@@ -47,6 +47,7 @@ from obsdiff.weight_quant import WeightQuant, rtn_quantize
 log = logging.getLogger(__name__)
 
 METHODS = ("obs-diff", "wanda", "magnitude")
+MODULATION = "modulation"  # the unit kind of a block's AdaLN modulation linears: quantized, never pruned
 PARTIAL_DIR = ".partial"
 QUANT_FILE = "weights_int.safetensors"  # the integer weights and scales of a --weight-bits prune
 
@@ -74,6 +75,7 @@ def build_units(
     last_block: int | None = None,
     skip: Sequence[str] = (),
     structured: bool = False,
+    modulation: bool = False,
 ) -> list[Unit]:
     """Ordered units of blocks ``first_block..last_block`` (inclusive; default all).
 
@@ -82,6 +84,8 @@ def build_units(
         matching layers stay dense. For structured pruning a group is skipped whole if any of the layers
         that consume it matches (the image and text branches of an attention must lose the same heads).
     structured: keep only the layers that consume a structured group's channels.
+    modulation: also a unit of the block's AdaLN modulation linears (kind :data:`MODULATION`, first in the block: they
+        run first), which a ``--weight-bits`` prune quantizes and never prunes.
     """
     adapter = adapter or adapter_for(transformer)
     blocks = adapter.blocks(transformer)
@@ -92,6 +96,10 @@ def build_units(
     for i in range(first_block, last + 1):
         prefix, block = blocks[i]
         skipped = lambda n: any(fnmatch.fnmatchcase(f"{prefix}.{n}", p) for p in skip)  # noqa: E731
+        if modulation:
+            kept = [n for n in adapter.modulation(block) if not skipped(n)]
+            if kept:
+                units.append(Unit(i, MODULATION, tuple(f"{prefix}.{n}" for n in kept)))
         consumers: set[str] = set()
         if structured:
             for g in adapter.structured_groups(block):
@@ -110,7 +118,8 @@ def config_units(transformer: nn.Module, adapter: FamilyAdapter | None, config: 
     if not config.solves:
         return []
     return build_units(transformer, adapter, first_block=config.first_block, last_block=config.last_block, skip=config.skip,
-                       structured=config.sparsity.kind == "structured" and config.quant is None)
+                       structured=config.sparsity.kind == "structured" and config.quant is None,
+                       modulation=config.quant is not None and config.quant_modulation)
 
 
 def split_packages(units: Sequence[Unit], groups: int) -> list[list[Unit]]:
@@ -207,7 +216,8 @@ class PruneConfig:
     family: the model family (recorded through its adapter's scope note).
     quant: quantize the solved layers' weights too (:class:`obsdiff.weight_quant.WeightQuant`; None: float). N:M and
     unstructured are solved jointly with it; structured quantizes each layer after its groups are cut, on its kept
-    columns; dense quantizes every prunable layer.
+    columns; dense quantizes every prunable layer. quant_modulation: with ``quant``, the blocks' AdaLN modulation linears
+    are quantized too (never pruned).
     """
 
     sparsity: Sparsity
@@ -223,10 +233,13 @@ class PruneConfig:
     max_group_iters: int = 512
     family: str = "sd3"
     quant: WeightQuant | None = None
+    quant_modulation: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"unknown pruning method {self.method!r}; accepted: {', '.join(METHODS)}")
+        if self.quant_modulation and self.quant is None:
+            raise UserError("--quant-modulation quantizes the AdaLN modulations to --weight-bits: give --weight-bits 4 or 8")
         if self.quant is not None and self.quant.method == "obs" and self.method != "obs-diff":
             raise UserError(f"--quant-method obs solves on the Hessians of --method obs-diff; with --method {self.method} use --quant-method rtn")
 
@@ -254,9 +267,10 @@ class PruneConfig:
             skip=list(self.skip),
             max_group_iters=self.max_group_iters,
             prompts_sha256=hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
-            weight_quant=self.quant.to_json() if self.quant is not None else None,
             notes=get_adapter(self.family).scope_note,
         )
+        if self.quant is not None:  # only then: a float prune's settings stay those of plans written before --weight-bits
+            d.update(weight_quant=self.quant.to_json(), quant_modulation=self.quant_modulation)
         return d
 
 
@@ -383,6 +397,9 @@ def _jobs(package: Sequence[Unit], sparsity: Sparsity, adapter: FamilyAdapter, b
         jobs = _jobs(package, sparsity, adapter, blocks)
         return jobs + [_Job("quant", [name], unit.block) for unit in package for name in unit.layers]
     for unit in package:
+        if unit.kind == MODULATION:  # quantized only (with quant: the only way it is a unit)
+            jobs += [_Job("quant", [name], unit.block) for name in unit.layers]
+            continue
         if sparsity.kind != "structured":
             jobs += [_Job("weight", [name], unit.block) for name in unit.layers]
             continue
@@ -631,6 +648,7 @@ def prune(
             ctx.all_reduce_sum(collector.tensors())
             log_memory(f"prune: package {k + 1}/{len(packages)} calibrated", log)
         jobs = _jobs(package, config.sparsity, adapter, blocks, config.quant)
+        modulation = {n for unit in package if unit.kind == MODULATION for n in unit.layers}
         package_quant: dict[str, torch.Tensor] = {}
         factors: dict[str, torch.Tensor] = {}
         removed_cols: dict[str, list[int]] = {}  # per weight: columns earlier groups removed (fused projections)
@@ -668,6 +686,8 @@ def prune(
             plan.layers[n] = {"density": float((w != 0).sum()) / w.numel(), "shape": list(w.shape)}
             if f"{n}.codes" in package_quant:
                 plan.layers[n]["weight_bits"] = config.quant.bits
+            if n in modulation:
+                plan.layers[n]["pruned"] = False
         quant.update(package_quant)
         plan.done_packages = k + 1
         if ctx.is_main:

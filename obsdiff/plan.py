@@ -50,7 +50,8 @@ class PrunePlan:
 
     family: the architecture's adapter (``sd3``, ``flux``...).
     sparsity: canonical pattern string (``2:4``, ``structured:0.3``...), parsed with ``parse_sparsity``.
-    layers: per pruned ``nn.Linear`` (qualified name inside the transformer): ``{"density": float}``.
+    layers: per solved ``nn.Linear`` (qualified name inside the transformer): ``{"density": float, "shape": [out, in]}``,
+        ``"weight_bits"`` when quantized, ``"pruned": false`` for an AdaLN modulation that is only quantized.
     packages: list of lists of layer names, in pruning order; ``done_packages`` counts finished ones
         (a partial plan is what resume reads).
     model_weights: the pruned model's :func:`families.registry.model_fingerprint` (None in older plans): the
@@ -74,6 +75,12 @@ class PrunePlan:
     version: int = PLAN_VERSION
     model_weights: str | None = None
     weight_quant: dict[str, Any] | None = None
+
+    @property
+    def pruned_layers(self) -> list[str]:
+        """The layers the pattern applies to: every solved layer but the AdaLN modulations a ``--quant-modulation``
+        prune only quantizes (``"pruned": false`` in ``layers``)."""
+        return [n for n, entry in self.layers.items() if entry.get("pruned", True)]
 
     @property
     def complete(self) -> bool:

@@ -45,10 +45,11 @@ def default_prompts_file(spec: ModelSpec) -> Path:
     return REPO_ROOT / spec.prompts
 
 
-def default_out(spec: ModelSpec, sparsity: Sparsity, method: str, quant: WeightQuant | None = None) -> Path:
+def default_out(spec: ModelSpec, sparsity: Sparsity, method: str, quant: WeightQuant | None = None, modulation: bool = False) -> Path:
     """``artifacts/<model>/prune-<sparsity>-<method>``, ``-w<bits>g<group>`` added for quantized weights (``-rtn`` for
-    round-to-nearest)."""
+    round-to-nearest, ``-mod`` with the AdaLN modulations quantized)."""
     tail = "" if quant is None else f"-w{quant.bits}g{quant.group_size}" + ("-rtn" if quant.method == "rtn" else "")
+    tail += "-mod" if modulation else ""
     return REPO_ROOT / "artifacts" / spec.id / f"prune-{sparsity.id}-{method}{tail}"
 
 
@@ -98,6 +99,7 @@ def prune_config(
     weight_bits: int | None = None,
     group_size: int | None = None,
     quant_method: str = "obs",
+    quant_modulation: bool = False,
 ) -> PruneConfig:
     """The :class:`obsdiff.packages.PruneConfig` for ``spec``, checked (nothing is loaded).
 
@@ -149,6 +151,7 @@ def prune_config(
         skip=tuple(skip),
         family=spec.family,
         quant=quant,
+        quant_modulation=quant_modulation,
     )
 
 
@@ -173,7 +176,7 @@ def prune_settings(
     config = prune_config(spec, sparsity, **options)
     prompts = calibration_prompts(read_prompts(prompts_file or default_prompts_file(spec)), config.calibration.samples)
     if out is None:
-        out = default_out(spec, sparsity, config.method, config.quant)
+        out = default_out(spec, sparsity, config.method, config.quant, config.quant_modulation)
     return PruneSettings(spec=spec, config=config, prompts=tuple(prompts), out=Path(out), device=device, dtype=dtype, offload=offload,
                          progress=progress)
 
@@ -320,9 +323,11 @@ def run_prune(settings: PruneSettings) -> PrunePlan | None:
             plan = prune(pipe, spec.id, list(settings.prompts), config, out, ctx=ctx, progress=settings.progress,
                          model_weights=model_fingerprint(spec))
             if ctx.is_main:
-                dens = [v["density"] for v in plan.layers.values()]
+                dens = [plan.layers[n]["density"] for n in plan.pruned_layers]
                 mean = sum(dens) / len(dens) if dens else 1.0
-                log.info("pruned %d layers (%s, %s), mean density %.3f, in %.1f s -> %s", len(dens), plan.sparsity, plan.method, mean, time.perf_counter() - t0, out)
+                bits = f", {len(plan.layers)} layers on {plan.weight_quant['bits']}-bit weights" if plan.weight_quant else ""
+                log.info("pruned %d layers (%s, %s), mean density %.3f%s, in %.1f s -> %s", len(dens), plan.sparsity, plan.method, mean, bits,
+                         time.perf_counter() - t0, out)
     finally:
         shutdown(ctx)
     return plan

@@ -68,6 +68,8 @@ def add_parser(subparsers) -> None:
     q.add_argument("--group-size", type=int, choices=list(GROUP_SIZES), default=None, help="input columns per scale (default 128)")
     q.add_argument("--quant-method", default="obs", choices=list(QUANT_METHODS),
                    help="obs: rounding errors compensated through the Hessians, jointly with the pattern (default); rtn: round to nearest")
+    q.add_argument("--quant-modulation", action="store_true",
+                   help="quantize the blocks' AdaLN modulation linears too (never pruned; a third of SD3-medium's and FLUX.1's weights)")
     s.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave layers matching this glob dense (repeatable), e.g. 'transformer_blocks.3.*'")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
@@ -82,7 +84,7 @@ def _config_options(args: argparse.Namespace) -> dict[str, Any]:
                 width=args.width, batch_size=args.batch_size, seed=args.seed, weighting=args.weighting, w_max=args.w_max, w_min=args.w_min,
                 blocksize=args.blocksize, percdamp=args.percdamp, compensate=not args.no_compensate, first_block=args.first_block,
                 last_block=args.last_block, skip=tuple(args.skip), weight_bits=args.weight_bits, group_size=args.group_size,
-                quant_method=args.quant_method)
+                quant_method=args.quant_method, quant_modulation=args.quant_modulation)
 
 
 def build_config(args: argparse.Namespace, spec: ModelSpec):

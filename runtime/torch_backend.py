@@ -223,8 +223,8 @@ def fp8_shape_violation(shape: tuple[int, int]) -> str | None:
 def sparse_candidates(model: nn.Module, plan=None) -> list[str]:
     """The linears stage 1 pruned: the plan's layers (qualified names), or, without a plan, every prunable
     linear of the family adapter (their weights then decide)."""
-    if plan is not None and plan.layers:
-        return list(plan.layers)
+    if plan is not None and plan.pruned_layers:
+        return plan.pruned_layers
     from obsdiff.packages import build_units
 
     return [n for u in build_units(model) for n in u.layers]

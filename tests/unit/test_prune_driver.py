@@ -249,11 +249,14 @@ def test_weights_are_exactly_codes_times_scales_and_keep_the_pattern(tiny, w4_24
     if pattern == "2:4":
         tmp_path, plan = w4_24
     else:
-        plan = _run(tiny, small_config(pattern, groups=1, samples=1, quant=W4), tmp_path)
+        plan = _run(tiny, small_config(pattern, groups=1, samples=1, quant=W4, quant_modulation=True), tmp_path)
+        modulation = [n for n, e in plan.layers.items() if not e.get("pruned", True)]
+        assert len(modulation) == 4 + 4 and all(n.endswith(("norm1.linear", "norm1_context.linear")) for n in modulation)
+        assert set(plan.pruned_layers) == set(plan.layers) - set(modulation)
     assert plan.weight_quant["bits"] == 4 and plan.weight_quant["group_size"] == 64 and plan.weight_quant["file"] == QUANT_FILE
     model, tensors = _load(tmp_path), _int_tensors(tmp_path)
     layers = [n for p in plan.packages for n in p]
-    assert len(layers) == 4 * 6 + 3 * 7 and all(plan.layers[n]["weight_bits"] == 4 for n in layers)
+    assert len(plan.pruned_layers) == 4 * 6 + 3 * 7 and all(plan.layers[n]["weight_bits"] == 4 for n in layers)
     state = model.state_dict()
     for name in layers:
         codes, scales = tensors[f"{name}.codes"], tensors[f"{name}.scales"]
