@@ -44,15 +44,24 @@ def parse_goal(text: str, models: list[str]) -> dict[str, float]:
     return goal
 
 
+# The goal searches: (AdaLN modulations quantized, embedding tables quantized, title).
+SCOPES = {
+    "float_adaln": (False, False, "AdaLN modulations and embedding tables float16"),
+    "export_scope": (True, False, "Within this project's export scope: AdaLN modulations quantized too (`prune --weight-bits 4 "
+                                  "--quant-modulation`), embedding tables float16"),
+    "adaln_and_embeddings_quantized": (True, True, "With the embedding tables quantized too (not exported by this project)"),
+}
+
+
 def _config_json(c, total: int, budget: float | None, gib: int) -> dict[str, Any]:
     return {"label": c.label(), "total_gib": round(total / gib, 3), "aggressiveness": list(c.aggressiveness()),
             **({"meets_goal": total <= budget * gib} if budget else {})}
 
 
-def _search(weights, budget: float, *, can_drop_t5: bool, extended: bool) -> dict[str, Any]:
+def _search(weights, budget: float, *, can_drop_t5: bool, modulation: bool, embeddings: bool) -> dict[str, Any]:
     from families.pipeline_sizes import GIB, least_aggressive, pipeline_bytes, search_space
 
-    configs = list(search_space(weights, can_drop_t5=can_drop_t5, modulation=extended, embeddings=extended))
+    configs = list(search_space(weights, can_drop_t5=can_drop_t5, modulation=modulation, embeddings=embeddings))
     fits = least_aggressive(weights, int(budget * GIB), configs)
     out: dict[str, Any] = {"searched": len(configs), "fitting": len(fits)}
     if fits:
@@ -83,9 +92,8 @@ def measure(model: str, budget: float | None) -> dict[str, Any]:
     out: dict[str, Any] = {"family": spec.adapter.name, "description": spec.description, "components": components, "configs": rows,
                            "optional_text_encoder": spec.adapter.optional_text_encoder}
     if budget:
-        out["goal"] = {"budget_gib": budget,
-                       "export_scope": _search(weights, budget, can_drop_t5=can_drop_t5, extended=False),
-                       "adaln_and_embeddings_quantized": _search(weights, budget, can_drop_t5=can_drop_t5, extended=True)}
+        out["goal"] = {"budget_gib": budget, **{key: _search(weights, budget, can_drop_t5=can_drop_t5, modulation=m, embeddings=e)
+                                                for key, (m, e, _) in SCOPES.items()}}
     return out
 
 
@@ -120,8 +128,7 @@ def markdown(r: dict[str, Any]) -> str:
         if budget:
             g = m["goal"]
             lines += ["", f"**Goal ≤ {budget:g} GiB.**", ""]
-            for key, title in (("export_scope", "Within this project's export scope (AdaLN modulations and embedding tables float16)"),
-                               ("adaln_and_embeddings_quantized", "With the AdaLN modulations and embedding tables quantized too")):
+            for key, (_, _, title) in SCOPES.items():
                 s = g[key]
                 if "least_aggressive" in s:
                     best = s["least_aggressive"]
