@@ -63,6 +63,8 @@ def add_engine_args(p) -> None:
                    help="the ONNX Runtime exports' text encoders and VAE: fp32, fp16, or int8/int4 (weight-only text encoders, float32 VAE "
                         "decoder; docs/low-precision.md). Default: the export's for the transformer's precision. Engines keep float16")
     p.add_argument("--drop-t5", action="store_true", help="serve SD3-family models without their T5 encoder (text_encoder_3=None)")
+    p.add_argument("--quant-modulation", action="store_true",
+                   help="--precision int4: stage 1 quantizes the blocks' AdaLN modulations to 4 bits too (prune --quant-modulation)")
     p.add_argument("--quant-samples", type=int_at_least(1), default=None,
                    help="--precision int8/fp8: trajectories to calibrate on, the first of stage 1's (default 8)")
     p.add_argument("--quant-calls", type=int_at_least(1), default=None,
@@ -158,7 +160,7 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
     precision = getattr(args, "precision", "fp32")
     others, drop_t5 = getattr(args, "others_precision", None), getattr(args, "drop_t5", False)  # ONNX Runtime's exports; engines: fp16
 
-    weights = weight_quant(precision)
+    weights = weight_quant(precision, getattr(args, "quant_modulation", False))
     prune = prune_settings(spec, sparsity, cfg.prune, method=args.method, groups=args.groups, samples=args.samples or DEFAULT_SAMPLES,
                            steps=args.calib_steps, **weights)
     stages = [Stage("prune", cfg.prune / "plan.json", prune, {"model": spec.source}, {"dir": str(cfg.prune)})]
@@ -172,7 +174,8 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
         inputs = {"pruned": str(pruned) if pruned else None}
         if precision == "int4":  # ONNX Runtime runs export-int4/ (MatMulNBits); the engines get the same weights as W4A16
             stages.append(Stage(f"export_{which}_int4", dirs.export_for("int4") / "export_report.json",
-                                export_settings(spec, dirs, pruned, "int4", shapes, others="fp32", share_from=dense.export_for("int4") if which == "pruned" else None),
+                                export_settings(spec, dirs, pruned, "int4", shapes, others=others, drop_t5=drop_t5,
+                                                share_from=dense.export_for("int4") if which == "pruned" else None),
                                 inputs, {"dir": str(dirs.export_for("int4"))}))
             if args.no_engines:
                 continue
@@ -223,18 +226,21 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
     return stages
 
 
-def weight_quant(precision: str) -> dict[str, int]:
+def weight_quant(precision: str, modulation: bool = False) -> dict[str, Any]:
     """Stage 1's weight quantization for a ``make engine`` precision: ``int4`` solves 4-bit weights (group 128) in the
-    prune; the others prune float weights (``{}``)."""
+    prune, the AdaLN modulations too with ``modulation``; the others prune float weights (``{}``)."""
     from obsdiff.weight_quant import DEFAULT_GROUP_SIZE
 
-    return {"weight_bits": 4, "group_size": DEFAULT_GROUP_SIZE} if precision == "int4" else {}
+    if precision != "int4":
+        return {}
+    return {"weight_bits": 4, "group_size": DEFAULT_GROUP_SIZE, **({"quant_modulation": True} if modulation else {})}
 
 
-def weights_tail(precision: str) -> str:
-    """The configuration id's suffix for a precision whose weights stage 1 quantizes (``-w4g128``), else ``""``."""
-    w = weight_quant(precision)
-    return f"-w{w['weight_bits']}g{w['group_size']}" if w else ""
+def weights_tail(precision: str, modulation: bool = False) -> str:
+    """The configuration id's suffix for a precision whose weights stage 1 quantizes (``-w4g128``, ``-w4g128-mod`` with
+    the AdaLN modulations), else ``""``."""
+    w = weight_quant(precision, modulation)
+    return f"-w{w['weight_bits']}g{w['group_size']}" + ("-mod" if w.get("quant_modulation") else "") if w else ""
 
 
 def quant_calibration(args, prune):
@@ -368,7 +374,9 @@ def run_engine(args) -> int:
         raise UserError("SPARSITY=dense has nothing to prune or compare; use 2:4, 4:8, unstructured:<r> or structured:<r>")
     base = Path(args.artifacts) if args.artifacts else ARTIFACTS
     check_output(base, "parent", option="--artifacts")
-    tail = weights_tail(args.precision)  # 4-bit weights come from their own stage 1: a configuration of their own
+    if getattr(args, "quant_modulation", False) and args.precision != "int4":
+        raise UserError("--quant-modulation quantizes the AdaLN modulations to 4 bits in stage 1: it goes with --precision int4")
+    tail = weights_tail(args.precision, getattr(args, "quant_modulation", False))  # 4-bit weights come from their own stage 1: a configuration of their own
     cfg = config_dirs(spec, f"{sparsity.id}-{args.method}{tail}", base)
     dense = config_dirs(spec, f"dense{tail}", base)
     cuda = _cuda()
