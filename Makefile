@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= tiny-sd3
 SPARSITY ?= 2:4
-EXTRAS ?= rtx,torch-gpu,serve
+EXTRAS ?= rtx,torch-gpu,serve,openvino
 PYTEST_ARGS ?=
 ENGINE_ARGS ?=
 
