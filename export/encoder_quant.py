@@ -37,6 +37,9 @@ DEFAULT_BLOCK_SIZE = 128
 # that returns zeros (ONNX Runtime's MatMulNBits with block size 512 did on CPUs of some versions), a weight
 # packed in another nibble order or a zero point off by one step all give errors >= 1e-2.
 KERNEL_TOLERANCE = 1e-4
+# A model whose weights are external data (over 2 GB) is quantized with every tensor above this many bytes moved to a
+# scratch data file as soon as it is written, so that memory holds one float layer and the small tensors only.
+STREAM_BYTES = 1 << 20
 # Prompts of the real-input check: the empty prompt (the negative prompt of classifier-free guidance) and the
 # first ones of the model's prompt file, tokenized as the pipeline does.
 CHECK_PROMPTS = 4
@@ -142,7 +145,7 @@ def quantize_encoder(src: str | os.PathLike, dst: str | os.PathLike, recipe: Wei
         moved: set[str] = set()  # tensors already in the scratch data file
 
         def owned(t):  # its bytes in memory, or copied into the scratch data file when the model streams
-            if streaming and len(t.raw_data) > 1 << 20:
+            if streaming and len(t.raw_data) > STREAM_BYTES:
                 append_external(t, numpy_helper.to_array(t), scratch, "weights.data")
                 moved.add(t.name)
             return t

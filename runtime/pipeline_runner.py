@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -96,15 +96,20 @@ def load_runners(
     return runners
 
 
-def with_runners(pipe, runners: dict[str, Runner], *, device: torch.device | str | None = None):
+def with_runners(pipe, runners: dict[str, Runner], *, device: torch.device | str | None = None, dropped: Sequence[str] = ()):
     """A new pipeline of ``pipe``'s class sharing its tokenizers, scheduler config and untouched modules,
-    with each component in ``runners`` replaced by its adapter. ``pipe`` itself is not modified."""
+    with each component in ``runners`` replaced by its adapter, and each in ``dropped`` (stage 2's ``--drop-t5``)
+    and its tokenizer set to None. ``pipe`` itself is not modified."""
     import copy
 
     device = torch.device(device) if device is not None else pipe.device
     adapter = adapter_for(pipe.transformer)
     kinds = {c.name: c for c in adapter.components}
     comps = dict(pipe.components)
+    for name in dropped:  # diffusers' SD3 pipeline runs with text_encoder_3=None (zeros in place of T5's tokens)
+        if name in runners or name not in kinds:
+            raise UserError(f"the export left {name} out of the pipeline, yet a runner for it was given")
+        comps[kinds[name].attr] = comps[kinds[name].tokenizer_attr] = None
     for name, runner in runners.items():
         if name not in kinds:
             raise UserError(f"{type(pipe).__name__} has no component {name!r} to replace (its components: {', '.join(kinds)})")
@@ -119,6 +124,15 @@ def with_runners(pipe, runners: dict[str, Runner], *, device: torch.device | str
     new = type(pipe)(**comps)
     new.set_progress_bar_config(disable=True)
     return new
+
+
+def export_dropped(onnx_dir: str | os.PathLike | None) -> tuple[str, ...]:
+    """The components stage 2 left out of the pipeline whose ONNX directory is ``onnx_dir`` (its report's ``dropped``:
+    SD3's T5 after ``--drop-t5``); ``()`` without a report."""
+    from common.io import read_json
+
+    report = Path(onnx_dir).parent / "export_report.json" if onnx_dir is not None else None
+    return tuple(read_json(report, what="export report").get("dropped") or ()) if report is not None and report.is_file() else ()
 
 
 def check_runner_inputs(spec, *, onnx_dir: str | os.PathLike | None = None, engine_dir: str | os.PathLike | None = None,
@@ -155,6 +169,7 @@ def runner_pipeline(
     device: str | None = None,
     threads: int = 0,
     correction=None,
+    dropped: Sequence[str] | None = None,
 ):
     """Load ``spec``'s PyTorch pipeline (or reuse ``base_pipe``) and swap in ORT sessions / TRT engines.
 
@@ -163,6 +178,8 @@ def runner_pipeline(
     device: where latents and remaining PyTorch modules live (default ``cuda`` for ``trt``, else ``cpu``).
     correction: a :class:`runtime.qsched.correction.SchedulerCorrection` (or its JSON path) that the new pipeline's scheduler
     applies (:func:`runtime.qsched.apply.apply_correction`; the base pipeline is left as it was).
+    dropped: the components the pipeline runs without (None: those stage 2's report beside ``onnx_dir`` left out,
+    :func:`export_dropped`; SD3 without T5 runs with ``text_encoder_3=None``).
     Returns the new pipeline; ``pipe.runners`` holds the runners (for sizes and providers).
     """
     from families.registry import load_pipeline
@@ -170,15 +187,17 @@ def runner_pipeline(
     correction = check_runner_inputs(spec, onnx_dir=onnx_dir, engine_dir=engine_dir, correction=correction)
     device = device or ("cuda" if backend == "trt" else "cpu")
     runners = load_runners(backend=backend, onnx_dir=onnx_dir, engine_dir=engine_dir, provider=provider, components=components, threads=threads)
+    dropped = tuple(dropped) if dropped is not None else export_dropped(onnx_dir)
     if base_pipe is None:
         attrs = {c.name: c.attr for c in spec.adapter.components}
-        pipe = with_runners(load_pipeline(spec, without_weights=[attrs[c] for c in runners if c in attrs]), runners, device=device)
+        pipe = with_runners(load_pipeline(spec, without_weights=[attrs[c] for c in runners if c in attrs], drop_t5=bool(dropped)), runners,
+                            device=device, dropped=dropped)
         for module in pipe.components.values():  # the PyTorch modules left (RuntimeModules hold no tensors)
             if isinstance(module, torch.nn.Module):
                 module.to(device)
     else:
         base = base_pipe if base_pipe.device == torch.device(device) else base_pipe.to(device)
-        pipe = with_runners(base, runners, device=device)
+        pipe = with_runners(base, runners, device=device, dropped=dropped)
     pipe.runners = runners
     if correction is not None:
         from runtime.qsched.apply import apply_correction
