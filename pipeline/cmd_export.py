@@ -10,11 +10,16 @@ Writes, under ``--out``:
 ``--precision int8`` / ``fp8`` quantize the transformer with NVIDIA ModelOpt, calibrated on stage 1's
 trajectories (``--calib-samples`` of its prompts and seeds, its steps and guidance): a Q/DQ ONNX whose pruned
 weights stay zero (the N:M check reads through the DequantizeLinear), INT8 checked in ONNX Runtime against the
-fake-quantized model; the other components stay float32 (int8) or float16 (fp8). ``--precision int4`` takes the
+fake-quantized model; the VAE decoder stays float32 (int8) or float16 (fp8). ``--precision int4`` takes the
 4-bit weights a ``prune --weight-bits 4`` solved (``--pruned``) into ONNX Runtime's ``MatMulNBits`` (no calibration,
 no re-quantization), checked against the torch model with the same integer weights; ``--precision w4a16`` takes the
 same weights to TensorRT: a float16 graph whose quantized MatMuls read them through blocked INT4 ``DequantizeLinear``
 (the other components float16), checked in ONNX Runtime against the float16 model (docs/tensorrt.md).
+
+``--others-precision int8|int4`` (the default next to an INT8 / INT4 transformer) exports the text encoders' linear
+layers weight-only in ONNX Runtime's ``MatMulNBits`` (token tables float16; the VAE decoder float32), each checked
+against its float32 ONNX on the model's prompts (:mod:`export.encoder_quant`); ``--drop-t5`` leaves SD3's T5 out
+(docs/low-precision.md#compressed-text-encoders).
 
 The report is written last and marks the output complete. A rerun whose inputs (hash of ``plan.json`` and
 the transformer weights, model, precision, components, shapes, library versions, this stage's code) are
@@ -51,8 +56,8 @@ def add_parser(subparsers) -> None:
                         "as TensorRT's INT4 DequantizeLinear in a float16 graph; default fp32)")
     p.add_argument("--others-precision", choices=OTHER_PRECISIONS, default=None,
                    help="the other components' precision: fp32, fp16, or int8/int4 (the text encoders' linear layers weight-only "
-                        "INT8/INT4 for ONNX Runtime, the VAE decoder float32; docs/low-precision.md). Default: fp32 next to fp32/int8, "
-                        "fp16 next to fp16/fp8")
+                        "INT8/INT4 for ONNX Runtime, the VAE decoder float32; docs/low-precision.md). Default: fp32 next to fp32, "
+                        "int8 next to int8, int4 next to int4, fp16 next to fp16/fp8/w4a16")
     p.add_argument("--drop-t5", action="store_true",
                    help="leave the T5 encoder out (SD3-family models: the pipeline runs with text_encoder_3=None; FLUX needs T5)")
     q = p.add_argument_group("quantization (--precision int8/fp8)")

@@ -213,6 +213,8 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
             if args.no_engines:
                 continue
             engine_components = cpu_components if ort_export else None
+            if ort_export and engine_components is None and settings.other_precision in ("int8", "int4"):  # MatMulNBits encoders: ONNX Runtime's
+                engine_components = tuple(c.name for c in spec.adapter.components if not c.weight_only and c.name not in settings.dropped)
         engine_precision = {"fp32": "fp16", "int4": "w4a16"}.get(precision, precision)
         engines = dirs.engines_for(engine_precision)
         build = BuildSettings(spec=spec, sparsity=sparsity if which == "pruned" else parse_sparsity("dense"), onnx_dir=engine_export / "onnx",

@@ -60,7 +60,7 @@ def test_int8_export_report_onnx_and_reuse(stage1, int8_export, caplog):
 
     spec, pruned, plan, _ = stage1
     settings, report = int8_export
-    assert report["precision"] == "int8" and report["others_precision"] == "fp32"
+    assert report["precision"] == "int8" and report["others_precision"] == "int8"  # weight-only INT8 encoders by default (none exported here)
     q = report["quantization"]
     layers = sorted(plan.layers)
     # every pruned layer is quantized and still 2:4 in the INT8 initializers
@@ -221,7 +221,7 @@ def test_make_engine_int8_plans_quantized_exports_and_engines(tmp_path):
     by = {s.name: s.settings for s in stages}
     prune = by["prune"]
     ex = by["export_pruned_int8"]
-    assert ex.out == cfg.root / "export-int8" and ex.precision == "int8" and ex.other_precision == "fp32" and ex.components is None
+    assert ex.out == cfg.root / "export-int8" and ex.precision == "int8" and ex.other_precision == "int8" and ex.components is None
     assert ex.calibration == QuantCalibration(samples=2, max_calls=64, prompts=prune.prompts, steps=4, guidance=prune.config.calibration.guidance,
                                               seed=0)
     assert by["export_dense_int8"].calibration == ex.calibration and by["export_dense_int8"].pruned is None
@@ -232,7 +232,7 @@ def test_make_engine_int8_plans_quantized_exports_and_engines(tmp_path):
 
     cmd = _command_settings("export", ["--model", "tiny-sd3", "--out", str(ex.out), "--pruned", str(cfg.prune), "--precision", "int8",
                                        "--calib-samples", "2"])
-    assert (cmd.precision, cmd.other_precision, cmd.out, cmd.calibration.samples) == ("int8", "fp32", ex.out, 2)
+    assert (cmd.precision, cmd.other_precision, cmd.out, cmd.calibration.samples) == ("int8", "int8", ex.out, 2)
 
 
 def test_make_engine_fp8_needs_a_gpu_bench_or_no_bench(tmp_path):
