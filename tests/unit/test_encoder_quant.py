@@ -20,7 +20,7 @@ LINEARS = {"text_encoder": 12, "text_encoder_3": 14}
 # Quantized vs float ONNX, relative RMS error of each output over the weights' relative RMS error. A sublayer's output
 # carries the errors of about two quantized matmuls in sequence (q/k/v then o; fc1 then fc2; wi then wo), each ~eps_w
 # relative, of random sign: ~sqrt(2) eps_w; the residual stream adds the sublayers, and softmax and GELU add some gain.
-# Measured 1.7-2.4 on tiny-sd3's three encoders and tiny-flux's two, INT8 and INT4 (stage 2's check on their prompts);
+# Measured 1.5-2.4 on tiny-sd3's three encoders and tiny-flux's two, INT8 and INT4 (stage 2's check on their prompts);
 # 4 leaves 1.7x. A kernel returning zeros is ~1 / eps_w: >= 10 at INT4's eps_w ~0.1, ~170 at INT8's ~0.006.
 GAIN = 4.0
 
