@@ -86,11 +86,12 @@ def _torch_bytes(module) -> int:
 
 def _runner_variant(name: str, spec, base_pipe, *, backend: str, onnx_dir: Path, engine_dir: Path | None, provider: str, threads: int,
                     correction=None) -> Variant:
-    from runtime.pipeline_runner import runner_pipeline
+    from runtime.pipeline_runner import export_dropped, runner_pipeline
 
-    # Engines are checked against the ONNX their manifest records (the fp16 export), not the fp32 one timed by ORT.
+    # Engines are checked against the ONNX their manifest records (the fp16 export), not the fp32 one timed by ORT;
+    # what the export left out (SD3's T5 after --drop-t5) is read from it either way.
     pipe = runner_pipeline(spec, backend=backend, onnx_dir=onnx_dir if backend == "ort" else None, engine_dir=engine_dir, provider=provider, correction=correction,
-                           base_pipe=base_pipe, threads=threads)
+                           base_pipe=base_pipe, threads=threads, dropped=export_dropped(onnx_dir))
     sizes = {c: int(getattr(r, "size_bytes", 0)) for c, r in pipe.runners.items()}
     # Components left in PyTorch count at their parameter size.
     from families import adapter_for
