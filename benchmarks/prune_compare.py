@@ -103,22 +103,27 @@ def _f(v, nd):
     return "-" if v is None else f"{v:.{nd}f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = program.parser("prune_compare", __doc__)
-    ap.add_argument("--model", default="tiny-sd3")
-    ap.add_argument("--patterns", default="2:4,unstructured:0.5,structured:0.3")
-    ap.add_argument("--methods", default="obs-diff,wanda,magnitude")
+def add_calibration_arguments(ap) -> None:
+    """The options a pruning comparison shares: calibration, held-out set, quality seeds, threads, work directory."""
     ap.add_argument("--samples", type=int, default=16, help="calibration prompts (default 16)")
-    ap.add_argument("--steps", type=int, default=None, help="sampling steps for calibration and held-out error (default: the model's)")
-    ap.add_argument("--guidance", type=float, default=None, help="guidance for calibration and held-out error (default: the model's)")
     ap.add_argument("--batch-size", type=int, default=8, help="calibration prompts per pipeline call (default 8)")
     ap.add_argument("--groups", type=int, default=4, help="module packages (default 4)")
     ap.add_argument("--heldout", type=int, default=6, help="held-out prompts for the output error (default 6)")
     ap.add_argument("--quality-seeds", default="0,1,2", help="seeds for evaluation.metrics.evaluate; empty to skip").allow_empty = True
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1: steadiest on a shared 2-core box)")
+    ap.add_argument("--work", default=None, help="directory for the pruned checkpoints (default: a temporary one)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = program.parser("prune_compare", __doc__)
+    ap.add_argument("--model", default="tiny-sd3")
+    ap.add_argument("--patterns", default="2:4,unstructured:0.5,structured:0.3")
+    ap.add_argument("--methods", default="obs-diff,wanda,magnitude")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps for calibration and held-out error (default: the model's)")
+    ap.add_argument("--guidance", type=float, default=None, help="guidance for calibration and held-out error (default: the model's)")
+    add_calibration_arguments(ap)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON path; the Markdown table goes next to it (.md)")
-    ap.add_argument("--work", default=None, help="directory for the pruned checkpoints (default: a temporary one)")
     return program.run(ap, argv, run)
 
 

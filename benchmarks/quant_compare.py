@@ -1,5 +1,6 @@
-"""4-bit weights on the prunable layers: OBS (solved jointly with the pattern) against round-to-nearest and ModelOpt's
-INT4 AWQ, on one model, on held-out trajectories.
+"""4-bit weights: OBS against round-to-nearest and ModelOpt's INT4 AWQ, on the prunable layers and held-out trajectories.
+
+OBS is solved jointly with the pattern; one model per run.
 
 For each pattern (``--patterns``, default dense, 2:4 and structured:0.3) and group size (``--group-sizes``, default
 128, and 64 for dense: ``--dense-group-sizes``), every variant starts from the same dense weights and the same
@@ -57,7 +58,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from benchmarks import program
-from benchmarks.prune_compare import record_dense_trajectories, relative_error, transformer_outputs
+from benchmarks.prune_compare import add_calibration_arguments, record_dense_trajectories, relative_error, transformer_outputs
 from benchmarks.qsched_eval import variant_pipe
 from common.errors import UserError
 from common.memory import PeakMemory
@@ -273,15 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-sizes", default="128", help="group sizes of every pattern (default 128)")
     ap.add_argument("--dense-group-sizes", default="128,64", help="group sizes of the dense pattern (default 128,64)")
     ap.add_argument("--awq-algorithm", default="awq_lite", help="awq_lite (INT4_AWQ_CFG's, default) or awq_full")
-    ap.add_argument("--samples", type=int, default=16, help="calibration prompts (default 16)")
     ap.add_argument("--percdamp", type=float, default=None, help="OBS damping (default: the prune stage's)")
-    ap.add_argument("--batch-size", type=int, default=8, help="calibration prompts per pipeline call (default 8)")
-    ap.add_argument("--groups", type=int, default=4, help="module packages (default 4)")
-    ap.add_argument("--heldout", type=int, default=6, help="held-out prompts for the output error (default 6)")
-    ap.add_argument("--quality-seeds", default="0,1,2", help="seeds for evaluation.metrics.evaluate; empty to skip").allow_empty = True
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (default 1)")
+    add_calibration_arguments(ap)
     ap.add_argument("--out", default=None, help="JSON path (default artifacts/bench/quant_compare-<model>.json); the Markdown goes next to it")
-    ap.add_argument("--work", default=None, help="directory for the pruned checkpoints (default: a temporary one)")
     ap.add_argument("--retabulate", default=None, metavar="JSON", help="recompute the verdicts and the table of a result file, in place")
     return program.run(ap, argv, run)
 
