@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.cli import int_at_least
     from obsdiff.patterns import parse_sparsity
     from families.registry import resolve_model
+    from runtime.openvino.precision import HINTS as OV_HINTS
 
     p = program.parser("e2e", __doc__)
     p.add_argument("--model", default="tiny-sd3")
@@ -24,9 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dense", required=True, help="dense export dir (stage 2 output or its onnx/)")
     p.add_argument("--pruned", required=True, help="pruned export dir")
     p.add_argument("--out", required=True, help="directory for bench.json, bench.md, bench.png and grid.png")
-    p.add_argument("--backend", default="ort", choices=["ort", "trt", "torch"], help="torch: the compact checkpoints on this GPU (runtime.torch_backend)")
+    p.add_argument("--backend", default="ort", choices=["ort", "trt", "torch", "openvino"],
+                   help="torch: the compact checkpoints on this GPU (runtime.torch_backend); openvino: the ONNX compiled by OpenVINO for this CPU")
+    p.add_argument("--ov-precision", default="auto", choices=list(OV_HINTS),
+                   help="--backend openvino: inference precision (auto: bf16 where the CPU has avx512_bf16 or AMX, else f32)")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--dense-engines", default=None)
+    p.add_argument("--dense-engines", default=None, help="engine directory (--backend openvino: a `build --backend openvino` directory)")
     p.add_argument("--pruned-engines", default=None)
     p.add_argument("--runs", type=int_at_least(1), default=10, help="timed runs (default 10)")
     p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed warm-up runs (default 2)")
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         res = run_e2e(resolve_model(args.model), args.dense, args.pruned, args.out, runs=args.runs, warmup=args.warmup, backend=args.backend,
                       provider=args.provider, engines=engines or None, sparsity=parse_sparsity(args.sparsity) if args.sparsity else None,
                       eager=not args.no_eager, quality=not args.no_quality, steps=args.steps, threads=args.threads, resolutions=resolutions,
-                      correction=args.correction, memory=not args.no_memory,
+                      correction=args.correction, memory=not args.no_memory, ov_precision=args.ov_precision,
                       torch_settings=torch_settings_from_args(args, sparse_kernels=not args.no_sparse_kernels)
                       if args.backend == "torch" or args.also_torch else None)
         print(f"speedup {res['speedup']:.3f}x -> {Path(args.out) / 'bench.json'}")

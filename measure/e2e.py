@@ -85,13 +85,13 @@ def _torch_bytes(module) -> int:
 
 
 def _runner_variant(name: str, spec, base_pipe, *, backend: str, onnx_dir: Path, engine_dir: Path | None, provider: str, threads: int,
-                    correction=None) -> Variant:
+                    correction=None, ov_precision: str = "auto") -> Variant:
     from runtime.pipeline_runner import export_dropped, runner_pipeline
 
     # Engines are checked against the ONNX their manifest records (the fp16 export), not the fp32 one timed by ORT;
     # what the export left out (SD3's T5 after --drop-t5) is read from it either way.
-    pipe = runner_pipeline(spec, backend=backend, onnx_dir=onnx_dir if backend == "ort" else None, engine_dir=engine_dir, provider=provider, correction=correction,
-                           base_pipe=base_pipe, threads=threads, dropped=export_dropped(onnx_dir))
+    pipe = runner_pipeline(spec, backend=backend, onnx_dir=onnx_dir if backend in ("ort", "openvino") else None, engine_dir=engine_dir, provider=provider,
+                           correction=correction, base_pipe=base_pipe, threads=threads, dropped=export_dropped(onnx_dir), ov_precision=ov_precision)
     sizes = {c: int(getattr(r, "size_bytes", 0)) for c, r in pipe.runners.items()}
     # Components left in PyTorch count at their parameter size.
     from families import adapter_for
@@ -104,6 +104,8 @@ def _runner_variant(name: str, spec, base_pipe, *, backend: str, onnx_dir: Path,
         import onnxruntime as ort
 
         label = f"onnxruntime {ort.__version__} {tr.providers[0]}"
+    elif backend == "openvino":
+        label = tr.label
     else:
         label = f"{tr.backend.name} {tr.backend.version}"
     return Variant(name, pipe, label, sizes["transformer"], sum(sizes.values()))
@@ -172,6 +174,7 @@ def run_e2e(
     correction=None,
     torch_settings=None,
     memory: bool = True,
+    ov_precision: str = "auto",
 ) -> dict[str, Any]:
     """Benchmark dense vs pruned (and PyTorch eager) end to end; write the JSON, Markdown, plot and grid.
 
@@ -200,6 +203,10 @@ def run_e2e(
     (:func:`measure.memory.variant_memory`; ``memory`` in each variant's entry, a section of ``bench.md``). Not
     for the torch backend's variants.
 
+    backend ``"openvino"``: both exports' ONNX compiled by OpenVINO for this CPU at ``ov_precision`` (auto/f32/bf16,
+    :mod:`runtime.openvino.precision`), or the checked compiled models of ``engines`` (default ``<export dir>/openvino``
+    where a ``build --backend openvino`` wrote it); recorded as ``ov_precision`` with the reason for the hint.
+
     Returns the dict written to ``out_dir/bench.json``: ``dense``/``pruned``/``eager`` entries with
     ``latency_ms`` {median, p90, mean, min, n}, ``stages_ms``, ``transformer_step_ms``, ``images_per_s``,
     ``peak_memory_mib``, ``size_mib``, ``backend``, ``quality``; and ``speedup`` (dense / pruned median).
@@ -221,6 +228,12 @@ def run_e2e(
     if cuda and not torch.cuda.is_available():
         raise UserError(f"backend {backend}/{provider} needs a CUDA GPU and none is visible; use --backend ort --provider cpu")
     device = "cuda" if cuda else "cpu"
+    if backend == "openvino":  # no OpenVINO, an unknown hint or bf16 on a CPU without it: one line before anything loads
+        from runtime.openvino.library import openvino
+        from runtime.openvino.precision import resolve_hint
+
+        openvino()
+        resolve_hint(ov_precision)
     from runtime.pipeline_runner import check_runner_inputs
 
     for export_dir in (dense_export_dir, pruned_export_dir):  # inputs first: nothing is created for a bad one
@@ -251,14 +264,14 @@ def run_e2e(
                         engines=engines, sparsity=sparsity, eager=eager, quality=quality, quality_seeds=quality_seeds, prompt=prompt,
                         seed=seed, steps=steps, grid_prompts=grid_prompts, base_pipe=base_pipe, cuda=cuda, device=device, resolutions=resolutions,
                         precision=precision or export_precision(pruned_export_dir), correction=correction, torch_settings=torch_settings,
-                        memory=memory)
+                        memory=memory, ov_precision=ov_precision)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warmup, backend, provider, engines, sparsity, eager, quality,
          quality_seeds, prompt, seed, steps, grid_prompts, base_pipe, cuda, device, resolutions, precision=None, correction=None,
-         torch_settings=None, memory=True) -> dict[str, Any]:
+         torch_settings=None, memory=True, ov_precision="auto") -> dict[str, Any]:
     from tqdm import tqdm
 
     from measure.report import write_reports
@@ -273,20 +286,25 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
     if backend == "trt":
         eng.setdefault("dense", dense_onnx.parent / "engines")
         eng.setdefault("pruned", pruned_onnx.parent / "engines")
+    if backend == "openvino":  # a `build --backend openvino` beside the export, where there is one; else compiled at load
+        for name, d in (("dense", dense_onnx), ("pruned", pruned_onnx)):
+            if name not in eng and (d.parent / "openvino").is_dir():
+                eng[name] = d.parent / "openvino"
     # first, while this process holds no model: each measurement loads its own pipeline in a process of its own
     memory_of = (_memory(spec, backend, provider, {"dense": dense_onnx, "pruned": pruned_onnx}, eng, eager, resolutions[0], steps, threads, cuda)
                  if memory else {})
     base = base_pipe if base_pipe is not None else load_pipeline(spec)
     base = base.to(device)
-    if not eager and base_pipe is None and backend == "ort":
+    if not eager and base_pipe is None and backend in ("ort", "openvino"):
         _free_replaced_modules(base, dense_onnx, pruned_onnx)
     if backend == "torch":  # the compact checkpoints on this GPU through runtime.torch_backend
         variants = _torch_variants(base, dense_export_dir, pruned_export_dir, torch_settings, sparsity, correction)
     else:
         variants = [
-            _runner_variant("dense", spec, base, backend=backend, onnx_dir=dense_onnx, engine_dir=eng.get("dense"), provider=provider, threads=threads),
+            _runner_variant("dense", spec, base, backend=backend, onnx_dir=dense_onnx, engine_dir=eng.get("dense"), provider=provider, threads=threads,
+                            ov_precision=ov_precision),
             _runner_variant("pruned", spec, base, backend=backend, onnx_dir=pruned_onnx, engine_dir=eng.get("pruned"), provider=provider, threads=threads,
-                            correction=correction),
+                            correction=correction, ov_precision=ov_precision),
         ]
     if backend == "trt" and torch_settings is not None:  # side by side: the same exports on the torch backend, interleaved
         variants += _torch_variants(base, dense_export_dir, pruned_export_dir, torch_settings, sparsity, correction, prefix="torch_")
@@ -323,6 +341,7 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
         "precision": precision,
         "backend": backend,
         "provider": provider if backend == "ort" else None,
+        "ov_precision": _ov_precision(variants) if backend == "openvino" else None,
         "torch_backend": {v.name: v.report for v in variants if v.report} or None,
         "settings": {"runs": runs, "warmup": warmup, "steps": steps, "guidance": spec.guidance, "height": resolutions[0][0], "width": resolutions[0][1],
                      "resolutions": [list(r) for r in resolutions], "correction": str(correction) if isinstance(correction, (str, Path)) else
@@ -384,6 +403,12 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
     write_reports(result, out_dir)
     log.info("speedup dense/pruned %.3fx (transformer %.3fx) -> %s", result["speedup"], result["speedup_transformer"], out_dir / "bench.json")
     return result
+
+
+def _ov_precision(variants: list[Variant]) -> dict[str, Any]:
+    """The precision OpenVINO ran the transformers in, the hint it was told and why (bench.json's ``ov_precision``)."""
+    tr = variants[0].pipe.runners["transformer"]
+    return {"precision": tr.precision, "hint": tr.hint.name, "why": tr.hint.why}
 
 
 def _memory(spec, backend: str, provider: str, onnx_dirs: dict[str, Path], engines: dict[str, Path], eager: bool, hw: tuple[int, int],

@@ -5,7 +5,9 @@ Example::
     python -m pipeline build --onnx-dir artifacts/tiny-sd3/2-4/export/onnx --sparsity 2:4 --model tiny-sd3
 
 writes ``<onnx-dir>/../engines/<component>/engine_<backend><version>.plan`` with manifests, reusing engines
-whose ONNX and options are unchanged, and prints the engine directory as its last line. The stage itself is
+whose ONNX and options are unchanged, and prints the engine directory as its last line. ``--backend openvino``
+compiles the components for this CPU instead (``<onnx-dir>/../openvino/<component>/<resolution>/``, at
+``--ov-precision``: :mod:`runtime.openvino.build`). The stage itself is
 :func:`runtime.stage.run_build`; this command parses its options into :class:`runtime.stage.BuildSettings`.
 """
 
@@ -18,16 +20,20 @@ from common.cli import cc_list, int_at_least, int_range
 
 
 def add_parser(sub) -> None:
+    from runtime.openvino.precision import HINTS as OV_HINTS
     from runtime.stage import BACKENDS, TRITON_KINDS
     from runtime.torch_backend import add_torch_arguments
 
     p = sub.add_parser("build", help="build TensorRT/TensorRT-RTX engines from exported ONNX", description=__doc__.splitlines()[0])
     p.add_argument("--onnx-dir", required=True, help="stage 2's onnx/ directory (<component>.onnx files)")
-    p.add_argument("--out", default=None, help="engine directory (default: <onnx-dir>/../engines)")
+    p.add_argument("--out", default=None, help="engine directory (default: <onnx-dir>/../engines; --backend openvino: <onnx-dir>/../openvino)")
     p.add_argument("--model", default="tiny-sd3", help="registry id or diffusers directory: gives the profile's batch range")
     p.add_argument("--sparsity", default=None, help="pattern of the pruned transformer (2:4 and 4:8 turn on SPARSE_WEIGHTS; "
                    "default: the export's, from its export_report.json, else dense)")
-    p.add_argument("--backend", default="auto", choices=list(BACKENDS), help="auto: TensorRT on a GPU host, else TensorRT-RTX")
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                   help="auto: TensorRT on a GPU host, else TensorRT-RTX; openvino: compiled by OpenVINO for this CPU")
+    p.add_argument("--ov-precision", default="auto", choices=list(OV_HINTS),
+                   help="--backend openvino: inference precision (auto: bf16 where the CPU has avx512_bf16 or AMX, else f32)")
     p.add_argument("--components", default=None, help="comma-separated subset (default: every exported component)")
     p.add_argument("--opt-level", type=int_range(0, 5), default=3, help="builder optimisation level 0-5 (default 3)")
     p.add_argument("--timing-cache", default=None, help="timing cache file reused between builds (default <out>/timing.cache)")
@@ -58,7 +64,7 @@ def settings_from_args(args: argparse.Namespace):
         spec=spec,
         sparsity=sparsity,
         onnx_dir=onnx_dir,
-        out=Path(args.out) if args.out else onnx_dir.parent / "engines",
+        out=Path(args.out) if args.out else onnx_dir.parent / ("openvino" if args.backend == "openvino" else "engines"),
         backend=args.backend,
         components=tuple(c.strip() for c in args.components.split(",")) if args.components else None,
         opt_level=args.opt_level,
@@ -71,6 +77,7 @@ def settings_from_args(args: argparse.Namespace):
         triton_kind=args.triton_kind,
         static_shapes=args.static_shapes,
         torch_settings=torch_settings_from_args(args, sparse_kernels=not args.no_sparse_weights) if args.backend == "torch" else None,
+        ov_precision=args.ov_precision,
     )
 
 

@@ -1,4 +1,4 @@
-"""Run a diffusers pipeline (SD3, Flux...) with exported components on ONNX Runtime or TensorRT.
+"""Run a diffusers pipeline (SD3, Flux...) with exported components on ONNX Runtime, OpenVINO or TensorRT.
 
 The pipeline object is diffusers' own: tokenizers, scheduler, latents (from the seed), classifier-free
 guidance and image post-processing are unchanged, so images are comparable with the PyTorch pipeline
@@ -46,12 +46,16 @@ def load_runners(
     provider: str = "cpu",
     components: list[str] | None = None,
     threads: int = 0,
+    ov_precision: str = "auto",
 ) -> dict[str, Runner]:
     """Runners for the exported components.
 
     backend ``"ort"``: an :class:`~runtime.ort.OrtModel` per ``onnx_dir/<component>.onnx`` (``provider``
     cpu/cuda/auto, ``threads`` intra-op threads, 0 = one per core). backend ``"trt"``: a :class:`~runtime.trt.engine.TrtEngine` per ``engine_dir/<component>/``
     plan of the installed TensorRT(-RTX), checked against ``onnx_dir/<component>.onnx`` when given.
+    backend ``"openvino"``: an :class:`~runtime.openvino.session.OvModel` per ``onnx_dir/<component>.onnx`` compiled for
+    this CPU at ``ov_precision`` (auto/f32/bf16), or, where ``engine_dir/<component>/`` holds them, that build's checked
+    compiled models (``build --backend openvino``), ``threads`` inference threads either way.
     components: default every component found; a named missing one is an error.
     """
     names = list(components) if components is not None else list(KNOWN_COMPONENTS)
@@ -89,10 +93,26 @@ def load_runners(
                     raise UserError(f"no engine for {c} in {engine_dir}; run `python -m pipeline build` first")
                 continue
             runners[c] = TrtEngine(find_plan(cdir), onnx_path=src)
+    elif backend == "openvino":
+        if onnx_dir is None and engine_dir is None:
+            raise UserError("the OpenVINO backend needs an ONNX directory (stage 2's onnx/) or a `build --backend openvino` directory")
+        from runtime.openvino.build import load_compiled
+        from runtime.openvino.precision import resolve_hint
+        from runtime.openvino.session import OvModel
+
+        hint = resolve_hint(ov_precision)
+        for c in names:
+            src = Path(onnx_dir) / f"{c}.onnx" if onnx_dir is not None else None
+            if engine_dir is not None and (Path(engine_dir) / c).is_dir():
+                runners[c] = load_compiled(Path(engine_dir) / c, onnx_path=src if src is not None and src.is_file() else None, hint=hint, threads=threads)
+            elif src is not None and src.is_file():
+                runners[c] = OvModel(src, hint=hint, threads=threads)
+            elif components is not None:
+                raise UserError(f"missing {src or Path(engine_dir) / c}; run `python -m pipeline export` (and `build --backend openvino`) first")
     else:
-        raise UserError(f"unknown runtime backend {backend!r}; use ort or trt")
+        raise UserError(f"unknown runtime backend {backend!r}; use ort, trt or openvino")
     if "transformer" not in runners and components is None:
-        raise UserError(f"no transformer found for backend {backend} in {onnx_dir if backend == 'ort' else engine_dir}")
+        raise UserError(f"no transformer found for backend {backend} in {engine_dir if backend == 'trt' else onnx_dir}")
     return runners
 
 
@@ -170,6 +190,7 @@ def runner_pipeline(
     threads: int = 0,
     correction=None,
     dropped: Sequence[str] | None = None,
+    ov_precision: str = "auto",
 ):
     """Load ``spec``'s PyTorch pipeline (or reuse ``base_pipe``) and swap in ORT sessions / TRT engines.
 
@@ -180,13 +201,15 @@ def runner_pipeline(
     applies (:func:`runtime.qsched.apply.apply_correction`; the base pipeline is left as it was).
     dropped: the components the pipeline runs without (None: those stage 2's report beside ``onnx_dir`` left out,
     :func:`export_dropped`; SD3 without T5 runs with ``text_encoder_3=None``).
+    ov_precision: backend ``"openvino"``'s precision hint (:func:`load_runners`).
     Returns the new pipeline; ``pipe.runners`` holds the runners (for sizes and providers).
     """
     from families.registry import load_pipeline
 
     correction = check_runner_inputs(spec, onnx_dir=onnx_dir, engine_dir=engine_dir, correction=correction)
     device = device or ("cuda" if backend == "trt" else "cpu")
-    runners = load_runners(backend=backend, onnx_dir=onnx_dir, engine_dir=engine_dir, provider=provider, components=components, threads=threads)
+    runners = load_runners(backend=backend, onnx_dir=onnx_dir, engine_dir=engine_dir, provider=provider, components=components, threads=threads,
+                           ov_precision=ov_precision)
     dropped = tuple(dropped) if dropped is not None else export_dropped(onnx_dir)
     if base_pipe is None:
         attrs = {c.name: c.attr for c in spec.adapter.components}

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "trt", "trtrtx", "torch")  # torch: runtime.torch_stage (PyTorch + torchao on a CUDA GPU)
+BACKENDS = ("auto", "trt", "trtrtx", "torch", "openvino")  # torch: runtime.torch_stage (PyTorch + torchao on a CUDA GPU); openvino: runtime.openvino.build (CPU)
 TRITON_KINDS = ("tensorrt_plan", "onnxruntime", "python")
 
 
@@ -40,7 +40,9 @@ class BuildSettings:
     a Triton model repository there (kind default: ``tensorrt_plan`` for TensorRT engines, else
     ``onnxruntime``). static_shapes: one engine per served resolution for the components whose shapes
     follow it (transformer, VAE decoder), under ``out/static/<H>x<W>/``, instead of one profile covering
-    them all. The served resolutions and batch range come from stage 2's export report.
+    them all. The served resolutions and batch range come from stage 2's export report. ov_precision: backend
+    ``"openvino"``'s precision hint (``auto``/``f32``/``bf16``, :mod:`runtime.openvino.precision`); it compiles every
+    component once per served resolution (:mod:`runtime.openvino.build`).
     """
 
     spec: ModelSpec
@@ -59,6 +61,7 @@ class BuildSettings:
     triton_kind: str | None = None
     static_shapes: bool = False
     torch_settings: Any = None  # backend "torch": a runtime.torch_backend.TorchSettings (None: its defaults)
+    ov_precision: str = "auto"  # backend "openvino": the precision hint
 
     def to_json(self) -> dict[str, Any]:
         """The settings as a manifest records them."""
@@ -68,7 +71,8 @@ class BuildSettings:
                 "opt_level": self.opt_level, "timing_cache": opt(self.timing_cache),
                 "target_cc": list(self.target_cc) if self.target_cc is not None else None, "workspace_mib": self.workspace_mib,
                 "sparse_weights": self.sparse_weights, "force": self.force, "triton": opt(self.triton), "triton_kind": self.triton_kind,
-                "static_shapes": self.static_shapes, "torch": self.torch_settings.to_json() if self.torch_settings else None}
+                "static_shapes": self.static_shapes, "torch": self.torch_settings.to_json() if self.torch_settings else None,
+                **({"ov_precision": self.ov_precision} if self.backend == "openvino" else {})}
 
 
 def check_build(settings: BuildSettings, *, check_onnx: bool = True) -> None:
@@ -84,7 +88,7 @@ def check_build(settings: BuildSettings, *, check_onnx: bool = True) -> None:
         report = check_export_for(settings.onnx_dir, settings.spec, sparsity=str(settings.sparsity))
         weight_only = [c for c, e in (report.get("components") or {}).items()
                        if isinstance(e, dict) and e.get("weight_only") and (settings.components is None or c in settings.components)]
-        if weight_only and settings.backend != "torch":
+        if weight_only and settings.backend not in ("torch", "openvino"):  # OpenVINO reads MatMulNBits
             raise UserError(f"{', '.join(weight_only)} in {settings.onnx_dir}: weight-only INT8/INT4 text encoders for ONNX Runtime (MatMulNBits), "
                             "which TensorRT cannot build: pass --components without them, or export them for engines (--others-precision fp16)")
     if settings.backend == "torch":  # no engines: the compact checkpoint converted on this GPU
@@ -95,6 +99,18 @@ def check_build(settings: BuildSettings, *, check_onnx: bool = True) -> None:
         if settings.triton:
             raise UserError("--triton: a Triton repository serves TensorRT engines or ONNX, not --backend torch")
         check_torch_build(settings.sparsity, settings.onnx_dir, settings.torch_settings or TorchSettings(), gpu=current_gpu(), check_input=check_onnx)
+        check_output(settings.out, "parent")
+        return
+    if settings.backend == "openvino":  # compiled for this CPU: no builder options, no Triton repository yet
+        from runtime.openvino.library import openvino
+        from runtime.openvino.precision import resolve_hint
+
+        openvino()  # not installed: one line naming `make setup`
+        resolve_hint(settings.ov_precision)  # an unknown hint, or bf16 on a CPU without it: one line
+        if settings.triton:
+            raise UserError("--triton: a Triton repository of OpenVINO components is not written yet; use --backend trt/trtrtx, or leave --triton out")
+        if check_onnx and not Path(settings.onnx_dir).is_dir():
+            raise UserError(f"ONNX directory {settings.onnx_dir} does not exist; run `python -m pipeline export` first")
         check_output(settings.out, "parent")
         return
     if not 0 <= settings.opt_level <= 5:
@@ -137,6 +153,8 @@ def run_build(settings: BuildSettings) -> dict[str, Path]:
         from runtime.torch_stage import run_torch_build
 
         return {"transformer": run_torch_build(settings.spec, settings.sparsity, settings.onnx_dir, settings.out, settings.torch_settings or TorchSettings())}
+    if settings.backend == "openvino":
+        return _run_openvino_build(settings)
     out = Path(settings.out)
     onnx_dir = Path(settings.onnx_dir)
     sh = settings.spec.shapes
@@ -210,3 +228,23 @@ def run_build(settings: BuildSettings) -> dict[str, Path]:
                                      component_files=None if kind == "python" else files)
         log.info("Triton model repository (%s): %s", kind, settings.triton)
     return plans
+
+
+def _run_openvino_build(settings: BuildSettings) -> dict[str, Path]:
+    """``build --backend openvino``: every component compiled for this CPU at the precision hint, once per served
+    resolution (:func:`runtime.openvino.build.build_all`). Returns ``{"<component>@<label>": blob}``."""
+    from common.io import read_json
+    from runtime.openvino.build import build_all
+    from runtime.openvino.precision import resolve_hint
+
+    onnx_dir = Path(settings.onnx_dir)
+    report_file = onnx_dir.parent / "export_report.json"
+    report = read_json(report_file, what="export report") if report_file.is_file() else {}
+    comps = report.get("components", {})
+    per = {c: v["profiles"]["per_resolution"] for c, v in comps.items() if isinstance(v, dict) and (v.get("profiles") or {}).get("per_resolution")}
+    hint = resolve_hint(settings.ov_precision)
+    log.info("OpenVINO precision %s (%s)", hint.name, hint.why)
+    with created_dirs(settings.out):  # a failed build leaves no directory that this run created
+        return build_all(onnx_dir, settings.out, hint=hint, components=settings.components, profiles=per, force=settings.force,
+                         model=report.get("model") or settings.spec.id, model_weights=(report.get("inputs") or {}).get("model_weights"),
+                         served=report.get("served_shapes"))

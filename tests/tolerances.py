@@ -78,6 +78,35 @@ CPU (``qemu-x86_64 -cpu Haswell``, where ONNX Runtime takes its AVX2 kernels) it
 transformers were bit-identical to the AVX-512 host's. 1e-4 leaves 150x; a 0.1% perturbation of the reference fails
 it (tests/unit/test_onnx_export.py)."""
 
+OV_F32_REL = ORT_PATHS_REL
+"""OpenVINO at ``INFERENCE_PRECISION_HINT=f32`` vs torch on the same float32 graph: the same derivation as
+:data:`ORT_PATHS_REL` (oneDNN/MLAS kernels of other blocking, fused attention and normalisations, within float32
+rounding). Measured at most 4e-7 on the tiny factory transformers and tiny-sd3 (Xeon with AVX-512); 1e-4 leaves 250x.
+(An INT4 ``MatMulNBits`` graph is not float32 in OpenVINO either: it rounds the 4-bit GEMMs' activations to INT8, as
+ONNX Runtime's ``accuracy_level`` 4 does, and is held to the INT4 export's own criterion,
+``export.int4_parity.A8_EFFECT_RANGE``.)"""
+
+BF16_ROUNDING = 2.0**-8
+"""bfloat16's relative spacing at 1 (8 significant bits): OpenVINO at ``INFERENCE_PRECISION_HINT=bf16`` rounds each
+GEMM's activations and weights to it (products accumulated in float32)."""
+
+
+def bf16_rel(depth: int) -> float:
+    """OpenVINO bf16 vs the float32 torch model (:func:`tests.export_helpers.rel_err`) after ``depth`` GEMMs on the
+    longest path: each layer's output carries a relative error of about :data:`BF16_ROUNDING` from its rounded inputs,
+    and the layers' errors add, relative to the output's scale. Errors of random sign add like ``sqrt(depth)`` (the
+    typical case: measured 1.6e-2 on a 2-block tiny SD3 transformer, depth 18, against ``sqrt(18) 2^-8 = 1.7e-2``);
+    the bound is their worst case, ``depth 2^-8`` (7e-2 there, 4.5x the measurement). A graph that ran bf16 at all is
+    far above float32 rounding (``2^-12`` is 10x below the measurement and 250x above float32's)."""
+    return depth * BF16_ROUNDING
+
+
+def sd3_gemm_depth(blocks: int) -> int:
+    """GEMMs on an SD3 transformer's longest path: the timestep embedder (2), then per block the AdaLN modulation,
+    Q/K/V, Q K^T, attention x V, the output projection and the feed-forward's two (7), then the output AdaLN and
+    projection (2)."""
+    return 2 + 7 * blocks + 2
+
 
 MASK_MARGIN = 1e-6
 """Masks compared exactly between two code paths on one machine (the solvers against SparseGPT's column loop, with and
