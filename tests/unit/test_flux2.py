@@ -89,8 +89,9 @@ def run_stage1(model: nn.Module, adapter, sparsity_text: str, *, groups: int = 2
         removed_cols: dict[str, list[int]] = {}  # per weight: columns earlier groups removed (fused to_out)
         for job in _jobs(package, sparsity, adapter, blocks):
             with torch.no_grad():
-                new_ws, keep = _solve(job, modules, collector, config, factors, removed_cols.get(job.layers[0], ()))
-                for n, w in zip(job.layers, new_ws):
+                solved = _solve(job, modules, collector, config, factors, removed_cols.get(job.layers[0], ()))
+                keep = solved.keep
+                for n, w in zip(job.layers, solved.weights):
                     modules[n].weight.copy_(w)
             if keep is not None:
                 plan.blocks[job.block].keep[job.group] = keep
