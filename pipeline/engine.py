@@ -42,9 +42,12 @@ def add_engine_args(p) -> None:
     p.add_argument("--samples", type=int_at_least(1), default=None, help="calibration prompts (default: the prune command's, 64)")
     p.add_argument("--calib-steps", type=int_at_least(1), default=None, help="calibration denoising steps (default: the model's sampling steps)")
     p.add_argument("--groups", type=int_at_least(1), default=4, help="module packages (default 4)")
-    p.add_argument("--backend", default="auto", choices=["auto", "ort", "trt", "torch"],
+    p.add_argument("--backend", default="auto", choices=["auto", "ort", "trt", "torch", "openvino"],
                    help="benchmark backend: trt engines on a GPU host, ONNX Runtime otherwise (auto); torch: the compact "
-                        "checkpoints on the GPU with PyTorch's 2:4 kernels and torchao (no engines)")
+                        "checkpoints on the GPU with PyTorch's 2:4 kernels and torchao (no engines); openvino: ONNX Runtime's exports "
+                        "compiled by OpenVINO for this CPU (<export>/openvino/)")
+    p.add_argument("--ov-precision", default="auto", choices=["auto", "f32", "bf16"],
+                   help="--backend openvino: inference precision (auto: bf16 where the CPU has avx512_bf16 or AMX, else f32)")
     p.add_argument("--opt-level", type=int_range(0, 5), default=3, help="TensorRT builder optimisation level 0-5 (default 3)")
     p.add_argument("--no-engines", action="store_true", help="skip the TensorRT / TensorRT-RTX engine builds")
     p.add_argument("--runs", type=int_at_least(1), default=10, help="timed benchmark runs (default 10)")
@@ -186,7 +189,7 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
                                 inputs, {"dir": str(engine_export)}))
             engine_components = None
         elif precision == "fp32":
-            if bench_backend in ("ort", "torch"):  # torch: the float32 export's compact checkpoint
+            if bench_backend in ("ort", "torch", "openvino"):  # torch: the float32 export's compact checkpoint
                 stages.append(Stage(f"export_{which}", dirs.export / "export_report.json",
                                     ExportSettings(spec=spec, out=dirs.export, pruned=pruned, precision="fp32", shapes=shapes,
                                                    share_from=dense.export if pruned else None, others_precision=others, drop_t5=drop_t5),
@@ -204,7 +207,7 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
             # one quantized export serves ONNX Runtime and the engines: float32 around INT8 for ONNX Runtime on a
             # CPU, float16 around it for TensorRT (FP8 runs on GPUs only)
             engine_export = dirs.export_for(precision)
-            ort_export = precision == "int8" and bench_backend == "ort"
+            ort_export = precision == "int8" and bench_backend in ("ort", "openvino")  # OpenVINO reads ONNX Runtime's exports
             if ort_export or not args.no_engines:
                 settings = export_settings(spec, dirs, pruned, precision, shapes, quant,
                                            components=None if ort_export else cpu_components, others=others if ort_export else "fp16",
@@ -223,6 +226,13 @@ def plan_stages(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str
         suffix = "" if precision == "fp32" else f"_{engine_precision}"
         stages.append(Stage(f"engines_{which}{suffix}", engines / "transformer", build, {"onnx": str(engine_export / "onnx")},
                             {"dir": str(engines)}))
+    if bench_backend == "openvino":  # the exports the benchmark times, compiled for this CPU where e2e finds them
+        for which, dirs in (("dense", dense), ("pruned", cfg)):
+            export = dirs.export_for(precision)
+            build = BuildSettings(spec=spec, sparsity=sparsity if which == "pruned" else parse_sparsity("dense"), onnx_dir=export / "onnx",
+                                  out=export / "openvino", backend="openvino", ov_precision=getattr(args, "ov_precision", "auto"))
+            stages.append(Stage(f"openvino_{which}{'' if precision == 'fp32' else '_' + precision}", export / "openvino" / "transformer", build,
+                                {"onnx": str(export / "onnx")}, {"dir": str(export / "openvino")}))
     for st in stages:
         check_stage(st)
     return stages
@@ -295,12 +305,14 @@ class BenchSettings:
     precision: str = "fp32"
     torch_settings: Any = None  # backend "torch": runtime.torch_backend.TorchSettings
     memory: bool = True
+    ov_precision: str = "auto"  # backend "openvino": the precision hint
 
     def to_json(self) -> dict[str, Any]:
         return {"backend": self.backend, "runs": self.runs, "warmup": self.warmup, "steps": self.steps, "quality": self.quality, "eager": self.eager,
                 "memory": self.memory,
                 "resolutions": [list(r) for r in self.resolutions] if self.resolutions else None, "precision": self.precision,
-                "torch": self.torch_settings.to_json() if self.torch_settings else None}
+                "torch": self.torch_settings.to_json() if self.torch_settings else None,
+                **({"ov_precision": self.ov_precision} if self.backend == "openvino" else {})}
 
 
 BENCH_OUTPUTS = ("bench.json", "bench.md", "bench.png", "grid.png")
@@ -334,6 +346,7 @@ def plan_bench(args, spec, sparsity, cfg, dense, cuda: bool, bench_backend: str)
         precision=precision,
         torch_settings=torch_settings_from_args(args) if bench_backend == "torch" else None,
         memory=not getattr(args, "no_memory", False),
+        ov_precision=getattr(args, "ov_precision", "auto"),
     )
     check_bench(settings)
     return settings
@@ -360,7 +373,7 @@ def run_bench(settings: BenchSettings) -> dict:
                    backend=settings.backend, provider=settings.provider, engines=settings.engines, sparsity=settings.sparsity,
                    threads=settings.threads, steps=settings.steps, quality=settings.quality, eager=settings.eager,
                    resolutions=list(settings.resolutions) if settings.resolutions else None, precision=settings.precision,
-                   torch_settings=settings.torch_settings, memory=settings.memory)
+                   torch_settings=settings.torch_settings, memory=settings.memory, ov_precision=settings.ov_precision)
 
 
 def run_engine(args) -> int:
@@ -452,8 +465,10 @@ def check_precision(args, cuda: bool, bench_backend: str) -> None:
     if args.precision == "int4" and bench_backend == "trt":
         raise UserError("--precision int4 is benchmarked on ONNX Runtime (MatMulNBits); its TensorRT engines (engines-w4a16/, INT4 weight-only) "
                         "are built but not benchmarked yet: use --backend ort")
+    if getattr(args, "ov_precision", "auto") != "auto" and bench_backend != "openvino":
+        raise UserError("--ov-precision sets OpenVINO's inference precision: add --backend openvino")
     others = getattr(args, "others_precision", None)
-    if others is not None and (bench_backend != "ort" or args.precision == "fp8"):
+    if others is not None and (bench_backend not in ("ort", "openvino") or args.precision == "fp8"):
         runs = "TensorRT engines" if bench_backend == "trt" or args.precision == "fp8" else "the PyTorch backend"
         raise UserError(f"--others-precision sets the ONNX Runtime exports' text encoders and VAE; this run benchmarks {runs}, whose "
                         "other components are float16: drop --others-precision, or use --backend ort")
@@ -461,8 +476,8 @@ def check_precision(args, cuda: bool, bench_backend: str) -> None:
         return
     if args.no_engines:
         raise UserError("--precision fp8 runs only as TensorRT engines (ONNX Runtime cannot run FP8 Q/DQ); drop --no-engines")
-    if not args.no_bench and bench_backend == "ort":
-        raise UserError("--precision fp8 cannot be benchmarked with ONNX Runtime (it cannot run TensorRT's FP8 Q/DQ) and this host has no GPU "
+    if not args.no_bench and bench_backend in ("ort", "openvino"):
+        raise UserError("--precision fp8 cannot be benchmarked with ONNX Runtime or OpenVINO (neither runs TensorRT's FP8 Q/DQ) and this host has no GPU "
                         "to run FP8 engines: add --no-bench to build the FP8 engines (TensorRT-RTX, for SM89/SM120), or use --precision int8")
     if cuda and not args.no_bench:
         import torch

@@ -219,3 +219,30 @@ def test_a_host_without_openvino_gets_one_line(exports, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: OpenVINO is not installed") and "make setup" in lines[0], r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_make_engine_backend_openvino_compiles_the_benchmarked_exports(tmp_path, precision):
+    """`make engine --backend openvino` plans ONNX Runtime's exports (float32 around the transformer's precision) and
+    one OpenVINO build of each beside it, where the benchmark finds it; --ov-precision without it is one line."""
+    from families.registry import resolve_model
+    from obsdiff.patterns import parse_sparsity
+    from pipeline import engine
+    from pipeline.artifacts import config_dirs
+
+    args = engine.parse_args(["--artifacts", str(tmp_path / "art"), "--no-engines", "--backend", "openvino", "--ov-precision", "f32",
+                              "--precision", precision, "--sparsity", "structured:0.3"])
+    spec, sparsity = resolve_model(args.model), parse_sparsity(args.sparsity)
+    cfg, dense = config_dirs(spec, f"{sparsity.id}-{args.method}", tmp_path / "art"), config_dirs(spec, "dense", tmp_path / "art")
+    stages = {st.name: st for st in engine.plan_stages(args, spec, sparsity, cfg, dense, cuda=False, bench_backend="openvino")}
+    tail = "" if precision == "fp32" else f"_{precision}"
+    for which, dirs in (("dense", dense), ("pruned", cfg)):
+        export = stages[f"export_{which}{tail}"].settings
+        assert export.out == dirs.export_for(precision) and export.precision == precision and export.components is None
+        build = stages[f"openvino_{which}{tail}"].settings
+        assert (build.backend, build.ov_precision, build.onnx_dir, build.out) == ("openvino", "f32", export.out / "onnx", export.out / "openvino")
+    assert not any(n.startswith("engines") for n in stages)  # --no-engines: no TensorRT builds
+    bench = engine.plan_bench(args, spec, sparsity, cfg, dense, False, "openvino")
+    assert (bench.backend, bench.ov_precision, bench.pruned_export) == ("openvino", "f32", cfg.export_for(precision))
+    with pytest.raises(UserError, match="add --backend openvino"):
+        engine.check_precision(engine.parse_args(["--backend", "ort", "--ov-precision", "bf16"]), False, "ort")
