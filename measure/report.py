@@ -66,6 +66,10 @@ def markdown_table(bench: dict[str, Any]) -> str:
     if bench.get("note"):
         lines.append("")
         lines.append(f"Note: {bench['note']}")
+    ov = bench.get("ov_precision")
+    if ov:
+        lines.append("")
+        lines.append(f"OpenVINO ran {ov['precision']} (precision hint {ov['hint']}: {ov['why']}).")
     st = bench.get("settings", {})
     if st:
         lines.append("")
