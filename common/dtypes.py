@@ -102,3 +102,23 @@ def precision_dtype(precision: str) -> Any:
     """The ``torch.dtype`` a float export precision holds its weights in (``"fp16"`` -> ``torch.float16``);
     KeyError for a precision that is not a float one (``int8``, ``fp8``)."""
     return torch_dtype(PRECISION_DTYPES[precision])
+
+
+def numpy_feeds(feeds: dict[str, Any], dtypes: dict[str, str], owner: str) -> dict[str, Any]:
+    """``feeds`` (``{input name: torch tensor or array}``) as contiguous numpy arrays of the ``dtypes`` a model
+    declares (``{input name: dtype name}``), for a runtime that takes numpy (ONNX Runtime, OpenVINO). A missing input is
+    one line naming ``owner`` (the model's file name)."""
+    import numpy as np
+    import torch
+
+    from common.errors import UserError
+
+    missing = [n for n in dtypes if n not in feeds]
+    if missing:
+        raise UserError(f"{owner}: inputs missing: {', '.join(missing)}")
+    out = {}
+    for name, dt in dtypes.items():
+        v = feeds[name]
+        arr = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+        out[name] = np.ascontiguousarray(arr.astype(dt, copy=False))
+    return out

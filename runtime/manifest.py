@@ -152,15 +152,7 @@ def check_engine(
             f"{where} was built with {BACKEND_TITLES.get(built_b, built_b)} {built_v} but this is "
             f"{BACKEND_TITLES.get(backend, backend)} {backend_version}; {rebuild_hint}"
         )
-    src = Path(onnx_path) if onnx_path is not None else (Path(m["onnx"]) if m.get("onnx") else None)
-    if src is not None and not src.is_absolute() and m.get("onnx") and onnx_path is None:
-        src = plan.parent / src
-    if src is not None:
-        if not src.is_file():
-            if onnx_path is not None:
-                raise UserError(f"{where}: source ONNX {src} is missing; re-export it, then {rebuild_hint}")
-        elif sha256_onnx(src) != m.get("onnx_sha256"):
-            raise UserError(f"{where}: source ONNX {src} changed since the engine was built; {rebuild_hint}")
+    check_source_onnx(m, onnx_path, where=where, rebuild_hint=rebuild_hint, base=plan.parent)
     built_gpu = m.get("gpu")
     targets = m.get("target_compute_capabilities") or []
     if gpu is None:
@@ -180,6 +172,23 @@ def check_engine(
     else:
         raise UserError(f"{where}: manifest records neither a GPU nor target compute capabilities; {rebuild_hint}")
     return m
+
+
+def check_source_onnx(manifest: dict[str, Any], onnx_path: str | os.PathLike | None, *, where: str, rebuild_hint: str,
+                      base: Path | None = None, built: str = "the engine was built") -> None:
+    """One line when the ONNX that ``manifest`` records (or ``onnx_path``, when given; a relative recorded path is read
+    against ``base``) changed since it was built from (sha256 with external data), or, when given, is missing. A
+    recorded ONNX that is gone is not an error: the engine no longer needs it."""
+    src = Path(onnx_path) if onnx_path is not None else (Path(manifest["onnx"]) if manifest.get("onnx") else None)
+    if src is not None and not src.is_absolute() and onnx_path is None and base is not None:
+        src = base / src
+    if src is None:
+        return
+    if not src.is_file():
+        if onnx_path is not None:
+            raise UserError(f"{where}: source ONNX {src} is missing; re-export it, then {rebuild_hint}")
+    elif sha256_onnx(src) != manifest.get("onnx_sha256"):
+        raise UserError(f"{where}: source ONNX {src} changed since {built}; {rebuild_hint}")
 
 
 def check_engines_model(engine_dir: str | os.PathLike, spec) -> None:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common.dtypes import from_onnx_type
+from common.dtypes import from_onnx_type, numpy_feeds
 from common.errors import UserError
 from common.input_files import check_onnx
 from common.ort_options import session_options
@@ -96,17 +96,9 @@ class OrtModel:
         import numpy as np
         import torch
 
-        missing = [n for n in self.inputs if n not in feeds]
-        if missing:
-            raise UserError(f"{self.path.name}: inputs missing: {', '.join(missing)}")
-        if self.on_cuda and all(isinstance(feeds[n], torch.Tensor) and feeds[n].is_cuda for n in self.inputs):
+        if self.on_cuda and all(isinstance(feeds.get(n), torch.Tensor) and feeds[n].is_cuda for n in self.inputs):
             return self._run_cuda(feeds)
-        np_feeds = {}
-        for name, dt in self.inputs.items():
-            v = feeds[name]
-            arr = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-            np_feeds[name] = np.ascontiguousarray(arr.astype(dt, copy=False))
-        outs = self.session.run(self.outputs, np_feeds)
+        outs = self.session.run(self.outputs, numpy_feeds(feeds, self.inputs, self.path.name))
         return {n: torch.from_numpy(np.asarray(o)) for n, o in zip(self.outputs, outs)}
 
     def _run_cuda(self, feeds: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import Any, Iterable
 
 from common.errors import UserError
 from common.io import atomic_path, read_json, sha256_file, write_json
-from runtime.manifest import manifest_path_for, sha256_onnx
+from runtime.manifest import check_source_onnx, manifest_path_for, sha256_onnx
 from runtime.openvino.library import core, cpu_name, full_version, version
 from runtime.openvino.precision import Hint, resolve_hint
 from runtime.openvino.session import DEVICE, OvModel, compile_config, compile_onnx, effective_precision
@@ -122,13 +122,7 @@ def check_compiled(blob: str | os.PathLike, *, onnx_path: str | os.PathLike | No
         raise UserError(f"{where} was compiled by OpenVINO {m.get('backend_version')} but this is OpenVINO {full_version()}; {REBUILD}")
     if sha256_file(blob) != m["blob_sha256"]:
         raise UserError(f"{where} does not match the sha256 in its manifest (modified or truncated); {REBUILD}")
-    src = Path(onnx_path) if onnx_path is not None else (Path(m["onnx"]) if m.get("onnx") else None)
-    if src is not None:
-        if not src.is_file():
-            if onnx_path is not None:
-                raise UserError(f"{where}: its source ONNX {src} is missing; re-export it, then {REBUILD}")
-        elif sha256_onnx(src) != m.get("onnx_sha256"):
-            raise UserError(f"{where}: its source ONNX {src} changed since it was compiled; {REBUILD}")
+    check_source_onnx(m, onnx_path, where=where, rebuild_hint=REBUILD, built="it was compiled")
     want = hint or resolve_hint(m.get("hint", "auto"))  # bf16 compiled elsewhere, on a CPU without it: one line
     if want.name != m.get("precision"):
         raise UserError(f"{where} runs {m.get('precision')}, not {want.name} ({want.why}); {REBUILD} --ov-precision {want.name}")
@@ -151,16 +145,10 @@ def build_all(onnx_dir: str | os.PathLike, out: str | os.PathLike, *, hint: Hint
     """Compile every component ONNX of ``onnx_dir`` (or ``components``) into ``out``: one blob per served resolution for
     a component with ``profiles[c]`` (the export report's ``per_resolution`` profiles), one dynamic blob otherwise.
     A blob whose manifest matches is reused unless ``force``. Returns ``{"<component>@<label>": blob}``."""
-    from runtime.trt.build import COMPONENTS
+    from runtime.trt.build import exported_components
 
     onnx_dir = Path(onnx_dir)
-    names = list(components) if components is not None else [c for c in COMPONENTS if (onnx_dir / f"{c}.onnx").is_file()]
-    unknown = [c for c in names if c not in COMPONENTS]
-    if unknown:
-        raise UserError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
-    missing = [c for c in names if not (onnx_dir / f"{c}.onnx").is_file()]
-    if missing or not names:
-        raise UserError(f"no ONNX for {', '.join(missing) or 'any component'} in {onnx_dir}; run `python -m pipeline export` first")
+    names = exported_components(onnx_dir, components)
     blobs: dict[str, Path] = {}
     for comp in names:
         src = onnx_dir / f"{comp}.onnx"

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from common.dtypes import numpy_feeds
 from common.errors import UserError
 from common.input_files import check_onnx
 from runtime.openvino.library import core, openvino, version
@@ -128,14 +129,7 @@ class OvModel:
         import numpy as np
         import torch
 
-        missing = [n for n in self.inputs if n not in feeds]
-        if missing:
-            raise UserError(f"{self.path.name}: inputs missing: {', '.join(missing)}")
-        np_feeds = {}
-        for name, dt in self.inputs.items():
-            v = feeds[name]
-            arr = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-            np_feeds[name] = np.ascontiguousarray(arr.astype(dt, copy=False))
+        np_feeds = numpy_feeds(feeds, self.inputs, self.path.name)
         try:
             result = self.request.infer(np_feeds)  # outputs copied out of OpenVINO's buffers (share_outputs=False)
         except RuntimeError as e:

@@ -288,6 +288,19 @@ def engine_is_current(plan: str | os.PathLike, onnx_path: str | os.PathLike, opt
     )
 
 
+def exported_components(onnx_dir: Path, components: Iterable[str] | None = None) -> list[str]:
+    """The components to build from ``onnx_dir``: ``components`` (each a name of :data:`COMPONENTS` with its
+    ``<name>.onnx`` there), or every one whose ONNX is there; one line for an unknown or missing one, or none at all."""
+    names = list(components) if components is not None else [c for c in COMPONENTS if (onnx_dir / f"{c}.onnx").is_file()]
+    unknown = [c for c in names if c not in COMPONENTS]
+    if unknown:
+        raise UserError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
+    missing = [c for c in names if not (onnx_dir / f"{c}.onnx").is_file()]
+    if missing or not names:
+        raise UserError(f"no ONNX for {', '.join(missing) or 'any component'} in {onnx_dir}; run `python -m pipeline export` first")
+    return names
+
+
 def build_engines(
     onnx_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -310,13 +323,7 @@ def build_engines(
     options = options or BuildOptions()
     be = backend if isinstance(backend, Backend) else get_backend(backend)
     onnx_dir = Path(onnx_dir)
-    names = list(components) if components is not None else [c for c in COMPONENTS if (onnx_dir / f"{c}.onnx").is_file()]
-    unknown = [c for c in names if c not in COMPONENTS]
-    if unknown:
-        raise UserError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
-    missing = [c for c in names if not (onnx_dir / f"{c}.onnx").is_file()]
-    if missing or not names:
-        raise UserError(f"no ONNX for {', '.join(missing) or 'any component'} in {onnx_dir}; run `python -m pipeline export` first")
+    names = exported_components(onnx_dir, components)
     plans: dict[str, Path] = {}
     for comp in tqdm(names, desc=f"{be.name} engines", unit="engine"):
         src = onnx_dir / f"{comp}.onnx"
