@@ -1,5 +1,5 @@
 # Every target shares one environment: the first `make <target>` on a fresh clone creates .venv
-# and installs torch (pinned, CPU wheel) first, then the project with its TensorRT-RTX and torchao extras.
+# and installs torch (pinned, CPU wheel) first, then the project with its TensorRT-RTX, torchao, serving and OpenVINO extras.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
