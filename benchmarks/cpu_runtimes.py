@@ -8,8 +8,10 @@ variant's.
 Variants are every ``--export`` (stage 2's output directory, named) on every runtime of ``--runtimes``: ``ort``
 (:class:`runtime.ort.OrtModel`, the project's session options) or ``openvino:<hint>`` (:class:`runtime.openvino.session.OvModel`,
 hint ``auto``/``f32``/``bf16``), its inputs made static to the resolution as ``build --backend openvino`` compiles them, or
-``openvino:<hint>:dynamic`` with the exported shapes. The first variant is the reference (ONNX Runtime on the first
-export, as a rule).
+``openvino:<hint>:dynamic`` with the exported shapes; ``nncf-int8:<hint>`` and ``nncf-int4:<hint>`` are NNCF's own
+INT8 post-training quantization (calibrated on ``--calib`` random inputs) and INT4 weight compression of the ONNX
+(:mod:`runtime.openvino.nncf_peers`), the peers of the project's exports. The first variant is the reference (ONNX
+Runtime on the first export, as a rule).
 
 Each variant runs in a worker process of its own (``--worker``, driven over its standard input): OpenVINO's TBB threads
 wait busily after each call, and a runtime timed beside another in one process disturbs it. The workers load their
@@ -61,16 +63,19 @@ class Variant:
         return {"label": self.label, "onnx": str(self.onnx), "runtime": self.runtime, "hint": self.hint, "static": self.static}
 
 
+OV_RUNTIMES = ("openvino", "nncf-int8", "nncf-int4")  # the ONNX as it is; NNCF's INT8 quantization or INT4 weights of it
+
+
 def parse_runtime(text: str) -> tuple[str, str | None, bool]:
-    """``ort`` | ``openvino:<hint>[:dynamic]`` -> ``(runtime, hint, static)``."""
+    """``ort`` | ``<openvino|nncf-int8|nncf-int4>:<hint>[:dynamic]`` -> ``(runtime, hint, static)``."""
     from runtime.openvino.precision import HINTS
 
     parts = text.strip().split(":")
     if parts == ["ort"]:
         return "ort", None, True
-    if parts[0] == "openvino" and 2 <= len(parts) <= 3 and parts[1] in HINTS and parts[2:] in ([], ["dynamic"]):
-        return "openvino", parts[1], len(parts) == 2
-    raise UserError(f"--runtimes: {text!r} is not a runtime; use ort or openvino:<{'|'.join(HINTS)}>[:dynamic]")
+    if parts[0] in OV_RUNTIMES and 2 <= len(parts) <= 3 and parts[1] in HINTS and parts[2:] in ([], ["dynamic"]):
+        return parts[0], parts[1], len(parts) == 2
+    raise UserError(f"--runtimes: {text!r} is not a runtime; use ort or <{'|'.join(OV_RUNTIMES)}>:<{'|'.join(HINTS)}>[:dynamic]")
 
 
 def variants_of(exports: list[tuple[str, Path]], runtimes: list[str], component: str) -> list[Variant]:
@@ -125,9 +130,7 @@ def worker() -> int:
                 model = OrtModel(req["onnx"], intra_op_threads=req["threads"])
                 what = {"session": model.providers[0]}
             else:
-                from runtime.openvino.session import OvModel
-
-                model = OvModel(req["onnx"], precision=req["hint"], threads=req["threads"], shapes=req["shapes"] if req["static"] else None)
+                model = _openvino_model(req, feeds)
                 what = {"precision": model.precision, "hint_why": model.hint.why}
             reply = {"load_s": time.perf_counter() - t0, **what}
         elif cmd == "run":
@@ -144,16 +147,36 @@ def worker() -> int:
     return 0
 
 
+def _openvino_model(req: dict[str, Any], feeds: dict[str, np.ndarray]):
+    """The worker's OpenVINO model: the ONNX as it is, or NNCF's INT8 quantization (calibrated on ``--calib`` random
+    inputs drawn like the timed ones, other seeds) or INT4 weights of it."""
+    from runtime.openvino.precision import resolve_hint
+    from runtime.openvino.session import OvModel, compile_model
+
+    shapes = req["shapes"] if req["static"] else None
+    if req["runtime"] == "openvino":
+        return OvModel(req["onnx"], precision=req["hint"], threads=req["threads"], shapes=shapes)
+    from runtime.openvino.nncf_peers import nncf_int4, nncf_int8
+
+    hint = resolve_hint(req["hint"])
+    if req["runtime"] == "nncf-int8":
+        shape_of = {n: list(a.shape) for n, a in feeds.items()}
+        model = nncf_int8(req["onnx"], [make_feeds(shape_of, seed=1000 + i) for i in range(req["calib"])], shapes=shapes)
+    else:
+        model = nncf_int4(req["onnx"], shapes=shapes)
+    return OvModel(req["onnx"], compiled=compile_model(model, hint, req["threads"]), hint=hint, threads=req["threads"])
+
+
 class Worker:
     """The parent's handle on one variant's process."""
 
-    def __init__(self, variant: Variant, threads: int, feeds: Path, shapes: dict[str, list[int]]):
+    def __init__(self, variant: Variant, threads: int, feeds: Path, shapes: dict[str, list[int]], calib: int = 8):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.cpu_runtimes", "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env, cwd=Path(__file__).resolve().parents[1])
         self.variant = variant
         self.info = self.ask({"cmd": "load", "runtime": variant.runtime, "onnx": str(variant.onnx), "hint": variant.hint, "static": variant.static,
-                              "shapes": shapes, "threads": threads, "feeds": str(feeds)})
+                              "shapes": shapes, "threads": threads, "feeds": str(feeds), "calib": calib})
 
     def ask(self, req: dict[str, Any]) -> dict[str, Any]:
         self.proc.stdin.write(json.dumps(req) + "\n")
@@ -174,7 +197,7 @@ class Worker:
 
 
 def measure(variants: list[Variant], feeds_file: Path, static: dict[str, list[int]], *, threads: int, rounds: int, calls: int, warmup: int,
-            pause: float) -> dict[str, Any]:
+            pause: float, calib: int = 8) -> dict[str, Any]:
     """Time ``variants`` interleaved, each in a worker of its own (see the module doc); returns the per-variant results
     and the errors of each output against the first variant's."""
     from export.parity import rel_error
@@ -188,7 +211,7 @@ def measure(variants: list[Variant], feeds_file: Path, static: dict[str, list[in
             k = r % len(variants)
             for v in variants[k:] + variants[:k]:  # one model in memory at a time; the order rotates every round
                 time.sleep(pause)  # the previous worker's threads have exited
-                w = Worker(v, threads, feeds_file, static)
+                w = Worker(v, threads, feeds_file, static, calib)
                 try:
                     for _ in range(warmup):
                         w.ask({"cmd": "run"})
@@ -255,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed calls per variant and round (default 2)")
     p.add_argument("--pause", type=float_range(0), default=1.0, help="seconds between workers (default 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib", type=int_at_least(1), default=8, help="nncf-int8: random calibration inputs (default 8)")
     p.add_argument("--out", default="artifacts/bench/cpu_runtimes.json")
 
     def body(args) -> int:
@@ -275,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
             feeds_file = Path(tmp) / "feeds.npz"
             np.savez(feeds_file, **make_feeds(shapes, args.seed))
             measured = measure(variants, feeds_file, static, threads=args.threads, rounds=args.rounds, calls=args.calls, warmup=args.warmup,
-                               pause=args.pause)
+                               pause=args.pause, calib=args.calib)
         result = {"component": args.component, **measured, "cpu": cpu_facts(),
                   "settings": {"resolution": label, "shapes": shapes, "threads": args.threads, "rounds": args.rounds, "calls": args.calls, "warmup": args.warmup,
-                               "pause_s": args.pause, "seed": args.seed, "exports": {n: str(d) for n, d in exports}},
+                               "pause_s": args.pause, "seed": args.seed, "nncf_int8_calibration": f"{args.calib} random inputs", "exports": {n: str(d) for n, d in exports}},
                   **program.environment(libraries=("onnxruntime", "openvino", "numpy"))}
         program.write(out, result, to_markdown(result), echo=True)
         return 0

@@ -6,7 +6,9 @@
 - :mod:`runtime.openvino.session`: :class:`~runtime.openvino.session.OvModel`, one compiled component behind the call
   the pipeline runner makes of ONNX Runtime sessions;
 - :mod:`runtime.openvino.build`: ``build --backend openvino``: compiled models in a directory, with manifests checked
-  before use.
+  before use;
+- :mod:`runtime.openvino.nncf_peers`: NNCF's own INT8 quantization and INT4 weight compression of an ONNX (the peers of
+  the project's ModelOpt INT8 and OBS 4-bit).
 
 What OpenVINO reads, how fast, and how precise: docs/openvino.md.
 """

@@ -67,11 +67,16 @@ def read_onnx(onnx_path: str | os.PathLike, shapes: dict[str, list[int]] | None 
 
 def compile_onnx(onnx_path: str | os.PathLike, hint: Hint, threads: int = 0, shapes: dict[str, list[int]] | None = None):
     """``openvino.CompiledModel`` of the ONNX at ``onnx_path`` on the CPU with :func:`compile_config`."""
-    model = read_onnx(onnx_path, shapes)
+    return compile_model(read_onnx(onnx_path, shapes), hint, threads, name=Path(onnx_path).name)
+
+
+def compile_model(model, hint: Hint, threads: int = 0, *, name: str = "the model"):
+    """``openvino.CompiledModel`` of an ``openvino.Model`` (read from ONNX, or NNCF's: :mod:`runtime.openvino.nncf_peers`)
+    on the CPU with :func:`compile_config`."""
     try:
         return core().compile_model(model, DEVICE, compile_config(hint, threads))
     except RuntimeError as e:
-        raise UserError(f"OpenVINO {version()} cannot compile {Path(onnx_path).name} for the CPU: {_first_line(e)}") from None
+        raise UserError(f"OpenVINO {version()} cannot compile {name} for the CPU: {_first_line(e)}") from None
 
 
 def effective_precision(compiled) -> str:
