@@ -7,10 +7,12 @@ OpenVINO (the ``openvino`` extra); measured against the project's own in docs/op
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Sequence
 
 from common.errors import UserError
+from common.quiet import debug_requested
 from runtime.openvino.library import INSTALL_HINT
 
 INT4_GROUP = 128  # the project's 4-bit group (obsdiff.weight_quant.DEFAULT_GROUP_SIZE)
@@ -21,6 +23,8 @@ def _nncf():
         import nncf
     except ImportError:
         raise UserError(f"NNCF is not installed here; {INSTALL_HINT}") from None
+    if not debug_requested():  # its per-step INFO lines are not the user's (SDD_DEBUG=1 shows them)
+        nncf.set_log_level(logging.WARNING)
     return nncf
 
 
