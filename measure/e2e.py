@@ -286,9 +286,12 @@ def _run(spec, dense_export_dir, pruned_export_dir, out_dir: Path, *, runs, warm
     if backend == "trt":
         eng.setdefault("dense", dense_onnx.parent / "engines")
         eng.setdefault("pruned", pruned_onnx.parent / "engines")
-    if backend == "openvino":  # a `build --backend openvino` beside the export, where there is one; else compiled at load
+    if backend == "openvino":  # a `build --backend openvino` at this precision beside the export, where there is one; else compiled at load
+        from runtime.openvino.build import holds_compiled
+        from runtime.openvino.precision import resolve_hint
+
         for name, d in (("dense", dense_onnx), ("pruned", pruned_onnx)):
-            if name not in eng and (d.parent / "openvino").is_dir():
+            if name not in eng and holds_compiled(d.parent / "openvino", resolve_hint(ov_precision)):
                 eng[name] = d.parent / "openvino"
     # first, while this process holds no model: each measurement loads its own pipeline in a process of its own
     memory_of = (_memory(spec, backend, provider, {"dense": dense_onnx, "pruned": pruned_onnx}, eng, eager, resolutions[0], steps, threads, cuda)

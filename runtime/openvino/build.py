@@ -40,6 +40,11 @@ DYNAMIC = "dynamic"  # the label of a component compiled with its exported (dyna
 REBUILD = "rebuild it with `python -m pipeline build --backend openvino`"
 
 
+def rebuild_at(hint: str) -> str:
+    """What to run for a compiled model at ``hint``."""
+    return f"build it with `python -m pipeline build --backend openvino --ov-precision {hint}`"
+
+
 def blob_name(hint: str) -> str:
     """``engine_openvino<version>_<hint>.blob``: the file a build writes for ``hint`` with this OpenVINO."""
     return f"engine_{BACKEND}{version()}_{hint}.blob"
@@ -125,7 +130,7 @@ def check_compiled(blob: str | os.PathLike, *, onnx_path: str | os.PathLike | No
     check_source_onnx(m, onnx_path, where=where, rebuild_hint=REBUILD, built="it was compiled")
     want = hint or resolve_hint(m.get("hint", "auto"))  # bf16 compiled elsewhere, on a CPU without it: one line
     if want.name != m.get("precision"):
-        raise UserError(f"{where} runs {m.get('precision')}, not {want.name} ({want.why}); {REBUILD} --ov-precision {want.name}")
+        raise UserError(f"{where} runs {m.get('precision')}, not {want.name} ({want.why}); {rebuild_at(want.name)}")
     return m
 
 
@@ -214,13 +219,18 @@ def import_blob(blob: Path, hint: Hint, threads: int = 0):
         raise UserError(f"OpenVINO {version()} cannot load {blob}: {str(e).splitlines()[0][:200]}; {REBUILD}") from None
 
 
+def holds_compiled(out: str | os.PathLike, hint: Hint) -> bool:
+    """Whether a ``build --backend openvino`` directory holds models compiled at ``hint`` by this OpenVINO."""
+    return any(Path(out).glob(f"*/*/{blob_name(hint.name)}"))
+
+
 def load_compiled(component_dir: str | os.PathLike, *, onnx_path: str | os.PathLike | None, hint: Hint, threads: int = 0) -> OvModelSet:
     """The checked blobs of one component (``<out>/<component>/<label>/``) at ``hint``, loaded with ``threads``
     inference threads (0: one per physical core)."""
     component_dir = Path(component_dir)
     blobs = sorted(component_dir.glob(f"*/{blob_name(hint.name)}"))
     if not blobs:
-        raise UserError(f"no {hint.name} model compiled by OpenVINO {version()} in {component_dir}; {REBUILD} --ov-precision {hint.name}")
+        raise UserError(f"no {hint.name} model compiled by OpenVINO {version()} in {component_dir}; {rebuild_at(hint.name)}")
     models = {}
     for blob in blobs:
         m = check_compiled(blob, onnx_path=onnx_path, hint=hint)
