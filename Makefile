@@ -34,8 +34,9 @@ engine: setup
 bench: setup
 	$(PY) -m pipeline engine --model "$(MODEL)" --sparsity "$(SPARSITY)" --only-bench $(ENGINE_ARGS)
 
-# Latency vs quality over sparsity (dense, 2:4, structured 0.1-0.5) x precision (fp32, int8), end to end on ONNX
-# Runtime (CPU), stages reused from the artifact store: artifacts/$(MODEL)/pareto/pareto.{json,md,png}.
+# Latency vs quality vs memory over sparsity (dense, 2:4, structured 0.1-0.5) x precision (fp32, int8, int4), each
+# the whole served pipeline, end to end on ONNX Runtime (CPU), stages reused from the artifact store:
+# artifacts/$(MODEL)/pareto/pareto.{json,md,png}.
 PARETO_ARGS ?=
 pareto: setup
 	$(PY) -m benchmarks.pareto --model "$(MODEL)" $(PARETO_ARGS)

@@ -604,6 +604,7 @@ def run_pareto(args) -> dict[str, Any]:
                 "prune_samples": args.samples,
                 "others_precision": args.others_precision,
                 "drop_t5": args.drop_t5,
+                "quant_modulation": args.quant_modulation,
                 "config_dirs": {n: str(d.parent) for n, d in exports.items()},
                 "settings": settings,
                 "device": device_info(False),

@@ -173,6 +173,25 @@ def test_grid_plan_uses_make_engines_export_settings(tmp_path):
     assert not tmp_path.joinpath("tiny-sd3").exists()  # planning creates nothing
 
 
+def test_grid_plan_with_quantized_modulations_is_make_engines(tmp_path):
+    from benchmarks.pareto import parse_grid
+    from families.registry import resolve_model
+    from obsdiff.patterns import parse_sparsity
+    from pipeline.artifacts import config_dirs
+    from pipeline.engine import parse_args, plan_stages
+
+    spec = resolve_model("tiny-sd3")
+    args = _args("--grid", "dense,2:4", "--samples", "64", "--precisions", "int4", "--quant-modulation")
+    by = {s.name: s.settings for s in plan_grid(args, spec, parse_grid(args.grid), ["int4"], tmp_path).stages}
+    assert list(by) == ["prune dense int4", "export dense int4", "prune 2:4 int4", "export 2:4 int4"]
+    eng_args = parse_args(["--artifacts", str(tmp_path), "--sparsity", "2:4", "--precision", "int4", "--quant-modulation", "--no-engines"])
+    cfg, dense = config_dirs(spec, "2-4-obs-diff-w4g128-mod", tmp_path), config_dirs(spec, "dense-w4g128-mod", tmp_path)
+    engine = {s.name: s.settings for s in plan_stages(eng_args, spec, parse_sparsity("2:4"), cfg, dense, cuda=False, bench_backend="ort")}
+    assert by["prune 2:4 int4"] == engine["prune"] and by["prune dense int4"] == engine["prune_dense"]
+    assert by["prune 2:4 int4"].config.quant_modulation and by["prune 2:4 int4"].out == cfg.prune
+    assert _export_fields(by["export 2:4 int4"]) == _export_fields(engine["export_pruned_int4"])
+
+
 def test_nothing_runnable_is_one_line(tmp_path):
     from benchmarks.pareto import run_pareto
 
@@ -182,6 +201,8 @@ def test_nothing_runnable_is_one_line(tmp_path):
         run_pareto(_args("--grid", "dense,3:4", "--artifacts", str(tmp_path)))
     with pytest.raises(UserError, match="--precisions: unknown"):
         run_pareto(_args("--precisions", "fp32,int2", "--artifacts", str(tmp_path)))
+    with pytest.raises(UserError, match="--quant-modulation quantizes the AdaLN modulations to 4 bits in stage 1: it goes with the int4"):
+        run_pareto(_args("--precisions", "fp32,int8", "--quant-modulation", "--artifacts", str(tmp_path)))
     with pytest.raises(UserError, match="--memory-axis peak is measured in fresh processes, which --no-memory skips"):
         run_pareto(_args("--memory-axis", "peak", "--no-memory", "--artifacts", str(tmp_path)))
     assert not tmp_path.joinpath("tiny-sd3").exists()
