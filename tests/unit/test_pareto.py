@@ -208,7 +208,7 @@ def test_nothing_runnable_is_one_line(tmp_path):
     assert not tmp_path.joinpath("tiny-sd3").exists()
 
 
-@pytest.mark.slow  # the whole grid end to end (about 2.5 minutes on 2 cores); the pieces have unit tests above
+@pytest.mark.slow  # the whole grid end to end (about 3 minutes on 2 cores); the pieces have unit tests above
 def test_small_grid_end_to_end_then_reused(tmp_path):
     """dense and structured:0.3, fp32, int8 and int4, on tiny-sd3 with minimal calibration and benchmark settings, each
     variant's memory measured; the rerun finds every stage done."""
