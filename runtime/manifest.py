@@ -69,6 +69,17 @@ def manifest_path_for(plan: str | os.PathLike) -> Path:
     return Path(plan).with_suffix(".json")
 
 
+def read_manifest_of(artifact: Path, where: str, rebuild_hint: str, what: str = "file") -> tuple[Path, dict[str, Any]]:
+    """``(manifest path, manifest)`` of a built ``artifact`` (an engine plan, a compiled OpenVINO model), or one line
+    saying to rebuild when the artifact or its manifest is missing. where: how the lines name the artifact."""
+    mpath = manifest_path_for(artifact)
+    if not artifact.is_file():
+        raise UserError(f"{where} does not exist; {rebuild_hint}")
+    if not mpath.is_file():
+        raise UserError(f"{where} has no manifest ({mpath.name}); it cannot be checked, {rebuild_hint}")
+    return mpath, read_json(mpath, what=what)
+
+
 def onnx_files(onnx_path: str | os.PathLike) -> list[Path]:
     """The ONNX file and the external-data files it references (sorted, existing ones only)."""
     import onnx
@@ -135,13 +146,8 @@ def check_engine(
     plan whose sha256 differs from the manifest, another backend or version, another GPU, or a changed ONNX.
     """
     plan = Path(plan)
-    mpath = manifest_path_for(plan)
     where = f"engine {plan}"
-    if not plan.is_file():
-        raise UserError(f"{where} does not exist; {rebuild_hint}")
-    if not mpath.is_file():
-        raise UserError(f"{where} has no manifest ({mpath.name}); it cannot be checked, {rebuild_hint}")
-    m = read_json(mpath)
+    mpath, m = read_manifest_of(plan, where, rebuild_hint)
     if m.get("format") != MANIFEST_VERSION or "plan_sha256" not in m:
         raise UserError(f"{where}: manifest {mpath.name} is not a version-{MANIFEST_VERSION} engine manifest; {rebuild_hint}")
     if sha256_file(plan) != m["plan_sha256"]:

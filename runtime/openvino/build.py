@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from common.errors import UserError
-from common.io import atomic_path, read_json, sha256_file, write_json
-from runtime.manifest import check_source_onnx, manifest_path_for, sha256_onnx
+from common.io import atomic_path, sha256_file, write_json
+from runtime.manifest import check_source_onnx, manifest_path_for, read_manifest_of, sha256_onnx
 from runtime.openvino.library import core, cpu_name, full_version, version
 from runtime.openvino.precision import Hint, resolve_hint
 from runtime.openvino.session import DEVICE, OvModel, compile_config, compile_onnx, effective_precision
@@ -114,13 +114,8 @@ def check_compiled(blob: str | os.PathLike, *, onnx_path: str | os.PathLike | No
     default the one it records, where that still exists) and this CPU's precision (``hint``, default the recorded
     one resolved here). One line saying to rebuild on any mismatch."""
     blob = Path(blob)
-    mpath = manifest_path_for(blob)
     where = f"compiled model {blob}"
-    if not blob.is_file():
-        raise UserError(f"{where} does not exist; {REBUILD}")
-    if not mpath.is_file():
-        raise UserError(f"{where} has no manifest ({mpath.name}); it cannot be checked, {REBUILD}")
-    m = read_json(mpath, what="OpenVINO manifest")
+    mpath, m = read_manifest_of(blob, where, REBUILD, what="OpenVINO manifest")
     if m.get("format") != MANIFEST_FORMAT or m.get("backend") != BACKEND or "blob_sha256" not in m:
         raise UserError(f"{where}: {mpath.name} is not a version-{MANIFEST_FORMAT} OpenVINO manifest; {REBUILD}")
     if m.get("backend_version") != full_version():
